@@ -1,0 +1,15 @@
+"""aad_fast: fast alignment-aware decoding (AAD) and its family of two-distribution rules.
+
+Importing this package compiles and loads nothing: extensions and Triton load on first use.
+"""
+from .backends import available_backends
+from .ops import aad_beam_topk, aad_select, contrastive_select, mix_select
+from .rules import AAD, CFG, EFT, OPAD, BeamAAD, BestOfN, Contrastive, DeRa, Greedy, Mix, Rule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AAD", "CFG", "EFT", "OPAD", "BeamAAD", "BestOfN", "Contrastive", "DeRa", "Greedy", "Mix",
+    "Rule", "aad_beam_topk", "aad_select", "available_backends", "contrastive_select",
+    "mix_select",
+]

@@ -1,0 +1,95 @@
+"""The one place that says which implementation of the selection core runs.
+
+Backends, all computing ``reference.select_ref`` exactly:
+
+- ``torch``:  the PyTorch reference itself (any device).
+- ``cpp``:    C++ loop over rows and vocabulary chunks, the ``aad_fast._C`` extension (CPU tensors).
+- ``cuda``:   CUDA C++ twin, the ``aad_fast._cuda`` extension (CUDA tensors).
+- ``triton``: Triton kernel in ``aad_fast.kernels`` (CUDA tensors; CPU tensors under
+              ``TRITON_INTERPRET=1``, which is how the tests run it without a GPU).
+
+Nothing is imported or compiled at ``import aad_fast``: each loader runs on first use and
+its answer is cached.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("torch", "cpp", "triton", "cuda")
+# Preference for the default choice, per device type (fastest first).
+_PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+
+
+@functools.cache
+def load_cpp():
+    """``torch.ops.aad_fast_cpu`` after loading the C++ extension, or ``None``."""
+    try:
+        import aad_fast._C  # noqa: F401  (registers torch.ops.aad_fast_cpu)
+    except ImportError:
+        return None
+    return torch.ops.aad_fast_cpu
+
+
+@functools.cache
+def load_cuda():
+    """``torch.ops.aad_fast_cuda`` after loading the CUDA extension, or ``None``."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import aad_fast._cuda  # noqa: F401  (registers torch.ops.aad_fast_cuda)
+    except ImportError:
+        return None
+    return torch.ops.aad_fast_cuda
+
+
+@functools.cache
+def load_triton():
+    """The ``aad_fast.kernels`` module, or ``None`` when Triton is missing or unusable."""
+    try:
+        from aad_fast import kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backends that can run on ``device`` (default: CUDA when available, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device).type
+    out = ["torch"]
+    if kind == "cpu":
+        if load_cpp() is not None:
+            out.append("cpp")
+        if triton_interpreted() and load_triton() is not None:
+            out.append("triton")
+    elif kind == "cuda":
+        if load_triton() is not None and not triton_interpreted():
+            out.append("triton")
+        if load_cuda() is not None:
+            out.append("cuda")
+    return out
+
+
+def pick_backend(device: torch.device, backend: str | None) -> str:
+    """Resolve ``backend`` (``None`` = the fastest available) for tensors on ``device``."""
+    have = available_backends(device)
+    if backend is None:
+        for name in _PREFERENCE.get(device.type, ("torch",)):
+            if name in have:
+                return name
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend not in have:
+        raise ValueError(
+            f"backend={backend!r} is not available for {device.type} tensors on this machine "
+            f"(available: {have}); see README 'Backends' for how to build it")
+    return backend

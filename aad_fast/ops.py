@@ -1,0 +1,219 @@
+"""Public vocabulary ops: AAD / contrastive / mix selection and the beam-search step.
+
+Every op checks its arguments, resolves the backend once (``backends.pick_backend``) and calls
+the selection core through the ``aad_fast::select`` custom op, so ``torch.compile`` and CUDA-graph
+capture see one opaque op with a fake (meta) implementation. The maths is in ``reference.py``.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .reference import aad_topk_ref, linear2, select_ref
+
+# ---------------------------------------------------------------------------------------------
+# The custom op: one entry point, every backend behind it.
+
+
+def _run_backend(backend, a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step):
+    if backend == "torch":
+        return select_ref(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step)
+    if backend == "cpp":
+        return backends.load_cpp().select(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step)
+    if backend == "cuda":
+        return backends.load_cuda().select(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step)
+    return backends.load_triton().select(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step)
+
+
+@torch.library.custom_op("aad_fast::select", mutates_args=())
+def select_core(a: Tensor, r: Tensor, vocab: int, ma: float, mr: float, sa: float, sr: float,
+                log_rel: Tensor, floor: Tensor, seed: Tensor | None, step: Tensor | None,
+                backend: str) -> Tensor:
+    """The selection core of ``reference.py`` on a resolved ``backend``; no argument checks.
+
+    ``a [B, Va]``, ``r [B, Vr]`` float32/float16/bfloat16, any strides, ``vocab <= min(Va, Vr)``;
+    ``log_rel``, ``floor`` float32 ``[B]``; ``seed`` int64 ``[B]`` and ``step`` int64 ``[]`` (both
+    or neither). Returns int64 ``[B]`` on ``a``'s device. Graph-safe: no host sync; the float
+    arguments and ``backend`` are baked into a captured graph, the tensors may change between
+    replays (``step`` is read on device, so bumping it in place gives fresh noise).
+    """
+    return _run_backend(backend, a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step)
+
+
+@select_core.register_fake
+def _(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step, backend):
+    return a.new_empty((a.shape[0],), dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (SPEC "Bad input"): ValueError naming the argument and the value.
+
+
+def check_logits(logits_a: Tensor, logits_r: Tensor, vocab_size: int | None = None) -> int:
+    """Validate a logits pair and return the vocabulary ``V`` the choice ranges over."""
+    for name, x in (("logits_a", logits_a), ("logits_r", logits_r)):
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [batch, vocab], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
+        if x.shape[1] < 1:
+            raise ValueError(f"{name} has an empty vocabulary dimension: shape {tuple(x.shape)}")
+    if logits_a.shape[0] != logits_r.shape[0]:
+        raise ValueError(f"logits_a and logits_r have different batch sizes: "
+                         f"{logits_a.shape[0]} vs {logits_r.shape[0]}")
+    if logits_a.device != logits_r.device:
+        raise ValueError(f"logits_a is on {logits_a.device} but logits_r is on {logits_r.device}")
+    vocab = min(logits_a.shape[1], logits_r.shape[1])
+    if vocab_size is not None:
+        if not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        vocab = min(vocab, vocab_size)
+    return vocab
+
+
+def _check_real(name: str, value, lo=-math.inf, hi=math.inf, lo_open=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    if value < lo or value > hi or (lo_open and value == lo):
+        lo_s = "(" if lo_open else "["
+        raise ValueError(f"{name} must be in {lo_s}{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+def alpha_to_log(alpha, batch: int, device) -> Tensor:
+    """``ln(alpha)`` as float32 ``[batch]``; ``alpha`` a float or a per-row tensor in [0, 1]."""
+    if isinstance(alpha, Tensor):
+        if alpha.dim() > 1 or (alpha.dim() == 1 and alpha.shape[0] not in (1, batch)):
+            raise ValueError(f"alpha must be a float or a tensor of shape [{batch}], "
+                             f"got shape {tuple(alpha.shape)}")
+        al = alpha.detach().to(device=device, dtype=torch.float32).reshape(-1).expand(batch)
+        bad = torch.isnan(al) | (al < 0) | (al > 1)
+        if bool(bad.any()):
+            raise ValueError(f"alpha must be in [0, 1], got {al[bad][0].item()!r} "
+                             f"at row {int(bad.nonzero()[0, 0])}")
+        return torch.log(al).contiguous()
+    alpha = _check_real("alpha", alpha, 0.0, 1.0)
+    return torch.log(torch.full((batch,), alpha, dtype=torch.float32, device=device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Public ops.
+
+
+def contrastive_select(logits_a: Tensor, logits_r: Tensor, alpha=0.1, beta: float = 1.0, *,
+                       vocab_size: int | None = None, backend: str | None = None) -> Tensor:
+    """SPEC Contrastive: ``argmax_{v in K} (la_v - beta*lr_v)``, ``K = {v: p_a(v) >= alpha*max p_a}``.
+
+    Args:
+        logits_a, logits_r: ``[B, V_a]``, ``[B, V_r]`` float32/float16/bfloat16, any strides.
+        alpha: float or float tensor ``[B]`` in [0, 1].
+        beta: weight of the reference log-probs, finite, ``>= 0``.
+        vocab_size: exclude ids ``>= vocab_size`` (padding rows of an embedding).
+        backend: ``None`` (fastest available), or one of ``backends.BACKENDS``.
+    Returns:
+        int64 ``[B]`` on the logits' device; ``-1`` for a row whose ``a`` logits are all
+        ``-inf``/NaN.
+    """
+    vocab = check_logits(logits_a, logits_r, vocab_size)
+    beta = _check_real("beta", beta, 0.0)
+    b = logits_a.shape[0]
+    log_rel = alpha_to_log(alpha, b, logits_a.device)
+    floor = torch.full((b,), -math.inf, device=logits_a.device)
+    be = backends.pick_backend(logits_a.device, backend)
+    return select_core(logits_a, logits_r, vocab, 1.0, 0.0, 1.0, -beta, log_rel, floor,
+                       None, None, be)
+
+
+def aad_select(logits_a: Tensor, logits_r: Tensor, alpha=0.1, *, vocab_size: int | None = None,
+               backend: str | None = None) -> Tensor:
+    """SPEC AAD: ``argmax_{v in K} (la_v - lr_v)`` (paper Algorithm 1); ``contrastive_select``
+    with ``beta = 1``. Same arguments and result."""
+    return contrastive_select(logits_a, logits_r, alpha, 1.0, vocab_size=vocab_size,
+                              backend=backend)
+
+
+def mix_floor(a: Tensor, r: Tensor, vocab: int, ca: float, cr: float, top_k: int,
+              top_p: float) -> Tensor:
+    """Per-row lower bound on ``z = ca*a + cr*r`` (temperature already folded into ``ca, cr``)
+    that applies top-k and then top-p (Hugging Face's order). Tokens with ``z >= floor`` are kept,
+    so ties at the boundary are all kept. Graph-safe torch ops; float32 ``[B]``."""
+    z = linear2(a[:, :vocab].float(), r[:, :vocab].float(), ca, cr)
+    z = torch.where(torch.isnan(z), torch.tensor(-math.inf, device=z.device), z)
+    floor = torch.full((z.shape[0],), -math.inf, device=z.device)
+    if top_k and top_k < vocab:
+        floor = torch.topk(z, top_k, dim=1).values[:, -1]
+        z = torch.where(z >= floor[:, None], z, torch.tensor(-math.inf, device=z.device))
+    if top_p < 1.0:
+        zs, _ = torch.sort(z, dim=1, descending=True)
+        p = torch.softmax(zs, dim=1)
+        before = torch.cumsum(p, dim=1) - p  # mass strictly above each sorted position
+        keep = before < top_p  # the first token is always kept
+        n_keep = keep.sum(dim=1).clamp(min=1)
+        floor = torch.maximum(floor, zs.gather(1, (n_keep - 1)[:, None])[:, 0])
+    return floor
+
+
+def mix_select(logits_a: Tensor, logits_r: Tensor, w_a: float, w_r: float, *,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+               generator: torch.Generator | None = None, seed: Tensor | int | None = None,
+               step: Tensor | None = None, vocab_size: int | None = None,
+               backend: str | None = None) -> Tensor:
+    """SPEC Mix: the token from ``z = w_a*la + w_r*lr``; greedy when ``temperature == 0``, else
+    a sample from ``softmax(z / T)`` after top-k, top-p and min-p (in that order).
+
+    Sampling is Gumbel-max with counter-based noise (``reference.gumbel_noise``): no host sync,
+    and the same ``seed``/``step`` give the same token on every backend. ``seed`` (int or int64
+    ``[B]``) wins over ``generator``; with neither, a seed is drawn from torch's default generator.
+    ``step`` (int64 scalar tensor, default 0) is the counter the engine bumps each token.
+
+    Returns int64 ``[B]``; ``-1`` for a row with no finite ``z``.
+    """
+    vocab = check_logits(logits_a, logits_r, vocab_size)
+    w_a = _check_real("w_a", w_a)
+    w_r = _check_real("w_r", w_r)
+    if w_a == 0.0 and w_r == 0.0:
+        raise ValueError("w_a and w_r are both 0: the mixed distribution would be uniform")
+    temperature = _check_real("temperature", temperature, 0.0)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    top_p = _check_real("top_p", top_p, 0.0, 1.0, lo_open=True)
+    min_p = _check_real("min_p", min_p, 0.0, 1.0)
+    dev, b = logits_a.device, logits_a.shape[0]
+    be = backends.pick_backend(dev, backend)
+    ninf = torch.full((b,), -math.inf, device=dev)
+    if temperature == 0.0:
+        return select_core(logits_a, logits_r, vocab, w_a, w_r, w_a, w_r, ninf, ninf,
+                           None, None, be)
+    ca, cr = w_a / temperature, w_r / temperature
+    floor = mix_floor(logits_a, logits_r, vocab, ca, cr, top_k, top_p) if (
+        top_k or top_p < 1.0) else ninf
+    log_rel = torch.full((b,), math.log(min_p) if min_p > 0 else -math.inf, device=dev)
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+    if not isinstance(seed, Tensor):
+        seed = torch.full((b,), int(seed), dtype=torch.int64, device=dev)
+    seed = seed.to(device=dev, dtype=torch.int64).reshape(-1).expand(b).contiguous()
+    step = torch.zeros((), dtype=torch.int64, device=dev) if step is None else step.to(dev)
+    return select_core(logits_a, logits_r, vocab, ca, cr, ca, cr, log_rel, floor, seed, step, be)
+
+
+def aad_beam_topk(logits_a: Tensor, logits_r: Tensor, alpha=0.1, k: int = 1, *,
+                  tau: float | None = None, vocab_size: int | None = None):
+    """One beam-search step's quantities for BeamAAD (SPEC), see ``reference.aad_topk_ref``.
+
+    Returns ``(scores [B,k] f32, ids [B,k] int64, n_cand [B] int64, entropy [B] f32,
+    log_pmax [B] f32)``; missing candidates are ``-inf`` / ``-1``.
+    """
+    vocab = check_logits(logits_a, logits_r, vocab_size)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if tau is not None:
+        tau = _check_real("tau", tau, 0.0)
+    log_alpha = alpha_to_log(alpha, logits_a.shape[0], logits_a.device)
+    return aad_topk_ref(logits_a, logits_r, vocab, log_alpha, k, tau)

@@ -1,0 +1,186 @@
+"""Decoding rules as small frozen dataclasses (SPEC.md): which streams run and how the token is
+picked. Pure data, validated on creation; the engine reads ``streams`` and ``coefficients()``."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .ops import _check_real
+
+
+def _check_int(name, value, lo):
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Base of every rule. ``streams`` is ``"ar"`` (both), ``"a"`` or ``"r"``."""
+
+    @property
+    def streams(self) -> str:
+        return "ar"
+
+    @property
+    def sampled(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class Contrastive(Rule):
+    """SPEC Contrastive: ``argmax_{v in K} (la_v - beta*lr_v)``, ``K = {p_a >= alpha max p_a}``.
+    Li et al. 2023 with ``r`` an amateur model; AAD is ``beta = 1`` with ``r`` the SFT model."""
+
+    alpha: float = 0.1
+    beta: float = 1.0
+
+    def __post_init__(self):
+        _check_real("alpha", self.alpha, 0.0, 1.0)
+        _check_real("beta", self.beta, 0.0)
+
+    def coefficients(self):
+        """``(ma, mr, sa, sr, log_rel)`` of the selection core (``reference.py``)."""
+        log_rel = math.log(self.alpha) if self.alpha > 0 else -math.inf
+        return 1.0, 0.0, 1.0, -float(self.beta), log_rel
+
+
+@dataclass(frozen=True)
+class AAD(Contrastive):
+    """SPEC AAD (Berdoz et al. 2025, Algorithm 1): ``argmax_{v in K} (la_v - lr_v)``."""
+
+    alpha: float = 0.1
+    beta: float = field(default=1.0, init=False)
+
+
+@dataclass(frozen=True)
+class Mix(Rule):
+    """SPEC Mix: token from ``z = w_a*la + w_r*lr`` with temperature, top-k, top-p, min-p;
+    greedy when ``temperature == 0``. ``seed`` fixes the sampled tokens (eager or graph)."""
+
+    w_a: float = 1.0
+    w_r: float = 0.0
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_real("w_a", self.w_a)
+        _check_real("w_r", self.w_r)
+        if self.w_a == 0 and self.w_r == 0:
+            raise ValueError("w_a and w_r are both 0: the mixed distribution would be uniform")
+        _check_real("temperature", self.temperature, 0.0)
+        _check_int("top_k", self.top_k, 0)
+        _check_real("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _check_real("min_p", self.min_p, 0.0, 1.0)
+        _check_int("seed", self.seed, 0)
+
+    @property
+    def sampled(self) -> bool:
+        return self.temperature > 0
+
+    def coefficients(self):
+        t = self.temperature if self.temperature > 0 else 1.0
+        ca, cr = float(self.w_a) / t, float(self.w_r) / t
+        log_rel = math.log(self.min_p) if (self.sampled and self.min_p > 0) else -math.inf
+        return ca, cr, ca, cr, log_rel
+
+
+def EFT(beta: float = 4.0, **sampling) -> Mix:
+    """Emulated fine-tuning (Mitchell et al. 2024), base = reference = SFT:
+    ``z = lr + beta*(la - lr)``. The AAD paper's baseline: ``beta = 4``, greedy."""
+    beta = _check_real("beta", beta)
+    return Mix(w_a=beta, w_r=1.0 - beta, **sampling)
+
+
+def DeRa(lam: float, **sampling) -> Mix:
+    """Decoding-time realignment (Liu et al. 2024): ``z = lam*a + (1-lam)*r``; any real ``lam``."""
+    lam = _check_real("lam", lam)
+    return Mix(w_a=lam, w_r=1.0 - lam, **sampling)
+
+
+def CFG(g: float, **sampling) -> Mix:
+    """Classifier-free guidance: ``z = g*la + (1-g)*lr``, ``a`` the conditioned context."""
+    g = _check_real("g", g)
+    return Mix(w_a=g, w_r=1.0 - g, **sampling)
+
+
+@dataclass(frozen=True)
+class Greedy(Rule):
+    """Plain argmax of one stream; only that model runs (the single-model baseline)."""
+
+    stream: str = "a"
+
+    def __post_init__(self):
+        if self.stream not in ("a", "r"):
+            raise ValueError(f"stream must be 'a' or 'r', got {self.stream!r}")
+
+    @property
+    def streams(self) -> str:
+        return self.stream
+
+    def coefficients(self):
+        return 1.0, 0.0, 1.0, 0.0, -math.inf
+
+
+@dataclass(frozen=True)
+class OPAD(Rule):
+    """Principle-guided decoding (Zhu et al. 2025), one model, two prompts (SPEC OPAD)."""
+
+    k: float = 1.0
+    principle: str | None = None
+    principle_ids: tuple | None = None
+
+    def __post_init__(self):
+        _check_real("k", self.k, 0.0)
+        if self.principle is None and self.principle_ids is None:
+            raise ValueError("OPAD needs a principle: give principle='...' or principle_ids=[...]")
+        if self.principle_ids is not None:
+            ids = tuple(self.principle_ids)
+            if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+                raise ValueError(f"principle_ids must be a non-empty list of token ids, "
+                                 f"got {self.principle_ids!r}")
+            object.__setattr__(self, "principle_ids", ids)
+
+
+@dataclass(frozen=True)
+class BeamAAD(Rule):
+    """Beam search on the AAD token score with optional entropy threshold (paper A.4)."""
+
+    num_beams: int = 4
+    alpha: float = 0.1
+    tau: float | None = None
+    length_penalty: float = 0.0
+
+    def __post_init__(self):
+        _check_int("num_beams", self.num_beams, 1)
+        _check_real("alpha", self.alpha, 0.0, 1.0)
+        if self.tau is not None:
+            _check_real("tau", self.tau, 0.0)
+        _check_real("length_penalty", self.length_penalty)
+
+
+@dataclass(frozen=True)
+class BestOfN(Rule):
+    """``n`` nucleus samples of stream ``a``, the picker reward model's best wins."""
+
+    n: int = 2
+    top_p: float = 0.9
+    temperature: float = 1.0
+    picker: object = None
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_int("n", self.n, 1)
+        _check_real("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _check_real("temperature", self.temperature, 0.0, lo_open=True)
+        _check_int("seed", self.seed, 0)
+        if self.picker is None:
+            raise ValueError("BestOfN needs picker=: a path to (or an instance of) an "
+                             "AutoModelForSequenceClassification with one output")
+
+    @property
+    def streams(self) -> str:
+        return "a"
