@@ -1,0 +1,138 @@
+"""The decode loop as small free functions (gpt-fast style) plus CUDA-graph capture.
+
+``decode_one`` is the hot step: both streams' one-token forward, the selection op and the write
+of the chosen token into the next step's input buffer and into the output buffer at the device
+step counter. It has no host sync and allocates nothing that changes between calls, so on CUDA
+it is captured once per (batch bucket, rule) and replayed per token. The host looks at the
+device state only every ``check_every`` steps (all rows done? a row with no candidate?).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DecodeState:
+    """Device buffers of one decode. ``tok`` int64 ``[N]`` next input; ``out`` int64
+    ``[N, max_new]`` chosen ids (``-1`` = no candidate); ``done``/``bad`` bool ``[N]``;
+    ``t`` int64 ``[1]`` the step counter (also the noise counter of sampled rules);
+    ``stop`` int64 ``[S]`` stop ids."""
+
+    tok: Tensor
+    out: Tensor
+    done: Tensor
+    bad: Tensor
+    t: Tensor
+    stop: Tensor
+
+    @classmethod
+    def new(cls, n_rows: int, max_new: int, stop_ids, device) -> "DecodeState":
+        z = dict(device=device)
+        stop = torch.tensor(sorted(set(stop_ids)) or [-2], dtype=torch.int64, **z)
+        return cls(tok=torch.zeros(n_rows, dtype=torch.int64, **z),
+                   out=torch.full((n_rows, max_new), -1, dtype=torch.int64, **z),
+                   done=torch.zeros(n_rows, dtype=torch.bool, **z),
+                   bad=torch.zeros(n_rows, dtype=torch.bool, **z),
+                   t=torch.zeros(1, dtype=torch.int64, **z), stop=stop)
+
+    def tensors(self):
+        return (self.tok, self.out, self.done, self.bad, self.t)
+
+
+def record(st: DecodeState, y: Tensor) -> None:
+    """Store the step's ids, update done/bad flags, feed the ids back, bump the counter."""
+    st.bad.logical_or_(y.lt(0) & ~st.done)
+    st.out.index_copy_(1, st.t.clamp(max=st.out.shape[1] - 1), y.view(-1, 1))
+    st.done.logical_or_(torch.isin(y, st.stop))
+    st.tok.copy_(y.clamp(min=0))
+    st.t.add_(1)
+
+
+def prefill(pair, selector, st: DecodeState, ids_a, real_a, ids_r, real_r) -> None:
+    """Encode the prompts of both streams and choose the first token."""
+    la, lr = pair.prefill(ids_a, real_a, ids_r, real_r)
+    record(st, selector.first(la, lr, st.t))
+
+
+def decode_one(pair, selector, st: DecodeState) -> None:
+    """One token for every row: forward both streams, select, record. Graph-safe."""
+    la, lr = pair.step(st.tok)
+    record(st, selector(la, lr, st.t))
+
+
+class StepGraph:
+    """``decode_one`` captured as one CUDA graph; warm-up runs are undone before use."""
+
+    def __init__(self, pair, selector, st: DecodeState):
+        live = list(st.tensors()) + list(selector.buffers())
+        saved = [r.snapshot() for r in pair.runners] + [[t.clone() for t in live]]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                decode_one(pair, selector, st)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            decode_one(pair, selector, st)
+        for r, s in zip(pair.runners, saved):
+            r.restore(s)
+        for t, s in zip(live, saved[-1]):
+            t.copy_(s)
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+_warned: set = set()
+
+
+def try_capture(pair, selector, st: DecodeState, name: str):
+    """Capture ``decode_one``; on failure warn once per model name and return ``None``."""
+    try:
+        return StepGraph(pair, selector, st)
+    except Exception as exc:  # an architecture that cannot be captured
+        torch.cuda.synchronize()
+        if name not in _warned:
+            _warned.add(name)
+            warnings.warn(f"aad_fast: CUDA-graph capture failed for {name} "
+                          f"({type(exc).__name__}: {exc}); running the same step eagerly",
+                          stacklevel=3)
+        return None
+
+
+def decode_n(pair, selector, st: DecodeState, n_steps: int, graph: StepGraph | None = None,
+             check_every: int = 8, on_check=None) -> tuple[int, bool]:
+    """Run up to ``n_steps`` steps, stopping early once every row is done (checked every
+    ``check_every`` steps, the only host syncs). Raises ``RuntimeError`` naming the rows whose
+    aligned logits had no candidate. Returns (steps run, whether every row is done)."""
+    done_steps, all_done = 0, False
+    while done_steps < n_steps:
+        burst = min(check_every, n_steps - done_steps)
+        for _ in range(burst):
+            if graph is not None:
+                graph.replay()
+            else:
+                decode_one(pair, selector, st)
+        done_steps += burst
+        all_done, _ = check(st)
+        if on_check is not None:
+            on_check(done_steps)
+        if all_done:
+            break
+    return done_steps, all_done
+
+
+def check(st: DecodeState):
+    """One host sync: (all rows done, raise if a live row got no candidate)."""
+    flags = torch.stack([st.done.all(), st.bad.any()]).tolist()
+    if flags[1]:
+        rows = st.bad.nonzero().flatten().tolist()
+        raise RuntimeError(
+            f"row(s) {rows}: the aligned model's logits were all -inf/NaN at some step, so no "
+            "token could be chosen (check the model's dtype/weights or the logits processors)")
+    return flags[0], flags[1]

@@ -1,0 +1,447 @@
+"""``Decoder`` (load once, generate many) and the one-shot ``generate()``.
+
+A ``Decoder`` holds the two streams' weights, and per batch-size bucket the runners (static
+caches), and per rule the selector, the decode state and (on CUDA) the captured step graph.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import engine
+from .hf import load_pair
+from .pairs import RowLoRA, SharedPair, SinglePair, TwoModelPair
+from .rules import AAD, OPAD, BeamAAD, BestOfN, Rule
+from .selectors import make_selector
+
+MAX_STOP_IDS = 16
+
+
+@dataclass
+class Generation:
+    """Result of ``Decoder.generate``: per row the completion ids (stop id excluded), the text
+    (when a tokenizer is known), ``"stop"`` or ``"length"``, and run statistics."""
+
+    tokens: list
+    text: list | None
+    finish_reason: list
+    stats: dict = field(default_factory=dict)
+    scores: list | None = None
+    candidates: list | None = None
+
+
+@dataclass
+class _Rows:
+    """Prompt ids of both streams, one list of ints per row."""
+
+    a: list
+    r: list
+
+
+class Decoder:
+    """Decode with two next-token distributions at close to one model's cost.
+
+    Args:
+        aligned: the aligned model (DPO / expert / the one model of OPAD and CFG): a
+            ``transformers`` causal LM, a ``peft.PeftModel`` with a LoRA adapter, or a local path
+            to either (a model directory or an adapter directory).
+        reference: the reference model (SFT / amateur), a model or a local path. With a LoRA
+            adapter it defaults to the adapter's base and must be that base; both streams then
+            run as one batch through the shared base weights.
+        tokenizer: optional; by default the one saved beside ``aligned`` or ``reference``.
+        dtype: load dtype for paths (default: the checkpoint's).
+        device: where paths are loaded (default: CUDA when available, else CPU); models given
+            as objects stay where they are.
+        max_batch_size, max_seq_len: static cache sizes (prompt + new tokens per row).
+        cuda_graphs: ``"auto"``/``True`` capture the decode step on CUDA, ``False`` never.
+        backend: selection-op backend (``None`` = fastest available).
+        check_every: steps between host checks for finished rows.
+    """
+
+    def __init__(self, aligned, reference=None, *, tokenizer=None, dtype=None, device=None,
+                 max_batch_size: int = 8, max_seq_len: int = 2048, cuda_graphs="auto",
+                 backend: str | None = None, check_every: int = 8):
+        for name, val in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
+                          ("check_every", check_every)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+        if cuda_graphs not in ("auto", True, False):
+            raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
+        if device is None and isinstance(aligned, (str, os.PathLike)):
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.kind, self.model_a, self.model_r, self.tokenizer, self.names = load_pair(
+            aligned, reference, dtype=dtype, device=device, tokenizer=tokenizer)
+        self.device = next(self.model_a.parameters()).device
+        if self.model_r is not None and next(self.model_r.parameters()).device != self.device:
+            raise ValueError(f"aligned is on {self.device} but reference is on "
+                             f"{next(self.model_r.parameters()).device}; put both on one device")
+        self.lora = RowLoRA(self.model_a) if self.kind == "lora" else None
+        self.base = self.model_a.get_base_model() if self.kind == "lora" else self.model_a
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.use_graphs = self.device.type == "cuda" and cuda_graphs in ("auto", True)
+        self.backend, self.check_every = backend, check_every
+        self.vocab = self._vocab()
+        self._slots: dict = {}
+        self._entries: dict = {}
+
+    # ------------------------------------------------------------------ setup helpers
+    def _vocab(self) -> int:
+        sizes = [self.base.get_output_embeddings().weight.shape[0]]
+        if self.model_r is not None:
+            sizes.append(self.model_r.get_output_embeddings().weight.shape[0])
+        v = min(sizes)
+        if self.tokenizer is not None and len(self.tokenizer) < v:
+            v = len(self.tokenizer)
+        return v
+
+    def close(self) -> None:
+        """Free caches and graphs; switch a given PeftModel's adapter back to normal use."""
+        self._slots.clear()
+        self._entries.clear()
+        if self.lora is not None:
+            self.lora.close()
+            self.lora = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _bucket(self, b: int) -> int:
+        if not self.use_graphs:
+            return b
+        n = 1
+        while n < b:
+            n *= 2
+        return min(n, self.max_batch_size)
+
+    def _pair(self, n: int, streams: str, needed: int):
+        """Runners for ``n`` rows. With graphs they are sized to ``max_seq_len`` once and kept
+        (the graph holds their addresses); eagerly they are sized to this call's need, so
+        attention never reads unused cache slots."""
+        key = (n, streams)
+        if not self.use_graphs:
+            self._slots.clear()
+            self._entries.clear()
+        if key not in self._slots:
+            L = self.max_seq_len if self.use_graphs else needed
+            if streams == "ar":
+                if self.kind == "two":
+                    pair = TwoModelPair(self.model_a, self.model_r, n, L)
+                else:  # LoRA pair or one model with two prompts
+                    pair = SharedPair(self.base, n, L, lora=self.lora)
+            elif streams == "a":
+                pair = SinglePair(self.base, n, L, self.lora, lora_rows=n)
+            else:
+                model = self.model_r if self.kind == "two" else self.base
+                pair = SinglePair(model, n, L, self.lora if self.kind == "lora" else None, 0)
+            self._slots[key] = pair
+        return self._slots[key]
+
+    def _entry(self, pair, n: int, rule: Rule):
+        key = (id(pair), rule)
+        if key not in self._entries:
+            sel = make_selector(rule, n, self.vocab, self.device, self.backend)
+            st = engine.DecodeState.new(n, pair.runners[0].max_len, [], self.device)
+            st.stop = torch.full((MAX_STOP_IDS,), -2, dtype=torch.int64, device=self.device)
+            self._entries[key] = {"sel": sel, "st": st, "graph": None, "tried": False}
+        return self._entries[key]
+
+    # ------------------------------------------------------------------ inputs
+    def stop_ids(self, stop=None) -> list:
+        """The model's end-of-sequence id(s) plus the caller's ``stop`` (ids or single-token
+        strings)."""
+        ids = set()
+        for src in (getattr(self.base, "generation_config", None), self.base.config,
+                    self.tokenizer):
+            eos = getattr(src, "eos_token_id", None) if src is not None else None
+            if eos is None:
+                continue
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+        for s in ([] if stop is None else ([stop] if isinstance(stop, (int, str)) else stop)):
+            if isinstance(s, bool):
+                raise ValueError(f"stop entries must be token ids or strings, got {s!r}")
+            if isinstance(s, int):
+                if not 0 <= s < self.vocab:
+                    raise ValueError(f"stop id {s} is outside the vocabulary [0, {self.vocab})")
+                ids.add(s)
+            elif isinstance(s, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"stop string {s!r} needs a tokenizer; pass ids instead")
+                enc = self.tokenizer.encode(s, add_special_tokens=False)
+                tid = self.tokenizer.convert_tokens_to_ids(s)
+                if isinstance(tid, int) and tid != getattr(self.tokenizer, "unk_token_id", None):
+                    ids.add(tid)
+                elif len(enc) == 1:
+                    ids.add(enc[0])
+                else:
+                    raise ValueError(f"stop string {s!r} is {len(enc)} tokens {enc}; only "
+                                     "single-token stop strings are supported (pass its ids)")
+            else:
+                raise ValueError(f"stop entries must be token ids or strings, got {s!r}")
+        if len(ids) > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS} stop ids are supported, got {len(ids)}")
+        return sorted(ids)
+
+    def _encode(self, prompts, input_ids, attention_mask, chat, system=None) -> list:
+        if (prompts is None) == (input_ids is None):
+            raise ValueError("give exactly one of prompts= (strings) or input_ids=")
+        if prompts is not None:
+            if isinstance(prompts, str):
+                prompts = [prompts]
+            if self.tokenizer is None:
+                raise ValueError("prompts= needs a tokenizer (none was found beside the models); "
+                                 "pass tokenizer= or input_ids=")
+            rows = []
+            for i, p in enumerate(prompts):
+                if not isinstance(p, str):
+                    raise ValueError(f"prompts[{i}] must be a string, got {type(p).__name__}")
+                if not p:
+                    raise ValueError(f"prompts[{i}] is empty")
+                rows.append(self._tokenize(p, chat, system))
+            return rows
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.dim() == 1:
+                input_ids = input_ids[None]
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, length], got {tuple(input_ids.shape)}")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match "
+                                 f"input_ids {tuple(input_ids.shape)}")
+            rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
+        else:
+            rows = [list(map(int, r)) for r in input_ids]
+        for i, r in enumerate(rows):
+            if not r:
+                raise ValueError(f"input_ids[{i}] is an empty prompt")
+            bad = [t for t in r if not 0 <= t < self.vocab]
+            if bad:
+                raise ValueError(f"input_ids[{i}] has ids {bad[:4]} outside [0, {self.vocab})")
+        return rows
+
+    def _tokenize(self, text: str, chat: bool, system: str | None = None) -> list:
+        tok = self.tokenizer
+        if chat:
+            msgs = ([{"role": "system", "content": system}] if system else []) + \
+                   [{"role": "user", "content": text}]
+            if getattr(tok, "chat_template", None) is None:
+                raise ValueError("chat=True but the tokenizer has no chat template")
+            out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            if isinstance(out, dict) or hasattr(out, "input_ids"):
+                out = out["input_ids"]
+            return list(out)
+        return tok(text)["input_ids"]
+
+    def _rows(self, rule, prompts, input_ids, attention_mask, chat) -> _Rows:
+        a = self._encode(prompts, input_ids, attention_mask, chat)
+        if not isinstance(rule, OPAD):
+            return _Rows(a, a)
+        if chat:
+            if rule.principle is None:
+                raise ValueError("OPAD with chat=True needs principle= (a system message)")
+            pa = self._encode(prompts, input_ids, attention_mask, chat, system=rule.principle)
+            return _Rows(pa, a)
+        if rule.principle_ids is not None:
+            pre = list(rule.principle_ids)
+            return _Rows([pre + r for r in a], a)
+        if self.tokenizer is None:
+            raise ValueError("OPAD(principle=...) needs a tokenizer; pass principle_ids=")
+        pre = self.tokenizer(rule.principle + "\n", add_special_tokens=False)["input_ids"]
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        rows_a = [([r[0]] + pre + r[1:]) if (bos is not None and r[0] == bos) else pre + r
+                  for r in a]
+        return _Rows(rows_a, a)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts=None, *, input_ids=None, attention_mask=None, rule: Rule = AAD(0.1),
+                 max_new_tokens: int = 128, stop=None, chat: bool = False) -> Generation:
+        """Decode every prompt with ``rule`` (SPEC.md).
+
+        Args:
+            prompts: a string or list of strings (tokenised; with the chat template when
+                ``chat=True``), or instead ``input_ids`` (list of id lists, or a ``[B, L]``
+                tensor with an optional ``attention_mask`` marking real tokens).
+            rule: ``AAD``, ``Contrastive``, ``EFT``/``DeRa``/``CFG``/``Mix``, ``OPAD``,
+                ``BeamAAD``, ``BestOfN`` or ``Greedy``.
+            max_new_tokens: at most this many tokens per row.
+            stop: extra stop ids / single-token strings besides the model's EOS.
+        Returns:
+            ``Generation`` with per row ``tokens`` (stop id excluded), ``text``,
+            ``finish_reason`` and ``stats``.
+        """
+        for out in self._run(prompts, input_ids, attention_mask, rule, max_new_tokens, stop, chat):
+            pass
+        return out
+
+    def stream(self, prompt=None, *, input_ids=None, rule: Rule = AAD(0.1),
+               max_new_tokens: int = 128, stop=None, chat: bool = False):
+        """Yield the text of one prompt as it is decoded (every ``check_every`` tokens)."""
+        if self.tokenizer is None:
+            raise ValueError("stream() needs a tokenizer")
+        shown = ""
+        for out in self._run(prompt, input_ids, None, rule, max_new_tokens, stop, chat):
+            text = out.text[0] if isinstance(out, Generation) else out
+            if text.startswith(shown) and len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+
+    def _validate(self, rule, max_new_tokens):
+        if not isinstance(rule, Rule):
+            raise ValueError(f"rule must be an aad_fast rule (AAD(0.1), Greedy(), ...), got {rule!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if "r" in rule.streams and self.kind == "one" and not isinstance(rule, OPAD) \
+                and not _is_prompt_pair_rule(rule):
+            raise ValueError(f"{type(rule).__name__} needs a reference model: pass reference= "
+                             "(or an aligned LoRA adapter); only OPAD and CFG run on one model")
+
+    def _check_lengths(self, rows: _Rows, max_new: int, n_rows: int):
+        if n_rows > self.max_batch_size:
+            raise ValueError(f"{n_rows} rows exceed max_batch_size={self.max_batch_size}; "
+                             "pass a larger Decoder(max_batch_size=...)")
+        longest = max(len(r) for r in rows.a + rows.r)
+        if longest + max_new > self.max_seq_len:
+            raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new} exceeds "
+                             f"max_seq_len={self.max_seq_len}; pass a larger "
+                             "Decoder(max_seq_len=...) or fewer new tokens")
+
+    def _run(self, prompts, input_ids, attention_mask, rule, max_new_tokens, stop, chat):
+        self._validate(rule, max_new_tokens)
+        rows = self._rows(rule, prompts, input_ids, attention_mask, chat)
+        stop_ids = self.stop_ids(stop)
+        if isinstance(rule, BeamAAD):
+            from .search import beam_aad
+            yield beam_aad(self, rule, rows, max_new_tokens, stop_ids)
+            return
+        if isinstance(rule, BestOfN):
+            from .search import best_of_n
+            yield best_of_n(self, rule, rows, max_new_tokens, stop_ids)
+            return
+        yield from self._decode(rule, rows, max_new_tokens, stop_ids)
+
+    def _decode(self, rule, rows: _Rows, max_new, stop_ids, seeds=None):
+        b = len(rows.a)
+        self._check_lengths(rows, max_new, b)
+        n = self._bucket(b)
+        streams = rule.streams if self.kind != "one" or rule.streams != "ar" else "ar"
+        longest = max(len(r) for r in rows.a + rows.r)
+        pair = self._pair(n, streams, longest + max_new)
+        ent = self._entry(pair, n, rule)
+        sel, st = ent["sel"], ent["st"]
+        if seeds is not None:
+            sel.set_seeds(seeds)
+        elif getattr(sel, "seed", None) is not None:
+            sel.seed.fill_(rule.seed)
+        _reset_state(st, b, stop_ids)
+        stream_rows = {"ar": (rows.a, rows.r), "a": (rows.a, rows.a), "r": (rows.r, rows.r)}
+        ra, rr = stream_rows[streams]
+        ids_a, real_a = _left_pad(ra, n, self.device)
+        ids_r, real_r = _left_pad(rr, n, self.device)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            engine.prefill(pair, sel, st, ids_a, real_a, ids_r, real_r)
+            sync()
+            t1 = time.perf_counter()
+            graph = None
+            if self.use_graphs and max_new > 1:
+                if not ent["tried"]:
+                    ent["tried"] = True
+                    ent["graph"] = engine.try_capture(pair, sel, st, type(self.base).__name__)
+                graph = ent["graph"]
+            t2 = time.perf_counter()
+            steps = 1
+            remaining = max_new - 1
+            while remaining > 0:
+                burst = min(self.check_every, remaining)
+                _, all_done = engine.decode_n(pair, sel, st, burst, graph, check_every=burst)
+                remaining -= burst
+                steps += burst
+                if all_done:
+                    break
+                if self.tokenizer is not None and b == 1:
+                    yield self._collect(st, b, steps, stop_ids).text[0]
+            engine.check(st)
+            sync()
+            t3 = time.perf_counter()
+        out = self._collect(st, b, steps, stop_ids)
+        n_tok = sum(len(t) + (r == "stop") for t, r in zip(out.tokens, out.finish_reason))
+        decode_s = t3 - t2
+        out.stats = {
+            "prefill_ms": (t1 - t0) * 1e3,
+            "capture_ms": (t2 - t1) * 1e3,
+            "steps": steps,
+            "ms_per_token": decode_s * 1e3 / max(steps - 1, 1),
+            "tokens_per_s": (n_tok - b) / decode_s if decode_s > 0 and n_tok > b else float("nan"),
+            "backend": getattr(sel, "backend", "torch"),
+            "cuda_graphs": graph is not None,
+            "pair": self.kind if streams == "ar" else f"single:{streams}",
+            "batch": b,
+            "device": str(self.device),
+        }
+        yield out
+
+    def _collect(self, st, b: int, steps: int, stop_ids) -> Generation:
+        out = st.out[:b, :steps].tolist()
+        stops = set(stop_ids)
+        tokens, reasons = [], []
+        for row in out:
+            cut = next((i for i, t in enumerate(row) if t in stops), None)
+            tokens.append(row if cut is None else row[:cut])
+            reasons.append("length" if cut is None else "stop")
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return Generation(tokens=tokens, text=text, finish_reason=reasons)
+
+
+def _is_prompt_pair_rule(rule) -> bool:
+    return getattr(rule, "prompt_pair", False)
+
+
+def _reset_state(st: engine.DecodeState, b: int, stop_ids) -> None:
+    st.tok.zero_()
+    st.out.fill_(-1)
+    st.done.zero_()
+    st.done[b:] = True  # bucket padding rows
+    st.bad.zero_()
+    st.t.zero_()
+    st.stop.fill_(-2)
+    if stop_ids:
+        st.stop[: len(stop_ids)] = torch.tensor(stop_ids, dtype=torch.int64)
+
+
+def _left_pad(rows: list, n: int, device):
+    """Left-pad id lists into ``[n, L]`` ids and a ``real`` mask; rows beyond ``len(rows)``
+    (bucket padding) get a single token 0."""
+    rows = rows + [[0]] * (n - len(rows))
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((n, width), dtype=torch.int64)
+    real = torch.zeros((n, width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.int64)
+        real[i, width - len(r):] = True
+    return ids.to(device), real.to(device)
+
+
+def generate(aligned, reference=None, prompts=None, **kwargs) -> Generation:
+    """One-shot ``Decoder(aligned, reference, ...).generate(prompts, ...)``. Decoder options
+    (``tokenizer, dtype, device, max_batch_size, max_seq_len, cuda_graphs, backend``) and
+    ``generate`` options are both accepted."""
+    dec_keys = ("tokenizer", "dtype", "device", "max_batch_size", "max_seq_len", "cuda_graphs",
+                "backend", "check_every")
+    dec_kw = {k: kwargs.pop(k) for k in dec_keys if k in kwargs}
+    n = len(prompts) if isinstance(prompts, list) else 1
+    if "input_ids" in kwargs and kwargs["input_ids"] is not None:
+        n = len(kwargs["input_ids"])
+    dec_kw.setdefault("max_batch_size", max(n, 1))
+    with Decoder(aligned, reference, **dec_kw) as dec:
+        return dec.generate(prompts, **kwargs)

@@ -1,0 +1,189 @@
+"""Hugging Face interop: loading models, adapters and tokenizers from local paths, tokenizer
+checks, and ``AADLogitsProcessor`` for Hugging Face's own ``generate()``.
+
+Nothing here downloads: paths must exist locally (``local_files_only=True`` everywhere).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def _check_dir(path, arg: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ValueError(f"{arg}={str(path)!r}: no such file or directory (aad_fast loads "
+                         "models from local paths only; nothing is downloaded)")
+    if not p.is_dir() or not ((p / "config.json").exists() or (p / "adapter_config.json").exists()):
+        raise ValueError(f"{arg}={str(path)!r} is not a model directory (no config.json or "
+                         "adapter_config.json in it)")
+    return p
+
+
+def is_adapter_dir(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "adapter_config.json").exists()
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+def default_dtype(device) -> torch.dtype | None:
+    """``None`` keeps the checkpoint's dtype; on GPU fp32 checkpoints load as bf16."""
+    return None
+
+
+def load_causal_lm(path, arg: str, dtype=None, device=None):
+    from transformers import AutoModelForCausalLM
+    p = _check_dir(path, arg)
+    if not (p / "config.json").exists():
+        raise ValueError(f"{arg}={str(path)!r} is a LoRA adapter directory; pass it as "
+                         "`aligned` (with its base as `reference`)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype or "auto",
+                                                     local_files_only=True)
+    except Exception as exc:
+        raise ValueError(f"{arg}={str(path)!r} could not be loaded as a causal LM: {exc}") from exc
+    return model.to(device) if device is not None else model
+
+
+def load_tokenizer(path):
+    """The tokenizer saved beside a model or adapter, or ``None``."""
+    if path is None:
+        return None
+    from transformers import AutoTokenizer
+    p = Path(path)
+    if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                          "tokenizer.model", "vocab.json")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception:
+        return None
+
+
+def check_same_tokenizer(tok_a, tok_r, name_a: str, name_r: str) -> None:
+    """SPEC: two models whose tokenizers map tokens to ids differently are refused."""
+    if tok_a is None or tok_r is None or tok_a is tok_r:
+        return
+    va, vr = tok_a.get_vocab(), tok_r.get_vocab()
+    if va != vr:
+        diff = next((t for t in va if vr.get(t) != va[t]), None)
+        if diff is None:
+            diff = next(t for t in vr if va.get(t) != vr[t])
+        raise ValueError(
+            f"the tokenizers of {name_a} and {name_r} differ (token {diff!r} has id "
+            f"{va.get(diff)} in {name_a} and {vr.get(diff)} in {name_r}); both streams must "
+            "share one vocabulary")
+
+
+def _base_weights_match(peft_model, reference) -> bool:
+    """True when ``reference`` holds the same weights as the adapter's base model."""
+    base = peft_model.get_base_model()
+    if base is reference:
+        return True
+    ref_params = dict(reference.named_parameters())
+    for name, p in base.named_parameters():
+        if "lora_" in name:
+            continue
+        key = name.replace(".base_layer.", ".")
+        q = ref_params.get(key)
+        if q is None or q.shape != p.shape or not torch.equal(q.to(p.device, p.dtype), p):
+            return False
+    return True
+
+
+def load_pair(aligned, reference=None, *, dtype=None, device=None, tokenizer=None):
+    """Resolve ``aligned``/``reference`` (models or local paths) into
+    ``(kind, model_a, model_r, tokenizer, names)`` with kind ``"lora"``, ``"two"`` or ``"one"``.
+
+    ``kind == "lora"``: ``model_a`` is a ``PeftModel`` and ``model_r`` is ``None`` (the base).
+    """
+    name_a = str(aligned) if isinstance(aligned, (str, os.PathLike)) else type(aligned).__name__
+    name_r = (str(reference) if isinstance(reference, (str, os.PathLike))
+              else (type(reference).__name__ if reference is not None else None))
+    tok = tokenizer
+    tok_a = tok_r = None
+    # --- the aligned side: a model, a PeftModel, a model dir or an adapter dir
+    if isinstance(aligned, (str, os.PathLike)):
+        p = _check_dir(aligned, "aligned")
+        tok_a = load_tokenizer(p)
+        if is_adapter_dir(p):
+            from peft import PeftModel
+            cfg = json.loads((p / "adapter_config.json").read_text())
+            base_path = reference
+            recorded = cfg.get("base_model_name_or_path")
+            if base_path is None:
+                if not recorded or not Path(recorded).expanduser().is_dir():
+                    raise ValueError(
+                        f"aligned={name_a!r} is a LoRA adapter whose base "
+                        f"{recorded!r} is not a local directory; pass reference=PATH_TO_BASE")
+                base_path = recorded
+            if isinstance(base_path, (str, os.PathLike)):
+                _check_dir(base_path, "reference")
+                tok_r = load_tokenizer(base_path)
+                base = load_causal_lm(base_path, "reference", dtype, device)
+                name_r = str(base_path)
+                if recorded and Path(recorded).expanduser().is_dir() and \
+                        Path(recorded).resolve() != Path(base_path).resolve():
+                    _check_same_config(recorded, base.config, name_a, name_r)
+            else:
+                base = reference
+            try:
+                model_a = PeftModel.from_pretrained(base, str(p), local_files_only=True)
+            except Exception as exc:
+                raise ValueError(f"the LoRA adapter {name_a!r} does not fit the reference model "
+                                 f"{name_r!r}: {exc}") from exc
+            if device is not None:
+                model_a = model_a.to(device)
+            tok = tok or tok_a or tok_r
+            check_same_tokenizer(tok_a, tok_r, name_a, name_r)
+            return "lora", model_a.eval(), None, tok, (name_a, name_r)
+        model_a = load_causal_lm(p, "aligned", dtype, device)
+    else:
+        model_a = aligned
+    if is_peft_model(model_a):
+        if reference is not None:
+            ref = (load_causal_lm(reference, "reference", dtype, device)
+                   if isinstance(reference, (str, os.PathLike)) else reference)
+            if not _base_weights_match(model_a, ref):
+                raise ValueError(f"the reference model {name_r} is not the base model of the "
+                                 f"LoRA adapter {name_a}; pass the adapter's own base as "
+                                 "reference (or omit reference to use it)")
+            if isinstance(reference, (str, os.PathLike)):
+                tok_r = load_tokenizer(reference)
+        tok = tok or tok_a or tok_r
+        return "lora", model_a.eval(), None, tok, (name_a, name_r or "its base model")
+    # --- plain model: a second model or none (one model, two prompts)
+    if reference is None:
+        return "one", model_a.eval(), None, tok or tok_a, (name_a, None)
+    if isinstance(reference, (str, os.PathLike)):
+        _check_dir(reference, "reference")
+        tok_r = load_tokenizer(reference)
+        model_r = load_causal_lm(reference, "reference", dtype, device)
+    else:
+        model_r = reference
+    check_same_tokenizer(tok_a, tok_r, name_a, name_r)
+    if tokenizer is not None:
+        check_same_tokenizer(tokenizer, tok_a or tok_r, "tokenizer", name_a)
+    return "two", model_a.eval(), model_r.eval(), tok or tok_a or tok_r, (name_a, name_r)
+
+
+def _check_same_config(recorded, config, name_a, name_r):
+    try:
+        rec = json.loads((Path(recorded) / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
+        if key in rec and getattr(config, key, rec[key]) != rec[key]:
+            raise ValueError(
+                f"the reference model {name_r} is not the base of the LoRA adapter {name_a}: "
+                f"its {key} is {getattr(config, key)} but the adapter's base {recorded} has "
+                f"{rec[key]}")

@@ -1,0 +1,166 @@
+"""Where the two streams come from. Each pair gives a shared prefill and a one-token step that
+returns the next logits of both streams (``[B, V]`` each, model dtype).
+
+- ``TwoModelPair``: two separate models (full fine-tune, contrastive amateur): two runners,
+  back to back.
+- ``SharedPair``: one set of weights for both streams, run as ONE batch of ``2B`` rows:
+  rows ``[0, B)`` are stream ``a``, rows ``[B, 2B)`` stream ``r``. Serves a LoRA pair (the
+  adapter is applied to the ``a`` rows only) and a prompt pair (OPAD/CFG: one model, the two
+  streams differ only in their prompts).
+- ``SinglePair``: one stream only (``Greedy``): one runner, ``r`` is ``None``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cache import Runner
+
+
+class RowLoRA:
+    """Applies a PEFT LoRA adapter to the first ``n_rows`` rows of every batch only.
+
+    PEFT's own mixed-adapter batches build index lists on the host per forward; here each LoRA
+    layer's adapter path is switched off and a forward hook on its base linear adds
+    ``scaling * B(A(x[:n]))`` to ``out[:n]`` in place, which is graph-safe (``n`` is a plain int
+    fixed per runner). ``close()`` removes the hooks and switches the adapter back on.
+    """
+
+    def __init__(self, peft_model):
+        try:
+            from peft.tuners.lora import LoraLayer
+        except ImportError as exc:  # pragma: no cover - peft is a dependency
+            raise ImportError("LoRA pairs need peft: pip install peft") from exc
+        self.n_rows = 0
+        self.layers = []
+        self._hooks = []
+        for name, mod in peft_model.named_modules():
+            if not isinstance(mod, LoraLayer):
+                continue
+            active = [a for a in mod.active_adapters if a in mod.lora_A]
+            if len(active) != 1:
+                raise ValueError(f"LoRA layer {name}: exactly one active adapter is supported, "
+                                 f"got {list(mod.active_adapters)}")
+            ad = active[0]
+            if not isinstance(mod.base_layer, torch.nn.Linear):
+                raise ValueError(f"LoRA layer {name} wraps {type(mod.base_layer).__name__}; the "
+                                 "shared-weight pair supports LoRA on nn.Linear only (merge the "
+                                 "adapter and pass two models instead)")
+            if getattr(mod, "use_dora", {}).get(ad, False):
+                raise ValueError(f"LoRA layer {name} uses DoRA, which the shared-weight pair does "
+                                 "not support (merge the adapter and pass two models instead)")
+            if getattr(mod, "fan_in_fan_out", False):
+                raise ValueError(f"LoRA layer {name} has fan_in_fan_out=True (Conv1D); merge the "
+                                 "adapter and pass two models instead")
+            self.layers.append((mod, mod.lora_A[ad].weight, mod.lora_B[ad].weight,
+                                float(mod.scaling[ad])))
+        if not self.layers:
+            raise ValueError("the aligned model is a PeftModel without LoRA layers")
+        for mod, a_w, b_w, scale in self.layers:
+            mod.enable_adapters(False)
+            self._hooks.append(mod.base_layer.register_forward_hook(self._make_hook(a_w, b_w, scale)))
+
+    def _make_hook(self, a_w: Tensor, b_w: Tensor, scale: float):
+        def hook(module, args, out):
+            n = self.n_rows
+            if n:
+                x = args[0][:n]
+                out[:n].add_(F.linear(F.linear(x.to(a_w.dtype), a_w), b_w).to(out.dtype),
+                             alpha=scale)
+            return out
+        return hook
+
+    def close(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for mod, *_ in self.layers:
+            mod.enable_adapters(True)
+
+
+class TwoModelPair:
+    """Two separate models, each with its own runner over the same ``B`` rows."""
+
+    shared = False
+
+    def __init__(self, model_a, model_r, n_rows: int, max_len: int):
+        self.a = Runner(model_a, n_rows, max_len)
+        self.r = Runner(model_r, n_rows, max_len)
+        self.runners = (self.a, self.r)
+
+    def prefill(self, ids_a, real_a, ids_r, real_r):
+        return self.a.prefill(ids_a, real_a), self.r.prefill(ids_r, real_r)
+
+    def step(self, tokens: Tensor):
+        return self.a.step(tokens), self.r.step(tokens)
+
+
+class SharedPair:
+    """One model, both streams as one batch of ``2B`` rows (LoRA pair or prompt pair)."""
+
+    shared = True
+
+    def __init__(self, model, n_rows: int, max_len: int, lora: RowLoRA | None = None):
+        self.n = n_rows
+        self.lora = lora
+        self.runner = Runner(model, 2 * n_rows, max_len)
+        self.runners = (self.runner,)
+        self._tok2 = torch.zeros((2 * n_rows,), dtype=torch.int64, device=self.runner.device)
+
+    def _rows(self):
+        if self.lora is not None:
+            self.lora.n_rows = self.n
+
+    def prefill(self, ids_a, real_a, ids_r, real_r):
+        ids, real = _stack_left_padded(ids_a, real_a, ids_r, real_r)
+        self._rows()
+        logits = self.runner.prefill(ids, real)
+        return logits[: self.n], logits[self.n:]
+
+    def step(self, tokens: Tensor):
+        self._tok2[: self.n].copy_(tokens)
+        self._tok2[self.n:].copy_(tokens)
+        self._rows()
+        logits = self.runner.step(self._tok2)
+        return logits[: self.n], logits[self.n:]
+
+
+class SinglePair:
+    """One stream (``Greedy``): ``lora_rows`` is ``n_rows`` to run a LoRA model with its
+    adapter on, ``0`` to run its base."""
+
+    shared = False
+
+    def __init__(self, model, n_rows: int, max_len: int, lora: RowLoRA | None = None,
+                 lora_rows: int = 0):
+        self.lora, self.lora_rows = lora, lora_rows
+        self.runner = Runner(model, n_rows, max_len)
+        self.runners = (self.runner,)
+
+    def _rows(self):
+        if self.lora is not None:
+            self.lora.n_rows = self.lora_rows
+
+    def prefill(self, ids, real, *_):
+        self._rows()
+        return self.runner.prefill(ids, real), None
+
+    def step(self, tokens: Tensor):
+        self._rows()
+        return self.runner.step(tokens), None
+
+
+def _stack_left_padded(ids_a, real_a, ids_r, real_r):
+    """Stack two left-padded batches of possibly different widths into one."""
+    width = max(ids_a.shape[1], ids_r.shape[1])
+
+    def pad(ids, real):
+        extra = width - ids.shape[1]
+        if extra == 0:
+            return ids, real
+        return (F.pad(ids, (extra, 0), value=0), F.pad(real, (extra, 0), value=False))
+
+    ia, ra = pad(ids_a, real_a)
+    ir, rr = pad(ids_r, real_r)
+    return torch.cat([ia, ir]), torch.cat([ra, rr])
