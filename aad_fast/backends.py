@@ -47,12 +47,12 @@ def load_cuda():
 
 @functools.cache
 def load_triton():
-    """The ``aad_fast.kernels`` module, or ``None`` when Triton is missing or unusable."""
+    """The ``aad_fast.kernels.select`` module, or ``None`` when Triton is missing or unusable."""
     try:
-        from aad_fast import kernels
+        from aad_fast.kernels import select
     except ImportError:
         return None
-    return kernels
+    return select
 
 
 def triton_interpreted() -> bool:
