@@ -113,6 +113,12 @@ class Runner:
         self.slot.add_(1)
         return logits
 
+    def reorder(self, index: Tensor) -> None:
+        """Row ``i`` continues from row ``index[i]`` (beam search), caches and positions."""
+        self.cache.reorder(index)
+        self.pos.copy_(self.pos.index_select(0, index))
+        self.mask.copy_(self.mask.index_select(0, index))
+
     def snapshot(self) -> list[Tensor]:
         """Copies of the small decode buffers (graph warm-up must not change the decode)."""
         return [t.clone() for t in (self.pos, self.slot, self.mask)]

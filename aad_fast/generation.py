@@ -14,7 +14,7 @@ import torch
 from . import engine
 from .hf import load_pair
 from .pairs import RowLoRA, SharedPair, SinglePair, TwoModelPair
-from .rules import AAD, OPAD, BeamAAD, BestOfN, Rule
+from .rules import AAD, OPAD, BeamAAD, BestOfN, CFGMix, Rule
 from .selectors import make_selector
 
 MAX_STOP_IDS = 16
@@ -240,6 +240,16 @@ class Decoder:
 
     def _rows(self, rule, prompts, input_ids, attention_mask, chat) -> _Rows:
         a = self._encode(prompts, input_ids, attention_mask, chat)
+        if isinstance(rule, CFGMix):
+            if rule.negative_ids is not None:
+                return _Rows(a, [list(rule.negative_ids)] * len(a))
+            if rule.negative_prompt is not None:
+                if self.tokenizer is None:
+                    raise ValueError("CFG(negative_prompt=...) needs a tokenizer; pass negative_ids=")
+                neg = self._tokenize(rule.negative_prompt, chat) if rule.negative_prompt else \
+                    [r[0] for r in a[:1]]
+                return _Rows(a, [neg] * len(a))
+            return _Rows(a, a if self.kind != "one" else [r[-1:] for r in a])
         if not isinstance(rule, OPAD):
             return _Rows(a, a)
         if chat:
@@ -297,10 +307,12 @@ class Decoder:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        if "r" in rule.streams and self.kind == "one" and not isinstance(rule, OPAD) \
-                and not _is_prompt_pair_rule(rule):
+        if "r" in rule.streams and self.kind == "one" and not isinstance(rule, (OPAD, CFGMix)):
             raise ValueError(f"{type(rule).__name__} needs a reference model: pass reference= "
                              "(or an aligned LoRA adapter); only OPAD and CFG run on one model")
+        if isinstance(rule, OPAD) and self.kind != "one":
+            raise ValueError("OPAD runs one model with two prompts: build Decoder(model) "
+                             "without a reference (and without a LoRA adapter)")
 
     def _check_lengths(self, rows: _Rows, max_new: int, n_rows: int):
         if n_rows > self.max_batch_size:
@@ -401,10 +413,6 @@ class Decoder:
         if self.tokenizer is not None:
             text = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         return Generation(tokens=tokens, text=text, finish_reason=reasons)
-
-
-def _is_prompt_pair_rule(rule) -> bool:
-    return getattr(rule, "prompt_pair", False)
 
 
 def _reset_state(st: engine.DecodeState, b: int, stop_ids) -> None:

@@ -95,6 +95,10 @@ class TwoModelPair:
     def step(self, tokens: Tensor):
         return self.a.step(tokens), self.r.step(tokens)
 
+    def reorder(self, index: Tensor) -> None:
+        self.a.reorder(index)
+        self.r.reorder(index)
+
 
 class SharedPair:
     """One model, both streams as one batch of ``2B`` rows (LoRA pair or prompt pair)."""
@@ -124,6 +128,9 @@ class SharedPair:
         self._rows()
         logits = self.runner.step(self._tok2)
         return logits[: self.n], logits[self.n:]
+
+    def reorder(self, index: Tensor) -> None:
+        self.runner.reorder(torch.cat([index, index + self.n]))
 
 
 class SinglePair:

@@ -81,6 +81,11 @@ class Mix(Rule):
     def sampled(self) -> bool:
         return self.temperature > 0
 
+    @property
+    def streams(self) -> str:
+        """Only the streams with a non-zero weight run."""
+        return "a" if self.w_r == 0 else ("r" if self.w_a == 0 else "ar")
+
     def coefficients(self):
         t = self.temperature if self.temperature > 0 else 1.0
         ca, cr = float(self.w_a) / t, float(self.w_r) / t
@@ -101,10 +106,33 @@ def DeRa(lam: float, **sampling) -> Mix:
     return Mix(w_a=lam, w_r=1.0 - lam, **sampling)
 
 
-def CFG(g: float, **sampling) -> Mix:
-    """Classifier-free guidance: ``z = g*la + (1-g)*lr``, ``a`` the conditioned context."""
+@dataclass(frozen=True)
+class CFGMix(Mix):
+    """``Mix`` whose reference stream may be the same model on another (unconditional) prompt:
+    ``negative_ids`` (or the tokenised ``negative_prompt``); on one model without either, the
+    unconditional prompt is each prompt's last token (as Hugging Face's CFG processor does)."""
+
+    negative_prompt: str | None = None
+    negative_ids: tuple | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.negative_ids is not None:
+            ids = tuple(self.negative_ids)
+            if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+                raise ValueError(f"negative_ids must be a non-empty list of token ids, "
+                                 f"got {self.negative_ids!r}")
+            object.__setattr__(self, "negative_ids", ids)
+
+
+def CFG(g: float, negative_prompt: str | None = None, negative_ids=None, **sampling) -> CFGMix:
+    """Classifier-free guidance (Sanchez et al. 2023): ``z = g*la + (1-g)*lr`` with ``a`` the
+    conditioned context. On one model, ``r`` is the unconditional prompt (``negative_prompt`` /
+    ``negative_ids``, default: each prompt's last token); on two models, ``r`` is the
+    reference model on the same prompt unless a negative prompt is given."""
     g = _check_real("g", g)
-    return Mix(w_a=g, w_r=1.0 - g, **sampling)
+    return CFGMix(w_a=g, w_r=1.0 - g, negative_prompt=negative_prompt,
+                  negative_ids=None if negative_ids is None else tuple(negative_ids), **sampling)
 
 
 @dataclass(frozen=True)
