@@ -5,12 +5,13 @@ Importing this package compiles and loads nothing: extensions and Triton load on
 from .backends import available_backends
 from .ops import aad_beam_topk, aad_select, contrastive_select, mix_select
 from .generation import Decoder, Generation, generate
+from .hf import AADLogitsProcessor
 from .rules import AAD, CFG, EFT, OPAD, BeamAAD, BestOfN, Contrastive, DeRa, Greedy, Mix, Rule
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AAD", "CFG", "Decoder", "Generation", "generate", "EFT", "OPAD", "BeamAAD", "BestOfN", "Contrastive", "DeRa", "Greedy", "Mix",
+    "AAD", "AADLogitsProcessor", "CFG", "Decoder", "Generation", "generate", "EFT", "OPAD", "BeamAAD", "BestOfN", "Contrastive", "DeRa", "Greedy", "Mix",
     "Rule", "aad_beam_topk", "aad_select", "available_backends", "contrastive_select",
     "mix_select",
 ]

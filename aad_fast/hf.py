@@ -187,3 +187,63 @@ def _check_same_config(recorded, config, name_a, name_r):
                 f"the reference model {name_r} is not the base of the LoRA adapter {name_a}: "
                 f"its {key} is {getattr(config, key)} but the adapter's base {recorded} has "
                 f"{rec[key]}")
+
+
+class AADLogitsProcessor:
+    """AAD as a Hugging Face logits processor: ``aligned.generate(..., logits_processor=
+    [AADLogitsProcessor(reference)], do_sample=False)`` picks SPEC's AAD token at every step.
+
+    The processor keeps its own cache of the reference model and feeds it only the newest token
+    per call. Batches must be left-padded; pad positions are recognised by ``pad_token_id``
+    (default: the reference's ``config.pad_token_id``) when they lead a row. Returns scores that
+    are ``0`` at the chosen id and ``-inf`` elsewhere, so greedy search takes exactly that id.
+    """
+
+    def __init__(self, reference_model, alpha: float = 0.1, *, pad_token_id: int | None = None,
+                 vocab_size: int | None = None, backend: str | None = None):
+        from .ops import _check_real
+        self.model = reference_model.eval()
+        self.alpha = _check_real("alpha", alpha, 0.0, 1.0)
+        self.pad = pad_token_id if pad_token_id is not None else getattr(
+            reference_model.config, "pad_token_id", None)
+        self.vocab_size, self.backend = vocab_size, backend
+        self._reset()
+
+    def _reset(self):
+        self._cache = self._mask = self._pos = None
+        self._seen = 0
+
+    def _reference_logits(self, input_ids):
+        from transformers import DynamicCache
+        dev = next(self.model.parameters()).device
+        ids = input_ids.to(dev)
+        if self._cache is None or ids.shape[1] != self._seen + 1:
+            if self.pad is None:
+                real = torch.ones_like(ids, dtype=torch.long)
+            else:
+                real = ((ids != self.pad).long().cumsum(1) > 0).long()
+            self._cache = DynamicCache()
+            pos = (real.cumsum(1) - 1).clamp(min=0)
+            out = self.model(input_ids=ids, attention_mask=real, position_ids=pos,
+                             past_key_values=self._cache, use_cache=True)
+            self._mask, self._pos = real, pos[:, -1:]
+        else:
+            self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+            self._pos = self._pos + 1
+            out = self.model(input_ids=ids[:, -1:], attention_mask=self._mask,
+                             position_ids=self._pos, past_key_values=self._cache, use_cache=True)
+        self._seen = ids.shape[1]
+        return out.logits[:, -1, :]
+
+    def __call__(self, input_ids, scores):
+        from .ops import aad_select
+        with torch.inference_mode():
+            ref = self._reference_logits(input_ids).to(scores.device)
+        y = aad_select(scores, ref, self.alpha, vocab_size=self.vocab_size, backend=self.backend)
+        bad = (y < 0).nonzero().flatten().tolist()
+        if bad:
+            raise RuntimeError(f"row(s) {bad}: the aligned logits are all -inf/NaN; no AAD "
+                               "candidate")
+        out = torch.full_like(scores, -float("inf"))
+        out.scatter_(1, y[:, None], 0.0)
+        return out

@@ -1,0 +1,72 @@
+"""Tiny random models built from configs (never downloaded) and the naive decode loop of SPEC."""
+import math
+
+import pytest
+import torch
+
+VOCAB = 61
+EOS = 3
+
+
+def tiny_config(arch: str = "llama", vocab: int = VOCAB, seed_scale: float = 0.35):
+    import transformers as tf
+    common = dict(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  initializer_range=seed_scale, eos_token_id=EOS, bos_token_id=1, pad_token_id=0,
+                  tie_word_embeddings=False)
+    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
+           "mistral": tf.MistralConfig, "olmo2": tf.Olmo2Config}[arch]
+    if arch in ("qwen3",):
+        common["head_dim"] = 12
+    return cls(**common)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = VOCAB):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab))
+    return model.float().eval()
+
+
+@pytest.fixture
+def pair():
+    return tiny_model("llama", 0), tiny_model("llama", 1)
+
+
+def full_logits(model, seq):
+    """Last-position logits of ``seq`` recomputed from scratch (no cache), float32 ``[V]``."""
+    with torch.no_grad():
+        return model(torch.tensor([seq])).logits[0, -1].float()
+
+
+def naive_decode(pick, models, prompts, max_new, stops=(EOS,), prompts_r=None):
+    """SPEC's loop, one row at a time: ``pick(a_logits, r_logits, t, history)`` returns the id.
+    ``prompts_r`` gives stream r its own prompt (OPAD, CFG); both streams append the same id."""
+    out = []
+    for i, p in enumerate(prompts):
+        seq_a = list(p)
+        seq_r = list(prompts_r[i]) if prompts_r else list(p)
+        toks, hist = [], []
+        for t in range(max_new):
+            a = full_logits(models[0], seq_a)
+            r = full_logits(models[1], seq_r) if len(models) > 1 else None
+            y = pick(a, r, t, hist)
+            hist.append((a, r))
+            if y in stops:
+                break
+            toks.append(y)
+            seq_a.append(y)
+            seq_r.append(y)
+        out.append(toks)
+    return out
+
+
+def aad_pick(alpha=0.1, beta=1.0):
+    def pick(a, r, t, hist):
+        la, lr = a.log_softmax(-1), r.log_softmax(-1)
+        cand = la >= la.max() + (math.log(alpha) if alpha > 0 else -math.inf)
+        return int(torch.where(cand, la - beta * lr, torch.tensor(-math.inf)).argmax())
+    return pick
+
+
+PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 9], [1, 20, 21, 22]]

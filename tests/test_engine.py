@@ -1,0 +1,207 @@
+"""The decode engine against the naive SPEC loop: architectures, ragged batches, stop tokens,
+pairs (two models, LoRA, paths), Hugging Face interop, bad input."""
+import copy
+import json
+
+import pytest
+import torch
+from conftest import EOS, PROMPTS, aad_pick, naive_decode, tiny_model
+
+import aad_fast
+from aad_fast import AAD, AADLogitsProcessor, Decoder, Greedy
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "olmo2"])
+def test_aad_two_models_matches_naive_loop(arch):
+    ma, mr = tiny_model(arch, 0), tiny_model(arch, 1)
+    dec = Decoder(ma, mr, max_batch_size=4, max_seq_len=40)
+    got = dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=12)
+    want = naive_decode(aad_pick(0.1), (ma, mr), PROMPTS, 12)
+    assert got.tokens == want
+    assert got.finish_reason == ["stop" if len(w) < 12 else "length" for w in want]
+
+
+def test_each_row_equals_decoding_it_alone(pair):
+    dec = Decoder(*pair, max_batch_size=4, max_seq_len=40)
+    batch = dec.generate(input_ids=PROMPTS, rule=AAD(0.2), max_new_tokens=10)
+    for p, toks in zip(PROMPTS, batch.tokens):
+        assert dec.generate(input_ids=[p], rule=AAD(0.2), max_new_tokens=10).tokens == [toks]
+
+
+def test_stop_ids_end_rows_and_are_excluded(pair):
+    dec = Decoder(*pair, max_batch_size=4, max_seq_len=40)
+    free = dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=10, stop=[])
+    stop_tok = free.tokens[0][3]
+    got = dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=10, stop=[stop_tok])
+    want = naive_decode(aad_pick(0.1), pair, PROMPTS, 10, stops=(EOS, stop_tok))
+    assert got.tokens == want
+    assert got.tokens[0] == free.tokens[0][:3] and got.finish_reason[0] == "stop"
+
+
+def test_greedy_runs_one_stream(pair):
+    dec = Decoder(*pair, max_batch_size=4, max_seq_len=40)
+    for stream, model in (("a", pair[0]), ("r", pair[1])):
+        got = dec.generate(input_ids=PROMPTS, rule=Greedy(stream), max_new_tokens=8)
+        want = naive_decode(lambda a, r, t, h: int(a.argmax()), (model,), PROMPTS, 8)
+        assert got.tokens == want
+        assert got.stats["pair"] == f"single:{stream}"
+
+
+def _lora(base, seed=0):
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj",
+                                                                            "v_proj"]))
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.4)  # PEFT starts B at 0: make the adapter matter
+    return pm.eval()
+
+
+def test_lora_pair_equals_two_model_pair_with_merged_adapter():
+    base = tiny_model("llama", 0)
+    sft = copy.deepcopy(base)
+    pm = _lora(base)
+    merged = copy.deepcopy(pm).merge_and_unload().eval()
+    with Decoder(pm, max_batch_size=4, max_seq_len=40) as dec:
+        got = dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=12)
+        assert got.stats["pair"] == "lora"
+        greedy_a = dec.generate(input_ids=PROMPTS, rule=Greedy("a"), max_new_tokens=8).tokens
+        greedy_r = dec.generate(input_ids=PROMPTS, rule=Greedy("r"), max_new_tokens=8).tokens
+    assert got.tokens == naive_decode(aad_pick(0.1), (merged, sft), PROMPTS, 12)
+    argmax = lambda a, r, t, h: int(a.argmax())  # noqa: E731
+    assert greedy_a == naive_decode(argmax, (merged,), PROMPTS, 8)
+    assert greedy_r == naive_decode(argmax, (sft,), PROMPTS, 8)
+    # close() hands the PeftModel back with its adapter on
+    x = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        assert torch.allclose(pm(x).logits, merged(x).logits, atol=1e-4)
+
+
+def test_paths_two_models_and_adapter_dir(tmp_path, pair):
+    ma, mr = pair
+    ma.save_pretrained(tmp_path / "a")
+    mr.save_pretrained(tmp_path / "r")
+    got = Decoder(tmp_path / "a", tmp_path / "r", max_batch_size=4, max_seq_len=40).generate(
+        input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=8)
+    assert got.tokens == naive_decode(aad_pick(0.1), pair, PROMPTS, 8)
+
+    base = tiny_model("llama", 2)
+    base.save_pretrained(tmp_path / "sft")
+    pm = _lora(copy.deepcopy(base))
+    pm.save_pretrained(tmp_path / "dpo")
+    merged = pm.merge_and_unload().eval()
+    dec = Decoder(str(tmp_path / "dpo"), str(tmp_path / "sft"), max_batch_size=4, max_seq_len=40)
+    got = dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=8)
+    assert dec.kind == "lora"
+    assert got.tokens == naive_decode(aad_pick(0.1), (merged, base), PROMPTS, 8)
+
+
+def test_logits_processor_equals_decoder(pair):
+    from transformers import LogitsProcessorList
+    ma, mr = pair
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
+    out = ma.generate(input_ids=ids, attention_mask=(ids != 0).long(), do_sample=False,
+                      logits_processor=LogitsProcessorList([AADLogitsProcessor(mr, 0.1)]),
+                      max_new_tokens=10, pad_token_id=0, eos_token_id=EOS)
+    hf = []
+    for row in out[:, width:].tolist():
+        hf.append(row[: row.index(EOS)] if EOS in row else row)
+    dec = Decoder(ma, mr, max_batch_size=4, max_seq_len=40)
+    assert dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=10).tokens == hf
+
+
+def test_tensor_input_ids_with_attention_mask(pair):
+    dec = Decoder(*pair, max_batch_size=4, max_seq_len=40)
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
+    got = dec.generate(input_ids=ids, attention_mask=(ids != 0).long(), max_new_tokens=6)
+    assert got.tokens == dec.generate(input_ids=PROMPTS, max_new_tokens=6).tokens
+
+
+# ----------------------------------------------------------------------------------- bad input
+def test_bad_arguments_name_themselves(pair, tmp_path):
+    dec = Decoder(*pair, max_batch_size=2, max_seq_len=16)
+    with pytest.raises(ValueError, match="alpha"):
+        AAD(1.5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        dec.generate(input_ids=[[1, 2]], max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"input_ids\[0\] is an empty prompt"):
+        dec.generate(input_ids=[[]])
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        dec.generate(input_ids=[[1] * 10], max_new_tokens=8)
+    with pytest.raises(ValueError, match="max_batch_size=2"):
+        dec.generate(input_ids=PROMPTS, max_new_tokens=2)
+    with pytest.raises(ValueError, match="outside"):
+        dec.generate(input_ids=[[1, 999]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompts= needs a tokenizer"):
+        dec.generate("hello")
+    with pytest.raises(ValueError, match="aligned=.*no such file"):
+        Decoder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a model directory"):
+        Decoder(tmp_path / "empty")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Decoder(*pair, max_batch_size=0)
+
+
+def test_all_nan_aligned_row_raises_naming_the_row(pair):
+    ma, mr = pair
+    bad = copy.deepcopy(ma)
+    with torch.no_grad():
+        bad.lm_head.weight.fill_(float("nan"))
+    dec = Decoder(bad, mr, max_batch_size=4, max_seq_len=40)
+    with pytest.raises(RuntimeError, match=r"row\(s\) \[0, 1\]"):
+        dec.generate(input_ids=PROMPTS[:2], max_new_tokens=4)
+
+
+def test_adapter_with_wrong_reference_is_refused():
+    base = tiny_model("llama", 0)
+    pm = _lora(copy.deepcopy(base))
+    other = tiny_model("llama", 5)
+    with pytest.raises(ValueError, match="not the base model"):
+        Decoder(pm, other)
+    Decoder(pm, base).close()  # the true base is accepted
+
+
+def test_different_tokenizers_are_refused(pair, tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    def tok(words):
+        t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="u"))
+        return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="u")
+
+    ma, mr = pair
+    ma.save_pretrained(tmp_path / "a")
+    mr.save_pretrained(tmp_path / "r")
+    tok(["u", "x", "y"]).save_pretrained(tmp_path / "a")
+    tok(["u", "y", "x"]).save_pretrained(tmp_path / "r")
+    with pytest.raises(ValueError, match="tokenizers of .*a.* and .*r.* differ"):
+        Decoder(tmp_path / "a", tmp_path / "r")
+
+
+def test_import_loads_nothing():
+    import subprocess
+    import sys
+    code = ("import sys, aad_fast; bad = [m for m in ('triton', 'aad_fast._C', 'aad_fast._cuda', "
+            "'transformers', 'peft') if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["two", "lora"])
+def test_cuda_graph_step_equals_eager(kind):
+    ma, mr = tiny_model("llama", 0).cuda(), tiny_model("llama", 1).cuda()
+    args = (ma, mr) if kind == "two" else (_lora(copy.deepcopy(ma)).cuda(),)
+    eager = Decoder(*args, max_batch_size=4, max_seq_len=64, cuda_graphs=False)
+    want = eager.generate(input_ids=PROMPTS, max_new_tokens=20).tokens
+    eager.close()
+    graphed = Decoder(*args, max_batch_size=4, max_seq_len=64, cuda_graphs=True)
+    for _ in range(2):  # capture, then replay the captured graph on a second call
+        got = graphed.generate(input_ids=PROMPTS, max_new_tokens=20)
+        assert got.stats["cuda_graphs"] is True
+        assert got.tokens == want
