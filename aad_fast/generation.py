@@ -295,7 +295,8 @@ class Decoder:
         if self.tokenizer is None:
             raise ValueError("stream() needs a tokenizer")
         shown = ""
-        for out in self._run(prompt, input_ids, None, rule, max_new_tokens, stop, chat):
+        for out in self._run(prompt, input_ids, None, rule, max_new_tokens, stop, chat,
+                             partial=True):
             text = out.text[0] if isinstance(out, Generation) else out
             if text.startswith(shown) and len(text) > len(shown):
                 yield text[len(shown):]
@@ -324,7 +325,9 @@ class Decoder:
                              f"max_seq_len={self.max_seq_len}; pass a larger "
                              "Decoder(max_seq_len=...) or fewer new tokens")
 
-    def _run(self, prompts, input_ids, attention_mask, rule, max_new_tokens, stop, chat):
+    def _run(self, prompts, input_ids, attention_mask, rule, max_new_tokens, stop, chat,
+             partial=False):
+        """Yield the text of row 0 after each burst when ``partial``, then the Generation."""
         self._validate(rule, max_new_tokens)
         rows = self._rows(rule, prompts, input_ids, attention_mask, chat)
         stop_ids = self.stop_ids(stop)
@@ -336,9 +339,9 @@ class Decoder:
             from .search import best_of_n
             yield best_of_n(self, rule, rows, max_new_tokens, stop_ids)
             return
-        yield from self._decode(rule, rows, max_new_tokens, stop_ids)
+        yield from self._decode(rule, rows, max_new_tokens, stop_ids, partial=partial)
 
-    def _decode(self, rule, rows: _Rows, max_new, stop_ids, seeds=None):
+    def _decode(self, rule, rows: _Rows, max_new, stop_ids, seeds=None, partial=False):
         b = len(rows.a)
         self._check_lengths(rows, max_new, b)
         n = self._bucket(b)
@@ -379,7 +382,7 @@ class Decoder:
                 steps += burst
                 if all_done:
                     break
-                if self.tokenizer is not None and b == 1:
+                if partial:
                     yield self._collect(st, b, steps, stop_ids).text[0]
             engine.check(st)
             sync()
