@@ -144,11 +144,11 @@ def mix_floor(a: Tensor, r: Tensor, vocab: int, ca: float, cr: float, top_k: int
     that applies top-k and then top-p (Hugging Face's order). Tokens with ``z >= floor`` are kept,
     so ties at the boundary are all kept. Graph-safe torch ops; float32 ``[B]``."""
     z = linear2(a[:, :vocab].float(), r[:, :vocab].float(), ca, cr)
-    z = torch.where(torch.isnan(z), torch.tensor(-math.inf, device=z.device), z)
+    z = torch.where(torch.isnan(z), z.new_full((), -math.inf), z)
     floor = torch.full((z.shape[0],), -math.inf, device=z.device)
     if top_k and top_k < vocab:
         floor = torch.topk(z, top_k, dim=1).values[:, -1]
-        z = torch.where(z >= floor[:, None], z, torch.tensor(-math.inf, device=z.device))
+        z = torch.where(z >= floor[:, None], z, z.new_full((), -math.inf))
     if top_p < 1.0:
         zs, _ = torch.sort(z, dim=1, descending=True)
         p = torch.softmax(zs, dim=1)

@@ -80,7 +80,7 @@ def select_ref(a: Tensor, r: Tensor, vocab: int, ma: float, mr: float, sa: float
     s = linear2(a, r, sa, sr)
     if seed is not None:
         s = s + gumbel_noise(seed, step, vocab)
-    ninf = torch.tensor(-math.inf, device=a.device)
+    ninf = a.new_full((), -math.inf)  # a fill kernel: capture-safe, unlike torch.tensor(x, device)
     big = torch.where(torch.isnan(m), ninf, m).amax(dim=1)
     lr = log_rel.float().to(a.device)
     rel = torch.where(lr == -math.inf, ninf, big + lr)
@@ -106,7 +106,7 @@ def aad_topk_ref(a: Tensor, r: Tensor, vocab: int, log_alpha: Tensor, k: int,
     r = r[:, :vocab].float()
     la = torch.log_softmax(a, dim=1)
     lr = torch.log_softmax(r, dim=1)
-    ninf = torch.tensor(-math.inf, device=a.device)
+    ninf = a.new_full((), -math.inf)  # a fill kernel: capture-safe, unlike torch.tensor(x, device)
     big = torch.where(torch.isnan(a), ninf, a).amax(dim=1)
     lg = log_alpha.float().to(a.device)
     t = torch.where(lg == -math.inf, ninf, big + lg)

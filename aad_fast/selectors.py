@@ -83,7 +83,7 @@ class OPADSelector:
 
 def _argmax(z: Tensor) -> Tensor:
     """Row argmax with NaN as -inf and ties to the lowest id; -1 where nothing is finite."""
-    z = torch.where(torch.isnan(z), torch.tensor(-math.inf, device=z.device), z)
+    z = torch.where(torch.isnan(z), z.new_full((), -math.inf), z)
     idx = z.argmax(dim=1)
     ok = (z > -math.inf).any(dim=1)
     return torch.where(ok, idx, torch.full_like(idx, -1))
