@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,14 @@ class Decoder:
         self.use_graphs = self.device.type == "cuda" and cuda_graphs in ("auto", True)
         self.backend, self.check_every = backend, check_every
         self.vocab = self._vocab()
+        for model in (self.base, self.model_r):
+            window = _sliding_window(model)
+            if window is not None and window < max_seq_len:
+                warnings.warn(f"{type(model).__name__} uses sliding-window attention ({window} "
+                              f"tokens) but aad_fast attends over the full cache; sequences "
+                              f"longer than {window} tokens will differ from the model's own "
+                              f"generate(). Pass max_seq_len<={window} to rule this out.",
+                              stacklevel=2)
         self._slots: dict = {}
         self._entries: dict = {}
 
@@ -416,6 +425,14 @@ class Decoder:
         if self.tokenizer is not None:
             text = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         return Generation(tokens=tokens, text=text, finish_reason=reasons)
+
+
+def _sliding_window(model):
+    cfg = getattr(model, "config", None)
+    window = getattr(cfg, "sliding_window", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return int(window)
 
 
 def _reset_state(st: engine.DecodeState, b: int, stop_ids) -> None:
