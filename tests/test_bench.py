@@ -1,0 +1,88 @@
+"""``aad-fast bench --quick`` on the smallest settings: it runs end to end and writes a JSON with
+every field a reader needs, a markdown table and a plot. No timing is asserted."""
+import argparse
+import json
+
+import pytest
+
+from aad_fast import bench
+
+
+def _run(tmp_path, *argv):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(list(argv) + ["--out", str(tmp_path)])
+    assert bench.run(args) == 0
+    (path,) = tmp_path.glob("*.json")
+    return json.loads(path.read_text()), path
+
+
+def test_quick_bench_writes_json_table_and_plot(tmp_path):
+    res, path = _run(tmp_path, "--quick", "--device", "cpu", "--models", "tiny", "--batch", "1",
+                     "--new-tokens", "4", "--prompt-lens", "8", "--repeats", "1",
+                     "--kernel-batches", "1", "--kernel-vocabs", "1000",
+                     "--methods", ",".join(bench.METHODS))
+    assert path.name.startswith("cpu-")
+    for key in ("date", "device", "dtype", "versions", "commit", "command", "settings",
+                "kernels", "decode", "ttft", "skipped", "targets", "notes"):
+        assert key in res, key
+    assert res["device"]["type"] == "cpu" and res["device"]["copy_bandwidth_gb_s"] > 0
+    for mod in ("torch", "triton", "transformers"):
+        assert res["versions"][mod]
+    assert res["dtype"] == "float32"
+    assert "--quick" in res["command"]
+    assert res["skipped"] == [], res["skipped"]
+
+    impls = {r["impl"] for r in res["kernels"]}
+    assert "eager" in impls
+    assert {f"aad_select[{b}]" for b in res["backends"]} <= impls
+    for r in res["kernels"]:
+        assert r["same_ids_as_eager"], r
+        assert r["median_ms"] > 0 and r["gb_per_s"] > 0 and r["fraction_of_copy_bw"] > 0
+
+    methods = {r["method"] for r in res["decode"]}
+    assert methods == set(bench.METHODS)
+    for r in res["decode"]:
+        assert r["model"] == "tiny" and r["batch"] == 1 and r["new_tokens"] == 4
+        assert r["ms_per_token"] > 0 and r["tokens_per_s"] > 0
+        assert r["x_greedy"] > 0 and r["peak_mem_bytes"] >= r["weights_bytes"] > 0
+        assert 0 < r["floor_fraction"]
+    greedy = next(r for r in res["decode"] if r["method"] == "greedy")
+    assert greedy["x_greedy"] == 1.0 and greedy["pair"] == "single:a"
+    assert next(r for r in res["decode"] if r["method"] == "aad_lora")["pair"] == "lora"
+    assert next(r for r in res["decode"] if r["method"] == "aad_two")["pair"] == "two"
+    assert {(r["method"], r["prompt_len"]) for r in res["ttft"]} == {
+        (m, 8) for m in bench.TTFT_METHODS}
+    assert all(r["ttft_ms"] > 0 for r in res["ttft"])
+
+    assert path.with_suffix(".png").stat().st_size > 0
+    assert "| model | batch | method |" in path.with_suffix(".md").read_text()
+
+
+def test_eager_aad_matches_the_public_op():
+    import torch
+    from aad_fast import aad_select
+    g = torch.Generator().manual_seed(0)
+    a, r = torch.randn(5, 300, generator=g), torch.randn(5, 300, generator=g)
+    assert torch.equal(bench.eager_aad(a, r, 0.1), aad_select(a, r, 0.1, backend="torch"))
+
+
+def test_configs_have_the_real_shapes():
+    """Parameter counts of the configs match the released models (rounded)."""
+    want = {"llama-3.2-1b": 1236, "llama-3.2-3b": 3213, "llama-3.1-8b": 8030, "qwen3-0.6b": 596,
+            "qwen3-4b": 4022, "olmo-2-7b": 7299, "cpu-60m": 60}
+    for name, millions in want.items():
+        cfg = bench.make_config(bench.load_shape(name, bench.default_config_dir()))
+        assert round(bench.meta_param_count(cfg) / 1e6) == millions, name
+        assert cfg.eos_token_id is None
+
+
+def test_bad_options_are_refused(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--models", "no-such-model", "--out",
+                              str(tmp_path)])
+    assert bench.run(args) == 2
+    assert "no-such-model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--batch", "0"])
