@@ -204,11 +204,16 @@ def mix_select(logits_a: Tensor, logits_r: Tensor, w_a: float, w_r: float, *,
 
 
 def aad_beam_topk(logits_a: Tensor, logits_r: Tensor, alpha=0.1, k: int = 1, *,
-                  tau: float | None = None, vocab_size: int | None = None):
+                  tau: float | None = None, vocab_size: int | None = None,
+                  backend: str | None = None):
     """One beam-search step's quantities for BeamAAD (SPEC), see ``reference.aad_topk_ref``.
 
     Returns ``(scores [B,k] f32, ids [B,k] int64, n_cand [B] int64, entropy [B] f32,
-    log_pmax [B] f32)``; missing candidates are ``-inf`` / ``-1``.
+    log_pmax [B] f32)``; missing candidates are ``-inf`` / ``-1``. ``backend`` as for
+    ``aad_select``: ``cpp`` runs the fused C++ step, every other backend the reference. The C++
+    step sums the entropy in double, so it is within float32 rounding of the reference's and a
+    row whose entropy is that close to ``tau`` may take the other side of ``H <= tau``; all else
+    (``n_cand``, ``log_pmax``, and scores and ids given the side) is bitwise the reference's.
     """
     vocab = check_logits(logits_a, logits_r, vocab_size)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -216,4 +221,6 @@ def aad_beam_topk(logits_a: Tensor, logits_r: Tensor, alpha=0.1, k: int = 1, *,
     if tau is not None:
         tau = _check_real("tau", tau, 0.0)
     log_alpha = alpha_to_log(alpha, logits_a.shape[0], logits_a.device)
+    if backends.pick_backend(logits_a.device, backend) == "cpp":
+        return tuple(backends.load_cpp().aad_topk(logits_a, logits_r, vocab, log_alpha, k, tau))
     return aad_topk_ref(logits_a, logits_r, vocab, log_alpha, k, tau)

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "select_cpu.h"
+#include "topk_cpu.h"
 
 namespace {
 
@@ -64,6 +65,30 @@ at::Tensor select_meta(const at::Tensor& a, const at::Tensor& r, int64_t vocab, 
   return at::empty({a.size(0)}, a.options().dtype(at::kLong));
 }
 
+using TopK = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+TopK aad_topk_op(const at::Tensor& a, const at::Tensor& r, int64_t vocab,
+                 const at::Tensor& log_alpha, int64_t k, std::optional<double> tau) {
+  check_logits(a, "a");
+  check_logits(r, "r");
+  TORCH_CHECK(a.size(0) == r.size(0), "aad_fast_cpu: a and r have different batch sizes: ",
+              a.size(0), " vs ", r.size(0));
+  TORCH_CHECK(vocab >= 1 && vocab <= a.size(1) && vocab <= r.size(1),
+              "aad_fast_cpu: vocab must be in [1, min(V_a, V_r)] = [1, ",
+              std::min(a.size(1), r.size(1)), "], got ", vocab);
+  check_row_vector(log_alpha, "log_alpha", a.size(0), true);
+  TORCH_CHECK(k >= 1, "aad_fast_cpu: k must be >= 1, got ", k);
+  return aad_fast::aad_topk_cpu(a, r, vocab, log_alpha, k, tau);
+}
+
+TopK aad_topk_meta(const at::Tensor& a, const at::Tensor& r, int64_t vocab,
+                   const at::Tensor& log_alpha, int64_t k, std::optional<double> tau) {
+  const int64_t b = a.size(0);
+  const auto f = a.options().dtype(at::kFloat);
+  return {at::empty({b, k}, f), at::empty({b, k}, f.dtype(at::kLong)),
+          at::empty({b}, f.dtype(at::kLong)), at::empty({b}, f), at::empty({b}, f)};
+}
+
 at::Tensor gumbel_noise_op(const at::Tensor& seed, const at::Tensor& step, int64_t vocab) {
   TORCH_CHECK(vocab >= 1, "aad_fast_cpu: vocab must be >= 1, got ", vocab);
   check_row_vector(seed, "seed", seed.numel(), false);
@@ -78,14 +103,21 @@ TORCH_LIBRARY(aad_fast_cpu, m) {
       "select(Tensor a, Tensor r, int vocab, float ma, float mr, float sa, float sr, "
       "Tensor log_rel, Tensor floor, Tensor? seed, Tensor? step) -> Tensor");
   m.def("gumbel_noise(Tensor seed, Tensor step, int vocab) -> Tensor");
+  m.def(
+      "aad_topk(Tensor a, Tensor r, int vocab, Tensor log_alpha, int k, float? tau) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(aad_fast_cpu, CPU, m) {
   m.impl("select", &select_op);
   m.impl("gumbel_noise", &gumbel_noise_op);
+  m.impl("aad_topk", &aad_topk_op);
 }
 
-TORCH_LIBRARY_IMPL(aad_fast_cpu, Meta, m) { m.impl("select", &select_meta); }
+TORCH_LIBRARY_IMPL(aad_fast_cpu, Meta, m) {
+  m.impl("select", &select_meta);
+  m.impl("aad_topk", &aad_topk_meta);
+}
 
 // `import aad_fast._C` loads this library, which registers the ops above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

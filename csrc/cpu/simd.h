@@ -56,6 +56,14 @@ inline float hmax(f32x4 x) {  // no NaN lanes
   return x[0];
 }
 
+inline bool any(i32x4 mask) {
+#if defined(__SSE__)
+  return _mm_movemask_ps(reinterpret_cast<__m128>(mask)) != 0;
+#else
+  return (mask[0] | mask[1] | mask[2] | mask[3]) != 0;
+#endif
+}
+
 // NaN -> -inf (NaN is the only value not equal to itself).
 inline f32x4 nan_to_ninf(f32x4 x) {
   return select(x == x, x, splat(-std::numeric_limits<float>::infinity()));
