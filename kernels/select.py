@@ -172,6 +172,14 @@ def _best(m, s, cols, t):
 
 
 @triton.jit
+def _workspace(ws_ptr, n_total):
+    """The four ``[B, n_chunks]`` arrays in one float32 buffer: chunk max, best score, best m,
+    best id (int32 bits)."""
+    bid_ptr = (ws_ptr + 3 * n_total).to(tl.pointer_type(tl.int32), bitcast=True)
+    return ws_ptr, ws_ptr + n_total, ws_ptr + 2 * n_total, bid_ptr
+
+
+@triton.jit
 def _row_threshold(cmax_ptr, ws, n_chunks, fl, lr, NCH: tl.constexpr):
     """``t`` of a row from its chunk maxima."""
     cidx = tl.arange(0, NCH)
@@ -203,7 +211,7 @@ def _chunk_one_pass(a_row, sac, r_row, src, cols, valid, full, ma, mr, sa, sr, k
 @triton.jit
 def _select_chunk_kernel(a_ptr, sar, sac, r_ptr, srr, src, vocab, ma, mr, sa, sr,
                          lr_ptr, lr_stride, fl_ptr, fl_stride, seed_ptr, seed_stride, step_ptr,
-                         cmax_ptr, bs_ptr, bid_ptr, bm_ptr, n_chunks,
+                         ws_ptr, n_total, n_chunks,
                          BLOCK: tl.constexpr, NCH: tl.constexpr, KMA: tl.constexpr,
                          KMR: tl.constexpr, KSA: tl.constexpr, KSR: tl.constexpr,
                          NOISE: tl.constexpr, PRECISE_LOG: tl.constexpr, WIDE: tl.constexpr,
@@ -211,6 +219,7 @@ def _select_chunk_kernel(a_ptr, sar, sac, r_ptr, srr, src, vocab, ma, mr, sa, sr
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     row64 = row.to(tl.int64)
+    cmax_ptr, bs_ptr, bm_ptr, bid_ptr = _workspace(ws_ptr, n_total)
     a_row = a_ptr + row64 * sar
     r_row = r_ptr + row64 * srr
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -244,7 +253,7 @@ def _select_chunk_kernel(a_ptr, sar, sac, r_ptr, srr, src, vocab, ma, mr, sa, sr
 @triton.jit
 def _select_fixup_kernel(a_ptr, sar, sac, r_ptr, srr, src, vocab, ma, mr, sa, sr,
                          lr_ptr, lr_stride, fl_ptr, fl_stride, seed_ptr, seed_stride, step_ptr,
-                         cmax_ptr, bs_ptr, bid_ptr, bm_ptr, n_chunks,
+                         ws_ptr, n_total, n_chunks,
                          BLOCK: tl.constexpr, NCH: tl.constexpr, KMA: tl.constexpr,
                          KMR: tl.constexpr, KSA: tl.constexpr, KSR: tl.constexpr,
                          NOISE: tl.constexpr, PRECISE_LOG: tl.constexpr, WIDE: tl.constexpr,
@@ -252,6 +261,7 @@ def _select_fixup_kernel(a_ptr, sar, sac, r_ptr, srr, src, vocab, ma, mr, sa, sr
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     row64 = row.to(tl.int64)
+    cmax_ptr, bs_ptr, bm_ptr, bid_ptr = _workspace(ws_ptr, n_total)
     ws = row64 * n_chunks
     w = ws + chunk
     cm = tl.load(cmax_ptr + w)
@@ -278,9 +288,10 @@ def _select_fixup_kernel(a_ptr, sar, sac, r_ptr, srr, src, vocab, ma, mr, sa, sr
 
 
 @triton.jit
-def _select_combine_kernel(cmax_ptr, bs_ptr, bid_ptr, bm_ptr, n_chunks, lr_ptr, lr_stride,
-                           fl_ptr, fl_stride, out_ptr, NCH: tl.constexpr):
+def _select_combine_kernel(ws_ptr, n_total, n_chunks, lr_ptr, lr_stride, fl_ptr, fl_stride,
+                           out_ptr, NCH: tl.constexpr):
     row = tl.program_id(0)
+    cmax_ptr, bs_ptr, bm_ptr, bid_ptr = _workspace(ws_ptr, n_total)
     ws = row.to(tl.int64) * n_chunks
     t = _row_threshold(cmax_ptr, ws, n_chunks, tl.load(fl_ptr + row * fl_stride),
                        tl.load(lr_ptr + row * lr_stride), NCH)
@@ -342,6 +353,15 @@ def _kind(c: float) -> int:
     return 0 if c == 0.0 else 1 if c == 1.0 else 2 if c == -1.0 else 3
 
 
+def _cdiv(x: int, y: int) -> int:
+    return -(-x // y)
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=1024)
 def plan(batch: int, vocab: int, device: torch.device, block: int | None = None):
     """``(block, n_chunks, num_warps)``: ids per program, chunks per row, warps per program.
 
@@ -351,25 +371,25 @@ def plan(batch: int, vocab: int, device: torch.device, block: int | None = None)
     the choice; tests use tiny blocks to get many chunks and fix-ups.
     """
     if block is None:
-        cap = max(16, triton.next_power_of_2(vocab))
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
             target = 4 * _sm_count(index)
             block = 1024
             for b in (2048, 4096):
-                if batch * triton.cdiv(vocab, b) >= target:
+                if batch * _cdiv(vocab, b) >= target:
                     block = b
         else:
             block = 4096
-        block = min(block, cap)
+        block = min(block, max(16, _pow2(vocab)))
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
     num_warps = max(1, min(8, block // 256))
-    return block, triton.cdiv(vocab, block), num_warps
+    return block, _cdiv(vocab, block), num_warps
 
 
 def _per_row(x: torch.Tensor, name: str, batch: int, dtype, device):
-    x = x.to(device=device, dtype=dtype)
+    if x.dtype != dtype or x.device != device:
+        x = x.to(device=device, dtype=dtype)
     if x.numel() == 1:
         return x.reshape(1), 0
     if x.dim() != 1 or x.shape[0] != batch:
@@ -413,10 +433,9 @@ def launch(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed=None, step=None, *,
     else:
         sd, sd_s, st = lr, 0, lr  # never read: NOISE is off
     blk, n_chunks, num_warps = plan(batch, vocab, dev, block)
-    nch = min(triton.next_power_of_2(n_chunks), _MAX_NCH)
-    ws = torch.empty((4, batch * n_chunks), dtype=torch.int32, device=dev)
-    fws = ws.view(torch.float32)
-    cmax, bs, bm, bid = fws[0], fws[1], fws[2], ws[3]
+    nch = min(_pow2(n_chunks), _MAX_NCH)
+    n_total = batch * n_chunks
+    ws = torch.empty((4 * n_total,), dtype=torch.float32, device=dev)
     kinds = [_kind(c) for c in (ma, mr, sa, sr)]
     # one pass when the score reads no stream that the mask does not
     one_pass = (kinds[2] == 0 or kinds[0] != 0) and (kinds[3] == 0 or kinds[1] != 0)
@@ -425,13 +444,13 @@ def launch(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed=None, step=None, *,
                  PRECISE_LOG=not interp, WIDE=wide, ONE_PASS=one_pass)
     args = (a, a.stride(0), a.stride(1), r, r.stride(0), r.stride(1), vocab,
             float(ma), float(mr), float(sa), float(sr), lr, lr_s, fl, fl_s, sd, sd_s, st,
-            cmax, bs, bid, bm, n_chunks)
+            ws, n_total, n_chunks)
     opts = dict(_compile_options(interp))
     grid = (batch, n_chunks)
     _select_chunk_kernel[grid](*args, BLOCK=blk, NCH=nch, num_warps=num_warps, **flags, **opts)
     _select_fixup_kernel[grid](*args, BLOCK=blk, NCH=nch, num_warps=num_warps, **flags, **opts)
-    _select_combine_kernel[(batch,)](cmax, bs, bid, bm, n_chunks, lr, lr_s, fl, fl_s, out,
-                                     NCH=nch, num_warps=4, **opts)
+    _select_combine_kernel[(batch,)](ws, n_total, n_chunks, lr, lr_s, fl, fl_s, out, NCH=nch,
+                                     num_warps=4, **opts)
     return out
 
 
