@@ -8,6 +8,8 @@ The backend-generic op tests live in ``test_ops.py``.
 """
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -318,6 +320,59 @@ def test_plan_and_argument_checks():
     assert tsel.select(a[:, :1], a[:, :1], 1, *AAD, lr, lr).tolist() == [0, 0]
 
 
+# Ahead-of-time compilation for NVIDIA GPUs, which needs Triton's compiler but no GPU: the
+# interpreter runs the kernels' Python, this checks that they also lower to PTX and cubin.
+AOT_SCRIPT = r"""
+import re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from aad_fast.kernels import select as S
+D = [["tt.divisibility", 16]]
+def sig(dt):
+    return {"a_ptr": "*" + dt, "sar": "i32", "sac": "constexpr", "r_ptr": "*" + dt, "srr": "i32",
+            "src": "constexpr", "vocab": "i32", "ma": "fp32", "mr": "fp32", "sa": "fp32",
+            "sr": "fp32", "lr_ptr": "*fp32", "lr_stride": "i32", "fl_ptr": "*fp32",
+            "fl_stride": "i32", "seed_ptr": "*i64", "seed_stride": "i32", "step_ptr": "*i64",
+            "ws_ptr": "*fp32", "n_total": "i32", "n_chunks": "i32"}
+opts = dict(S._compile_options(False))  # what the launcher passes
+for arch in (80, 90):
+    target = GPUTarget("cuda", arch, 32)
+    for dt, kinds, noise, blk in (("bf16", (1, 0, 1, 2), False, 1024),   # AAD
+                                  ("fp32", (3, 3, 3, 3), False, 4096),   # Mix greedy
+                                  ("bf16", (3, 3, 3, 3), True, 1024)):   # Mix sampled
+        c = dict(zip(("KMA", "KMR", "KSA", "KSR"), kinds), BLOCK=blk, NCH=64, NOISE=noise,
+                 PRECISE_LOG=True, WIDE=False, ONE_PASS=kinds[1] != 0, sac=1, src=1)
+        for kern in (S._select_chunk_kernel, S._select_fixup_kernel):
+            k = triton.compile(ASTSource(kern, sig(dt), c, attrs={(0,): D, (1,): D, (3,): D,
+                                                                  (4,): D}),
+                               target=target, options=dict(opts, num_warps=blk // 256))
+            ptx = k.asm["ptx"]
+            assert re.search(r"ld\.global[^;]*\.v4", ptx), "no 16-byte loads"
+            if not noise:  # libdevice logf brings its own fma; ours must not be contracted
+                assert not re.search(r"\bfma\.", ptx), "FMA contraction"
+            print(arch, dt, kern.__name__, "ok")
+    csig = {"ws_ptr": "*fp32", "n_total": "i32", "n_chunks": "i32", "lr_ptr": "*fp32",
+            "lr_stride": "i32", "fl_ptr": "*fp32", "fl_stride": "i32", "out_ptr": "*i64"}
+    triton.compile(ASTSource(S._select_combine_kernel, csig, {"NCH": 64}), target=target,
+                   options=dict(opts, num_warps=4))
+    print(arch, "combine ok")
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_nvidia_gpus():
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("Triton has no NVIDIA backend here")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert res.stdout.count("ok") == 14, res.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU tests: compiled Triton and the CUDA extension on CUDA tensors.
 
@@ -397,6 +452,14 @@ def test_gpu_specials_strides_and_forced_fixups():
         assert torch.equal(fn(a, r, 50257, *AAD, lr, fl, None, None), want), name
     for block in (1024, 2048, 4096):
         assert torch.equal(tsel.launch(a, r, 50257, *AAD, lr, fl, block=block), want)
+    from aad_fast import backends
+    ext = backends.load_cuda()
+    if ext is not None:  # the binding's checks name the argument
+        with pytest.raises(RuntimeError, match="a must be float32, float16 or bfloat16"):
+            ext.select(a.double(), r, 50257, *AAD, lr, fl, None, None)
+        with pytest.raises(RuntimeError, match="seed and step"):
+            ext.select(a, r, 50257, *AAD, lr, fl, torch.zeros(3, dtype=torch.int64,
+                                                                device="cuda"), None)
 
 
 @gpu
