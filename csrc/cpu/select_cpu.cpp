@@ -7,8 +7,8 @@
 //   kBlock ids the max of the mask value m (NaN counts as -inf), and the max of each chunk.
 // Per row: M = max over chunks, t = max(floor, M + log_rel), exactly as the reference.
 // Pass 2: in each chunk, only the blocks whose max reaches t (all blocks when t = -inf): the best
-//   (score, id) among candidates m >= t, m > -inf, NaN scores counted as -inf. kBlock lanes each
-//   keep their first best; lanes, then chunks, are merged by higher score, then lower id; a
+//   (score, id) among candidates m >= t, m > -inf, NaN scores counted as -inf. 16 vector lanes
+//   each keep their first best; lanes, then chunks, are merged by higher score, then lower id; a
 //   candidate scoring -inf still beats "no candidate".
 //
 // Every candidate is tested against the exact global t, so no chunk needs a second look (a local
@@ -134,7 +134,8 @@ inline uint32_t row_key(int64_t seed, int64_t step) {
   return mix32(mix32(static_cast<uint32_t>(seed)) ^ static_cast<uint32_t>(step));
 }
 
-// u in (0, 1] for id v, rounded as the reference rounds it in float32.
+// u in (0, 1] for id v, rounded as the reference rounds it in float32 (to exactly 1, so g = +inf,
+// when h >> 8 == 2**24 - 1; see test_sampling_never_draws_a_negligible_token).
 inline float uniform(uint32_t key, int64_t v) {
   const uint32_t h = mix32(key ^ (static_cast<uint32_t>(v) * kGolden));
   return (static_cast<float>(static_cast<int32_t>(h >> 8)) + 0.5f) * 0x1p-24f;
