@@ -61,6 +61,9 @@ METHODS = {
     "aad_lora": ("engine AAD, LoRA pair (r=64 q/k/v)", "lora"),
     "beam4_lora": ("engine BeamAAD(4), LoRA pair", "lora"),
 }
+# A baseline and the engine method that must choose the same tokens in exact arithmetic (with
+# random weights near-ties can flip under different kernels, e.g. in bf16).
+SAME_TOKENS = {"hf_generate": "greedy", "hf_naive_aad": "aad_two"}
 TTFT_METHODS = ("hf_generate", "hf_naive_aad", "greedy", "aad_two", "aad_lora")
 PRINCIPLE_IDS = tuple(range(3, 19))  # OPAD's principle: 16 token ids before each prompt
 ENGINE_RULES = {  # method: (rule, models: "one" | "two" | "lora")
@@ -380,21 +383,44 @@ def meta_param_count(config) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Decode methods: each run takes prompt ids [B, P] and a number of new tokens and returns
-# (time to first token in ms, decode ms per token after the first or None when n == 1).
+# (time to first token in ms, decode ms per token after the first or None when n == 1, the
+# chosen ids per row).
+
+
+class _FirstTokenClock:
+    """A ``generate(streamer=...)`` that notes when the first new token reaches the host.
+    Hugging Face passes the prompt first, then each step's tokens (as ``.cpu()`` copies, so the
+    device has finished that step: no extra synchronisation)."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
 
 
 def hf_generate(model, ids, n, device, cache: str):
-    """Hugging Face ``generate()`` greedy; ms/token = (t(n) - t(1)) / (n - 1)."""
+    """Hugging Face ``generate()`` greedy. Time to first token: from the call until the first
+    new token reaches the streamer; ms/token: the rest of the call over the ``n - 1`` steps."""
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
     if cache == "static":
         kw["cache_implementation"] = "static"
-    out, t_n = wall_ms(lambda: model.generate(ids, max_new_tokens=n, **kw), device)
+    clock = _FirstTokenClock()
+    sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=n, streamer=clock, **kw)
+    sync(device)
+    t_end = time.perf_counter()
     if out.shape[1] != ids.shape[1] + n:
         raise RuntimeError(f"HF generate() made {out.shape[1] - ids.shape[1]} tokens, not {n}")
-    if n == 1:
-        return t_n, None
-    _, t_1 = wall_ms(lambda: model.generate(ids, max_new_tokens=1, **kw), device)
-    return t_1, (t_n - t_1) / (n - 1)
+    ttft = ((clock.first or t_end) - t0) * 1e3
+    per_token = (t_end - clock.first) * 1e3 / (n - 1) if n > 1 else None
+    return ttft, per_token, out[:, ids.shape[1]:].tolist()
 
 
 def naive_hf_aad(model_a, model_r, ids, n, device, alpha: float = 0.1):
@@ -408,6 +434,7 @@ def naive_hf_aad(model_a, model_r, ids, n, device, alpha: float = 0.1):
         out_r = model_r(input_ids=ids, use_cache=True)
         y = eager_aad(out_a.logits[:, -1], out_r.logits[:, -1], alpha)
         done = torch.isin(y, stop)
+        chosen = [y]
         sync(device)
         t1 = time.perf_counter()
         for _ in range(n - 1):
@@ -418,28 +445,32 @@ def naive_hf_aad(model_a, model_r, ids, n, device, alpha: float = 0.1):
             out_r = model_r(input_ids=step, past_key_values=out_r.past_key_values, use_cache=True)
             y = eager_aad(out_a.logits[:, -1], out_r.logits[:, -1], alpha)
             done |= torch.isin(y, stop)
+            chosen.append(y)
         sync(device)
         t2 = time.perf_counter()
-    return (t1 - t0) * 1e3, ((t2 - t1) * 1e3 / (n - 1) if n > 1 else None)
+    tokens = torch.stack(chosen, 1).tolist()
+    return (t1 - t0) * 1e3, ((t2 - t1) * 1e3 / (n - 1) if n > 1 else None), tokens
 
 
 def engine_run(dec, rule, ids, n, device, info: dict):
     """This engine: ``Decoder.generate``. Time to first token is the wall time of a one-token
     ``generate`` (as a user sees it, like the baselines); ms/token comes from its stats (decode
-    steps only), except for BeamAAD, which has none: (t(n) - t(1)) / (n - 1) of wall times."""
+    steps only), except for BeamAAD, which has none: (t(n) - t(1)) / (n - 1) of wall times
+    (noisy when ``n`` is small)."""
     gen = lambda m: dec.generate(input_ids=ids, rule=rule, max_new_tokens=m, stop=[])
     if n == 1:
-        return wall_ms(lambda: gen(1), device)[1], None
+        out, ms = wall_ms(lambda: gen(1), device)
+        return ms, None, out.tokens
     if isinstance(rule, BeamAAD):
-        _, t_n = wall_ms(lambda: gen(n), device)
+        out, t_n = wall_ms(lambda: gen(n), device)
         _, t_1 = wall_ms(lambda: gen(1), device)
-        return t_1, (t_n - t_1) / (n - 1)
+        return t_1, (t_n - t_1) / (n - 1), out.tokens
     out = gen(n)
     if any(len(t) != n for t in out.tokens):
         raise RuntimeError(f"the engine made {[len(t) for t in out.tokens]} tokens, not {n}")
     info.update(backend=out.stats.get("backend"), cuda_graphs=out.stats.get("cuda_graphs"),
                 pair=out.stats.get("pair"))
-    return out.stats["prefill_ms"], out.stats["ms_per_token"]
+    return out.stats["prefill_ms"], out.stats["ms_per_token"], out.tokens
 
 
 class Decoders:
@@ -468,7 +499,7 @@ class Decoders:
 
 
 def method_runner(name, models: dict, decoders: Decoders, device, info: dict):
-    """``run(ids, n) -> (ttft_ms, ms_per_token)`` for method ``name``."""
+    """``run(ids, n) -> (ttft_ms, ms_per_token, tokens)`` for method ``name``."""
     if name == "hf_generate":
         return lambda ids, n: hf_generate(models["a"], ids, n, device, models["hf_cache"])
     if name == "hf_naive_aad":
@@ -508,6 +539,7 @@ def interleaved(names, models, ids, n, args, device, skipped, what, index, repea
             with PeakMemory(device) as mem:  # the warm-up run: graph capture, HF compile
                 ok = guarded(f"{what} {m}", skipped, device, lambda: fn(ids, n))
             if ok is not None:
+                info["tokens"] = ok[2]
                 live[m] = (fn, info, mem.extra, [])
         for rnd in range(repeats or args.repeats):
             order = list(live)
@@ -526,6 +558,7 @@ def measure_decode(names, models, ids, args, device, copy_bw, skipped) -> list:
     rows = []
     results = interleaved(names, models, ids, n, args, device, skipped,
                           f"{models['name']} batch {b}", 1)
+    tokens = {m: info.pop("tokens") for m, (info, _, _) in results.items()}
     for name, (info, extra, runs) in results.items():
         ms = statistics.median(runs)
         weights, step_bytes = weights_and_floor(name, models, b, p + n // 2,
@@ -537,6 +570,9 @@ def measure_decode(names, models, ids, args, device, copy_bw, skipped) -> list:
                    tokens_per_s=b * 1e3 / ms,
                    peak_mem_bytes=weights + extra, weights_bytes=weights, step_bytes=step_bytes,
                    floor_ms=floor_ms, floor_fraction=floor_ms / ms)
+        ref = SAME_TOKENS.get(name)
+        if ref in tokens:  # the baseline computes what the engine computes (informational)
+            row[f"same_tokens_as_{ref}"] = tokens[name] == tokens[ref]
         if name == "hf_generate":
             row["hf_cache"] = models["hf_cache"]
             row["hf_compiled"] = hasattr(models["a"], "_compiled_call")  # HF's auto-compile
@@ -717,6 +753,12 @@ def markdown(result: dict) -> str:
                          f"| {fmt(r['ms_per_token_min'])} | {fmt(r['tokens_per_s'], '.1f')} "
                          f"| {fmt(r.get('x_greedy'))} | {r['peak_mem_bytes'] / GIB:.2f} "
                          f"| {r['floor_fraction']:.0%} |")
+        checks = [f"{r['model']} batch {r['batch']}: {r['label']} = {METHODS[ref][0]}: "
+                  f"{'yes' if r[f'same_tokens_as_{ref}'] else 'no'}"
+                  for r in result["decode"] for ref in [SAME_TOKENS.get(r["method"])]
+                  if f"same_tokens_as_{ref}" in r]
+        if checks:
+            lines += ["", "Same tokens as the engine: " + "; ".join(checks) + "."]
     if result["ttft"]:
         lens = sorted({r["prompt_len"] for r in result["ttft"]})
         lines += ["", "Time to first token, batch 1 (ms):", "",
@@ -775,6 +817,8 @@ def plot(result: dict, path: Path) -> None:
             ax.bar_label(bars, labels=labels, fontsize=6, rotation=90, padding=2)
         ax.axhline(1.0, color="k", lw=1, ls="--")
         ax.axhline(2.0, color="r", lw=1, ls=":")
+        top = max((r["x_greedy"] for r in decode if r["batch"] == b), default=2.0)
+        ax.set_ylim(0, max(2.3, top * 1.2))
         ax.set_xticks(range(len(models)), models, rotation=20)
         ax.set_ylabel("ms/token / engine greedy ms/token (bar labels: ms/token)")
         ax.set_title(f"decode, batch {b}")
@@ -964,7 +1008,8 @@ def run(args) -> int:
         "backends": available_backends(device),
         "kernels": [], "decode": [], "ttft": [], "skipped": [], "targets": [],
         "notes": ["ms/token: decode time after the first token / (new tokens - 1); engine times "
-                  "from Generation.stats, HF generate() and BeamAAD as (t(n) - t(1)) / (n - 1)",
+                  "from Generation.stats, HF generate() from a streamer's first-token time, "
+                  "BeamAAD as (t(n) - t(1)) / (n - 1) of wall times",
                   "peak_mem_bytes: weights the method uses + its peak above the memory held "
                   "before it started (CUDA max_memory_allocated; CPU RSS sampled every 5 ms "
                   "during the warm-up run)",

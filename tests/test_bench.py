@@ -2,6 +2,7 @@
 every field a reader needs, a markdown table and a plot. No timing is asserted."""
 import argparse
 import json
+import math
 
 import pytest
 
@@ -38,22 +39,28 @@ def test_quick_bench_writes_json_table_and_plot(tmp_path):
     assert {f"aad_select[{b}]" for b in res["backends"]} <= impls
     for r in res["kernels"]:
         assert r["same_ids_as_eager"], r
-        assert r["median_ms"] > 0 and r["gb_per_s"] > 0 and r["fraction_of_copy_bw"] > 0
+        assert r["median_ms"] > 0 and math.isfinite(r["fraction_of_copy_bw"])
 
     methods = {r["method"] for r in res["decode"]}
     assert methods == set(bench.METHODS)
     for r in res["decode"]:
         assert r["model"] == "tiny" and r["batch"] == 1 and r["new_tokens"] == 4
-        assert r["ms_per_token"] > 0 and r["tokens_per_s"] > 0
-        assert r["x_greedy"] > 0 and r["peak_mem_bytes"] >= r["weights_bytes"] > 0
-        assert 0 < r["floor_fraction"]
+        # values only (no timing assertions; BeamAAD's (t(n) - t(1)) / (n - 1) is noisy at n = 4)
+        for key in ("ms_per_token", "tokens_per_s", "x_greedy", "floor_fraction"):
+            assert math.isfinite(r[key]), (key, r)
+        assert len(r["ms_per_token_runs"]) == 1
+        assert r["peak_mem_bytes"] >= r["weights_bytes"] > 0
     greedy = next(r for r in res["decode"] if r["method"] == "greedy")
     assert greedy["x_greedy"] == 1.0 and greedy["pair"] == "single:a"
     assert next(r for r in res["decode"] if r["method"] == "aad_lora")["pair"] == "lora"
     assert next(r for r in res["decode"] if r["method"] == "aad_two")["pair"] == "two"
+    # fp32 on CPU: the baselines choose exactly the engine's tokens
+    assert next(r for r in res["decode"] if r["method"] == "hf_generate")["same_tokens_as_greedy"]
+    assert next(r for r in res["decode"]
+                if r["method"] == "hf_naive_aad")["same_tokens_as_aad_two"]
     assert {(r["method"], r["prompt_len"]) for r in res["ttft"]} == {
         (m, 8) for m in bench.TTFT_METHODS}
-    assert all(r["ttft_ms"] > 0 for r in res["ttft"])
+    assert all(math.isfinite(r["ttft_ms"]) for r in res["ttft"])
 
     assert path.with_suffix(".png").stat().st_size > 0
     assert "| model | batch | method |" in path.with_suffix(".md").read_text()
