@@ -22,7 +22,7 @@ Mix sampled at T:     ma = sa = w_a/T, mr = sr = w_r/T; log_rel = ln(min_p) (or 
                       floor from top-k/top-p (see ``mix_floor``); noise on.
 
 Noise is counter-based so that it is identical on every backend and across CUDA-graph
-replays: ``g_v = -log(-log(u))``, ``u = ((h >> 8) + 0.5) / 2**24`` with
+replays: ``g_v = -log(-log(u))``, ``u = ((h >> 9) + 0.5) / 2**23`` with
 ``h = mix32(mix32(mix32(seed mod 2**32) ^ (step mod 2**32)) ^ ((v * 0x9E3779B9) mod 2**32))``
 and ``mix32`` the "lowbias32" integer hash. ``seed`` is per row, ``step`` a scalar counter.
 """
@@ -53,7 +53,8 @@ def gumbel_noise(seed: Tensor, step: Tensor, vocab: int) -> Tensor:
     key = mix32(mix32(seed) ^ step)  # [B]
     v = torch.arange(vocab, device=seed.device, dtype=torch.int64)
     h = mix32(key[:, None] ^ ((v * GOLDEN) & MASK32)[None, :])
-    u = ((h >> 8).to(torch.float32) + 0.5) * (2.0**-24)
+    # (h >> 9) + 0.5 has 24 significant bits: exact in float32, so 0 < u < 1 always
+    u = ((h >> 9).to(torch.float32) + 0.5) * (2.0**-23)
     return -torch.log(-torch.log(u))
 
 

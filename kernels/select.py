@@ -60,10 +60,10 @@ def _row_key(seed_ptr, seed_stride, step_ptr, row):
 
 @triton.jit
 def _gumbel(key, cols, PRECISE_LOG: tl.constexpr):
-    """``-log(-log(u))``, ``u = ((h >> 8) + 0.5) * 2**-24``, ``h = mix32(key ^ (v * GOLDEN))``."""
+    """``-log(-log(u))``, ``u = ((h >> 9) + 0.5) * 2**-23``, ``h = mix32(key ^ (v * GOLDEN))``."""
     v = cols.to(tl.uint32)
     h = _mix32(key ^ (v * tl.full(v.shape, 0x9E3779B9, tl.uint32)))
-    u = ((h >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    u = ((h >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
     if PRECISE_LOG:
         g = -libdevice.log(-libdevice.log(u))
     else:

@@ -134,11 +134,11 @@ inline uint32_t row_key(int64_t seed, int64_t step) {
   return mix32(mix32(static_cast<uint32_t>(seed)) ^ static_cast<uint32_t>(step));
 }
 
-// u in (0, 1] for id v, rounded as the reference rounds it in float32 (to exactly 1, so g = +inf,
-// when h >> 8 == 2**24 - 1; see test_sampling_never_draws_a_negligible_token).
+// u in (0, 1) for id v, exact in float32 as in the reference: (h >> 9) + 0.5 has 24 significant
+// bits, so u never rounds to 1 (which would give g = +inf).
 inline float uniform(uint32_t key, int64_t v) {
   const uint32_t h = mix32(key ^ (static_cast<uint32_t>(v) * kGolden));
-  return (static_cast<float>(static_cast<int32_t>(h >> 8)) + 0.5f) * 0x1p-24f;
+  return (static_cast<float>(static_cast<int32_t>(h >> 9)) + 0.5f) * 0x1p-23f;
 }
 
 // u -> -log(-log(u)) in place, with ATen's own float32 log: the noise is then bitwise the

@@ -90,7 +90,7 @@ __device__ __forceinline__ uint32_t row_noise_key(const Params& p, int64_t row) 
 
 __device__ __forceinline__ float gumbel(uint32_t key, uint32_t id) {
   const uint32_t h = mix32(key ^ (id * kGolden));
-  const float u = __fmul_rn(__fadd_rn(static_cast<float>(h >> 8), 0.5f), 5.9604644775390625e-08f);
+  const float u = __fmul_rn(__fadd_rn(static_cast<float>(h >> 9), 0.5f), 1.1920928955078125e-07f);
   return -logf(-logf(u));
 }
 
