@@ -725,10 +725,12 @@ def evaluate_targets(device_type: str, decode: list, kernels: list) -> list:
         default = "cpp" if "cpp" in available_backends("cpu") else "torch"
         k = {(r["batch"], r["vocab"], r["impl"]): r for r in kernels}
         row = k.get((1, 128256, f"aad_select[{default}]"))
-        if row is not None:
+        eager = k.get((1, 128256, "eager"))
+        if row is not None and eager is not None:
             out.append({"target": f"eager PyTorch / default CPU aad_select ({default}) (speedup)",
                         "model": "kernel", "batch": 1, "vocab": 128256,
-                        "value": row["speedup_vs_eager"], "bound": ">= 10",
+                        "value": row["speedup_vs_eager"],
+                        "value_of_best_rounds": eager["min_ms"] / row["min_ms"], "bound": ">= 10",
                         "met": row["speedup_vs_eager"] >= 10})
     return out
 
