@@ -105,8 +105,12 @@ def aad_topk_ref(a: Tensor, r: Tensor, vocab: int, log_alpha: Tensor, k: int,
     """
     a = a[:, :vocab].float()
     r = r[:, :vocab].float()
+    # A NaN logit must not poison its row's normaliser: a NaN a_v is no candidate (as -inf); a
+    # NaN r_v is left out of lr's normaliser and its own score is NaN, i.e. ranks last (as select).
+    a = a.masked_fill(torch.isnan(a), -math.inf)
+    r_nan = torch.isnan(r)
     la = torch.log_softmax(a, dim=1)
-    lr = torch.log_softmax(r, dim=1)
+    lr = torch.log_softmax(r.masked_fill(r_nan, -math.inf), dim=1).masked_fill(r_nan, math.nan)
     ninf = a.new_full((), -math.inf)  # a fill kernel: capture-safe, unlike torch.tensor(x, device)
     big = torch.where(torch.isnan(a), ninf, a).amax(dim=1)
     lg = log_alpha.float().to(a.device)

@@ -814,3 +814,20 @@ def test_cpp_op_checks_its_arguments():
     meta = op(A2.to("meta"), R2.to("meta"), 10, 1.0, 0.0, 1.0, -1.0, lr.to("meta"),
               fl.to("meta"), None, None)
     assert meta.shape == (2,) and meta.dtype == torch.int64
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_beam_step_nan_logit_does_not_poison_its_row(backend):
+    """One NaN in a (or r) must leave the other tokens' scores as without it."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(2, 50, generator=g) * 3
+    r = torch.randn(2, 50, generator=g) * 3
+    clean = aad_beam_topk(a, r, 0.0, 3, backend=backend)  # alpha 0: every token a candidate
+    top = int(clean[1][0, 0])
+    a2, r2 = a.clone(), r.clone()
+    a2[0, 49 if top != 49 else 48] = float("nan")  # a non-winning token of row 0
+    r2[1, int(clean[1][1, 0])] = float("nan")      # row 1's winner: its score becomes NaN (last)
+    got = aad_beam_topk(a2, r2, 0.0, 3, backend=backend)
+    assert int(got[1][0, 0]) == top
+    assert int(got[1][1, 0]) == int(clean[1][1, 1])  # the runner-up moves up
+    assert torch.isfinite(got[0][1, 0])

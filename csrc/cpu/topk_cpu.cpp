@@ -76,10 +76,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aad_topk_
     int64_t k, std::optional<double> tau) {
   const int64_t B = a.size(0);
   // the reference's own tensors: a[:, :vocab].float() and its log_softmax
-  const at::Tensor af = a.narrow(1, 0, vocab).to(at::kFloat).contiguous();
+  // NaN a_v: no candidate (-inf); NaN r_v: out of lr's normaliser, its own score NaN (as the reference)
+  at::Tensor af = a.narrow(1, 0, vocab).to(at::kFloat).contiguous();
+  af = af.masked_fill(af.isnan(), -INFINITY);
   const at::Tensor rf = r.narrow(1, 0, vocab).to(at::kFloat).contiguous();
+  const at::Tensor r_nan = rf.isnan();
   const at::Tensor la = at::log_softmax(af, 1).contiguous();
-  const at::Tensor lr = at::log_softmax(rf, 1).contiguous();
+  const at::Tensor lr =
+      at::log_softmax(rf.masked_fill(r_nan, -INFINITY), 1).masked_fill(r_nan, NAN).contiguous();
   const at::Tensor lg = log_alpha.to(at::kFloat).contiguous().reshape({B});
   const auto opts = af.options();
   at::Tensor scores = at::full({B, k}, -kInf, opts);
