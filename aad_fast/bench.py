@@ -1026,6 +1026,7 @@ def run(args) -> int:
             result["notes"].append("triton under TRITON_INTERPRET is a test path; not timed")
     else:
         args.backends = available_backends(device)
+    result["backends"] = list(args.backends)  # the ones timed
     with torch.inference_mode():
         if not args.no_kernels:
             log(f"kernels: {args.backends} vs eager PyTorch at B={args.kernel_batches}, "
