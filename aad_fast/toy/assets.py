@@ -1,0 +1,58 @@
+"""The embedded default pair: a tiny SFT model, its DPO LoRA adapter, the tokenizer and a picker,
+trained by ``python -m aad_fast.toy.train`` on the toy task and shipped in
+``aad_fast/default_pair/``. Loading reads local files only (no hub, ``HF_HUB_OFFLINE``-safe).
+
+Layout of the directory::
+
+    sft/              LlamaForCausalLM (safetensors), generation config (stops: <eos>, <user>),
+                      tokenizer
+    dpo/              PEFT LoRA adapter on q_proj/k_proj/v_proj; base recorded as "../sft"
+    tokenizer/        the word-level tokenizer with its chat template
+    picker/           LlamaForSequenceClassification (num_labels=1) and its tokenizer
+    dpo_pairs.jsonl   the 10% of oracle-ranked pairs DPO and the picker were trained on
+    train_meta.json   training arguments, sizes, losses, versions, wall time
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+#: ``base_model_name_or_path`` written into the shipped adapters: the SFT model's directory
+#: relative to the adapter's own directory. Load the base explicitly; never resolve it on a hub.
+ADAPTER_BASE_MARKER = "../sft"
+
+
+def default_pair_dir() -> Path:
+    """Directory of the shipped pair inside the installed package."""
+    return Path(__file__).resolve().parent.parent / "default_pair"
+
+
+def load_default_pair(device="cpu", *, root: str | Path | None = None, adapter: str = "dpo"):
+    """Load the shipped pair (or a pair trained into ``root``) in float32, in eval mode.
+
+    Args:
+        device: where to put the models.
+        root: a directory written by ``aad_fast.toy.train`` (default ``default_pair_dir()``).
+        adapter: the adapter's directory name inside ``root`` (``dpo``, or e.g. ``dpo_iter1``).
+    Returns:
+        ``(sft_model, dpo_model, tokenizer, picker_model, picker_tokenizer)``: ``sft_model`` a
+        ``LlamaForCausalLM``; ``dpo_model`` a ``peft.PeftModel`` over its *own* copy of the SFT
+        weights (PEFT injects LoRA layers into the model it wraps, so the two never share
+        modules); ``picker_model`` a ``LlamaForSequenceClassification`` with one output.
+    """
+    from peft import PeftModel
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoTokenizer)
+
+    root = Path(root) if root is not None else default_pair_dir()
+    if not (root / "sft" / "config.json").is_file():
+        raise FileNotFoundError(f"no trained pair in {root} (expected {root / 'sft'}/config.json)")
+    kw = {"local_files_only": True}
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer", **kw)
+    sft = AutoModelForCausalLM.from_pretrained(root / "sft", dtype="float32", **kw)
+    base = AutoModelForCausalLM.from_pretrained(root / "sft", dtype="float32", **kw)
+    dpo = PeftModel.from_pretrained(base, root / adapter, is_trainable=False, **kw)
+    picker = AutoModelForSequenceClassification.from_pretrained(root / "picker", dtype="float32",
+                                                                **kw)
+    picker_tok = AutoTokenizer.from_pretrained(root / "picker", **kw)
+    return (sft.to(device).eval(), dpo.to(device).eval(), tok, picker.to(device).eval(),
+            picker_tok)
