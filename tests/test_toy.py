@@ -155,3 +155,28 @@ def test_shipped_adapter_is_lora_on_attention_over_relative_base():
     cfg = json.loads((default_pair_dir() / "dpo" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == ADAPTER_BASE_MARKER
     assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj"}
+
+
+@pytest.mark.slow
+def test_train_script_smoke(tmp_path):
+    """The whole recipe at toy scale (one layer, a few steps), then one iterative round."""
+    pytest.importorskip("trl")
+    from aad_fast.toy import train
+    from aad_fast.toy.assets import load_default_pair
+
+    out = tmp_path / "pair"
+    threads = torch.get_num_threads()
+    try:
+        train.main(["--out", str(out), "--threads", "1", "--hidden", "32", "--layers", "1",
+                    "--heads", "2", "--kv-heads", "2", "--demos", "1", "--sft-epochs", "1",
+                    "--pair-groups", "1", "--dpo-epochs", "0.1", "--picker-epochs", "0.1"])
+        train.main(["--out", str(out), "--threads", "1", "--pairs",
+                    str(out / "dpo_pairs.jsonl"), "--init", "dpo", "--dpo-epochs", "0.1"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [json.loads(line) for line in (out / "dpo_pairs.jsonl").read_text().splitlines()]
+    assert rows and all(r["chosen_reward"] > r["rejected_reward"] for r in rows)
+    sft, dpo, tok, picker, _ = load_default_pair(root=out, adapter="dpo_iter1")
+    assert sft.config.num_hidden_layers == 1 and not (out / "dpo" / "_trainer").exists()
+    meta = json.loads((out / "train_meta.json").read_text())
+    assert meta["pairs"]["used"] == len(rows) and len(meta["iterative_runs"]) == 1

@@ -233,12 +233,14 @@ def train_picker(args, tok, rows, sft_dir: Path, picker_dir: Path):
 
 
 def _cleanup(path: Path):
+    """Remove a trainer's scratch directory (nothing in it is shipped)."""
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
 
 
 def run_full(args, out: Path, meta: dict):
+    """SFT, oracle-ranked pairs, DPO adapter and picker into ``out``; fills ``meta``."""
     from transformers import GenerationConfig, LlamaForCausalLM
 
     rng = random.Random(args.seed)
@@ -295,6 +297,7 @@ def run_full(args, out: Path, meta: dict):
 
 
 def run_iterative(args, out: Path, meta: dict):
+    """One round of iterative DPO from ``args.pairs`` into ``out/args.name``; fills ``meta``."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out / "sft")
