@@ -354,7 +354,7 @@ class Decoder:
         b = len(rows.a)
         self._check_lengths(rows, max_new, b)
         n = self._bucket(b)
-        streams = rule.streams if self.kind != "one" or rule.streams != "ar" else "ar"
+        streams = rule.streams
         longest = max(len(r) for r in rows.a + rows.r)
         pair = self._pair(n, streams, longest + max_new)
         ent = self._entry(pair, n, rule)

@@ -35,11 +35,6 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def default_dtype(device) -> torch.dtype | None:
-    """``None`` keeps the checkpoint's dtype; on GPU fp32 checkpoints load as bf16."""
-    return None
-
-
 def load_causal_lm(path, arg: str, dtype=None, device=None):
     from transformers import AutoModelForCausalLM
     p = _check_dir(path, arg)

@@ -8,6 +8,17 @@ from dataclasses import dataclass, field
 from .ops import _check_real
 
 
+def _check_ids(obj, name: str) -> None:
+    """Validate and freeze an optional id-list field of a frozen rule (``None`` stays)."""
+    value = getattr(obj, name)
+    if value is None:
+        return
+    ids = tuple(value)
+    if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise ValueError(f"{name} must be a non-empty list of token ids, got {value!r}")
+    object.__setattr__(obj, name, ids)
+
+
 def _check_int(name, value, lo):
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
@@ -117,12 +128,7 @@ class CFGMix(Mix):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.negative_ids is not None:
-            ids = tuple(self.negative_ids)
-            if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
-                raise ValueError(f"negative_ids must be a non-empty list of token ids, "
-                                 f"got {self.negative_ids!r}")
-            object.__setattr__(self, "negative_ids", ids)
+        _check_ids(self, "negative_ids")
 
 
 def CFG(g: float, negative_prompt: str | None = None, negative_ids=None, **sampling) -> CFGMix:
@@ -165,12 +171,7 @@ class OPAD(Rule):
         _check_real("k", self.k, 0.0)
         if self.principle is None and self.principle_ids is None:
             raise ValueError("OPAD needs a principle: give principle='...' or principle_ids=[...]")
-        if self.principle_ids is not None:
-            ids = tuple(self.principle_ids)
-            if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
-                raise ValueError(f"principle_ids must be a non-empty list of token ids, "
-                                 f"got {self.principle_ids!r}")
-            object.__setattr__(self, "principle_ids", ids)
+        _check_ids(self, "principle_ids")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from .ops import aad_beam_topk, alpha_to_log  # noqa: F401  (alpha_to_log: validated ln alpha)
+from .ops import aad_beam_topk
 from .rules import BeamAAD, BestOfN, Mix
 
 
