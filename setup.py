@@ -80,7 +80,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["aad_fast", "aad_fast.toy", "aad_fast.kernels"],
+    packages=["aad_fast", "aad_fast.bench", "aad_fast.toy", "aad_fast.kernels"],
     package_dir={"aad_fast": "aad_fast", "aad_fast.kernels": "kernels"},
     package_data={"aad_fast": ["default_pair/*", "default_pair/*/*"]},
     include_package_data=False,

@@ -42,9 +42,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, available_backends
-from .ops import aad_select, select_core
-from .rules import AAD, EFT, OPAD, BeamAAD, Contrastive, Greedy
+from .. import __version__, available_backends
+from ..ops import aad_select, select_core
+from ..rules import AAD, EFT, OPAD, BeamAAD, Contrastive, Greedy
 
 REAL_SHAPES = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen3-0.6b", "qwen3-4b",
                "olmo-2-7b")
@@ -231,7 +231,7 @@ def device_name(device) -> str:
 
 
 def git_info():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                               text=True, timeout=10)
@@ -307,7 +307,7 @@ def bench_kernels(device, dtype, batches, vocabs, copy_bw, quick, backend_names)
 
 
 def default_config_dir() -> Path:
-    here = Path(__file__).resolve().parents[1] / "bench" / "configs"
+    here = Path(__file__).resolve().parents[2] / "bench" / "configs"
     return here if here.is_dir() else Path.cwd() / "bench" / "configs"
 
 
@@ -484,7 +484,7 @@ class Decoders:
 
     def get(self, kind: str):
         if kind not in self.open:
-            from .generation import Decoder
+            from ..generation import Decoder
             m = self.models
             pair = {"one": (m["a"], None), "two": (m["a"], m["r"]), "lora": (m["lora"], None)}[kind]
             self.open[kind] = Decoder(*pair, max_batch_size=self.max_batch,
