@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .cpu_linear import FewRowLinears
+
 
 class StaticKVCache:
     """Duck-typed stand-in for a transformers ``Cache``: the model calls ``update`` per layer.
@@ -68,11 +70,13 @@ class Runner:
         self.slot = torch.zeros((1,), dtype=torch.int64, device=dev)
         self.mask = torch.full((n_rows, 1, 1, max_len), self.neg, dtype=self.dtype, device=dev)
         self.prompt_len = 0
+        self.linears = FewRowLinears(model)
 
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, logits_to_keep: int = 1) -> Tensor:
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=logits_to_keep)
+        with self.linears:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                             past_key_values=self.cache, use_cache=True,
+                             logits_to_keep=logits_to_keep)
         return out.logits[:, -1, :]
 
     def prefill(self, ids: Tensor, real: Tensor) -> Tensor:

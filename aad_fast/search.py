@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import torch
 
+from . import backends
 from .ops import aad_beam_topk
 from .rules import BeamAAD, BestOfN, Mix
 
@@ -39,9 +41,16 @@ def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
     score[:, 1:] = -math.inf                               # at the start only beam 0 is live
     ended = [[] for _ in range(b)]                         # (normalised, sum, tokens)
     finished = [False] * b
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    steps = 0
     with torch.inference_mode():
         la, lr = pair.prefill(ids, real, ids, real)
+        sync()
+        t1 = time.perf_counter()
         for t in range(max_new):
+            steps = t + 1
             s, cand, *_ = aad_beam_topk(la[:n], lr[:n], rule.alpha, n_cand, tau=rule.tau,
                                         vocab_size=dec.vocab)
             s, cand = s.double().cpu().view(b, k, n_cand), cand.cpu().view(b, k, n_cand)
@@ -90,6 +99,8 @@ def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
                 break
             pair.reorder(src.to(dev))
             la, lr = pair.step(nxt.to(dev))
+    sync()
+    decode_s = time.perf_counter() - t1
     tokens, reasons, scores = [], [], []
     for p in range(b):
         if ended[p]:
@@ -103,8 +114,15 @@ def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
             reasons.append("length")
             scores.append(score[p, j].item())
     text = dec.tokenizer.batch_decode(tokens, skip_special_tokens=True) if dec.tokenizer else None
+    stats = {"prefill_ms": (t1 - t0) * 1e3, "steps": steps,
+             # every step after the first is one forward of all b*k beams plus the bookkeeping
+             "ms_per_token": decode_s * 1e3 / max(steps - 1, 1),
+             "tokens_per_s": b * (steps - 1) / decode_s if steps > 1 and decode_s > 0 else float("nan"),
+             "backend": "cpp" if backends.pick_backend(dev, None) == "cpp" else "torch",
+             "cuda_graphs": False, "pair": dec.kind, "batch": b, "num_beams": k,
+             "device": str(dev)}
     return Generation(tokens=tokens, text=text, finish_reason=reasons, scores=scores,
-                      stats={"pair": dec.kind, "batch": b, "num_beams": k, "device": str(dev)})
+                      stats=stats)
 
 
 def load_picker(picker, device):

@@ -149,6 +149,9 @@ def test_beam_aad_matches_brute_force(models, k, alpha, tau, lp):
     want = [brute_beam(models, p, k, alpha, tau, 6, lp) for p in PROMPTS]
     assert got.tokens == want
     assert len(got.scores) == len(PROMPTS)
+    st = got.stats
+    assert st["num_beams"] == k and st["batch"] == len(PROMPTS) and 1 <= st["steps"] <= 6
+    assert st["prefill_ms"] > 0 and st["ms_per_token"] > 0
 
 
 def test_beam_of_one_is_aad(dec):
