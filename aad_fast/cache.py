@@ -10,6 +10,8 @@ Llama, Qwen2/3, Mistral, OLMo2 and other standard decoder-only models.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -54,9 +56,12 @@ class StaticKVCache:
 
 
 class Runner:
-    """One causal LM over ``n_rows`` rows with static buffers (see module docstring)."""
+    """One causal LM over ``n_rows`` rows with static buffers (see module docstring).
 
-    def __init__(self, model, n_rows: int, max_len: int):
+    ``scope``: a context manager entered around every forward (a LoRA adapter on some rows,
+    ``pairs.RowLoRA.rows``); on CPU the few-row linear path (``cpu_linear``) is entered too."""
+
+    def __init__(self, model, n_rows: int, max_len: int, scope=None):
         self.model = model
         self.n_rows = n_rows
         self.max_len = max_len
@@ -71,9 +76,10 @@ class Runner:
         self.mask = torch.full((n_rows, 1, 1, max_len), self.neg, dtype=self.dtype, device=dev)
         self.prompt_len = 0
         self.linears = FewRowLinears(model)
+        self.scope = scope if scope is not None else contextlib.nullcontext()
 
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, logits_to_keep: int = 1) -> Tensor:
-        with self.linears:
+        with self.linears, self.scope:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                              past_key_values=self.cache, use_cache=True,
                              logits_to_keep=logits_to_keep)

@@ -23,18 +23,25 @@ from torch import Tensor, nn
 MAX_ROWS = 32
 
 
-def _few_row_forward(self: nn.Linear, x: Tensor) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``; for at most ``MAX_ROWS`` rows of fp32 on CPU computed as
+    ``(W @ X^T)^T`` (module docstring). ``x`` ``[..., K]``, ``weight`` ``[N, K]``."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if m > MAX_ROWS or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
-        return F.linear(x, self.weight, self.bias)
+    if (m > MAX_ROWS or not x.is_cpu or x.dtype != torch.float32
+            or weight.dtype != torch.float32):
+        return F.linear(x, weight, bias)
     if m == 1:
         x2 = x2.expand(2, k)
-    y = torch.mm(self.weight, x2.contiguous().t())[:, :m].t()
-    if self.bias is not None:
-        y = y + self.bias
+    y = torch.mm(weight, x2.contiguous().t())[:, :m].t()
+    if bias is not None:
+        y = y + bias
     return y.contiguous().view(*x.shape[:-1], y.shape[-1])
+
+
+def _few_row_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    return linear(x, self.weight, self.bias)
 
 
 class FewRowLinears:
@@ -49,7 +56,7 @@ class FewRowLinears:
 
     def __enter__(self):
         for m in self.linears:
-            m.forward = types.MethodType(_few_row_forward, m)
+            m.__dict__["forward"] = types.MethodType(_few_row_forward, m)
         return self
 
     def __exit__(self, *exc):

@@ -107,12 +107,9 @@ class Decoder:
         return v
 
     def close(self) -> None:
-        """Free caches and graphs; switch a given PeftModel's adapter back to normal use."""
+        """Free the caches and captured graphs (the models are never modified)."""
         self._slots.clear()
         self._entries.clear()
-        if self.lora is not None:
-            self.lora.close()
-            self.lora = None
 
     def __enter__(self):
         return self

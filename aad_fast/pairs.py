@@ -11,20 +11,25 @@ returns the next logits of both streams (``[B, V]`` each, model dtype).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .cache import Runner
+from .cpu_linear import linear
 
 
 class RowLoRA:
-    """Applies a PEFT LoRA adapter to the first ``n_rows`` rows of every batch only.
+    """A PEFT LoRA adapter applied to the first ``n`` rows of every batch only, inside
+    ``with lora.rows(n):``.
 
-    PEFT's own mixed-adapter batches build index lists on the host per forward; here each LoRA
-    layer's adapter path is switched off and a forward hook on its base linear adds
-    ``scaling * B(A(x[:n]))`` to ``out[:n]`` in place, which is graph-safe (``n`` is a plain int
-    fixed per runner). ``close()`` removes the hooks and switches the adapter back on.
+    PEFT's own mixed-adapter batches build index lists on the host per forward. Here, for the
+    duration of one engine forward, each LoRA layer's forward is replaced by
+    ``base(x)`` plus ``scaling * B(A(x[:n]))`` added to ``out[:n]`` in place, which is
+    graph-safe (``n`` is a plain int fixed per runner). Outside ``with`` the ``PeftModel`` is
+    untouched: its adapter works for other code as before.
     """
 
     def __init__(self, peft_model):
@@ -32,9 +37,7 @@ class RowLoRA:
             from peft.tuners.lora import LoraLayer
         except ImportError as exc:  # pragma: no cover - peft is a dependency
             raise ImportError("LoRA pairs need peft: pip install peft") from exc
-        self.n_rows = 0
         self.layers = []
-        self._hooks = []
         for name, mod in peft_model.named_modules():
             if not isinstance(mod, LoraLayer):
                 continue
@@ -47,6 +50,10 @@ class RowLoRA:
                 raise ValueError(f"LoRA layer {name} wraps {type(mod.base_layer).__name__}; the "
                                  "shared-weight pair supports LoRA on nn.Linear only (merge the "
                                  "adapter and pass two models instead)")
+            if getattr(mod, "merged", False):
+                raise ValueError(f"LoRA layer {name} is merged into its base weights, so the "
+                                 "base cannot serve the reference stream; call "
+                                 "unmerge_adapter() first, or pass two models")
             if getattr(mod, "use_dora", {}).get(ad, False):
                 raise ValueError(f"LoRA layer {name} uses DoRA, which the shared-weight pair does "
                                  "not support (merge the adapter and pass two models instead)")
@@ -57,26 +64,34 @@ class RowLoRA:
                                 float(mod.scaling[ad])))
         if not self.layers:
             raise ValueError("the aligned model is a PeftModel without LoRA layers")
-        for mod, a_w, b_w, scale in self.layers:
-            mod.enable_adapters(False)
-            self._hooks.append(mod.base_layer.register_forward_hook(self._make_hook(a_w, b_w, scale)))
 
-    def _make_hook(self, a_w: Tensor, b_w: Tensor, scale: float):
-        def hook(module, args, out):
-            n = self.n_rows
-            if n:
-                x = args[0][:n]
-                out[:n].add_(F.linear(F.linear(x.to(a_w.dtype), a_w), b_w).to(out.dtype),
-                             alpha=scale)
-            return out
-        return hook
+    def rows(self, n: int) -> "_RowScope":
+        """Context manager: the adapter on rows ``[0, n)`` (``0``: the base model alone)."""
+        return _RowScope(self.layers, n)
 
-    def close(self):
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        for mod, *_ in self.layers:
-            mod.enable_adapters(True)
+
+def _row_lora_forward(base, a_w: Tensor, b_w: Tensor, scale: float, n: int, x: Tensor,
+                      *args, **kwargs) -> Tensor:
+    out = base(x)
+    if n:
+        out[:n].add_(linear(linear(x[:n].to(a_w.dtype), a_w), b_w).to(out.dtype), alpha=scale)
+    return out
+
+
+class _RowScope:
+    def __init__(self, layers, n: int):
+        self.fwds = [(mod, functools.partial(_row_lora_forward, mod.base_layer, a, b, s, n))
+                     for mod, a, b, s in layers]
+
+    def __enter__(self):
+        for mod, fwd in self.fwds:
+            mod.__dict__["forward"] = fwd
+        return self
+
+    def __exit__(self, *exc):
+        for mod, _ in self.fwds:
+            mod.__dict__.pop("forward", None)
+        return False
 
 
 class TwoModelPair:
@@ -107,25 +122,18 @@ class SharedPair:
 
     def __init__(self, model, n_rows: int, max_len: int, lora: RowLoRA | None = None):
         self.n = n_rows
-        self.lora = lora
-        self.runner = Runner(model, 2 * n_rows, max_len)
+        self.runner = Runner(model, 2 * n_rows, max_len, lora.rows(n_rows) if lora else None)
         self.runners = (self.runner,)
         self._tok2 = torch.zeros((2 * n_rows,), dtype=torch.int64, device=self.runner.device)
 
-    def _rows(self):
-        if self.lora is not None:
-            self.lora.n_rows = self.n
-
     def prefill(self, ids_a, real_a, ids_r, real_r):
         ids, real = _stack_left_padded(ids_a, real_a, ids_r, real_r)
-        self._rows()
         logits = self.runner.prefill(ids, real)
         return logits[: self.n], logits[self.n:]
 
     def step(self, tokens: Tensor):
         self._tok2[: self.n].copy_(tokens)
         self._tok2[self.n:].copy_(tokens)
-        self._rows()
         logits = self.runner.step(self._tok2)
         return logits[: self.n], logits[self.n:]
 
@@ -141,20 +149,13 @@ class SinglePair:
 
     def __init__(self, model, n_rows: int, max_len: int, lora: RowLoRA | None = None,
                  lora_rows: int = 0):
-        self.lora, self.lora_rows = lora, lora_rows
-        self.runner = Runner(model, n_rows, max_len)
+        self.runner = Runner(model, n_rows, max_len, lora.rows(lora_rows) if lora else None)
         self.runners = (self.runner,)
 
-    def _rows(self):
-        if self.lora is not None:
-            self.lora.n_rows = self.lora_rows
-
     def prefill(self, ids, real, *_):
-        self._rows()
         return self.runner.prefill(ids, real), None
 
     def step(self, tokens: Tensor):
-        self._rows()
         return self.runner.step(tokens), None
 
 

@@ -63,19 +63,26 @@ def test_lora_pair_equals_two_model_pair_with_merged_adapter():
     sft = copy.deepcopy(base)
     pm = _lora(base)
     merged = copy.deepcopy(pm).merge_and_unload().eval()
+    x = torch.tensor([PROMPTS[0], PROMPTS[0]])
     with Decoder(pm, max_batch_size=4, max_seq_len=40) as dec:
         got = dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=12)
         assert got.stats["pair"] == "lora"
         greedy_a = dec.generate(input_ids=PROMPTS, rule=Greedy("a"), max_new_tokens=8).tokens
         greedy_r = dec.generate(input_ids=PROMPTS, rule=Greedy("r"), max_new_tokens=8).tokens
+        # the PeftModel itself is untouched between engine calls: adapter on every row
+        with torch.no_grad():
+            torch.testing.assert_close(pm(x).logits, merged(x).logits, rtol=1e-4, atol=1e-4)
     assert got.tokens == naive_decode(aad_pick(0.1), (merged, sft), PROMPTS, 12)
     argmax = lambda a, r, t, h: int(a.argmax())  # noqa: E731
     assert greedy_a == naive_decode(argmax, (merged,), PROMPTS, 8)
     assert greedy_r == naive_decode(argmax, (sft,), PROMPTS, 8)
-    # close() hands the PeftModel back with its adapter on
-    x = torch.tensor([PROMPTS[0]])
-    with torch.no_grad():
-        assert torch.allclose(pm(x).logits, merged(x).logits, atol=1e-4)
+
+
+def test_merged_lora_adapter_is_refused():
+    pm = _lora(tiny_model("llama", 0))
+    pm.merge_adapter()
+    with pytest.raises(ValueError, match="merged into its base weights"):
+        Decoder(pm, max_batch_size=1, max_seq_len=40)
 
 
 def test_paths_two_models_and_adapter_dir(tmp_path, pair):
