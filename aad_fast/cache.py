@@ -49,10 +49,27 @@ class StaticKVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         raise RuntimeError("aad_fast's StaticKVCache needs explicit position_ids")
 
-    def reorder(self, index: Tensor) -> None:
-        """Beam search: row ``i`` takes the cache of row ``index[i]`` (on device, in place)."""
+    def reorder(self, index: Tensor, start: int = 0, stop: int | None = None) -> None:
+        """Beam search: row ``i`` takes the cache of row ``index[i]`` in slots ``[start, stop)``
+        (on device, in place). Beams of one prompt share its prompt slots, so a beam step only
+        moves the slots written since the prompt."""
+        stop = self.max_len if stop is None else stop
+        if stop <= start:
+            return
         for t in self.keys + self.values:
-            t.copy_(t.index_select(0, index))
+            part = t[:, :, start:stop]
+            part.copy_(part.index_select(0, index))
+
+    def adopt(self, other: "StaticKVCache", rows: Tensor) -> None:
+        """Take ``other``'s cache rows ``rows`` (int64 ``[N]``): this cache's row ``i`` becomes
+        ``other``'s row ``rows[i]``. Existing storage is written in place (a captured graph
+        keeps pointing at it)."""
+        for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
+            for i, t in enumerate(theirs):
+                if i < len(mine):
+                    torch.index_select(t, 0, rows, out=mine[i])
+                else:
+                    mine.append(t.index_select(0, rows))
 
 
 class Runner:
@@ -78,32 +95,44 @@ class Runner:
         self.linears = FewRowLinears(model)
         self.scope = scope if scope is not None else contextlib.nullcontext()
 
-    def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, logits_to_keep: int = 1) -> Tensor:
-        with self.linears, self.scope:
+    def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache=None, scope=None) -> Tensor:
+        with self.linears, self.scope if scope is None else scope:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                             past_key_values=self.cache, use_cache=True,
-                             logits_to_keep=logits_to_keep)
+                             past_key_values=self.cache if cache is None else cache,
+                             use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
-    def prefill(self, ids: Tensor, real: Tensor) -> Tensor:
+    def prefill(self, ids: Tensor, real: Tensor, rows: Tensor | None = None,
+                scope=None) -> Tensor:
         """Encode left-padded prompts. ``ids``, ``real`` int64/bool ``[n_rows, L]`` (``real``
-        marks non-padding). Returns the last position's logits ``[n_rows, V]`` (model dtype)."""
-        n, length = ids.shape
+        marks non-padding). Returns the last position's logits ``[n_rows, V]`` (model dtype).
+
+        ``rows`` (int64 ``[n_rows]``, optional): ``ids``/``real`` then hold ``U`` distinct
+        prompts and row ``i`` is prompt ``rows[i]``; each prompt is encoded once and its cache
+        copied to its rows (beam search); ``scope`` then replaces the runner's own scope
+        for that forward (the LoRA rows of ``U`` prompts)."""
+        n, length = (ids.shape if rows is None else (rows.shape[0], ids.shape[1]))
         if n != self.n_rows:
             raise ValueError(f"prefill got {n} rows, runner was built for {self.n_rows}")
         if length > self.max_len:
             raise ValueError(f"prompt length {length} exceeds max_seq_len={self.max_len}")
         dev = self.device
         ids, real = ids.to(dev), real.to(dev).bool()
-        keys = torch.zeros((n, self.max_len), dtype=torch.bool, device=dev)
+        cache = self.cache if rows is None else StaticKVCache(self.max_len)
+        u = ids.shape[0]
+        keys = torch.zeros((u, self.max_len), dtype=torch.bool, device=dev)
         keys[:, :length] = real
         causal = torch.ones((length, self.max_len), dtype=torch.bool, device=dev).tril()
         allowed = causal[None] & keys[:, None, :]
-        mask4 = torch.full((n, 1, length, self.max_len), self.neg, dtype=self.dtype, device=dev)
+        mask4 = torch.full((u, 1, length, self.max_len), self.neg, dtype=self.dtype, device=dev)
         mask4.masked_fill_(allowed[:, None], 0.0)
         pos = (real.long().cumsum(1) - 1).clamp(min=0)
-        self.cache.write_pos = torch.arange(length, device=dev)
-        logits = self._forward(ids, mask4, pos)
+        cache.write_pos = torch.arange(length, device=dev)
+        logits = self._forward(ids, mask4, pos, cache, scope)
+        if rows is not None:
+            rows = rows.to(dev)
+            self.cache.adopt(cache, rows)
+            logits, real = logits.index_select(0, rows), real.index_select(0, rows)
         # Decode state: the prompt's real tokens are visible, the next token goes to slot L.
         self.mask.fill_(self.neg)
         self.mask[:, 0, 0, :length].masked_fill_(real, 0.0)
@@ -123,9 +152,10 @@ class Runner:
         self.slot.add_(1)
         return logits
 
-    def reorder(self, index: Tensor) -> None:
-        """Row ``i`` continues from row ``index[i]`` (beam search), caches and positions."""
-        self.cache.reorder(index)
+    def reorder(self, index: Tensor, start: int = 0, stop: int | None = None) -> None:
+        """Row ``i`` continues from row ``index[i]`` (beam search): cache slots
+        ``[start, stop)`` (default all), positions and mask."""
+        self.cache.reorder(index, start, stop)
         self.pos.copy_(self.pos.index_select(0, index))
         self.mask.copy_(self.mask.index_select(0, index))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,6 +48,15 @@ def load_causal_lm(path, arg: str, dtype=None, device=None):
     except Exception as exc:
         raise ValueError(f"{arg}={str(path)!r} could not be loaded as a causal LM: {exc}") from exc
     return model.to(device) if device is not None else model
+
+
+def load_adapter(base, path, **kwargs):
+    """``PeftModel.from_pretrained`` from a local directory, without peft's call of a deprecated
+    transformers property warning on every load."""
+    from peft import PeftModel
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return PeftModel.from_pretrained(base, str(path), local_files_only=True, **kwargs)
 
 
 def load_tokenizer(path):
@@ -111,7 +121,6 @@ def load_pair(aligned, reference=None, *, dtype=None, device=None, tokenizer=Non
         p = _check_dir(aligned, "aligned")
         tok_a = load_tokenizer(p)
         if is_adapter_dir(p):
-            from peft import PeftModel
             cfg = json.loads((p / "adapter_config.json").read_text())
             base_path = reference
             recorded = cfg.get("base_model_name_or_path")
@@ -132,7 +141,7 @@ def load_pair(aligned, reference=None, *, dtype=None, device=None, tokenizer=Non
             else:
                 base = reference
             try:
-                model_a = PeftModel.from_pretrained(base, str(p), local_files_only=True)
+                model_a = load_adapter(base, p)
             except Exception as exc:
                 raise ValueError(f"the LoRA adapter {name_a!r} does not fit the reference model "
                                  f"{name_r!r}: {exc}") from exc

@@ -104,15 +104,15 @@ class TwoModelPair:
         self.r = Runner(model_r, n_rows, max_len)
         self.runners = (self.a, self.r)
 
-    def prefill(self, ids_a, real_a, ids_r, real_r):
-        return self.a.prefill(ids_a, real_a), self.r.prefill(ids_r, real_r)
+    def prefill(self, ids_a, real_a, ids_r, real_r, rows=None):
+        return self.a.prefill(ids_a, real_a, rows), self.r.prefill(ids_r, real_r, rows)
 
     def step(self, tokens: Tensor):
         return self.a.step(tokens), self.r.step(tokens)
 
-    def reorder(self, index: Tensor) -> None:
-        self.a.reorder(index)
-        self.r.reorder(index)
+    def reorder(self, index: Tensor, start: int = 0, stop: int | None = None) -> None:
+        self.a.reorder(index, start, stop)
+        self.r.reorder(index, start, stop)
 
 
 class SharedPair:
@@ -121,14 +121,21 @@ class SharedPair:
     shared = True
 
     def __init__(self, model, n_rows: int, max_len: int, lora: RowLoRA | None = None):
-        self.n = n_rows
+        self.n, self.lora = n_rows, lora
         self.runner = Runner(model, 2 * n_rows, max_len, lora.rows(n_rows) if lora else None)
         self.runners = (self.runner,)
         self._tok2 = torch.zeros((2 * n_rows,), dtype=torch.int64, device=self.runner.device)
 
-    def prefill(self, ids_a, real_a, ids_r, real_r):
+    def prefill(self, ids_a, real_a, ids_r, real_r, rows=None):
+        """``rows`` (int64 ``[B]``, optional): the ``U`` prompts of ``ids_*`` are encoded once
+        and row ``i`` of each stream continues prompt ``rows[i]`` (see ``Runner.prefill``)."""
         ids, real = _stack_left_padded(ids_a, real_a, ids_r, real_r)
-        logits = self.runner.prefill(ids, real)
+        scope = None
+        if rows is not None:
+            u = ids_a.shape[0]
+            rows = torch.cat([rows, rows + u])
+            scope = self.lora.rows(u) if self.lora is not None else None
+        logits = self.runner.prefill(ids, real, rows, scope)
         return logits[: self.n], logits[self.n:]
 
     def step(self, tokens: Tensor):
@@ -137,8 +144,8 @@ class SharedPair:
         logits = self.runner.step(self._tok2)
         return logits[: self.n], logits[self.n:]
 
-    def reorder(self, index: Tensor) -> None:
-        self.runner.reorder(torch.cat([index, index + self.n]))
+    def reorder(self, index: Tensor, start: int = 0, stop: int | None = None) -> None:
+        self.runner.reorder(torch.cat([index, index + self.n]), start, stop)
 
 
 class SinglePair:
@@ -152,8 +159,8 @@ class SinglePair:
         self.runner = Runner(model, n_rows, max_len, lora.rows(lora_rows) if lora else None)
         self.runners = (self.runner,)
 
-    def prefill(self, ids, real, *_):
-        return self.runner.prefill(ids, real), None
+    def prefill(self, ids, real, ids_r=None, real_r=None, rows=None):
+        return self.runner.prefill(ids, real, rows), None
 
     def step(self, tokens: Tensor):
         return self.runner.step(tokens), None

@@ -31,8 +31,10 @@ def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
     longest = max(len(r) for r in rows.a)
     pair = dec._pair(dec._bucket(n) if dec.use_graphs else n, "ar", longest + max_new)
     n_rows = pair.runners[0].n_rows if not pair.shared else pair.n
-    ra = [r for r in rows.a for _ in range(k)]
-    ids, real = _left_pad(ra, n_rows, dec.device)
+    # each prompt is encoded once; its k beams (and any bucket padding rows) copy its cache
+    ids, real = _left_pad(rows.a, b, dec.device)
+    width = ids.shape[1]
+    which = torch.arange(n_rows, device=dec.device).div(k, rounding_mode="floor").clamp(max=b - 1)
     stops = set(stop_ids)
     n_cand = min(k + len(stops), dec.vocab)
     dev = dec.device
@@ -46,14 +48,18 @@ def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
     t0 = time.perf_counter()
     steps = 0
     with torch.inference_mode():
-        la, lr = pair.prefill(ids, real, ids, real)
+        la, lr = pair.prefill(ids, real, ids, real, rows=which)
         sync()
         t1 = time.perf_counter()
         for t in range(max_new):
             steps = t + 1
             s, cand, *_ = aad_beam_topk(la[:n], lr[:n], rule.alpha, n_cand, tau=rule.tau,
                                         vocab_size=dec.vocab)
-            s, cand = s.double().cpu().view(b, k, n_cand), cand.cpu().view(b, k, n_cand)
+            s, cand = s.double().cpu().view(b, k, n_cand), cand.cpu().view(b, -1).tolist()
+            # continuations by summed score, best first, ties to the lower (beam, rank) index
+            total = (score[:, :, None] + s).view(b, -1)
+            orders = torch.sort(total, dim=1, descending=True, stable=True).indices.tolist()
+            total = total.tolist()
             src = torch.zeros(n_rows, dtype=torch.int64)
             src[:n] = torch.arange(n)
             nxt = torch.zeros(n_rows, dtype=torch.int64)
@@ -61,13 +67,10 @@ def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
                 if finished[p]:
                     src[p * k:(p + 1) * k] = torch.arange(p * k, (p + 1) * k)
                     continue
-                total = (score[p][:, None] + s[p]).flatten()
-                order = sorted(range(total.numel()), key=lambda i: (-total[i].item(), i))
                 live = []
-                for rank, i in enumerate(order):
-                    tot = total[i].item()
-                    beam, tok = divmod(i, n_cand)
-                    tok = int(cand[p, beam, tok])
+                for rank, i in enumerate(orders[p]):
+                    tot, tok = total[p][i], cand[p][i]
+                    beam = i // n_cand
                     if tok < 0 or tot == -math.inf:
                         break
                     if tok in stops:
@@ -97,7 +100,7 @@ def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
                     finished[p] = True
             if all(finished) or t == max_new - 1:
                 break
-            pair.reorder(src.to(dev))
+            pair.reorder(src.to(dev), width, width + t)   # slots written since the prompt
             la, lr = pair.step(nxt.to(dev))
     sync()
     decode_s = time.perf_counter() - t1

@@ -154,6 +154,27 @@ def test_beam_aad_matches_brute_force(models, k, alpha, tau, lp):
     assert st["prefill_ms"] > 0 and st["ms_per_token"] > 0
 
 
+def test_beam_aad_on_a_lora_pair_matches_brute_force_on_the_merged_pair():
+    """The shared-weight pair: beams of one prompt share its single prefill, the adapter stays
+    on the aligned rows through prefill, steps and cache reorders."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    base = tiny_model("llama", 0)
+    sft = copy.deepcopy(base)
+    torch.manual_seed(5)
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.4)
+    pm.eval()
+    merged = copy.deepcopy(pm).merge_and_unload().eval()
+    with Decoder(pm, max_batch_size=16, max_seq_len=48) as dec:
+        assert dec.kind == "lora"
+        got = dec.generate(input_ids=PROMPTS, rule=BeamAAD(3, 0.2), max_new_tokens=6)
+    assert got.tokens == [brute_beam((merged, sft), p, 3, 0.2, None, 6, 0.0) for p in PROMPTS]
+
+
 def test_beam_of_one_is_aad(dec):
     a = dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=10)
     b = dec.generate(input_ids=PROMPTS, rule=BeamAAD(1, 0.1), max_new_tokens=10)

@@ -39,7 +39,7 @@ def load_default_pair(device="cpu", *, root: str | Path | None = None, adapter: 
         weights (PEFT injects LoRA layers into the model it wraps, so the two never share
         modules); ``picker_model`` a ``LlamaForSequenceClassification`` with one output.
     """
-    from peft import PeftModel
+    from ..hf import load_adapter
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                               AutoTokenizer)
 
@@ -50,7 +50,7 @@ def load_default_pair(device="cpu", *, root: str | Path | None = None, adapter: 
     tok = AutoTokenizer.from_pretrained(root / "tokenizer", **kw)
     sft = AutoModelForCausalLM.from_pretrained(root / "sft", dtype="float32", **kw)
     base = AutoModelForCausalLM.from_pretrained(root / "sft", dtype="float32", **kw)
-    dpo = PeftModel.from_pretrained(base, root / adapter, is_trainable=False, **kw)
+    dpo = load_adapter(base, root / adapter, is_trainable=False)
     picker = AutoModelForSequenceClassification.from_pretrained(root / "picker", dtype="float32",
                                                                 **kw)
     picker_tok = AutoTokenizer.from_pretrained(root / "picker", **kw)
