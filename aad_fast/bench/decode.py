@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from ..rules import AAD, EFT, OPAD, BeamAAD, Contrastive, Greedy
+from ..rules import AAD, CFG, EFT, OPAD, BeamAAD, Contrastive, DeRa, Greedy
 from .kernels import eager_aad
 from .machine import GIB, PeakMemory, free_bytes, guarded, log, release, sync, wall_ms
 from .shapes import (add_lora, kv_bytes_per_token, load_shape, make_config, meta_param_count,
@@ -28,6 +28,9 @@ METHODS = {
     "aad_two": ("engine AAD, two models", "plain"),
     "contrastive_two": ("engine Contrastive(0.1, 0.5), two models", "plain"),
     "eft_two": ("engine EFT(4), two models", "plain"),
+    "eft_sampled_two": ("engine EFT(4) sampled (T 0.7, top-p 0.9), two models", "plain"),
+    "dera_two": ("engine DeRa(0.5), two models", "plain"),
+    "cfg_one": ("engine CFG(1.5), one model, two prompts", "plain"),
     "opad_one": ("engine OPAD(1), one model, two prompts", "plain"),
     "aad_lora": ("engine AAD, LoRA pair (r=64 q/k/v)", "lora"),
     "beam4_lora": ("engine BeamAAD(4), LoRA pair", "lora"),
@@ -42,6 +45,9 @@ ENGINE_RULES = {  # method: (rule, models: "one" | "two" | "lora")
     "aad_two": (AAD(0.1), "two"),
     "contrastive_two": (Contrastive(0.1, 0.5), "two"),
     "eft_two": (EFT(4.0), "two"),
+    "eft_sampled_two": (EFT(4.0, temperature=0.7, top_p=0.9, seed=0), "two"),
+    "dera_two": (DeRa(0.5), "two"),
+    "cfg_one": (CFG(1.5), "one"),
     "opad_one": (OPAD(1.0, principle_ids=PRINCIPLE_IDS), "one"),
     "aad_lora": (AAD(0.1), "lora"),
     "beam4_lora": (BeamAAD(4, 0.1), "lora"),
@@ -147,7 +153,7 @@ class Decoders:
         if kind not in self.open:
             from ..generation import Decoder
             m = self.models
-            pair = {"one": (m["a"], None), "two": (m["a"], m["r"]), "lora": (m["lora"], None)}[kind]
+            pair = {"one": (m["a"], None), "two": (m["a"], m["r"])}.get(kind) or (m["lora"], None)
             self.open[kind] = Decoder(*pair, max_batch_size=self.max_batch,
                                       max_seq_len=self.max_len, backend=self.args.backend,
                                       cuda_graphs=False if self.args.no_graphs else "auto")
@@ -175,7 +181,7 @@ def weights_and_floor(name, models, batch, ctx, elem):
     kv = kv_bytes_per_token(models["a"].config, elem) * ctx
     if name in ("hf_generate", "greedy"):
         return wa[0], wa[1] + batch * kv
-    if name == "opad_one":
+    if name in ("opad_one", "cfg_one"):
         return wa[0], wa[1] + 2 * batch * kv
     if name in ("aad_lora", "beam4_lora"):
         k = 4 if name == "beam4_lora" else 1
