@@ -136,6 +136,7 @@ def plot(result: dict, path: Path) -> None:
     panels = len(batches) + (1 if result["kernels"] else 0)
     fig, axes = plt.subplots(1, max(panels, 1), figsize=(7 * max(panels, 1), 6.5), squeeze=False)
     methods = [m for m in METHODS if any(r["method"] == m for r in decode)]
+    cmap = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
     for ax, b in zip(axes[0], batches):
         models = list(dict.fromkeys(r["model"] for r in decode if r["batch"] == b))
         width = 0.8 / max(len(methods), 1)
@@ -147,7 +148,7 @@ def plot(result: dict, path: Path) -> None:
                     xs.append(i + (j - (len(methods) - 1) / 2) * width)
                     ys.append(by[(model, m)]["x_greedy"])
                     labels.append(f"{by[(model, m)]['ms_per_token']:.1f}")
-            bars = ax.bar(xs, ys, width, label=METHODS[m][0])
+            bars = ax.bar(xs, ys, width, label=METHODS[m][0], color=cmap(j))
             ax.bar_label(bars, labels=labels, fontsize=6, rotation=90, padding=2)
         ax.axhline(1.0, color="k", lw=1, ls="--")
         ax.axhline(2.0, color="r", lw=1, ls=":")
