@@ -12,6 +12,7 @@ import torch
 
 from . import backends
 from .ops import aad_beam_topk
+from .prompts import _left_pad, _Rows
 from .rules import BeamAAD, BestOfN, Mix
 
 
@@ -23,7 +24,7 @@ def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
     has ``k`` ended beams or after ``max_new`` tokens; the result is the ended beam with the best
     ``sum(s) / len**length_penalty`` (``len`` counts the stop token), else the best live beam.
     """
-    from .generation import Generation, _left_pad
+    from .generation import Generation
 
     k, b = rule.num_beams, len(rows.a)
     n = b * k
@@ -155,8 +156,6 @@ def best_of_n(dec, rule: BestOfN, rows, max_new: int, stop_ids):
     """SPEC BestOfN: ``n`` samples per prompt from stream ``a`` (nucleus ``top_p`` at
     ``temperature``, seeds ``rule.seed + j``) as one batch; the picker scores prompt +
     completion, batched; the highest score wins, ties to the first sample."""
-    from .generation import _Rows
-
     b, n = len(rows.a), rule.n
     sample = Mix(w_a=1.0, w_r=0.0, temperature=rule.temperature, top_p=rule.top_p, seed=rule.seed)
     rep = [r for r in rows.a for _ in range(n)]
