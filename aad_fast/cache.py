@@ -61,15 +61,16 @@ class StaticKVCache:
             part.copy_(part.index_select(0, index))
 
     def adopt(self, other: "StaticKVCache", rows: Tensor) -> None:
-        """Take ``other``'s cache rows ``rows`` (int64 ``[N]``): this cache's row ``i`` becomes
-        ``other``'s row ``rows[i]``. Existing storage is written in place (a captured graph
-        keeps pointing at it)."""
+        """Take ``other``'s cache rows ``rows`` (int64 ``[N]``) into the first
+        ``other.max_len`` slots: this cache's row ``i`` becomes ``other``'s row ``rows[i]``.
+        Existing storage is written in place (a captured graph keeps pointing at it)."""
+        length = other.max_len
         for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
             for i, t in enumerate(theirs):
-                if i < len(mine):
-                    torch.index_select(t, 0, rows, out=mine[i])
-                else:
-                    mine.append(t.index_select(0, rows))
+                if i == len(mine):
+                    n, h, _, d = t.shape
+                    mine.append(t.new_zeros((rows.shape[0], h, self.max_len, d)))
+                mine[i][:, :, :length].copy_(t.index_select(0, rows))
 
 
 class Runner:
@@ -118,13 +119,14 @@ class Runner:
             raise ValueError(f"prompt length {length} exceeds max_seq_len={self.max_len}")
         dev = self.device
         ids, real = ids.to(dev), real.to(dev).bool()
-        cache = self.cache if rows is None else StaticKVCache(self.max_len)
-        u = ids.shape[0]
-        keys = torch.zeros((u, self.max_len), dtype=torch.bool, device=dev)
+        # U distinct prompts go through a temporary cache of just the prompt's slots
+        cache = self.cache if rows is None else StaticKVCache(length)
+        u, slots = ids.shape[0], cache.max_len
+        keys = torch.zeros((u, slots), dtype=torch.bool, device=dev)
         keys[:, :length] = real
-        causal = torch.ones((length, self.max_len), dtype=torch.bool, device=dev).tril()
+        causal = torch.ones((length, slots), dtype=torch.bool, device=dev).tril()
         allowed = causal[None] & keys[:, None, :]
-        mask4 = torch.full((u, 1, length, self.max_len), self.neg, dtype=self.dtype, device=dev)
+        mask4 = torch.full((u, 1, length, slots), self.neg, dtype=self.dtype, device=dev)
         mask4.masked_fill_(allowed[:, None], 0.0)
         pos = (real.long().cumsum(1) - 1).clamp(min=0)
         cache.write_pos = torch.arange(length, device=dev)

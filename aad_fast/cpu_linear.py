@@ -40,26 +40,31 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return y.contiguous().view(*x.shape[:-1], y.shape[-1])
 
 
-def _few_row_forward(self: nn.Linear, x: Tensor) -> Tensor:
-    return linear(x, self.weight, self.bias)
+def _few_row_forward(self: nn.Linear, input: Tensor) -> Tensor:  # noqa: A002 - nn.Linear's name
+    return linear(input, self.weight, self.bias)
 
 
 class FewRowLinears:
     """Context manager: the model's ``nn.Linear`` layers use the few-row path inside ``with``.
 
-    Enabled only for a CPU model with fp32 weights (elsewhere ``with`` does nothing)."""
+    Enabled only for a CPU model with fp32 weights (elsewhere ``with`` does nothing). A layer
+    whose instance already has its own ``forward`` (an accelerate offload hook, a user's patch)
+    is left alone."""
 
     def __init__(self, model: nn.Module):
         p = next(model.parameters())
         on = p.device.type == "cpu" and p.dtype == torch.float32
         self.linears = [m for m in model.modules() if type(m) is nn.Linear] if on else []
+        self._swapped: list = []
 
     def __enter__(self):
-        for m in self.linears:
+        self._swapped = [m for m in self.linears if "forward" not in m.__dict__]
+        for m in self._swapped:
             m.__dict__["forward"] = types.MethodType(_few_row_forward, m)
         return self
 
     def __exit__(self, *exc):
-        for m in self.linears:
+        for m in self._swapped:
             m.__dict__.pop("forward", None)
+        self._swapped = []
         return False

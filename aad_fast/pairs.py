@@ -37,8 +37,17 @@ class RowLoRA:
             from peft.tuners.lora import LoraLayer
         except ImportError as exc:  # pragma: no cover - peft is a dependency
             raise ImportError("LoRA pairs need peft: pip install peft") from exc
+        try:
+            from peft.utils import AuxiliaryTrainingWrapper
+        except ImportError:  # pragma: no cover - older peft
+            AuxiliaryTrainingWrapper = ()
         self.layers = []
         for name, mod in peft_model.named_modules():
+            if AuxiliaryTrainingWrapper and isinstance(mod, AuxiliaryTrainingWrapper):
+                raise ValueError(f"{name} is a trained copy ({type(mod).__name__}, e.g. "
+                                 "modules_to_save) that would run on both streams; the "
+                                 "shared-weight pair supports LoRA layers only (merge the adapter "
+                                 "and pass two models instead)")
             if not isinstance(mod, LoraLayer):
                 continue
             active = [a for a in mod.active_adapters if a in mod.lora_A]
@@ -57,6 +66,14 @@ class RowLoRA:
             if getattr(mod, "use_dora", {}).get(ad, False):
                 raise ValueError(f"LoRA layer {name} uses DoRA, which the shared-weight pair does "
                                  "not support (merge the adapter and pass two models instead)")
+            if ad in getattr(mod, "lora_variant", {}):
+                raise ValueError(f"LoRA layer {name} is a {type(mod.lora_variant[ad]).__name__} "
+                                 "variant; the shared-weight pair supports plain LoRA only "
+                                 "(merge the adapter and pass two models instead)")
+            if mod.lora_B[ad].bias is not None:
+                raise ValueError(f"LoRA layer {name} has a lora_B bias (lora_bias=True), which "
+                                 "the shared-weight pair does not support (merge the adapter "
+                                 "and pass two models instead)")
             if getattr(mod, "fan_in_fan_out", False):
                 raise ValueError(f"LoRA layer {name} has fan_in_fan_out=True (Conv1D); merge the "
                                  "adapter and pass two models instead")
@@ -74,23 +91,37 @@ def _row_lora_forward(base, a_w: Tensor, b_w: Tensor, scale: float, n: int, x: T
                       *args, **kwargs) -> Tensor:
     out = base(x)
     if n:
-        out[:n].add_(linear(linear(x[:n].to(a_w.dtype), a_w), b_w).to(out.dtype), alpha=scale)
+        delta = linear(linear(x[:n].to(a_w.dtype), a_w), b_w) * scale
+        out[:n] = out[:n] + delta  # PEFT's order: one rounding to the output dtype
     return out
 
 
 class _RowScope:
+    """Swaps the LoRA layers' forwards for ``_row_lora_forward`` inside ``with`` and restores
+    what was there (also when scopes nest)."""
+
     def __init__(self, layers, n: int):
         self.fwds = [(mod, functools.partial(_row_lora_forward, mod.base_layer, a, b, s, n))
                      for mod, a, b, s in layers]
+        self._saved: list = []
 
     def __enter__(self):
+        saved = []
         for mod, fwd in self.fwds:
+            if mod.merged:
+                raise RuntimeError("a LoRA layer was merged into its base weights after the "
+                                   "Decoder was built; call unmerge_adapter() first")
+            saved.append(mod.__dict__.get("forward"))
             mod.__dict__["forward"] = fwd
+        self._saved.append(saved)
         return self
 
     def __exit__(self, *exc):
-        for mod, _ in self.fwds:
-            mod.__dict__.pop("forward", None)
+        for (mod, _), prev in zip(self.fwds, self._saved.pop()):
+            if prev is None:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.__dict__["forward"] = prev
         return False
 
 

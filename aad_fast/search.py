@@ -57,12 +57,8 @@ def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
             s, cand, *_ = aad_beam_topk(la[:n], lr[:n], rule.alpha, n_cand, tau=rule.tau,
                                         vocab_size=dec.vocab)
             s, cand = s.double().cpu().view(b, k, n_cand), cand.cpu().view(b, -1).tolist()
-            # continuations by summed score, best first, ties to the lower (beam, rank) index
-            total = (score[:, :, None] + s).view(b, -1)
-            orders = torch.sort(total, dim=1, descending=True, stable=True).indices.tolist()
-            total = total.tolist()
-            src = torch.zeros(n_rows, dtype=torch.int64)
-            src[:n] = torch.arange(n)
+            total, orders = rank_continuations(score, s)
+            src = torch.arange(n_rows)   # bucket padding rows keep their own state
             nxt = torch.zeros(n_rows, dtype=torch.int64)
             for p in range(b):
                 if finished[p]:
@@ -127,6 +123,18 @@ def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
              "device": str(dev)}
     return Generation(tokens=tokens, text=text, finish_reason=reasons, scores=scores,
                       stats=stats)
+
+
+def rank_continuations(score, s):
+    """Beam bookkeeping: ``score`` float64 ``[b, k]`` summed scores of the live beams (``-inf``
+    = no beam), ``s`` float64 ``[b, k, c]`` the candidates' token scores. Returns
+    ``(total, order)`` as lists: ``total[p][i]`` the summed score of continuation
+    ``i = beam * c + rank`` and ``order[p]`` the continuations best first, ties to the lower
+    index. A NaN total (``-inf`` + ``inf``) counts as ``-inf``."""
+    total = (score[:, :, None] + s).flatten(1)
+    total.masked_fill_(total.isnan(), -math.inf)
+    order = torch.sort(total, dim=1, descending=True, stable=True).indices
+    return total.tolist(), order.tolist()
 
 
 def load_picker(picker, device):

@@ -66,3 +66,19 @@ def test_only_fp32_cpu_and_plain_linear():
     net = nn.Sequential(MyLinear(8, 8), nn.Linear(8, 8))
     assert FewRowLinears(net).linears == [net[1]]
 
+
+
+def test_a_layer_with_its_own_forward_is_left_alone():
+    net = Net()
+    calls = []
+
+    def patched(x):
+        calls.append(1)
+        return F.linear(x, net.a.weight, net.a.bias)
+
+    net.a.forward = patched
+    with FewRowLinears(net):
+        assert net.a.__dict__["forward"] is patched and "forward" in net.b.__dict__
+        net(torch.randn(2, 192))
+    assert calls == [1] and net.a.__dict__["forward"] is patched
+    assert "forward" not in net.b.__dict__

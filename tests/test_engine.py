@@ -1,13 +1,11 @@
 """The decode engine against the naive SPEC loop: architectures, ragged batches, stop tokens,
 pairs (two models, LoRA, paths), Hugging Face interop, bad input."""
 import copy
-import json
 
 import pytest
 import torch
 from conftest import EOS, PROMPTS, aad_pick, naive_decode, tiny_model
 
-import aad_fast
 from aad_fast import AAD, AADLogitsProcessor, Decoder, Greedy
 
 
@@ -76,6 +74,29 @@ def test_lora_pair_equals_two_model_pair_with_merged_adapter():
     argmax = lambda a, r, t, h: int(a.argmax())  # noqa: E731
     assert greedy_a == naive_decode(argmax, (merged,), PROMPTS, 8)
     assert greedy_r == naive_decode(argmax, (sft,), PROMPTS, 8)
+
+
+@pytest.mark.parametrize("extra,match", [(dict(lora_bias=True), "lora_B bias"),
+                                         (dict(modules_to_save=["lm_head"]), "modules_to_save")])
+def test_lora_adapters_the_shared_pair_cannot_compute_are_refused(extra, match):
+    from peft import LoraConfig, get_peft_model
+    pm = get_peft_model(tiny_model("llama", 0),
+                        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **extra)).eval()
+    with pytest.raises(ValueError, match=match):
+        Decoder(pm, max_batch_size=1, max_seq_len=40)
+
+
+def test_row_lora_scopes_nest_and_restore():
+    from aad_fast.pairs import RowLoRA
+    pm = _lora(tiny_model("llama", 0))
+    lora = RowLoRA(pm)
+    mod = lora.layers[0][0]
+    with lora.rows(2):
+        outer = mod.__dict__["forward"]
+        with lora.rows(0):
+            assert mod.__dict__["forward"] is not outer
+        assert mod.__dict__["forward"] is outer
+    assert "forward" not in mod.__dict__
 
 
 def test_merged_lora_adapter_is_refused():

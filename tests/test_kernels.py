@@ -4,7 +4,7 @@ CPU part (``TRITON_INTERPRET=1``): tiny forced chunk sizes so that the multi-chu
 the fix-up both run, ties across chunk boundaries, -inf/NaN, strides, dtypes, noise; every
 choice compared exactly with ``reference.select_ref``. GPU part (``-m gpu``): compiled Triton and
 the ``aad_fast._cuda`` extension against the reference on CUDA tensors, and CUDA-graph replay.
-The backend-generic op tests live in ``test_ops.py``.
+The backend-generic op tests live in ``test_ops.py``, ``test_ops_mix.py`` and ``test_ops_beam.py``.
 """
 import math
 import os

@@ -175,6 +175,23 @@ def test_beam_aad_on_a_lora_pair_matches_brute_force_on_the_merged_pair():
     assert got.tokens == [brute_beam((merged, sft), p, 3, 0.2, None, 6, 0.0) for p in PROMPTS]
 
 
+def test_beam_ranking_orders_best_first_ties_low_nan_last():
+    from aad_fast.search import rank_continuations
+    inf = math.inf
+    score = torch.tensor([[inf, -inf]], dtype=torch.float64)
+    s = torch.tensor([[[1.0, -inf, 0.5], [inf, 2.0, -inf]]], dtype=torch.float64)
+    total, order = rank_continuations(score, s)
+    # inf + -inf and -inf + inf are not continuations (-inf), not NaN ranked first
+    assert total[0] == [inf, -inf, inf, -inf, -inf, -inf]
+    assert order[0] == [0, 2, 1, 3, 4, 5]
+    torch.manual_seed(0)
+    score = torch.randn(3, 4, dtype=torch.float64).round()
+    s = torch.randn(3, 4, 5, dtype=torch.float64).round()
+    total, order = rank_continuations(score, s)
+    for p in range(3):
+        assert order[p] == sorted(range(20), key=lambda i: (-total[p][i], i))
+
+
 def test_beam_of_one_is_aad(dec):
     a = dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=10)
     b = dec.generate(input_ids=PROMPTS, rule=BeamAAD(1, 0.1), max_new_tokens=10)
