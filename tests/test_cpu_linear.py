@@ -57,8 +57,11 @@ def test_scoped_to_with_and_restored_after_an_error():
     assert net.a.forward.__func__ is nn.Linear.forward
 
 
-def test_only_fp32_cpu_and_plain_linear():
+def test_only_fp32_cpu_and_plain_linear(monkeypatch):
     assert FewRowLinears(Net(torch.bfloat16)).linears == []
+    monkeypatch.setenv("AAD_FAST_CPU_FEW_ROW_LINEAR", "0")
+    assert FewRowLinears(Net()).linears == []
+    monkeypatch.delenv("AAD_FAST_CPU_FEW_ROW_LINEAR")
 
     class MyLinear(nn.Linear):
         pass
