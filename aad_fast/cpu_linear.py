@@ -1,13 +1,13 @@
 """Few-row fp32 linears on CPU, for the engine's decode steps.
 
-A decode step multiplies every weight matrix by a few rows (batch x streams x beams). There, PyTorch's ``F.linear`` on
-CPU (MKL) streams the weights far below the memory bandwidth: on the 2-core EPYC this project
-is measured on, 200 MB of fp32 weights take ~22 ms with one row and 40-50 ms with two, while
-``W @ X^T`` with ``X^T`` a column-major view takes 8-10 ms for two rows (~22 GB/s, near the
-~29 GB/s of a plain read). So inside the engine's forward passes every plain ``nn.Linear``
-computes ``(W @ X^T)^T``; one row is doubled to take the same path. It is the same product with
-another fp32 summation order. Bigger inputs (prefill of long prompts) and other dtypes keep
-``F.linear``.
+A decode step multiplies every weight matrix by a few rows (batch x streams x beams). There,
+PyTorch's ``F.linear`` on CPU (MKL) streams the weights far below the memory bandwidth: on the
+2-core EPYC this project is measured on, 200 MB of fp32 weights take ~22 ms with one row and
+40-50 ms with two, while ``W @ X^T`` with ``X^T`` a column-major view takes 8-10 ms for two
+rows (~22 GB/s, near the ~29 GB/s of a plain read). So inside the engine's forward passes every
+plain ``nn.Linear`` computes ``(W @ X^T)^T``; one row is doubled to take the same path. It is
+the same product with another fp32 summation order. Bigger inputs (prefill of long prompts)
+and other dtypes keep ``F.linear``.
 
 ``FewRowLinears(model)`` swaps the forward of the model's ``nn.Linear`` modules (exact type,
 so quantised subclasses are left alone) only inside ``with``; outside it the model is untouched.

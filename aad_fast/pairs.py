@@ -106,14 +106,12 @@ class _RowScope:
         self._saved: list = []
 
     def __enter__(self):
-        saved = []
+        if any(mod.merged for mod, _ in self.fwds):
+            raise RuntimeError("a LoRA layer was merged into its base weights after the "
+                               "Decoder was built; call unmerge_adapter() first")
+        self._saved.append([mod.__dict__.get("forward") for mod, _ in self.fwds])
         for mod, fwd in self.fwds:
-            if mod.merged:
-                raise RuntimeError("a LoRA layer was merged into its base weights after the "
-                                   "Decoder was built; call unmerge_adapter() first")
-            saved.append(mod.__dict__.get("forward"))
             mod.__dict__["forward"] = fwd
-        self._saved.append(saved)
         return self
 
     def __exit__(self, *exc):
