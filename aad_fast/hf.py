@@ -55,7 +55,8 @@ def load_adapter(base, path, **kwargs):
     transformers property warning on every load."""
     from peft import PeftModel
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                category=FutureWarning)
         return PeftModel.from_pretrained(base, str(path), local_files_only=True, **kwargs)
 
 

@@ -117,7 +117,8 @@ def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
     stats = {"prefill_ms": (t1 - t0) * 1e3, "steps": steps,
              # every step after the first is one forward of all b*k beams plus the bookkeeping
              "ms_per_token": decode_s * 1e3 / max(steps - 1, 1),
-             "tokens_per_s": b * (steps - 1) / decode_s if steps > 1 and decode_s > 0 else float("nan"),
+             "tokens_per_s": (b * (steps - 1) / decode_s if steps > 1 and decode_s > 0
+                              else float("nan")),
              "backend": "cpp" if backends.pick_backend(dev, None) == "cpp" else "torch",
              "cuda_graphs": False, "pair": dec.kind, "batch": b, "num_beams": k,
              "device": str(dev)}
