@@ -61,8 +61,7 @@ def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
             src = torch.arange(n_rows)   # bucket padding rows keep their own state
             nxt = torch.zeros(n_rows, dtype=torch.int64)
             for p in range(b):
-                if finished[p]:
-                    src[p * k:(p + 1) * k] = torch.arange(p * k, (p + 1) * k)
+                if finished[p]:   # its rows keep their state (src is the identity there)
                     continue
                 live = []
                 for rank, i in enumerate(orders[p]):
