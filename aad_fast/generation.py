@@ -14,7 +14,9 @@ import torch
 
 from . import engine
 from .hf import load_pair
-from .pairs import RowLoRA, SharedPair, SinglePair, TwoModelPair
+from . import tuning
+from .lora_rows import RowLoRA
+from .pairs import SharedPair, SinglePair, TwoModelPair
 from .prompts import MAX_STOP_IDS, _left_pad, _Rows, resolve_stop_ids, rule_rows
 from .rules import AAD, OPAD, BeamAAD, BestOfN, CFGMix, Rule
 from .selectors import make_selector
@@ -51,15 +53,21 @@ class Decoder:
         cuda_graphs: ``"auto"``/``True`` capture the decode step on CUDA, ``False`` never.
         backend: selection-op backend (``None`` = fastest available).
         check_every: steps between host checks for finished rows.
+        cpu_linear: layout of the decode step's fp32 linears on CPU: ``"auto"`` (default, or
+            ``$AAD_FAST_CPU_LINEAR``) times ``F.linear`` against the few-row layout per weight
+            shape on this machine and keeps the faster (cached, see ``tuning``); ``"plain"`` /
+            ``"few_row"`` force one. ``stats["linear"]`` says what each shape took.
     """
 
     def __init__(self, aligned, reference=None, *, tokenizer=None, dtype=None, device=None,
                  max_batch_size: int = 8, max_seq_len: int = 2048, cuda_graphs="auto",
-                 backend: str | None = None, check_every: int = 8):
+                 backend: str | None = None, check_every: int = 8,
+                 cpu_linear: str | None = None):
         for name, val in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
                           ("check_every", check_every)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+        self.cpu_linear = tuning.linear_mode(cpu_linear)
         if cuda_graphs not in ("auto", True, False):
             raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
         if device is None and isinstance(aligned, (str, os.PathLike)):
@@ -126,16 +134,18 @@ class Decoder:
             self._entries.clear()
         if key not in self._slots:
             L = self.max_seq_len if self.use_graphs else needed
+            lin = self.cpu_linear
             if streams == "ar":
                 if self.kind == "two":
-                    pair = TwoModelPair(self.model_a, self.model_r, n, L)
+                    pair = TwoModelPair(self.model_a, self.model_r, n, L, lin)
                 else:  # LoRA pair or one model with two prompts
-                    pair = SharedPair(self.base, n, L, lora=self.lora)
+                    pair = SharedPair(self.base, n, L, self.lora, lin)
             elif streams == "a":
-                pair = SinglePair(self.base, n, L, self.lora, lora_rows=n)
+                pair = SinglePair(self.base, n, L, self.lora, n, lin)
             else:
                 model = self.model_r if self.kind == "two" else self.base
-                pair = SinglePair(model, n, L, self.lora if self.kind == "lora" else None, 0)
+                pair = SinglePair(model, n, L, self.lora if self.kind == "lora" else None, 0,
+                                  lin)
             self._slots[key] = pair
         return self._slots[key]
 
@@ -220,6 +230,8 @@ class Decoder:
              partial=False):
         """Yield the text of row 0 after each burst when ``partial``, then the Generation."""
         self._validate(rule, max_new_tokens)
+        if self.lora is not None:
+            self.lora.check_unmerged()
         rows = self._rows(rule, prompts, input_ids, attention_mask, chat)
         stop_ids = self.stop_ids(stop)
         if isinstance(rule, BeamAAD):
@@ -292,6 +304,7 @@ class Decoder:
             "pair": self.kind if streams == "ar" else f"single:{streams}",
             "batch": b,
             "device": str(self.device),
+            "linear": _linear_stats(pair),
         }
         yield out
 
@@ -307,6 +320,14 @@ class Decoder:
         if self.tokenizer is not None:
             text = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         return Generation(tokens=tokens, text=text, finish_reason=reasons)
+
+
+def _linear_stats(pair) -> dict:
+    """Which layout each weight shape of the pair's runners took (``tuning.summarize``)."""
+    out = {}
+    for runner in pair.runners:
+        out.update(tuning.summarize(runner.plan))
+    return out
 
 
 def _sliding_window(model):
@@ -334,7 +355,7 @@ def generate(aligned, reference=None, prompts=None, **kwargs) -> Generation:
     (``tokenizer, dtype, device, max_batch_size, max_seq_len, cuda_graphs, backend``) and
     ``generate`` options are both accepted."""
     dec_keys = ("tokenizer", "dtype", "device", "max_batch_size", "max_seq_len", "cuda_graphs",
-                "backend", "check_every")
+                "backend", "check_every", "cpu_linear")
     dec_kw = {k: kwargs.pop(k) for k in dec_keys if k in kwargs}
     n = len(prompts) if isinstance(prompts, list) else 1
     if "input_ids" in kwargs and kwargs["input_ids"] is not None:

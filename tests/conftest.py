@@ -70,3 +70,17 @@ def aad_pick(alpha=0.1, beta=1.0):
 
 
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 9], [1, 20, 21, 22]]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tuning_cache_per_session(tmp_path_factory):
+    """Measured fast-path choices (``aad_fast.tuning``) go to a file of this test session, not
+    the user's cache directory."""
+    import os
+    old = os.environ.get("AAD_FAST_TUNE_CACHE")
+    os.environ["AAD_FAST_TUNE_CACHE"] = str(tmp_path_factory.mktemp("tuning") / "tuning.json")
+    yield
+    if old is None:
+        os.environ.pop("AAD_FAST_TUNE_CACHE", None)
+    else:
+        os.environ["AAD_FAST_TUNE_CACHE"] = old

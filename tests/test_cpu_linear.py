@@ -1,87 +1,146 @@
-"""The few-row CPU linear path: same product as ``F.linear`` (fp32, another summation order),
-scoped to ``with``, and only for plain fp32 ``nn.Linear`` on CPU."""
+"""The few-row CPU linear layout and the measurement that chooses it (``cpu_linear``, ``tuning``):
+same product as ``F.linear`` (fp32, another summation order), used only where chosen, chosen
+only when measured faster, cached per machine, forced by the switch."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aad_fast.cpu_linear import MAX_ROWS, FewRowLinears
+from aad_fast import AAD, Decoder, Greedy, tuning
+from aad_fast import cpu_linear
+from aad_fast.cpu_linear import FewRowLinear, few_row_linear
+from conftest import aad_pick, naive_decode, tiny_model
+
+PROMPTS = [[5, 9, 2], [7, 7, 30, 4, 11]]
 
 
-class Net(nn.Module):
-    def __init__(self, dtype=torch.float32):
-        super().__init__()
-        self.a = nn.Linear(192, 320, bias=True, dtype=dtype)
-        self.b = nn.Linear(320, 96, bias=False, dtype=dtype)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
-
-def _plain(net, x):
-    return F.linear(torch.relu(F.linear(x, net.a.weight, net.a.bias)), net.b.weight)
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AAD_FAST_TUNE_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.delenv("AAD_FAST_CPU_LINEAR", raising=False)
+    monkeypatch.delenv("AAD_FAST_CPU_FEW_ROW_LINEAR", raising=False)
+    tuning.forget()
+    yield
+    tuning.forget()
 
 
 @pytest.mark.parametrize("shape", [(1, 192), (1, 1, 192), (2, 1, 192), (3, 192), (4, 4, 192),
-                                   (MAX_ROWS, 192), (MAX_ROWS + 1, 192), (5, 40, 192)])
-def test_same_product_as_f_linear(shape):
-    torch.manual_seed(0)
-    net = Net()
-    x = torch.randn(shape)
-    want = _plain(net, x)
-    with FewRowLinears(net) as ctx:
-        assert len(ctx.linears) == 2
-        got = net(x)
-    assert got.shape == want.shape and got.is_contiguous()
-    # fp32 with another summation order: a few ulps of the sums (|sum| ~ 1-10 here)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+                                   (33, 192), (5, 40, 192)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_same_product_as_f_linear(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(320, 192, generator=g), torch.randn(320, generator=g) if bias else None
+    x = torch.randn(shape, generator=g)
+    got = few_row_linear(x, w, b)
+    assert got.shape == shape[:-1] + (320,) and got.is_contiguous()
+    # fp32 with another summation order: a few ulps of sums of ~200 terms of size ~1
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    xs = torch.randn(shape[:-1] + (384,), generator=g)[..., ::2]  # a strided input
+    torch.testing.assert_close(few_row_linear(xs, w, b), F.linear(xs, w, b), rtol=1e-5, atol=1e-5)
 
 
-def test_non_contiguous_input():
-    torch.manual_seed(1)
-    net = Net()
-    x = torch.randn(3, 384)[:, ::2]
-    with FewRowLinears(net):
-        got = net(x)
-    torch.testing.assert_close(got, _plain(net, x), rtol=1e-5, atol=1e-5)
+def test_few_row_module_takes_its_path_up_to_max_rows_only(monkeypatch):
+    calls = []
+    real = cpu_linear.few_row_linear
+    monkeypatch.setattr(cpu_linear, "few_row_linear",
+                        lambda *a: calls.append(a[0].shape) or real(*a))
+    lin = nn.Linear(16, 8)
+    mod = FewRowLinear(lin, max_rows=4)
+    assert mod.weight is lin.weight and mod.bias is lin.bias  # shared, not copied
+    for rows, took in ((1, True), (4, True), (5, False), (2 * 3, False)):
+        x = torch.randn(rows, 1, 16)
+        torch.testing.assert_close(mod(x), lin(x), rtol=1e-5, atol=1e-5)
+        assert (len(calls) == 1) == took, rows
+        calls.clear()
 
 
-def test_scoped_to_with_and_restored_after_an_error():
-    net = Net()
-    ctx = FewRowLinears(net)
-    with pytest.raises(RuntimeError, match="boom"):
-        with ctx:
-            assert "forward" in net.a.__dict__
-            raise RuntimeError("boom")
-    assert "forward" not in net.a.__dict__ and "forward" not in net.b.__dict__
-    assert net.a.forward.__func__ is nn.Linear.forward
+def _fake(plain, few):
+    seen = []
+
+    def measure(weights, rows):
+        seen.append((tuple(weights[0].shape), rows))
+        return {"plain": plain, "few_row": few}
+    return measure, seen
 
 
-def test_only_fp32_cpu_and_plain_linear(monkeypatch):
-    assert FewRowLinears(Net(torch.bfloat16)).linears == []
-    monkeypatch.setenv("AAD_FAST_CPU_FEW_ROW_LINEAR", "0")
-    assert FewRowLinears(Net()).linears == []
-    monkeypatch.delenv("AAD_FAST_CPU_FEW_ROW_LINEAR")
+def test_measurement_chooses_the_faster_and_plain_within_noise():
+    net = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16))
+    slower, _ = _fake(1.0, 2.0)
+    assert {r["choice"] for r in tuning.plan_linears(net, 2, measure=slower).values()} == {"plain"}
+    faster, seen = _fake(1.0, 0.5)
+    plan = tuning.plan_linears(net, 3, measure=faster)
+    assert {r["choice"] for r in plan.values()} == {"few_row"}
+    assert sorted(seen) == [((16, 8), 3), ((16, 16), 3)]  # one measurement per distinct shape
+    noise, _ = _fake(1.0, 1.0 - tuning.MARGIN / 2)
+    assert {r["choice"] for r in tuning.plan_linears(net, 4, measure=noise).values()} == {"plain"}
 
+
+def test_choices_are_cached_per_machine_and_invalidated_by_a_version_change(monkeypatch):
+    net = nn.Sequential(nn.Linear(8, 16))
+    first, seen = _fake(1.0, 0.5)
+    assert tuning.plan_linears(net, 2, measure=first)[(16, 8)]["source"] == "measured"
+    tuning.forget()  # a new process: only the file is left
+    again, seen2 = _fake(1.0, 2.0)
+    rec = tuning.plan_linears(net, 2, measure=again)[(16, 8)]
+    assert seen2 == [] and rec["choice"] == "few_row" and rec["source"] == "cache"
+    tuning.forget()
+    other = dict(tuning.machine(), torch="9.9.9")
+    monkeypatch.setattr(tuning, "machine", lambda: other)
+    rec = tuning.plan_linears(net, 2, measure=again)[(16, 8)]
+    assert seen2 == [((16, 8), 2)] and rec["choice"] == "plain" and rec["source"] == "measured"
+
+
+def test_a_corrupt_cache_file_is_measured_again(tmp_path):
+    (tmp_path / "tuning.json").write_text("{not json")
+    measure, seen = _fake(1.0, 0.5)
+    assert tuning.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == "few_row"
+    assert seen == [((4, 4), 1)]
+
+
+def test_switch_forces_each_path_without_measuring(monkeypatch):
+    net = nn.Sequential(nn.Linear(8, 16))
+    boom, seen = _fake(1.0, 1.0)
+    for mode in ("plain", "few_row"):
+        assert tuning.plan_linears(net, 2, mode, measure=boom)[(16, 8)] == {
+            "choice": mode, "source": "forced"}
+    monkeypatch.setenv("AAD_FAST_CPU_FEW_ROW_LINEAR", "0")  # the older switch
+    assert tuning.plan_linears(net, 2, measure=boom)[(16, 8)]["choice"] == "plain"
+    monkeypatch.setenv("AAD_FAST_CPU_LINEAR", "few_row")
+    assert tuning.plan_linears(net, 2, measure=boom)[(16, 8)]["choice"] == "few_row"
+    assert seen == []
+    with pytest.raises(ValueError, match="cpu_linear.*'fast'"):
+        tuning.linear_mode("fast")
+    with pytest.raises(ValueError, match="cpu_linear"):
+        Decoder(tiny_model(), cpu_linear="fast")
+
+
+def test_only_fp32_cpu_plain_linears_have_a_choice():
     class MyLinear(nn.Linear):
         pass
+    net = nn.Sequential(MyLinear(8, 8), nn.Linear(8, 12), nn.Linear(12, 4).to(torch.bfloat16))
+    measure, seen = _fake(1.0, 0.5)
+    assert list(tuning.plan_linears(net, 2, measure=measure)) == [(12, 8)]
 
-    net = nn.Sequential(MyLinear(8, 8), nn.Linear(8, 8))
-    assert FewRowLinears(net).linears == [net[1]]
 
-
-
-def test_a_layer_with_its_own_forward_is_left_alone():
-    net = Net()
-    calls = []
-
-    def patched(x):
-        calls.append(1)
-        return F.linear(x, net.a.weight, net.a.bias)
-
-    net.a.forward = patched
-    with FewRowLinears(net):
-        assert net.a.__dict__["forward"] is patched and "forward" in net.b.__dict__
-        net(torch.randn(2, 192))
-    assert calls == [1] and net.a.__dict__["forward"] is patched
-    assert "forward" not in net.b.__dict__
+@pytest.mark.parametrize("layout", ["plain", "few_row", "auto"])
+def test_decoder_tokens_equal_the_naive_loop_with_each_layout(layout):
+    from peft import LoraConfig, get_peft_model
+    ma, mr = tiny_model("llama", 0), tiny_model("llama", 1)
+    want = naive_decode(aad_pick(0.1), (ma, mr), PROMPTS, 10)
+    dec = Decoder(ma, mr, max_batch_size=2, max_seq_len=40, cpu_linear=layout)
+    out = dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=10)
+    assert out.tokens == want
+    assert out.stats["linear"] and all(v.startswith(layout if layout != "auto" else "")
+                                       for v in out.stats["linear"].values())
+    base = tiny_model("llama", 2)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False)).eval()
+    merged = copy.deepcopy(pm).merge_and_unload().eval()
+    dec = Decoder(pm, max_batch_size=2, max_seq_len=40, cpu_linear=layout)
+    assert dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=10).tokens == \
+        naive_decode(aad_pick(0.1), (merged, base), PROMPTS, 10)
+    argmax = lambda a, r, t, h: int(a.argmax())  # noqa: E731
+    assert dec.generate(input_ids=PROMPTS, rule=Greedy("r"), max_new_tokens=6).tokens == \
+        naive_decode(argmax, (base,), PROMPTS, 6)

@@ -86,17 +86,35 @@ def test_lora_adapters_the_shared_pair_cannot_compute_are_refused(extra, match):
         Decoder(pm, max_batch_size=1, max_seq_len=40)
 
 
-def test_row_lora_scopes_nest_and_restore():
-    from aad_fast.pairs import RowLoRA
+@pytest.mark.parametrize("layout", ["plain", "few_row"])
+def test_engine_view_shares_weights_and_leaves_the_model_alone(layout):
+    from peft.tuners.lora import LoraLayer
+
+    from aad_fast.cpu_linear import FewRowLinear
+    from aad_fast.lora_rows import RowLoRA, RowLoRALinear
+    from aad_fast.runner import engine_view
     pm = _lora(tiny_model("llama", 0))
-    lora = RowLoRA(pm)
-    mod = lora.layers[0][0]
-    with lora.rows(2):
-        outer = mod.__dict__["forward"]
-        with lora.rows(0):
-            assert mod.__dict__["forward"] is not outer
-        assert mod.__dict__["forward"] is outer
-    assert "forward" not in mod.__dict__
+    base = pm.get_base_model()
+    before = [type(m) for m in base.modules()]
+    view, plan = engine_view(base, 2, RowLoRA(pm), lora_rows=1, cpu_linear=layout)
+    assert [type(m) for m in base.modules()] == before  # the user's model is untouched
+    assert isinstance(base.model.layers[0].self_attn.q_proj, LoraLayer)
+    ptrs = {p.data_ptr() for p in base.parameters()}
+    assert ptrs >= {p.data_ptr() for p in view.parameters()}  # no weight copied
+    kinds = {type(m) for m in view.modules()}
+    assert RowLoRALinear in kinds and not any(issubclass(k, LoraLayer) for k in kinds)
+    assert (FewRowLinear in kinds) == (layout == "few_row")
+    assert {r["choice"] for r in plan.values()} == {layout}
+    # row 0 gets the adapter, row 1 does not: the merged model and the base model
+    x = torch.tensor([[5, 9, 2, 7], [5, 9, 2, 7]])
+    with torch.no_grad():
+        got = view(x).logits
+        with pm.disable_adapter():
+            plain = pm(x[:1]).logits
+        adapted = pm(x[:1]).logits
+    torch.testing.assert_close(got[:1], adapted, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1:], plain, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(adapted, plain, rtol=1e-3, atol=1e-3)  # the adapter does something
 
 
 def test_merged_lora_adapter_is_refused():

@@ -1,0 +1,169 @@
+"""One causal LM over static buffers: prefill and a graph-safe one-token step, run on the
+engine's own view of the model.
+
+The runner owns every buffer a decode step touches, sized once: the KV cache
+(``cache.StaticKVCache``), the token input ``[N, 1]``, the per-row positions ``[N, 1]``, the
+cache write slot ``[1]`` and an additive attention mask ``[N, 1, 1, max_len]``. Rows are
+left-padded, so every row writes the same cache slot at each step while RoPE positions stay per
+row. Hugging Face models accept the prepared 4D mask as-is and only call ``cache.update`` (we
+always pass ``position_ids``), so the same runner serves Llama, Qwen2/3, Mistral, OLMo2 and other
+standard decoder-only models.
+
+``engine_view`` is the model the runner calls: a copy of the module tree that shares every
+parameter and buffer (no weight is copied) with the decode-path layers replaced once, for the
+runner's life: LoRA layers by ``lora_rows.RowLoRALinear`` (adapter on the aligned rows only), and
+on CPU each plain fp32 ``nn.Linear`` by ``cpu_linear.FewRowLinear`` where ``tuning`` measured that
+layout faster for the runner's row count. Nothing is swapped around a forward, so two runners
+(or two threads) never see each other's layers, and ``torch.compile`` can trace the step.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import itertools
+
+import torch
+from torch import Tensor, nn
+
+from . import tuning
+from .cache import StaticKVCache
+from .cpu_linear import FewRowLinear
+from .lora_rows import RowCount, RowLoRALinear
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def engine_view(model: nn.Module, n_rows: int, lora=None, lora_rows: int = 0,
+                cpu_linear: str | None = None):
+    """``(view, plan)``: ``model``'s module tree with shared weights and the engine's layers.
+
+    ``lora``: a ``lora_rows.RowLoRA`` of ``model``'s LoRA layers (``model`` is then the
+    ``PeftModel``'s base model); the adapter goes on the first ``lora_rows`` rows (the view's
+    ``aad_rows.n``, changeable per forward). ``cpu_linear``: ``tuning.linear_mode`` switch.
+    ``plan``: ``tuning.plan_linears`` of the view's plain linears for ``n_rows`` rows."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    view = copy.deepcopy(model, shared)
+    view.aad_rows = RowCount(lora_rows)
+    if lora is not None:
+        names = {id(m): n for n, m in model.named_modules()}
+        for _, mod, a_w, b_w, scale in lora.layers:
+            name = names[id(mod)]
+            base = view.get_submodule(name).base_layer
+            _set_module(view, name, RowLoRALinear(base, a_w, b_w, scale, view.aad_rows))
+    plan = tuning.plan_linears(view, n_rows, cpu_linear)
+    for name, mod in list(view.named_modules()):
+        if type(mod) is nn.Linear and plan.get(tuple(mod.weight.shape), {}).get(
+                "choice") == "few_row":
+            _set_module(view, name, FewRowLinear(mod, n_rows))
+    return view.eval(), plan
+
+
+@functools.cache
+def _cache_kwarg(cls) -> str:
+    """The name the model's forward takes its cache under: ``cache`` (transformers >= 5.24,
+    which deprecates ``past_key_values``) or ``past_key_values``."""
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class Runner:
+    """One causal LM over ``n_rows`` rows with static buffers (see module docstring).
+
+    ``lora``/``lora_rows``/``cpu_linear``: as ``engine_view``."""
+
+    def __init__(self, model, n_rows: int, max_len: int, lora=None, lora_rows: int = 0,
+                 cpu_linear: str | None = None):
+        self.model, self.plan = engine_view(model, n_rows, lora, lora_rows, cpu_linear)
+        self.lora, self.lora_rows = lora, lora_rows
+        self.n_rows = n_rows
+        self.max_len = max_len
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.neg = torch.finfo(self.dtype).min
+        self.cache = StaticKVCache(max_len)
+        self._cache_kw = _cache_kwarg(type(self.model))
+        dev = self.device
+        self.ids = torch.zeros((n_rows, 1), dtype=torch.int64, device=dev)
+        self.pos = torch.zeros((n_rows, 1), dtype=torch.int64, device=dev)
+        self.slot = torch.zeros((1,), dtype=torch.int64, device=dev)
+        self.mask = torch.full((n_rows, 1, 1, max_len), self.neg, dtype=self.dtype, device=dev)
+
+    def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache=None) -> Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                         use_cache=True, logits_to_keep=1,
+                         **{self._cache_kw: self.cache if cache is None else cache})
+        return out.logits[:, -1, :]
+
+    def prefill(self, ids: Tensor, real: Tensor, rows: Tensor | None = None,
+                lora_rows: int | None = None) -> Tensor:
+        """Encode left-padded prompts. ``ids``, ``real`` int64/bool ``[n_rows, L]`` (``real``
+        marks non-padding). Returns the last position's logits ``[n_rows, V]`` (model dtype).
+
+        ``rows`` (int64 ``[n_rows]``, optional): ``ids``/``real`` then hold ``U`` distinct
+        prompts and row ``i`` is prompt ``rows[i]``; each prompt is encoded once and its cache
+        copied to its rows (beam search); ``lora_rows`` then replaces the runner's count of
+        adapter rows for that forward (the aligned rows among the ``U`` prompts)."""
+        n, length = (ids.shape if rows is None else (rows.shape[0], ids.shape[1]))
+        if n != self.n_rows:
+            raise ValueError(f"prefill got {n} rows, runner was built for {self.n_rows}")
+        if length > self.max_len:
+            raise ValueError(f"prompt length {length} exceeds max_seq_len={self.max_len}")
+        dev = self.device
+        ids, real = ids.to(dev), real.to(dev).bool()
+        # U distinct prompts go through a temporary cache of just the prompt's slots
+        cache = self.cache if rows is None else StaticKVCache(length)
+        u, slots = ids.shape[0], cache.max_len
+        keys = torch.zeros((u, slots), dtype=torch.bool, device=dev)
+        keys[:, :length] = real
+        causal = torch.ones((length, slots), dtype=torch.bool, device=dev).tril()
+        allowed = causal[None] & keys[:, None, :]
+        mask4 = torch.full((u, 1, length, slots), self.neg, dtype=self.dtype, device=dev)
+        mask4.masked_fill_(allowed[:, None], 0.0)
+        pos = (real.long().cumsum(1) - 1).clamp(min=0)
+        cache.write_pos = torch.arange(length, device=dev)
+        counts = self.model.aad_rows
+        counts.n = self.lora_rows if lora_rows is None else lora_rows
+        try:
+            logits = self._forward(ids, mask4, pos, cache)
+        finally:
+            counts.n = self.lora_rows
+        if rows is not None:
+            rows = rows.to(dev)
+            self.cache.adopt(cache, rows)
+            logits, real = logits.index_select(0, rows), real.index_select(0, rows)
+        # Decode state: the prompt's real tokens are visible, the next token goes to slot L.
+        self.mask.fill_(self.neg)
+        self.mask[:, 0, 0, :length].masked_fill_(real, 0.0)
+        self.pos.copy_(real.long().sum(1, keepdim=True))
+        self.slot.fill_(length)
+        self.cache.write_pos = self.slot
+        return logits
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """Feed one token per row (int64 ``[n_rows]``, valid ids) and return the next logits
+        ``[n_rows, V]``. Graph-safe: only in-place updates of the runner's own buffers."""
+        self.ids.copy_(tokens.view(-1, 1))
+        self.mask.index_fill_(3, self.slot, 0.0)
+        logits = self._forward(self.ids, self.mask, self.pos)
+        self.pos.add_(1)
+        self.slot.add_(1)
+        return logits
+
+    def reorder(self, index: Tensor, start: int = 0, stop: int | None = None) -> None:
+        """Row ``i`` continues from row ``index[i]`` (beam search): cache slots
+        ``[start, stop)`` (default all), positions and mask."""
+        self.cache.reorder(index, start, stop)
+        self.pos.copy_(self.pos.index_select(0, index))
+        self.mask.copy_(self.mask.index_select(0, index))
+
+    def snapshot(self) -> list[Tensor]:
+        """Copies of the small decode buffers (graph warm-up must not change the decode)."""
+        return [t.clone() for t in (self.pos, self.slot, self.mask)]
+
+    def restore(self, saved: list[Tensor]) -> None:
+        for t, s in zip((self.pos, self.slot, self.mask), saved):
+            t.copy_(s)

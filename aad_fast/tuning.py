@@ -1,0 +1,242 @@
+"""Measured choices of the machine-dependent fast paths, cached per machine.
+
+Which way of running a decode step is fastest depends on the CPU, its BLAS and the library
+versions (``cpu_linear``: a layout that doubled the speed on one CPU halved it on another), so
+nothing here is assumed: each choice is timed where the code runs, the plain PyTorch path is
+always a candidate and wins unless the other is faster beyond noise (``MARGIN``), and the
+answer is cached in a JSON file keyed by the machine (CPU model and flags, BLAS, threads,
+library versions), so the second ``Decoder`` on a machine measures nothing.
+
+Choices:
+- ``linear``: per weight shape ``N x K`` and decode row count, ``plain`` (``F.linear``) or
+  ``few_row`` (``cpu_linear.few_row_linear``), for fp32 ``nn.Linear`` on CPU.
+- ``backend``: the selection backend on CPU (``cpp`` or ``torch``), per ``B x V``.
+
+Switches (environment, or ``Decoder(cpu_linear=...)``):
+- ``AAD_FAST_CPU_LINEAR=auto|plain|few_row``: measure (default) or force a layout everywhere
+  (``AAD_FAST_CPU_FEW_ROW_LINEAR=0``, the older switch, means ``plain``).
+- ``AAD_FAST_TUNE_CACHE=PATH``: the cache file (default
+  ``$XDG_CACHE_HOME/aad_fast/tuning.json``, i.e. ``~/.cache/aad_fast/tuning.json``);
+  ``off`` keeps choices in memory only.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cpu_linear import few_row_linear
+
+MARGIN = 0.05          # the alternative must be this much faster than plain to be chosen
+ROUNDS = 7             # timed rounds per candidate (interleaved), after one warm-up
+BUDGET_S = 0.25        # stop adding rounds past this much time per shape
+MAX_BYTES = 256 << 20  # weights of one shape timed per round (a subset beyond that)
+LINEAR_MODES = ("auto", "plain", "few_row")
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "neon", "sve")
+
+
+# ---------------------------------------------------------------------------- the machine
+@functools.cache
+def machine() -> dict:
+    """What a measured choice depends on: CPU model and the flags that matter, BLAS, threads
+    and library versions."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "model name" and cpu in ("", platform.processor()):
+                    cpu = val.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(val.split())
+    config = torch.__config__.show()
+    blas = next((b for b in ("MKL", "OpenBLAS", "BLIS", "Accelerate", "Eigen")
+                 if f"BLAS_INFO={b.lower()}" in config.replace(" ", "").lower()
+                 or f"USE_{b.upper()}=ON" in config), "unknown")
+    from . import __version__
+    return {"cpu": cpu, "flags": sorted(f for f in _FLAGS if f in flags),
+            "cores": os.cpu_count(), "blas": blas, "torch": torch.__version__,
+            "aad_fast": __version__}
+
+
+def machine_key() -> str:
+    """Hash of ``machine()`` plus the current thread count (which changes timings)."""
+    ident = dict(machine(), threads=torch.get_num_threads())
+    return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- the cache
+def cache_path() -> Path | None:
+    env = os.environ.get("AAD_FAST_TUNE_CACHE")
+    if env is not None:
+        return None if env.strip().lower() in ("", "off", "0", "none") else Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "aad_fast" / "tuning.json"
+
+
+_MEMORY: dict = {}
+
+
+def cached(entry: str) -> dict | None:
+    """This machine's record for ``entry``, or ``None``."""
+    key = machine_key()
+    if (key, entry) in _MEMORY:
+        return _MEMORY[(key, entry)]
+    path = cache_path()
+    if path is None or not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text()).get(key, {}).get(entry)
+    except (OSError, ValueError, AttributeError):  # unreadable or hand-edited: measure again
+        return None
+    if rec is not None:
+        _MEMORY[(key, entry)] = rec
+    return rec
+
+
+def store(entry: str, record: dict) -> None:
+    """Keep ``record`` for this machine (in memory, and in the cache file when there is one;
+    an unwritable cache directory only costs a measurement next time)."""
+    key = machine_key()
+    _MEMORY[(key, entry)] = record
+    path = cache_path()
+    if path is None:
+        return
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            data = json.loads(path.read_text()) if path.exists() else {}
+            if not isinstance(data, dict):
+                data = {}
+        except (OSError, ValueError):
+            data = {}
+        mine = data.setdefault(key, {})
+        mine.setdefault("_machine", dict(machine(), threads=torch.get_num_threads()))
+        mine[entry] = record
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+
+def forget() -> None:
+    """Drop the in-memory copies (tests; the cache file is left alone)."""
+    _MEMORY.clear()
+
+
+# ---------------------------------------------------------------------------- timing
+def time_candidates(fns: dict, rounds: int = ROUNDS, budget_s: float = BUDGET_S) -> dict:
+    """Best time in ms of each zero-argument function, run interleaved (one warm-up each, then
+    rounds in rotated order so drift on a shared machine hits every candidate alike)."""
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    best = dict.fromkeys(names, float("inf"))
+    start = time.perf_counter()
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
+        if i >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return best
+
+
+def decide(times: dict, plain: str = "plain") -> str:
+    """The plain candidate unless another is faster than it by more than ``MARGIN``."""
+    best = min(times, key=times.get)
+    return best if times[best] < times[plain] * (1 - MARGIN) else plain
+
+
+def measure_linear(weights: list, rows: int) -> dict:
+    """ms of ``rows`` rows through every weight in ``weights`` (in model order, as a decode
+    step streams them), for each layout."""
+    chosen, total = [], 0
+    for w in weights:
+        if chosen and total + w.numel() * w.element_size() > MAX_BYTES:
+            break
+        chosen.append(w)
+        total += w.numel() * w.element_size()
+    x = torch.randn(rows, chosen[0].shape[1], dtype=chosen[0].dtype)
+
+    def plain():
+        for w in chosen:
+            F.linear(x, w)
+
+    def few_row():
+        for w in chosen:
+            few_row_linear(x, w)
+
+    with torch.inference_mode():
+        return time_candidates({"plain": plain, "few_row": few_row})
+
+
+def linear_mode(mode: str | None = None) -> str:
+    """The layout switch: ``mode`` if given, else the environment, else ``auto``."""
+    if mode is None:
+        mode = os.environ.get("AAD_FAST_CPU_LINEAR")
+        if mode is None and os.environ.get("AAD_FAST_CPU_FEW_ROW_LINEAR", "1") == "0":
+            mode = "plain"
+    mode = mode or "auto"
+    if mode not in LINEAR_MODES:
+        raise ValueError(f"cpu_linear (or AAD_FAST_CPU_LINEAR) must be one of {LINEAR_MODES}, "
+                         f"got {mode!r}")
+    return mode
+
+
+def plan_linears(model: nn.Module, rows: int, mode: str | None = None,
+                 measure=measure_linear) -> dict:
+    """Layout of each weight shape of ``model``'s plain ``nn.Linear`` layers for a decode step
+    of ``rows`` rows: ``{(N, K): {"choice": "plain" | "few_row", "source": ..., times}}``.
+
+    Only fp32 weights on CPU have a choice (everything else is ``plain``). ``measure(weights,
+    rows) -> {"plain": ms, "few_row": ms}`` is the timer (tests inject fake timings)."""
+    mode = linear_mode(mode)
+    groups: dict = {}
+    for mod in model.modules():
+        if type(mod) is nn.Linear and mod.weight.device.type == "cpu" \
+                and mod.weight.dtype == torch.float32:
+            groups.setdefault(tuple(mod.weight.shape), []).append(mod.weight)
+    plan = {}
+    for shape, weights in groups.items():
+        if mode != "auto":
+            plan[shape] = {"choice": mode, "source": "forced"}
+            continue
+        entry = f"linear/{shape[0]}x{shape[1]}/float32/rows{rows}"
+        rec = cached(entry)
+        if rec is None:
+            times = measure(weights, rows)
+            rec = {"choice": decide(times), "plain_ms": times["plain"],
+                   "few_row_ms": times["few_row"], "weights_timed": len(weights)}
+            store(entry, rec)
+            rec = dict(rec, source="measured")
+        else:
+            rec = dict(rec, source="cache")
+        plan[shape] = rec
+    return plan
+
+
+def summarize(plan: dict) -> dict:
+    """``{"NxK": "few_row (measured: 0.31 vs plain 0.52 ms)"}`` for stats."""
+    out = {}
+    for (n, k), rec in plan.items():
+        text = rec["choice"]
+        if "plain_ms" in rec:
+            text += (f" ({rec['source']}: plain {rec['plain_ms']:.3f} ms, few_row "
+                     f"{rec['few_row_ms']:.3f} ms)")
+        else:
+            text += f" ({rec['source']})"
+        out[f"{n}x{k}"] = text
+    return out
