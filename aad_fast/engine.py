@@ -8,6 +8,8 @@ device state only every ``check_every`` steps (all rows done? a row with no cand
 """
 from __future__ import annotations
 
+import functools
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -64,37 +66,68 @@ def decode_one(pair, selector, st: DecodeState) -> None:
     record(st, selector(la, lr, st.t))
 
 
-class StepGraph:
-    """``decode_one`` captured as one CUDA graph; warm-up runs are undone before use."""
+class CompiledStep:
+    """``decode_one`` of one (pair, selector, state) through ``torch.compile`` (the whole step as
+    one graph, static shapes: the gpt-fast way). Compiles on the first call, which
+    ``compile_s`` times; on CUDA, ``StepGraph`` then captures the compiled step."""
 
     def __init__(self, pair, selector, st: DecodeState):
-        live = list(st.tensors()) + list(selector.buffers())
-        saved = [r.snapshot() for r in pair.runners] + [[t.clone() for t in live]]
+        self.fn = torch.compile(functools.partial(decode_one, pair, selector, st),
+                                fullgraph=True, dynamic=False)
+        t0 = time.perf_counter()
+        undone(pair, selector, st, self.fn)  # compile now, not inside a timed decode
+        self.compile_s = time.perf_counter() - t0
+
+    def __call__(self) -> None:
+        self.fn()
+
+
+def undone(pair, selector, st: DecodeState, fn) -> None:
+    """Run ``fn()`` (warm-up steps, a compile) and put the decode state back as it was: the
+    runners' positions/slot/mask, the state's tensors and the selector's buffers. The KV slot a
+    warm-up step wrote is written again by the real step."""
+    live = list(st.tensors()) + list(selector.buffers())
+    saved = [r.snapshot() for r in pair.runners] + [[t.clone() for t in live]]
+    fn()
+    for r, s in zip(pair.runners, saved):
+        r.restore(s)
+    for t, s in zip(live, saved[-1]):
+        t.copy_(s)
+
+
+class StepGraph:
+    """``step`` (default ``decode_one``) captured as one CUDA graph; warm-up runs are undone
+    before use."""
+
+    def __init__(self, pair, selector, st: DecodeState, step=None):
+        step = step or functools.partial(decode_one, pair, selector, st)
+        undone(pair, selector, st, lambda: self._capture(step))
+
+    def _capture(self, step) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                decode_one(pair, selector, st)
+                step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            decode_one(pair, selector, st)
-        for r, s in zip(pair.runners, saved):
-            r.restore(s)
-        for t, s in zip(live, saved[-1]):
-            t.copy_(s)
+            step()
 
-    def replay(self) -> None:
+    def __call__(self) -> None:
         self.graph.replay()
+
+    replay = __call__
 
 
 _warned: set = set()
 
 
-def try_capture(pair, selector, st: DecodeState, name: str):
-    """Capture ``decode_one``; on failure warn once per model name and return ``None``."""
+def try_capture(pair, selector, st: DecodeState, name: str, step=None):
+    """Capture ``step`` (default ``decode_one``); on failure warn once per model name and
+    return ``None``."""
     try:
-        return StepGraph(pair, selector, st)
+        return StepGraph(pair, selector, st, step)
     except Exception as exc:  # an architecture that cannot be captured
         torch.cuda.synchronize()
         if name not in _warned:
@@ -105,19 +138,19 @@ def try_capture(pair, selector, st: DecodeState, name: str):
         return None
 
 
-def decode_n(pair, selector, st: DecodeState, n_steps: int, graph: StepGraph | None = None,
+def decode_n(pair, selector, st: DecodeState, n_steps: int, step=None,
              check_every: int = 8, on_check=None) -> tuple[int, bool]:
     """Run up to ``n_steps`` steps, stopping early once every row is done (checked every
-    ``check_every`` steps, the only host syncs). Raises ``RuntimeError`` naming the rows whose
-    aligned logits had no candidate. Returns (steps run, whether every row is done)."""
+    ``check_every`` steps, the only host syncs). ``step``: a zero-argument replacement of
+    ``decode_one`` for this (pair, selector, state): a ``StepGraph`` or a ``CompiledStep``.
+    Raises ``RuntimeError`` naming the rows whose aligned logits had no candidate. Returns
+    (steps run, whether every row is done)."""
+    step = step or functools.partial(decode_one, pair, selector, st)
     done_steps, all_done = 0, False
     while done_steps < n_steps:
         burst = min(check_every, n_steps - done_steps)
         for _ in range(burst):
-            if graph is not None:
-                graph.replay()
-            else:
-                decode_one(pair, selector, st)
+            step()
         done_steps += burst
         all_done, _ = check(st)
         if on_check is not None:

@@ -57,17 +57,28 @@ class Decoder:
             ``$AAD_FAST_CPU_LINEAR``) times ``F.linear`` against the few-row layout per weight
             shape on this machine and keeps the faster (cached, see ``tuning``); ``"plain"`` /
             ``"few_row"`` force one. ``stats["linear"]`` says what each shape took.
+        compile: run the one-token step through ``torch.compile`` (full graph, static shapes;
+            on CUDA the compiled step is what the graph captures). ``True``/``False`` force it;
+            ``"auto"`` (default) compiles only where a run on this machine measured the
+            compiled step faster for this model shape, pair and batch, and this call's
+            ``max_new_tokens`` saves more than the measured compile time
+            (``tuning.compile_pays``). Every decode records its ms/token (and a compile its
+            time) for that choice. The compile itself is not part of ``ms_per_token``
+            (``stats["capture_ms"]``).
     """
 
     def __init__(self, aligned, reference=None, *, tokenizer=None, dtype=None, device=None,
                  max_batch_size: int = 8, max_seq_len: int = 2048, cuda_graphs="auto",
                  backend: str | None = None, check_every: int = 8,
-                 cpu_linear: str | None = None):
+                 cpu_linear: str | None = None, compile="auto"):
         for name, val in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
                           ("check_every", check_every)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {val!r}")
         self.cpu_linear = tuning.linear_mode(cpu_linear)
+        if compile not in ("auto", True, False):
+            raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
+        self.compile = compile
         if cuda_graphs not in ("auto", True, False):
             raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
         if device is None and isinstance(aligned, (str, os.PathLike)):
@@ -124,16 +135,23 @@ class Decoder:
             n *= 2
         return min(n, self.max_batch_size)
 
-    def _pair(self, n: int, streams: str, needed: int):
-        """Runners for ``n`` rows. With graphs they are sized to ``max_seq_len`` once and kept
-        (the graph holds their addresses); eagerly they are sized to this call's need, so
-        attention never reads unused cache slots."""
-        key = (n, streams)
-        if not self.use_graphs:
-            self._slots.clear()
-            self._entries.clear()
+    def _pair(self, n: int, streams: str, needed: int, static: bool | None = None):
+        """Runners for ``n`` rows. Static runners (CUDA graphs, a compiled step) are kept: the
+        graph or the compiled code holds their buffers; with graphs they have ``max_seq_len``
+        slots, compiled on CPU the power of two >= ``needed`` (at most ``MAX_STATIC`` kept).
+        Eager runners are sized to this call's need, so attention never reads unused slots."""
+        static = self.use_graphs if static is None else static
+        if static:
+            L = self.max_seq_len if self.use_graphs else _length_bucket(needed, self.max_seq_len)
+        else:
+            L = needed
+        key = (n, streams, L if static else None)
+        for old in [k for k in self._slots if k[2] is None and k != key]:
+            self._drop(old)
         if key not in self._slots:
-            L = self.max_seq_len if self.use_graphs else needed
+            kept = [k for k in self._slots if k[2] is not None]
+            if static and len(kept) >= MAX_STATIC:
+                self._drop(kept[0])
             lin = self.cpu_linear
             if streams == "ar":
                 if self.kind == "two":
@@ -149,13 +167,33 @@ class Decoder:
             self._slots[key] = pair
         return self._slots[key]
 
+    def _drop(self, key) -> None:
+        pair = self._slots.pop(key)
+        for k in [k for k in self._entries if k[0] == id(pair)]:
+            del self._entries[k]
+
+    def _compile_key(self, streams: str, n: int) -> str:
+        """The tuning entry of the compiled-vs-eager choice: model shape, pair, rows, device."""
+        model = self.base if streams != "r" or self.kind != "two" else self.model_r
+        cfg = model.config
+        sig = (f"{type(model).__name__}-h{getattr(cfg, 'hidden_size', '?')}"
+               f"-l{getattr(cfg, 'num_hidden_layers', '?')}-v{self.vocab}-"
+               f"{str(next(model.parameters()).dtype).replace('torch.', '')}")
+        pair = self.kind if streams == "ar" else f"single-{streams}"
+        return f"compile/{self.device.type}/{sig}/{pair}/rows{n}"
+
+    def _wants_compile(self, key: str, max_new: int) -> bool:
+        if self.compile is True or self.compile is False:
+            return self.compile and max_new > 1
+        return tuning.compile_pays(key, max_new - 1)
+
     def _entry(self, pair, n: int, rule: Rule):
         key = (id(pair), rule)
         if key not in self._entries:
             sel = make_selector(rule, n, self.vocab, self.device, self.backend)
             st = engine.DecodeState.new(n, pair.runners[0].max_len, [], self.device)
             st.stop = torch.full((MAX_STOP_IDS,), -2, dtype=torch.int64, device=self.device)
-            self._entries[key] = {"sel": sel, "st": st, "graph": None, "tried": False}
+            self._entries[key] = {"sel": sel, "st": st}
         return self._entries[key]
 
     # ------------------------------------------------------------------ inputs
@@ -250,7 +288,9 @@ class Decoder:
         n = self._bucket(b)
         streams = rule.streams
         longest = max(len(r) for r in rows.a + rows.r)
-        pair = self._pair(n, streams, longest + max_new)
+        ckey = self._compile_key(streams, n)
+        compiled = self._wants_compile(ckey, max_new)
+        pair = self._pair(n, streams, longest + max_new, static=self.use_graphs or compiled)
         ent = self._entry(pair, n, rule)
         sel, st = ent["sel"], ent["st"]
         if seeds is not None:
@@ -269,18 +309,25 @@ class Decoder:
             engine.prefill(pair, sel, st, ids_a, real_a, ids_r, real_r)
             sync()
             t1 = time.perf_counter()
+            compile_s = None
+            if compiled and "compiled" not in ent:
+                ent["compiled"] = self._compile_step(pair, sel, st)
+                compile_s = getattr(ent["compiled"], "compile_s", None)
+            step = ent.get("compiled") if compiled else None
             graph = None
             if self.use_graphs and max_new > 1:
-                if not ent["tried"]:
-                    ent["tried"] = True
-                    ent["graph"] = engine.try_capture(pair, sel, st, type(self.base).__name__)
-                graph = ent["graph"]
+                gkey = "graph_compiled" if step is not None else "graph"
+                if gkey not in ent:
+                    ent[gkey] = engine.try_capture(pair, sel, st, type(self.base).__name__, step)
+                graph = ent[gkey]
+            step = graph or step
+            sync()
             t2 = time.perf_counter()
             steps = 1
             remaining = max_new - 1
             while remaining > 0:
                 burst = min(self.check_every, remaining)
-                _, all_done = engine.decode_n(pair, sel, st, burst, graph, check_every=burst)
+                _, all_done = engine.decode_n(pair, sel, st, burst, step, check_every=burst)
                 remaining -= burst
                 steps += burst
                 if all_done:
@@ -301,12 +348,30 @@ class Decoder:
             "tokens_per_s": (n_tok - b) / decode_s if decode_s > 0 and n_tok > b else float("nan"),
             "backend": getattr(sel, "backend", "torch"),
             "cuda_graphs": graph is not None,
+            "compiled": ent.get("compiled") is not None and compiled,
             "pair": self.kind if streams == "ar" else f"single:{streams}",
             "batch": b,
             "device": str(self.device),
             "linear": _linear_stats(pair),
         }
+        if steps > 8:  # enough steps to say what the step costs, for compile="auto"
+            tuning.observe_step(ckey, out.stats["compiled"], out.stats["ms_per_token"],
+                                compile_s)
         yield out
+
+    def _compile_step(self, pair, sel, st):
+        """``engine.CompiledStep``, or ``None`` (with one warning) where the model cannot be
+        compiled: the same step then runs eagerly."""
+        try:
+            return engine.CompiledStep(pair, sel, st)
+        except Exception as exc:  # an architecture or op torch.compile cannot trace
+            name = type(self.base).__name__
+            if name not in _compile_warned:
+                _compile_warned.add(name)
+                warnings.warn(f"aad_fast: torch.compile of the decode step failed for {name} "
+                              f"({type(exc).__name__}: {str(exc)[:300]}); running it eagerly",
+                              stacklevel=4)
+            return None
 
     def _collect(self, st, b: int, steps: int, stop_ids) -> Generation:
         out = st.out[:b, :steps].tolist()
@@ -320,6 +385,17 @@ class Decoder:
         if self.tokenizer is not None:
             text = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         return Generation(tokens=tokens, text=text, finish_reason=reasons)
+
+
+MAX_STATIC = 4  # kept static runner sets (each holds a KV cache and maybe compiled code)
+_compile_warned: set = set()
+
+
+def _length_bucket(needed: int, cap: int) -> int:
+    n = 64
+    while n < needed:
+        n *= 2
+    return min(n, cap)
 
 
 def _linear_stats(pair) -> dict:
@@ -355,7 +431,7 @@ def generate(aligned, reference=None, prompts=None, **kwargs) -> Generation:
     (``tokenizer, dtype, device, max_batch_size, max_seq_len, cuda_graphs, backend``) and
     ``generate`` options are both accepted."""
     dec_keys = ("tokenizer", "dtype", "device", "max_batch_size", "max_seq_len", "cuda_graphs",
-                "backend", "check_every", "cpu_linear")
+                "backend", "check_every", "cpu_linear", "compile")
     dec_kw = {k: kwargs.pop(k) for k in dec_keys if k in kwargs}
     n = len(prompts) if isinstance(prompts, list) else 1
     if "input_ids" in kwargs and kwargs["input_ids"] is not None:

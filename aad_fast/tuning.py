@@ -10,7 +10,9 @@ library versions), so the second ``Decoder`` on a machine measures nothing.
 Choices:
 - ``linear``: per weight shape ``N x K`` and decode row count, ``plain`` (``F.linear``) or
   ``few_row`` (``cpu_linear.few_row_linear``), for fp32 ``nn.Linear`` on CPU.
-- ``backend``: the selection backend on CPU (``cpp`` or ``torch``), per ``B x V``.
+- ``compile``: per model shape, pair kind, rows and device, whether the ``torch.compile``-d
+  decode step is worth its compile time for a call of a given length (``compile_pays``), from
+  the ms/token and compile times that decodes on this machine observed (``observe_step``).
 
 Switches (environment, or ``Decoder(cpu_linear=...)``):
 - ``AAD_FAST_CPU_LINEAR=auto|plain|few_row``: measure (default) or force a layout everywhere
@@ -50,24 +52,30 @@ _FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni
 def machine() -> dict:
     """What a measured choice depends on: CPU model and the flags that matter, BLAS, threads
     and library versions."""
-    cpu, flags = platform.processor() or platform.machine(), set()
+    cpu, flags = None, set()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, val = line.partition(":")
                 key = key.strip()
-                if key == "model name" and cpu in ("", platform.processor()):
+                if key == "model name" and cpu is None:
                     cpu = val.strip()
                 elif key in ("flags", "Features") and not flags:
                     flags = set(val.split())
+    cpu = cpu or platform.processor() or platform.machine()
     config = torch.__config__.show()
     blas = next((b for b in ("MKL", "OpenBLAS", "BLIS", "Accelerate", "Eigen")
                  if f"BLAS_INFO={b.lower()}" in config.replace(" ", "").lower()
                  or f"USE_{b.upper()}=ON" in config), "unknown")
     from . import __version__
+    try:
+        import transformers
+        tf_version = transformers.__version__
+    except ImportError:  # pragma: no cover - a dependency
+        tf_version = None
     return {"cpu": cpu, "flags": sorted(f for f in _FLAGS if f in flags),
             "cores": os.cpu_count(), "blas": blas, "torch": torch.__version__,
-            "aad_fast": __version__}
+            "transformers": tf_version, "aad_fast": __version__}
 
 
 def machine_key() -> str:
@@ -240,3 +248,25 @@ def summarize(plan: dict) -> dict:
             text += f" ({rec['source']})"
         out[f"{n}x{k}"] = text
     return out
+
+
+# ---------------------------------------------------------------------------- compile on/off
+def observe_step(entry: str, compiled: bool, ms_per_token: float, compile_s: float | None) -> None:
+    """Remember what one decode measured: its ms/token (eager or compiled) and, when it
+    compiled, the compile time. The latest observation of each wins (machines drift)."""
+    rec = dict(cached(entry) or {})
+    rec["compiled_ms" if compiled else "eager_ms"] = ms_per_token
+    if compile_s is not None:
+        rec["compile_s"] = compile_s
+    store(entry, rec)
+
+
+def compile_pays(entry: str, steps: int) -> bool:
+    """Whether compiling beats eager for ``steps`` decode steps, by this machine's record:
+    the compiled step must be faster beyond noise and save more than one compile's time.
+    Without both measurements the answer is no (eager costs nothing up front)."""
+    rec = cached(entry) or {}
+    eager, comp, cost = rec.get("eager_ms"), rec.get("compiled_ms"), rec.get("compile_s")
+    if eager is None or comp is None or cost is None:
+        return False
+    return comp < eager * (1 - MARGIN) and (eager - comp) * steps > cost * 1e3

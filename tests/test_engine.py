@@ -251,3 +251,25 @@ def test_cuda_graph_step_equals_eager(kind):
         got = graphed.generate(input_ids=PROMPTS, max_new_tokens=20)
         assert got.stats["cuda_graphs"] is True
         assert got.tokens == want
+
+
+def test_the_cache_goes_under_the_name_the_forward_takes():
+    import warnings
+
+    from aad_fast.runner import _cache_kwarg
+
+    class Old(torch.nn.Module):  # transformers <= 5.23 signature
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            pass
+
+    class New(torch.nn.Module):  # transformers >= 5.24 (past_key_values deprecated)
+        def forward(self, input_ids=None, cache=None, **kwargs):
+            pass
+
+    assert _cache_kwarg(Old) == "past_key_values" and _cache_kwarg(New) == "cache"
+    ma, mr = tiny_model("llama", 0), tiny_model("llama", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated argument on any version
+        got = Decoder(ma, mr, max_batch_size=len(PROMPTS), max_seq_len=40).generate(
+            input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=6)
+    assert got.tokens == naive_decode(aad_pick(0.1), (ma, mr), PROMPTS, 6)

@@ -1,0 +1,95 @@
+"""``Decoder(compile=...)``: the ``torch.compile``-d step gives the eager step's tokens, and
+``"auto"`` compiles only where this machine's record says it pays for this call.
+
+Compiling on CPU costs ~10 s per (model, pair, rule) here, so the token test runs one case per
+pair kind (two models, LoRA pair, prompt pair, single stream), spread over the architectures
+and rules of the eager tests (tests/test_engine.py, tests/test_rules.py check every
+architecture and rule eagerly); each compiled case is compared with the eager decode of the
+same Decoder settings and with the naive loop."""
+import copy
+
+import pytest
+import torch
+
+from aad_fast import AAD, EFT, OPAD, Decoder, Greedy, tuning
+from conftest import aad_pick, naive_decode, tiny_model
+
+PROMPTS = [[5, 9, 2], [7, 7, 30, 4, 11]]
+
+
+def _lora(base):
+    from peft import LoraConfig, get_peft_model
+    return get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False)).eval()
+
+
+def _case(kind):
+    if kind == "two":
+        return (tiny_model("llama", 0), tiny_model("llama", 1)), AAD(0.1)
+    if kind == "lora":
+        return (_lora(tiny_model("qwen2", 2)),), AAD(0.2)
+    if kind == "prompt":
+        return (tiny_model("qwen3", 3),), OPAD(1.0, principle_ids=[30, 31, 32])
+    return (tiny_model("olmo2", 4),), Greedy()
+
+
+@pytest.mark.parametrize("kind", ["two", "lora", "prompt", "single"])
+def test_compiled_step_gives_the_eager_tokens(kind):
+    models, rule = _case(kind)
+    eager = Decoder(*models, max_batch_size=2, max_seq_len=48, compile=False)
+    want = eager.generate(input_ids=PROMPTS, rule=rule, max_new_tokens=12)
+    dec = Decoder(*models, max_batch_size=2, max_seq_len=48, compile=True)
+    got = dec.generate(input_ids=PROMPTS, rule=rule, max_new_tokens=12)
+    assert got.stats["compiled"] and not want.stats["compiled"]
+    assert got.tokens == want.tokens and got.finish_reason == want.finish_reason
+    # a second call reuses the compiled step (no compile time) and still matches
+    again = dec.generate(input_ids=PROMPTS[::-1], rule=rule, max_new_tokens=12)
+    assert again.stats["compiled"] and again.stats["capture_ms"] < got.stats["capture_ms"]
+    assert again.tokens == want.tokens[::-1]
+    if kind == "two":
+        assert want.tokens == naive_decode(aad_pick(0.1), models, PROMPTS, 12)
+
+
+def test_compiled_sampled_rule_reproduces_the_eager_samples():
+    models = (tiny_model("mistral", 5), tiny_model("mistral", 6))
+    rule = EFT(2.0, temperature=0.8, top_p=0.9, seed=7)
+    want = Decoder(*models, max_batch_size=2, max_seq_len=48, compile=False).generate(
+        input_ids=PROMPTS, rule=rule, max_new_tokens=10)
+    got = Decoder(*models, max_batch_size=2, max_seq_len=48, compile=True).generate(
+        input_ids=PROMPTS, rule=rule, max_new_tokens=10)
+    assert got.stats["compiled"] and got.tokens == want.tokens
+
+
+def test_auto_compiles_only_where_the_record_says_it_pays(tmp_path, monkeypatch):
+    monkeypatch.setenv("AAD_FAST_TUNE_CACHE", str(tmp_path / "t.json"))
+    tuning.forget()
+    dec = Decoder(tiny_model("llama", 0), tiny_model("llama", 1), max_batch_size=2,
+                  max_seq_len=48)
+    assert dec.compile == "auto"
+    key = dec._compile_key("ar", 2)
+    assert not dec._wants_compile(key, 1000)  # nothing measured: eager
+    out = dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=12)
+    assert not out.stats["compiled"]
+    assert tuning.cached(key)["eager_ms"] == out.stats["ms_per_token"]  # the decode recorded it
+    tuning.store(key, {"eager_ms": 10.0, "compiled_ms": 8.0, "compile_s": 2.0})
+    assert not dec._wants_compile(key, 16)    # 16 steps save 32 ms < 2 s of compiling
+    assert dec._wants_compile(key, 2000)      # 2000 steps save 4 s
+    tuning.store(key, {"eager_ms": 10.0, "compiled_ms": 9.8, "compile_s": 0.0})
+    assert not dec._wants_compile(key, 10 ** 6)  # within noise: never
+    for forced in (True, False):
+        d = Decoder(tiny_model("llama", 0), compile=forced)
+        assert d._wants_compile(d._compile_key("a", 1), 2) is forced
+    with pytest.raises(ValueError, match="compile must be"):
+        Decoder(tiny_model("llama", 0), compile="yes")
+    tuning.forget()
+
+
+def test_observations_keep_the_latest_of_each(tmp_path, monkeypatch):
+    monkeypatch.setenv("AAD_FAST_TUNE_CACHE", str(tmp_path / "t.json"))
+    tuning.forget()
+    tuning.observe_step("k", False, 5.0, None)
+    tuning.observe_step("k", True, 3.0, 12.0)
+    tuning.observe_step("k", False, 4.0, None)
+    tuning.forget()  # read back from the file
+    assert tuning.cached("k") == {"eager_ms": 4.0, "compiled_ms": 3.0, "compile_s": 12.0}
+    tuning.forget()
