@@ -82,7 +82,8 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=["aad_fast", "aad_fast.bench", "aad_fast.toy", "aad_fast.kernels"],
     package_dir={"aad_fast": "aad_fast", "aad_fast.kernels": "kernels"},
-    package_data={"aad_fast": ["default_pair/*", "default_pair/*/*"]},
+    package_data={"aad_fast": ["default_pair/*", "default_pair/*/*"],
+                  "aad_fast.bench": ["configs/*.json"]},
     include_package_data=False,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -145,11 +145,11 @@ class Decoder:
             L = self.max_seq_len if self.use_graphs else _length_bucket(needed, self.max_seq_len)
         else:
             L = needed
-        key = (n, streams, L if static else None)
-        for old in [k for k in self._slots if k[2] is None and k != key]:
+        key = (n, streams, L, static)
+        for old in [k for k in self._slots if not k[3] and k != key]:
             self._drop(old)
         if key not in self._slots:
-            kept = [k for k in self._slots if k[2] is not None]
+            kept = [k for k in self._slots if k[3]]
             if static and len(kept) >= MAX_STATIC:
                 self._drop(kept[0])
             lin = self.cpu_linear

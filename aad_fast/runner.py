@@ -63,7 +63,7 @@ def engine_view(model: nn.Module, n_rows: int, lora=None, lora_rows: int = 0,
 
 
 @functools.cache
-def _cache_kwarg(cls) -> str:
+def cache_kwarg(cls) -> str:
     """The name the model's forward takes its cache under: ``cache`` (transformers >= 5.24,
     which deprecates ``past_key_values``) or ``past_key_values``."""
     params = inspect.signature(cls.forward).parameters
@@ -85,7 +85,7 @@ class Runner:
         self.device, self.dtype = p.device, p.dtype
         self.neg = torch.finfo(self.dtype).min
         self.cache = StaticKVCache(max_len)
-        self._cache_kw = _cache_kwarg(type(self.model))
+        self._cache_kw = cache_kwarg(type(self.model))
         dev = self.device
         self.ids = torch.zeros((n_rows, 1), dtype=torch.int64, device=dev)
         self.pos = torch.zeros((n_rows, 1), dtype=torch.int64, device=dev)

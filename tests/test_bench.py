@@ -22,8 +22,10 @@ def test_quick_bench_writes_json_table_and_plot(tmp_path):
     res, path = _run(tmp_path, "--quick", "--device", "cpu", "--models", "tiny", "--batch", "1",
                      "--new-tokens", "4", "--prompt-lens", "8", "--repeats", "1",
                      "--kernel-batches", "1", "--kernel-vocabs", "1000",
-                     "--methods", ",".join(bench.METHODS))
+                     "--methods", ",".join(bench.DEFAULT_METHODS))
     assert path.name.startswith("cpu-")
+    machine = res["device"]["machine"]  # the CPU model, its flags and the BLAS beside every figure
+    assert machine["cpu"] and machine["blas"] and isinstance(machine["flags"], list)
     for key in ("date", "device", "dtype", "versions", "commit", "command", "settings",
                 "kernels", "decode", "ttft", "skipped", "targets", "notes"):
         assert key in res, key
@@ -42,7 +44,7 @@ def test_quick_bench_writes_json_table_and_plot(tmp_path):
         assert r["median_ms"] > 0 and math.isfinite(r["fraction_of_copy_bw"])
 
     methods = {r["method"] for r in res["decode"]}
-    assert methods == set(bench.METHODS)
+    assert methods == set(bench.DEFAULT_METHODS)
     for r in res["decode"]:
         assert r["model"] == "tiny" and r["batch"] == 1 and r["new_tokens"] == 4
         # values only (no timing assertions; BeamAAD's (t(n) - t(1)) / (n - 1) is noisy at n = 4)
@@ -77,7 +79,8 @@ def test_eager_aad_matches_the_public_op():
 def test_configs_have_the_real_shapes():
     """Parameter counts of the configs match the released models (rounded)."""
     want = {"llama-3.2-1b": 1236, "llama-3.2-3b": 3213, "llama-3.1-8b": 8030, "qwen3-0.6b": 596,
-            "qwen3-4b": 4022, "olmo-2-7b": 7299, "cpu-60m": 60}
+            "qwen3-4b": 4022, "olmo-2-7b": 7299, "cpu-60m": 60, "smollm2-135m": 135,
+            "qwen2.5-0.5b": 494}
     for name, millions in want.items():
         cfg = bench.make_config(bench.load_shape(name, bench.default_config_dir()))
         assert round(bench.meta_param_count(cfg) / 1e6) == millions, name
@@ -93,3 +96,32 @@ def test_bad_options_are_refused(tmp_path, capsys):
     assert "no-such-model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args(["--batch", "0"])
+
+
+def test_verdict_allows_noise_and_flags_real_misses():
+    from aad_fast.bench.report import NOISE, _verdict
+    assert _verdict(1.10, 1.10, 1.20, "<=") == "yes"
+    assert _verdict(1.20 * (1 + NOISE / 2), 1.3, 1.20, "<=") == "noise"   # within noise
+    assert _verdict(1.40, 1.19, 1.20, "<=") == "noise"                    # best rounds meet it
+    assert _verdict(1.40, 1.35, 1.20, "<=") == "NO"
+    assert _verdict(0.80, 0.85, 1.00, ">=") == "NO"
+    assert _verdict(1.30, 1.30, 1.25, ">=") == "yes"
+
+
+def test_check_exits_nonzero_only_on_a_miss_beyond_noise(tmp_path, monkeypatch, capsys):
+    from aad_fast.bench import report
+    argv = ["--quick", "--device", "cpu", "--models", "tiny", "--batch", "1", "--new-tokens", "4",
+            "--prompt-lens", "8", "--repeats", "1", "--no-kernels", "--methods",
+            "greedy,greedy_plain", "--check"]
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    # an impossible bound: plain F.linear 100x faster than the engine's choice
+    monkeypatch.setitem(report.TARGETS, "cpu", [("impossible", "greedy", "greedy_plain", 0.01,
+                                                "<=", [("tiny", 1)])])
+    assert bench.run(parser.parse_args(argv + ["--out", str(tmp_path / "a")])) == 1
+    assert "impossible (tiny batch 1)" in capsys.readouterr().err
+    md = next((tmp_path / "a").glob("*.md")).read_text()
+    assert "| impossible | tiny batch 1 |" in md and "| NO |" in md
+    monkeypatch.setitem(report.TARGETS, "cpu", [("easy", "greedy", "greedy_plain", 100.0, "<=",
+                                                [("tiny", 1)])])
+    assert bench.run(parser.parse_args(argv + ["--out", str(tmp_path / "b")])) == 0

@@ -256,7 +256,7 @@ def test_cuda_graph_step_equals_eager(kind):
 def test_the_cache_goes_under_the_name_the_forward_takes():
     import warnings
 
-    from aad_fast.runner import _cache_kwarg
+    from aad_fast.runner import cache_kwarg
 
     class Old(torch.nn.Module):  # transformers <= 5.23 signature
         def forward(self, input_ids=None, past_key_values=None, **kwargs):
@@ -266,10 +266,24 @@ def test_the_cache_goes_under_the_name_the_forward_takes():
         def forward(self, input_ids=None, cache=None, **kwargs):
             pass
 
-    assert _cache_kwarg(Old) == "past_key_values" and _cache_kwarg(New) == "cache"
+    assert cache_kwarg(Old) == "past_key_values" and cache_kwarg(New) == "cache"
     ma, mr = tiny_model("llama", 0), tiny_model("llama", 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # no deprecated argument on any version
         got = Decoder(ma, mr, max_batch_size=len(PROMPTS), max_seq_len=40).generate(
             input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=6)
     assert got.tokens == naive_decode(aad_pick(0.1), (ma, mr), PROMPTS, 6)
+
+
+def test_eager_runners_are_resized_for_each_call(pair):
+    """On CPU the eager runners are sized to each call's need: a longer call after a shorter
+    one (other streams, other rule) must get a larger cache, not the previous one."""
+    ma, mr = pair
+    dec = Decoder(ma, mr, max_batch_size=2, max_seq_len=64)
+    argmax = lambda a, r, t, h: int(a.argmax())  # noqa: E731
+    short, long = [[5, 9]], [[5, 9, 2, 7, 7, 30, 4, 11, 12, 13, 14, 15]]
+    for prompts, n in ((short, 3), (long, 20), (short, 4), (long, 30)):
+        assert dec.generate(input_ids=prompts, rule=AAD(0.1), max_new_tokens=n).tokens == \
+            naive_decode(aad_pick(0.1), pair, prompts, n)
+        assert dec.generate(input_ids=prompts, rule=Greedy(), max_new_tokens=n).tokens == \
+            naive_decode(argmax, (ma,), prompts, n)

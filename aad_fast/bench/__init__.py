@@ -16,7 +16,7 @@ that same run (DESIGN.md "Measuring"):
   for each prompt length, peak memory, and the fraction of the bandwidth floor
   (weight + KV bytes read per step / copy bandwidth).
 
-Models are built from ``bench/configs/*.json`` with random weights (seeded; nothing is downloaded)
+Models are built from ``aad_fast/bench/configs/*.json`` with random weights (seeded; nothing is downloaded)
 and with no end-of-sequence id, so every run decodes exactly ``--new-tokens`` tokens.
 Writes ``OUT/<device>-<date>.json`` and ``.png`` and prints markdown tables.
 """
@@ -36,8 +36,9 @@ from pathlib import Path
 
 import torch
 
-from .. import available_backends
-from .decode import (ENGINE_RULES, METHODS, PRINCIPLE_IDS, SAME_TOKENS, TTFT_METHODS, Decoders,
+from .. import available_backends, tuning
+from .decode import (DEFAULT_METHODS, ENGINE_RULES, METHODS, PRINCIPLE_IDS, QUICK_METHODS,
+                     SAME_TOKENS, TTFT_METHODS, Decoders,
                      bench_shape, engine_run, hf_generate, interleaved, measure_decode,
                      measure_ttft, method_runner, naive_hf_aad, weights_and_floor)
 from .kernels import bench_kernels, copy_bandwidth, eager_aad, time_op
@@ -56,7 +57,8 @@ __all__ = [
     # kernels
     "bench_kernels", "copy_bandwidth", "eager_aad", "time_op",
     # decode
-    "ENGINE_RULES", "METHODS", "PRINCIPLE_IDS", "SAME_TOKENS", "TTFT_METHODS", "Decoders",
+    "DEFAULT_METHODS", "ENGINE_RULES", "METHODS", "PRINCIPLE_IDS", "QUICK_METHODS", "SAME_TOKENS",
+    "TTFT_METHODS", "Decoders",
     "bench_shape", "engine_run", "hf_generate", "interleaved", "measure_decode", "measure_ttft",
     "method_runner", "naive_hf_aad", "weights_and_floor",
     # report
@@ -81,10 +83,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``aad-fast bench``."""
     a = parser.add_argument
     a("--quick", action="store_true",
-      help="small shapes, batch 1, few tokens: finishes in a few minutes on a 2-core CPU")
+      help="one small real shape, batch 1, few tokens, the verdict table: under a minute on a "
+      "2-core CPU")
+    a("--check", action="store_true",
+      help="exit with status 1 when a ratio of the verdict table misses its bound by more than "
+      "noise (a regression guard to run on your own machine before sending a change)")
     a("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    a("--models", default=None, help="comma list of config names in bench/configs (or .json "
-      f"paths); default: {','.join(REAL_SHAPES)} on cuda, cpu-60m on cpu")
+    a("--models", default=None, help="comma list of config names in aad_fast/bench/configs (or "
+      f".json paths); default: {','.join(REAL_SHAPES)} on cuda, cpu-60m,smollm2-135m on cpu "
+      "(--quick: smollm2-135m on cpu, qwen3-0.6b,llama-3.2-1b on cuda)")
     a("--batch", type=_ints, default=None, help="decode batch sizes (default 1,8,32; --quick: 1)")
     a("--new-tokens", type=int, default=None, help="new tokens per decode (default 128 on cuda, "
       "32 on cpu, 16 with --quick); models have no EOS, so exactly this many are made")
@@ -99,7 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--ttft-repeats", type=int, default=None,
       help="timed runs per time-to-first-token measurement (default: --repeats)")
     a("--methods", default=None, help="comma list of decode methods (default all: "
-      f"{','.join(METHODS)}; --quick: {','.join(TTFT_METHODS)})")
+      f"{','.join(DEFAULT_METHODS)}; --quick: {','.join(QUICK_METHODS)}; also "
+      "greedy_compiled, aad_lora_compiled: compile=True, minutes of compiling)")
     a("--kernel-batches", type=_ints, default=None, help="B of the kernel bench "
       "(default 1,8,64; cuda also 256)")
     a("--kernel-vocabs", type=_ints, default=None,
@@ -109,7 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--hf-dynamic", action="store_true",
       help="HF generate() with its dynamic cache on cuda too (default there: static cache)")
     a("--max-beam-rows", type=int, default=64, help="skip BeamAAD(4) above this many rows")
-    a("--configs", type=Path, default=None, help="model shape directory (default bench/configs)")
+    a("--configs", type=Path, default=None,
+      help="model shape directory (default: the package's aad_fast/bench/configs)")
     a("--seed", type=int, default=0, help="seed of the random weights and prompts")
     a("--out", type=Path, default=Path("bench/results"), help="output directory")
     a("--no-kernels", action="store_true", help="skip the kernel bench")
@@ -128,8 +137,8 @@ def resolve(args) -> torch.device:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    default_models = (("qwen3-0.6b,llama-3.2-1b" if cuda else "tiny,cpu-60m") if quick
-                      else (",".join(REAL_SHAPES) if cuda else "cpu-60m"))
+    default_models = (("qwen3-0.6b,llama-3.2-1b" if cuda else "smollm2-135m") if quick
+                      else (",".join(REAL_SHAPES) if cuda else "cpu-60m,smollm2-135m"))
     args.models = [m.strip() for m in (args.models or default_models).split(",") if m.strip()]
     args.batch = args.batch or ([1] if quick else [1, 8, 32])
     args.new_tokens = args.new_tokens or (16 if quick else 128 if cuda else 32)
@@ -143,12 +152,13 @@ def resolve(args) -> torch.device:
     args.prompt_lens = lens
     args.repeats = args.repeats or (2 if quick else 3)
     args.ttft_repeats = args.ttft_repeats or args.repeats
-    args.kernel_batches = args.kernel_batches or ([1, 8] if quick and not cuda else
+    args.kernel_batches = args.kernel_batches or ([1] if quick and not cuda else
                                                   [1, 8, 64, 256] if cuda else [1, 8, 64])
-    args.kernel_vocabs = args.kernel_vocabs or [128256, 151936]
+    args.kernel_vocabs = args.kernel_vocabs or ([128256] if quick and not cuda
+                                                else [128256, 151936])
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.configs = args.configs or default_config_dir()
-    methods = args.methods or ",".join(TTFT_METHODS if quick else METHODS)
+    methods = args.methods or ",".join(QUICK_METHODS if quick else DEFAULT_METHODS)
     args.methods = [m.strip() for m in methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
@@ -174,7 +184,7 @@ def reproduce_command(args) -> str:
               "--kernel-batches", ",".join(map(str, args.kernel_batches)),
               "--kernel-vocabs", ",".join(map(str, args.kernel_vocabs)),
               "--seed", str(args.seed), "--out", str(args.out)]
-    for flag in ("no_graphs", "hf_dynamic", "no_kernels", "no_decode"):
+    for flag in ("no_graphs", "hf_dynamic", "no_kernels", "no_decode", "check"):
         if getattr(args, flag):
             parts.append("--" + flag.replace("_", "-"))
     if args.backend:
@@ -200,6 +210,7 @@ def run(args) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": {"type": device.type, "name": device_name(device),
                    "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                   "machine": tuning.machine(),
                    "load_average_at_start": load_average(),
                    "copy_bandwidth_gb_s": copy_bw / 1e9},
         "dtype": args.dtype,
@@ -254,6 +265,13 @@ def run(args) -> int:
         log("matplotlib is not installed: no plot (pip install matplotlib)")
     print(table)
     log(f"wrote {stem}.json, {stem}.md and {stem}.png")
+    missed = [t for t in result["targets"] if t["verdict"] == "NO"]
+    if args.check and missed:
+        print(f"aad-fast bench --check: {len(missed)} ratio(s) miss their bound beyond noise on "
+              f"this machine ({device_name(device)}): "
+              + "; ".join(f"{t['target']} ({t['model']} batch {t['batch']}): {t['value']:.2f}, "
+                          f"bound {t['bound']}" for t in missed), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -34,11 +34,18 @@ METHODS = {
     "opad_one": ("engine OPAD(1), one model, two prompts", "plain"),
     "aad_lora": ("engine AAD, LoRA pair (r=64 q/k/v)", "lora"),
     "beam4_lora": ("engine BeamAAD(4), LoRA pair", "lora"),
+    # the same engine with every machine-dependent choice forced: plain F.linear, or compiled
+    "greedy_plain": ("engine greedy, 1 model, plain F.linear", "plain"),
+    "aad_lora_plain": ("engine AAD, LoRA pair, plain F.linear", "lora"),
+    "greedy_compiled": ("engine greedy, 1 model, torch.compile", "plain"),
+    "aad_lora_compiled": ("engine AAD, LoRA pair, torch.compile", "lora"),
 }
 # A baseline and the engine method that must choose the same tokens in exact arithmetic (with
 # random weights near-ties can flip under different kernels, e.g. in bf16).
 SAME_TOKENS = {"hf_generate": "greedy", "hf_naive_aad": "aad_two"}
 TTFT_METHODS = ("hf_generate", "hf_naive_aad", "greedy", "aad_two", "aad_lora")
+QUICK_METHODS = TTFT_METHODS + ("greedy_plain",)
+DEFAULT_METHODS = tuple(m for m in METHODS if not m.endswith("_compiled"))  # compiles take minutes
 PRINCIPLE_IDS = tuple(range(3, 19))  # OPAD's principle: 16 token ids before each prompt
 ENGINE_RULES = {  # method: (rule, models: "one" | "two" | "lora")
     "greedy": (Greedy("a"), "one"),
@@ -51,6 +58,10 @@ ENGINE_RULES = {  # method: (rule, models: "one" | "two" | "lora")
     "opad_one": (OPAD(1.0, principle_ids=PRINCIPLE_IDS), "one"),
     "aad_lora": (AAD(0.1), "lora"),
     "beam4_lora": (BeamAAD(4, 0.1), "lora"),
+    "greedy_plain": (Greedy("a"), "one+plain"),
+    "aad_lora_plain": (AAD(0.1), "lora+plain"),
+    "greedy_compiled": (Greedy("a"), "one+compiled"),
+    "aad_lora_compiled": (AAD(0.1), "lora+compiled"),
 }
 
 
@@ -93,7 +104,9 @@ def hf_generate(model, ids, n, device, cache: str):
 def naive_hf_aad(model_a, model_r, ids, n, device, alpha: float = 0.1):
     """AAD as a user writes it without this package: two models, each with its own Hugging Face
     DynamicCache, ``eager_aad`` each step, and the usual per-step stop check (a host sync)."""
+    from ..runner import cache_kwarg
     stop = torch.tensor([-1], device=device)  # the models have no EOS; the check still runs
+    kw_a, kw_r = cache_kwarg(type(model_a)), cache_kwarg(type(model_r))
     sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -108,8 +121,8 @@ def naive_hf_aad(model_a, model_r, ids, n, device, alpha: float = 0.1):
             if bool(done.all()):
                 break
             step = y[:, None]
-            out_a = model_a(input_ids=step, past_key_values=out_a.past_key_values, use_cache=True)
-            out_r = model_r(input_ids=step, past_key_values=out_r.past_key_values, use_cache=True)
+            out_a = model_a(input_ids=step, use_cache=True, **{kw_a: out_a.past_key_values})
+            out_r = model_r(input_ids=step, use_cache=True, **{kw_r: out_r.past_key_values})
             y = eager_aad(out_a.logits[:, -1], out_r.logits[:, -1], alpha)
             done |= torch.isin(y, stop)
             chosen.append(y)
@@ -136,7 +149,8 @@ def engine_run(dec, rule, ids, n, device, info: dict):
     if any(len(t) != n for t in out.tokens):
         raise RuntimeError(f"the engine made {[len(t) for t in out.tokens]} tokens, not {n}")
     info.update(backend=out.stats.get("backend"), cuda_graphs=out.stats.get("cuda_graphs"),
-                pair=out.stats.get("pair"))
+                pair=out.stats.get("pair"), compiled=out.stats.get("compiled"),
+                linear=out.stats.get("linear"))
     return out.stats["prefill_ms"], out.stats["ms_per_token"], out.tokens
 
 
@@ -150,13 +164,18 @@ class Decoders:
         self.open: dict = {}
 
     def get(self, kind: str):
+        """``kind``: ``one`` | ``two`` | ``lora``, optionally ``+plain`` (plain ``F.linear``
+        forced) or ``+compiled`` (``compile=True``); otherwise every choice is the default's."""
         if kind not in self.open:
             from ..generation import Decoder
             m = self.models
-            pair = {"one": (m["a"], None), "two": (m["a"], m["r"])}.get(kind) or (m["lora"], None)
+            base, _, variant = kind.partition("+")
+            pair = {"one": (m["a"], None), "two": (m["a"], m["r"])}.get(base) or (m["lora"], None)
             self.open[kind] = Decoder(*pair, max_batch_size=self.max_batch,
                                       max_seq_len=self.max_len, backend=self.args.backend,
-                                      cuda_graphs=False if self.args.no_graphs else "auto")
+                                      cuda_graphs=False if self.args.no_graphs else "auto",
+                                      cpu_linear="plain" if variant == "plain" else None,
+                                      compile=True if variant == "compiled" else "auto")
         return self.open[kind]
 
     def close(self):
@@ -179,11 +198,11 @@ def weights_and_floor(name, models, batch, ctx, elem):
     """(weight bytes the method holds, bytes one decode step must read)."""
     wa, wr = models["w_a"], models["w_r"]
     kv = kv_bytes_per_token(models["a"].config, elem) * ctx
-    if name in ("hf_generate", "greedy"):
+    if name in ("hf_generate", "greedy", "greedy_plain", "greedy_compiled"):
         return wa[0], wa[1] + batch * kv
     if name in ("opad_one", "cfg_one"):
         return wa[0], wa[1] + 2 * batch * kv
-    if name in ("aad_lora", "beam4_lora"):
+    if name in ("aad_lora", "beam4_lora", "aad_lora_plain", "aad_lora_compiled"):
         k = 4 if name == "beam4_lora" else 1
         ad = models.get("adapter_bytes", 0)
         return wr[0] + ad, wr[1] + ad + 2 * batch * k * kv

@@ -1,4 +1,5 @@
-"""Model shapes of the bench: the configs in ``bench/configs/*.json``, random-weight models and the
+"""Model shapes of the bench: the configs in ``aad_fast/bench/configs/*.json`` (package data, so
+an installed package has them), random-weight models and the
 LoRA pair built from them (seeded; nothing is downloaded), and the parameter, weight and KV-cache
 byte counts the bandwidth floor is computed from."""
 from __future__ import annotations
@@ -10,11 +11,11 @@ import torch
 
 REAL_SHAPES = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen3-0.6b", "qwen3-4b",
                "olmo-2-7b")
+CPU_SHAPES = ("smollm2-135m", "qwen2.5-0.5b", "cpu-60m")  # real shapes a CPU decodes in seconds
 
 
 def default_config_dir() -> Path:
-    here = Path(__file__).resolve().parents[2] / "bench" / "configs"
-    return here if here.is_dir() else Path.cwd() / "bench" / "configs"
+    return Path(__file__).resolve().parent / "configs"
 
 
 def load_shape(name: str, config_dir: Path) -> dict:
