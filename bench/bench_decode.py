@@ -12,7 +12,7 @@ import torch
 
 from aad_fast import AAD, Decoder, Greedy, bench
 
-SHAPE = "tiny"  # a config name in bench/configs
+SHAPE = "tiny"  # a config name in aad_fast/bench/configs
 NEW_TOKENS = 16
 PROMPT = 32
 
