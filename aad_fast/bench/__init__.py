@@ -107,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="timed runs per time-to-first-token measurement (default: --repeats)")
     a("--methods", default=None, help="comma list of decode methods (default all: "
       f"{','.join(DEFAULT_METHODS)}; --quick: {','.join(QUICK_METHODS)}; also "
-      "greedy_compiled, aad_lora_compiled: compile=True, minutes of compiling)")
+      "greedy_compiled, aad_lora_compiled: compile=True, minutes of compiling; greedy_bf16: "
+      "the aligned model in bf16, added by default on a CPU with AVX-512 BF16 or AMX)")
     a("--kernel-batches", type=_ints, default=None, help="B of the kernel bench "
       "(default 1,8,64; cuda also 256)")
     a("--kernel-vocabs", type=_ints, default=None,
@@ -159,6 +160,10 @@ def resolve(args) -> torch.device:
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.configs = args.configs or default_config_dir()
     methods = args.methods or ",".join(QUICK_METHODS if quick else DEFAULT_METHODS)
+    native_bf16 = {"avx512_bf16", "amx_bf16"} & set(tuning.machine()["flags"])
+    if args.methods is None and not quick and not cuda and native_bf16 \
+            and args.dtype == "float32":
+        methods += ",greedy_bf16"  # this CPU computes bf16 natively: measure it against fp32
     args.methods = [m.strip() for m in methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:

@@ -38,6 +38,7 @@ METHODS = {
     "greedy_plain": ("engine greedy, 1 model, plain F.linear", "plain"),
     "aad_lora_plain": ("engine AAD, LoRA pair, plain F.linear", "lora"),
     "greedy_compiled": ("engine greedy, 1 model, torch.compile", "plain"),
+    "greedy_bf16": ("engine greedy, 1 model, bf16 weights", "plain"),
     "aad_lora_compiled": ("engine AAD, LoRA pair, torch.compile", "lora"),
 }
 # A baseline and the engine method that must choose the same tokens in exact arithmetic (with
@@ -45,7 +46,8 @@ METHODS = {
 SAME_TOKENS = {"hf_generate": "greedy", "hf_naive_aad": "aad_two"}
 TTFT_METHODS = ("hf_generate", "hf_naive_aad", "greedy", "aad_two", "aad_lora")
 QUICK_METHODS = TTFT_METHODS + ("greedy_plain",)
-DEFAULT_METHODS = tuple(m for m in METHODS if not m.endswith("_compiled"))  # compiles take minutes
+# compiles take minutes; bf16 is a CPU question (on CUDA the bench runs bf16 throughout)
+DEFAULT_METHODS = tuple(m for m in METHODS if not m.endswith("_compiled") and m != "greedy_bf16")
 PRINCIPLE_IDS = tuple(range(3, 19))  # OPAD's principle: 16 token ids before each prompt
 ENGINE_RULES = {  # method: (rule, models: "one" | "two" | "lora")
     "greedy": (Greedy("a"), "one"),
@@ -61,6 +63,7 @@ ENGINE_RULES = {  # method: (rule, models: "one" | "two" | "lora")
     "greedy_plain": (Greedy("a"), "one+plain"),
     "aad_lora_plain": (AAD(0.1), "lora+plain"),
     "greedy_compiled": (Greedy("a"), "one+compiled"),
+    "greedy_bf16": (Greedy("a"), "bf16"),
     "aad_lora_compiled": (AAD(0.1), "lora+compiled"),
 }
 
@@ -170,7 +173,8 @@ class Decoders:
             from ..generation import Decoder
             m = self.models
             base, _, variant = kind.partition("+")
-            pair = {"one": (m["a"], None), "two": (m["a"], m["r"])}.get(base) or (m["lora"], None)
+            pair = {"one": (m["a"], None), "two": (m["a"], m["r"]),
+                    "bf16": (m.get("a_bf16"), None)}.get(base) or (m["lora"], None)
             self.open[kind] = Decoder(*pair, max_batch_size=self.max_batch,
                                       max_seq_len=self.max_len, backend=self.args.backend,
                                       cuda_graphs=False if self.args.no_graphs else "auto",
@@ -200,6 +204,8 @@ def weights_and_floor(name, models, batch, ctx, elem):
     kv = kv_bytes_per_token(models["a"].config, elem) * ctx
     if name in ("hf_generate", "greedy", "greedy_plain", "greedy_compiled"):
         return wa[0], wa[1] + batch * kv
+    if name == "greedy_bf16":
+        return wa[0] // 2, wa[1] // 2 + batch * kv // 2
     if name in ("opad_one", "cfg_one"):
         return wa[0], wa[1] + 2 * batch * kv
     if name in ("aad_lora", "beam4_lora", "aad_lora_plain", "aad_lora_compiled"):
@@ -319,6 +325,8 @@ def bench_shape(name, args, device, dtype, copy_bw, out: dict) -> None:
     models["r"] = random_model(config, dtype, device, args.seed + 1)
     models["w_a"] = (param_bytes(models["a"]), step_weight_bytes(models["a"]))
     models["w_r"] = (param_bytes(models["r"]), step_weight_bytes(models["r"]))
+    if "greedy_bf16" in methods:  # the same weights rounded to bf16 (CPU: where it is native)
+        models["a_bf16"] = copy.deepcopy(models["a"]).to(torch.bfloat16)
     if use_lora:
         models["lora"] = add_lora(copy.deepcopy(models["r"]), args.seed + 2)
         models["adapter_bytes"] = sum(q.numel() * q.element_size()
