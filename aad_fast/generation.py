@@ -5,9 +5,12 @@ caches), and per rule the selector, the decode state and (on CUDA) the captured 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +89,12 @@ class Decoder:
                               stacklevel=2)
         self._slots: dict = {}
         self._entries: dict = {}
+        # Decodes swap module forwards in place (LoRA row scopes, few-row linears) and reuse
+        # this Decoder's static buffers, so calls on the same weights must not overlap: every
+        # Decoder over a model takes that model's lock for a whole generate()/stream().
+        models = {id(m): m for m in (self.base, self.model_r) if m is not None}
+        self._locks = [_model_lock(models[k]) for k in sorted(models)]
+        self._owner = None  # the thread inside _run (re-entry from it is refused)
 
     # ------------------------------------------------------------------ setup helpers
     def _vocab(self) -> int:
@@ -99,8 +108,18 @@ class Decoder:
 
     def close(self) -> None:
         """Free the caches and captured graphs (the models are never modified)."""
-        self._slots.clear()
-        self._entries.clear()
+        with self._locked():
+            self._slots.clear()
+            self._entries.clear()
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Hold the locks of this Decoder's models (in a fixed order: no deadlock between
+        Decoders that share one of them)."""
+        with contextlib.ExitStack() as stack:
+            for lock in self._locks:
+                stack.enter_context(lock)
+            yield
 
     def __enter__(self):
         return self
@@ -176,22 +195,28 @@ class Decoder:
             ``Generation`` with per row ``tokens`` (stop id excluded), ``text``,
             ``finish_reason`` and ``stats``.
         """
-        for out in self._run(prompts, input_ids, attention_mask, rule, max_new_tokens, stop, chat):
-            pass
+        with self._locked():
+            for out in self._run(prompts, input_ids, attention_mask, rule, max_new_tokens, stop,
+                                 chat):
+                pass
         return out
 
     def stream(self, prompt=None, *, input_ids=None, rule: Rule = AAD(0.1),
                max_new_tokens: int = 128, stop=None, chat: bool = False):
-        """Yield the text of one prompt as it is decoded (every ``check_every`` tokens)."""
+        """Yield the text of one prompt as it is decoded (every ``check_every`` tokens).
+
+        The Decoder is held (other threads' calls wait) until the stream is exhausted or
+        closed; in the same thread, call ``generate`` only after it."""
         if self.tokenizer is None:
             raise ValueError("stream() needs a tokenizer")
         shown = ""
-        for out in self._run(prompt, input_ids, None, rule, max_new_tokens, stop, chat,
-                             partial=True):
-            text = out.text[0] if isinstance(out, Generation) else out
-            if text.startswith(shown) and len(text) > len(shown):
-                yield text[len(shown):]
-                shown = text
+        with self._locked():
+            for out in self._run(prompt, input_ids, None, rule, max_new_tokens, stop, chat,
+                                 partial=True):
+                text = out.text[0] if isinstance(out, Generation) else out
+                if text.startswith(shown) and len(text) > len(shown):
+                    yield text[len(shown):]
+                    shown = text
 
     def _validate(self, rule, max_new_tokens):
         if not isinstance(rule, Rule):
@@ -218,7 +243,20 @@ class Decoder:
 
     def _run(self, prompts, input_ids, attention_mask, rule, max_new_tokens, stop, chat,
              partial=False):
-        """Yield the text of row 0 after each burst when ``partial``, then the Generation."""
+        """Yield the text of row 0 after each burst when ``partial``, then the Generation.
+        Runs with the models' locks held (``generate``/``stream``)."""
+        if self._owner is not None:
+            raise RuntimeError("this Decoder is already decoding in this thread (a stream() "
+                               "that is still open?); exhaust or close() the stream first")
+        self._owner = threading.get_ident()
+        try:
+            yield from self._run_unguarded(prompts, input_ids, attention_mask, rule,
+                                           max_new_tokens, stop, chat, partial)
+        finally:
+            self._owner = None
+
+    def _run_unguarded(self, prompts, input_ids, attention_mask, rule, max_new_tokens, stop,
+                       chat, partial):
         self._validate(rule, max_new_tokens)
         rows = self._rows(rule, prompts, input_ids, attention_mask, chat)
         stop_ids = self.stop_ids(stop)
@@ -246,6 +284,7 @@ class Decoder:
         elif getattr(sel, "seed", None) is not None:
             sel.seed.fill_(rule.seed)
         _reset_state(st, b, stop_ids)
+        st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
         stream_rows = {"ar": (rows.a, rows.r), "a": (rows.a, rows.a), "r": (rows.r, rows.r)}
         ra, rr = stream_rows[streams]
         ids_a, real_a = _left_pad(ra, n, self.device)
@@ -323,10 +362,24 @@ def _reset_state(st: engine.DecodeState, b: int, stop_ids) -> None:
     st.done.zero_()
     st.done[b:] = True  # bucket padding rows
     st.bad.zero_()
+    st.bad_r.zero_()
     st.t.zero_()
     st.stop.fill_(-2)
     if stop_ids:
         st.stop[: len(stop_ids)] = torch.tensor(stop_ids, dtype=torch.int64)
+
+
+_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(model) -> threading.RLock:
+    """One re-entrant lock per model object, shared by every Decoder over it."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
 
 
 def generate(aligned, reference=None, prompts=None, **kwargs) -> Generation:
