@@ -76,9 +76,11 @@ class AADLogitsProcessor:
 
     @staticmethod
     def _check_config(gc, fn: str) -> None:
-        bad = [(k, v) for k, v in (("num_beams", gc.num_beams), ("do_sample", gc.do_sample),
-                                   ("num_return_sequences", gc.num_return_sequences))
-               if v not in (None, False, 1)]
+        bad = [(k, v) for k, v, ok in (
+            ("num_beams", gc.num_beams, gc.num_beams in (None, 1)),
+            ("do_sample", gc.do_sample, not gc.do_sample),
+            ("num_return_sequences", gc.num_return_sequences,
+             gc.num_return_sequences in (None, 1))) if not ok]
         if fn != "_sample":
             bad.append(("decoding loop", fn))
         if bad:
