@@ -5,7 +5,9 @@ Run ``aad-fast COMMAND --help`` for each command's options.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -61,26 +63,86 @@ def rule_from_args(a):
     return af.Greedy(a.stream)
 
 
+def read_prompts_file(path, arg: str = "--prompts-file", text_lines: bool = False) -> list:
+    """Rows ``{"id": ..., "prompt": str, ...}`` of a JSONL file (a line may also be a bare JSON
+    string; with ``text_lines`` a line that does not start with ``{`` is the prompt itself).
+    Ids default to the line index; given ids must be ints or strings (never a float, a bool or
+    a list) and unique. Blank lines are skipped."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ValueError(f"{arg}={str(path)!r}: no such file")
+    if not p.is_file():
+        raise ValueError(f"{arg}={str(path)!r} is not a file (a directory?); give a JSONL file")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{arg}={str(path)!r} cannot be read as UTF-8 text ({exc})") from None
+    rows, seen = [], {}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        where = f"{arg} {path}: line {i + 1}"
+        if text_lines and not line.lstrip().startswith("{"):
+            line = json.dumps(line)
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} is not JSON ({exc})") from None
+        if isinstance(obj, str):
+            obj = {"prompt": obj}
+        if not isinstance(obj, dict) or "prompt" not in obj:
+            raise ValueError(f"{where} has no 'prompt' (expected {{\"prompt\": \"...\"}})")
+        if not isinstance(obj["prompt"], str) or not obj["prompt"]:
+            raise ValueError(f"{where}: 'prompt' must be a non-empty string, got "
+                             f"{obj['prompt']!r}")
+        obj.setdefault("id", i)
+        rid = obj["id"]
+        if isinstance(rid, bool) or not isinstance(rid, (int, str)):
+            raise ValueError(f"{where}: 'id' must be an int or a string, got {rid!r} "
+                             f"({type(rid).__name__})")
+        key = (type(rid).__name__, rid)
+        if key in seen:
+            raise ValueError(f"{where}: id {rid!r} is also on line {seen[key]}; ids must be "
+                             "unique")
+        seen[key] = i + 1
+        rows.append(obj)
+    return rows
+
+
 def _read_prompts(a) -> list:
     if a.prompt is not None:
+        if not a.prompt:
+            raise ValueError("--prompt is empty; give some text")
         return [{"id": 0, "prompt": a.prompt}]
-    rows = []
-    with open(a.prompts_file) as f:
-        for i, line in enumerate(f):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SystemExit(f"--prompts-file {a.prompts_file}: line {i + 1} is not JSON ({exc})")
-            if isinstance(obj, str):
-                obj = {"prompt": obj}
-            if "prompt" not in obj:
-                raise SystemExit(f"--prompts-file {a.prompts_file}: line {i + 1} has no 'prompt'")
-            obj.setdefault("id", i)
-            rows.append(obj)
-    return rows
+    return read_prompts_file(a.prompts_file)
+
+
+def _generate_settings(a, rule) -> dict:
+    """What the rows of ``generate --out`` depend on (the sidecar's ``settings``)."""
+    def path(x):
+        return None if x is None else os.path.abspath(x)
+    return {"command": "generate", "aligned": path(a.aligned), "reference": path(a.reference),
+            "rule": repr(rule), "max_new_tokens": a.max_new_tokens, "chat": a.chat,
+            "stop": a.stop or None, "dtype": a.dtype}
+
+
+def prompts_identity(path) -> dict:
+    from .outfile import sha256_of
+    return {"file": os.path.abspath(path), "sha256": sha256_of(path)}
+
+
+def check_resume(out, rows, prompt_of, arg: str = "--out") -> None:
+    """Refuse a resume whose done rows were made from other prompts (same id, other text)."""
+    if not out.prompts_changed:
+        return
+    current = {(type(r["id"]).__name__, r["id"]): r["prompt"] for r in rows}
+    for key, row in out.done.items():
+        if key in current and prompt_of(row) != current[key]:
+            raise ValueError(f"{arg}={str(out.path)!r}: id {row['id']!r} was made from the "
+                             f"prompt {prompt_of(row)!r} but the prompts now give "
+                             f"{current[key]!r}; pass another {arg} for the new prompts")
+    print(f"{out.path}: the prompts changed since it was started, but every done row's prompt "
+          "is unchanged; resuming", file=sys.stderr)
 
 
 def cmd_generate(a) -> int:
@@ -88,49 +150,58 @@ def cmd_generate(a) -> int:
     from tqdm import tqdm
 
     import aad_fast as af
+
+    from .outfile import ResultsFile
     if (a.prompt is None) == (a.prompts_file is None):
         raise SystemExit("give exactly one of --prompt TEXT or --prompts-file FILE.jsonl")
+    for name in ("max_new_tokens", "batch_size", "max_seq_len"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     rule = rule_from_args(a)
     rows = _read_prompts(a)
-    done = set()
-    if a.out and Path(a.out).exists():
-        with open(a.out) as f:
-            done = {json.loads(line)["id"] for line in f if line.strip()}
-    todo = [r for r in rows if r["id"] not in done]
-    if done:
-        print(f"{a.out}: {len(done)} prompt(s) already done, {len(todo)} to go", file=sys.stderr)
-    if not todo:
-        return 0
-    dtype = getattr(torch, a.dtype) if a.dtype else None
-    dec = af.Decoder(a.aligned, a.reference, dtype=dtype, device=a.device,
-                     max_batch_size=a.batch_size * (rule.n if rule.__class__.__name__ == "BestOfN"
-                                                    else getattr(rule, "num_beams", 1)),
-                     max_seq_len=a.max_seq_len)
-    out = open(a.out, "a") if a.out else None
-    bar = tqdm(total=len(todo), desc="generate", unit="prompt", disable=a.out is None)
-    try:
+    if not a.chat:
+        for r in rows:
+            if not r["prompt"].strip():
+                raise ValueError(f"prompt id {r['id']!r} is only whitespace, which encodes to "
+                                 "no tokens; give some text (or --chat)")
+    with contextlib.ExitStack() as stack:
+        out = None
+        todo = rows
+        if a.out:
+            ident = prompts_identity(a.prompts_file) if a.prompts_file else {"prompt": a.prompt}
+            out = stack.enter_context(ResultsFile(a.out, _generate_settings(a, rule), ident))
+            check_resume(out, rows, lambda row: row.get("prompt"))
+            todo = [r for r in rows if not out.is_done(r["id"])]
+            if out.done:
+                print(f"{a.out}: {len(out.done)} prompt(s) already done, {len(todo)} to go",
+                      file=sys.stderr)
+        if not todo:
+            return 0
+        dtype = getattr(torch, a.dtype) if a.dtype else None
+        per_prompt = rule.n if isinstance(rule, af.BestOfN) else getattr(rule, "num_beams", 1)
+        dec = stack.enter_context(af.Decoder(a.aligned, a.reference, dtype=dtype,
+                                             device=a.device,
+                                             max_batch_size=a.batch_size * per_prompt,
+                                             max_seq_len=a.max_seq_len))
+        bar = stack.enter_context(tqdm(total=len(todo), desc="generate", unit="prompt",
+                                       disable=out is None))
         for i in range(0, len(todo), a.batch_size):
             chunk = todo[i:i + a.batch_size]
             gen = dec.generate([r["prompt"] for r in chunk], rule=rule, chat=a.chat,
                                max_new_tokens=a.max_new_tokens, stop=a.stop or None)
             for j, r in enumerate(chunk):
-                rec = {"id": r["id"], "prompt": r["prompt"], "completion": gen.text[j],
+                text = gen.text[j] if gen.text is not None else None
+                rec = {"id": r["id"], "prompt": r["prompt"], "completion": text,
                        "tokens": gen.tokens[j], "finish_reason": gen.finish_reason[j],
                        "rule": a.rule}
-                if out:
-                    out.write(json.dumps(rec) + "\n")
-                    out.flush()
+                if out is not None:
+                    out.write(rec)
                 else:
-                    print(gen.text[j] if len(todo) == 1 else json.dumps(rec))
+                    print(text if len(todo) == 1 else json.dumps(rec))
             bar.update(len(chunk))
-            if not out and gen.stats.get("ms_per_token"):
+            if out is None and gen.stats.get("ms_per_token"):
                 print(f"[{gen.stats['ms_per_token']:.2f} ms/token on {gen.stats['device']}, "
                       f"backend {gen.stats['backend']}]", file=sys.stderr)
-    finally:
-        bar.close()
-        if out:
-            out.close()
-        dec.close()
     return 0
 
 
@@ -163,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts-file", default=None,
                      help="JSONL with {'prompt': ..., 'id': optional} per line")
     g.add_argument("--out", default=None,
-                   help="append results as JSONL; a rerun skips ids already in the file")
+                   help="append results as JSONL, one durable line per prompt; a rerun skips "
+                        "ids already in the file (repairing a row cut by a crash) and is "
+                        "refused if the rule/settings differ (recorded in OUT.meta.json)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     g.add_argument("--stop", nargs="*", default=None, help="extra single-token stop strings")

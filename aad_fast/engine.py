@@ -9,6 +9,7 @@ device state only every ``check_every`` steps (all rows done? a row with no cand
 from __future__ import annotations
 
 import functools
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,8 +22,10 @@ from torch import Tensor
 class DecodeState:
     """Device buffers of one decode. ``tok`` int64 ``[N]`` next input; ``out`` int64
     ``[N, max_new]`` chosen ids (``-1`` = no candidate); ``done``/``bad`` bool ``[N]``;
+    ``bad_r`` bool ``[N]``: a live row whose reference logits were all -inf/NaN at some step;
     ``t`` int64 ``[1]`` the step counter (also the noise counter of sampled rules);
-    ``stop`` int64 ``[S]`` stop ids."""
+    ``stop`` int64 ``[S]`` stop ids. ``names``: what ``check`` calls the streams whose logits
+    reach the selector as ``a`` and ``r`` (a Greedy("r") decode feeds the reference as ``a``)."""
 
     tok: Tensor
     out: Tensor
@@ -30,6 +33,12 @@ class DecodeState:
     bad: Tensor
     t: Tensor
     stop: Tensor
+    bad_r: Tensor = None
+    names: tuple = ("aligned", "reference")
+
+    def __post_init__(self):
+        if self.bad_r is None:
+            self.bad_r = torch.zeros_like(self.bad)
 
     @classmethod
     def new(cls, n_rows: int, max_new: int, stop_ids, device) -> "DecodeState":
@@ -42,7 +51,14 @@ class DecodeState:
                    t=torch.zeros(1, dtype=torch.int64, **z), stop=stop)
 
     def tensors(self):
-        return (self.tok, self.out, self.done, self.bad, self.t)
+        return (self.tok, self.out, self.done, self.bad, self.bad_r, self.t)
+
+
+def flag_reference(st: DecodeState, lr: Tensor | None) -> None:
+    """Mark live rows whose reference logits ``lr`` ``[N, V]`` have no value above -inf (all
+    -inf or NaN: ``NaN > -inf`` is False). On device, no host sync; ``check`` reports them."""
+    if lr is not None:
+        st.bad_r.logical_or_(~(lr > -math.inf).any(dim=1) & ~st.done)
 
 
 def record(st: DecodeState, y: Tensor) -> None:
@@ -57,12 +73,14 @@ def record(st: DecodeState, y: Tensor) -> None:
 def prefill(pair, selector, st: DecodeState, ids_a, real_a, ids_r, real_r) -> None:
     """Encode the prompts of both streams and choose the first token."""
     la, lr = pair.prefill(ids_a, real_a, ids_r, real_r)
+    flag_reference(st, lr)
     record(st, selector.first(la, lr, st.t))
 
 
 def decode_one(pair, selector, st: DecodeState) -> None:
     """One token for every row: forward both streams, select, record. Graph-safe."""
     la, lr = pair.step(st.tok)
+    flag_reference(st, lr)
     record(st, selector(la, lr, st.t))
 
 
@@ -161,11 +179,20 @@ def decode_n(pair, selector, st: DecodeState, n_steps: int, step=None,
 
 
 def check(st: DecodeState):
-    """One host sync: (all rows done, raise if a live row got no candidate)."""
-    flags = torch.stack([st.done.all(), st.bad.any()]).tolist()
+    """One host sync: (all rows done, raise if a live row got no candidate). A reference
+    stream with all -inf/NaN logits is reported first (it also empties the candidates of rules
+    that weigh it into the mask, which would otherwise blame the aligned stream)."""
+    flags = torch.stack([st.done.all(), st.bad.any(), st.bad_r.any()]).tolist()
+    if flags[2]:
+        rows = st.bad_r.nonzero().flatten().tolist()
+        raise RuntimeError(
+            f"row(s) {rows}: the {st.names[1]} model's logits (stream r) were all -inf/NaN at "
+            "some step, so its distribution is undefined (check the reference model's "
+            "dtype/weights)")
     if flags[1]:
         rows = st.bad.nonzero().flatten().tolist()
         raise RuntimeError(
-            f"row(s) {rows}: the aligned model's logits were all -inf/NaN at some step, so no "
-            "token could be chosen (check the model's dtype/weights or the logits processors)")
+            f"row(s) {rows}: the {st.names[0]} model's logits were all -inf/NaN at some step, "
+            "so no token could be chosen (check the model's dtype/weights or the logits "
+            "processors)")
     return flags[0], flags[1]

@@ -6,6 +6,7 @@ caches), and per rule the selector, the decode state and (on CUDA) the captured 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -105,6 +106,11 @@ class Decoder:
                               stacklevel=2)
         self._slots: dict = {}
         self._entries: dict = {}
+        # A decode reuses this Decoder's static buffers (caches, state, captured graphs), so
+        # calls must not overlap: each holds the lock for a whole generate()/stream(). Decoders
+        # never share buffers or layers (each runs its own view of the models), so they don't.
+        self._lock = threading.RLock()
+        self._owner = None  # the thread inside _run (re-entry from it is refused)
 
     # ------------------------------------------------------------------ setup helpers
     def _vocab(self) -> int:
@@ -118,8 +124,13 @@ class Decoder:
 
     def close(self) -> None:
         """Free the caches and captured graphs (the models are never modified)."""
-        self._slots.clear()
-        self._entries.clear()
+        with self._locked():
+            self._slots.clear()
+            self._entries.clear()
+
+    def _locked(self):
+        """This Decoder's lock (other threads' calls wait for it)."""
+        return self._lock
 
     def __enter__(self):
         return self
@@ -224,22 +235,28 @@ class Decoder:
             ``Generation`` with per row ``tokens`` (stop id excluded), ``text``,
             ``finish_reason`` and ``stats``.
         """
-        for out in self._run(prompts, input_ids, attention_mask, rule, max_new_tokens, stop, chat):
-            pass
+        with self._locked():
+            for out in self._run(prompts, input_ids, attention_mask, rule, max_new_tokens, stop,
+                                 chat):
+                pass
         return out
 
     def stream(self, prompt=None, *, input_ids=None, rule: Rule = AAD(0.1),
                max_new_tokens: int = 128, stop=None, chat: bool = False):
-        """Yield the text of one prompt as it is decoded (every ``check_every`` tokens)."""
+        """Yield the text of one prompt as it is decoded (every ``check_every`` tokens).
+
+        The Decoder is held (other threads' calls wait) until the stream is exhausted or
+        closed; in the same thread, call ``generate`` only after it."""
         if self.tokenizer is None:
             raise ValueError("stream() needs a tokenizer")
         shown = ""
-        for out in self._run(prompt, input_ids, None, rule, max_new_tokens, stop, chat,
-                             partial=True):
-            text = out.text[0] if isinstance(out, Generation) else out
-            if text.startswith(shown) and len(text) > len(shown):
-                yield text[len(shown):]
-                shown = text
+        with self._locked():
+            for out in self._run(prompt, input_ids, None, rule, max_new_tokens, stop, chat,
+                                 partial=True):
+                text = out.text[0] if isinstance(out, Generation) else out
+                if text.startswith(shown) and len(text) > len(shown):
+                    yield text[len(shown):]
+                    shown = text
 
     def _validate(self, rule, max_new_tokens):
         if not isinstance(rule, Rule):
@@ -266,7 +283,20 @@ class Decoder:
 
     def _run(self, prompts, input_ids, attention_mask, rule, max_new_tokens, stop, chat,
              partial=False):
-        """Yield the text of row 0 after each burst when ``partial``, then the Generation."""
+        """Yield the text of row 0 after each burst when ``partial``, then the Generation.
+        Runs with the models' locks held (``generate``/``stream``)."""
+        if self._owner is not None:
+            raise RuntimeError("this Decoder is already decoding in this thread (a stream() "
+                               "that is still open?); exhaust or close() the stream first")
+        self._owner = threading.get_ident()
+        try:
+            yield from self._run_unguarded(prompts, input_ids, attention_mask, rule,
+                                           max_new_tokens, stop, chat, partial)
+        finally:
+            self._owner = None
+
+    def _run_unguarded(self, prompts, input_ids, attention_mask, rule, max_new_tokens, stop,
+                       chat, partial):
         self._validate(rule, max_new_tokens)
         if self.lora is not None:
             self.lora.check_unmerged()
@@ -298,6 +328,7 @@ class Decoder:
         elif getattr(sel, "seed", None) is not None:
             sel.seed.fill_(rule.seed)
         _reset_state(st, b, stop_ids)
+        st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
         stream_rows = {"ar": (rows.a, rows.r), "a": (rows.a, rows.a), "r": (rows.r, rows.r)}
         ra, rr = stream_rows[streams]
         ids_a, real_a = _left_pad(ra, n, self.device)
@@ -420,6 +451,7 @@ def _reset_state(st: engine.DecodeState, b: int, stop_ids) -> None:
     st.done.zero_()
     st.done[b:] = True  # bucket padding rows
     st.bad.zero_()
+    st.bad_r.zero_()
     st.t.zero_()
     st.stop.fill_(-2)
     if stop_ids:

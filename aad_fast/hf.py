@@ -1,5 +1,6 @@
-"""Hugging Face interop: loading models, adapters and tokenizers from local paths, tokenizer
-checks, and ``AADLogitsProcessor`` for Hugging Face's own ``generate()``.
+"""Hugging Face interop: loading models, adapters and tokenizers from local paths, device,
+dtype and tokenizer checks, and (from ``processor.py``) ``AADLogitsProcessor`` for Hugging
+Face's own ``generate()``.
 
 Nothing here downloads: paths must exist locally (``local_files_only=True`` everywhere).
 """
@@ -90,20 +91,81 @@ def check_same_tokenizer(tok_a, tok_r, name_a: str, name_r: str) -> None:
             "share one vocabulary")
 
 
-def _base_weights_match(peft_model, reference) -> bool:
-    """True when ``reference`` holds the same weights as the adapter's base model."""
-    base = peft_model.get_base_model()
-    if base is reference:
-        return True
-    ref_params = dict(reference.named_parameters())
-    for name, p in base.named_parameters():
-        if "lora_" in name:
-            continue
-        key = name.replace(".base_layer.", ".")
-        q = ref_params.get(key)
-        if q is None or q.shape != p.shape or not torch.equal(q.to(p.device, p.dtype), p):
-            return False
-    return True
+def check_device(device):
+    """``device`` as a ``torch.device`` (``None`` stays ``None``); refuses a CUDA device on a
+    machine without one, instead of torch's bare assertion at the first ``.to()``."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a device ('cpu', 'cuda', 'cuda:1'): "
+                         f"{exc}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available here (torch "
+                             f"{torch.__version__}, CUDA build {torch.version.cuda}); pass "
+                             "device='cpu' or leave device unset")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r} but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def check_dtype(dtype):
+    """``dtype`` as a floating ``torch.dtype`` (names such as ``"bfloat16"`` accepted) or
+    ``None`` (the checkpoint's own)."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return None
+    dt = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype (use "
+                         "torch.float32, torch.bfloat16 or torch.float16)")
+    return dt
+
+
+def resolve_tokenizer(tokenizer):
+    """A tokenizer object as given, or one loaded from a local directory path."""
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    tok = load_tokenizer(tokenizer) if Path(tokenizer).expanduser().is_dir() else None
+    if tok is None:
+        raise ValueError(f"tokenizer={str(tokenizer)!r} is not a local tokenizer directory "
+                         "(aad_fast loads from local paths only, nothing is downloaded); pass "
+                         "a tokenizer object or the directory it was saved to")
+    return tok
+
+
+def recorded_base(adapter_dir: Path, recorded) -> Path | None:
+    """The adapter's ``base_model_name_or_path`` as a local directory: an absolute path, else
+    relative to the adapter's own directory (how ``aad_fast/default_pair/dpo`` records
+    ``../sft``), else relative to the current directory (how PEFT records a path given to
+    ``from_pretrained`` at training time; a warning says so). ``None`` when it is not local."""
+    if not recorded:
+        return None
+    rp = Path(recorded).expanduser()
+    if rp.is_absolute():
+        return rp if rp.is_dir() else None
+    beside = adapter_dir / rp
+    if beside.is_dir():
+        return beside.resolve()
+    if rp.is_dir():
+        warnings.warn(f"the LoRA adapter {str(adapter_dir)!r} records its base as {recorded!r}, "
+                      "which is not a directory beside the adapter; using "
+                      f"{str(rp.resolve())!r} (relative to the current directory)", stacklevel=3)
+        return rp.resolve()
+    return None
+
+
+def _refuse_wrong_base(base, reference, name_a, name_r, base_desc):
+    """SPEC: a LoRA adapter whose base is not the given reference is refused (the check and
+    its cost: ``weights.first_difference``)."""
+    from .weights import first_difference
+    diff = first_difference(base, reference)
+    if diff is not None:
+        raise ValueError(f"the reference model {name_r} is not the base model of the LoRA "
+                         f"adapter {name_a}: {diff} (compared with {base_desc}); pass the "
+                         "adapter's own base as reference (or omit reference to use it)")
 
 
 def load_pair(aligned, reference=None, *, dtype=None, device=None, tokenizer=None):
@@ -111,11 +173,14 @@ def load_pair(aligned, reference=None, *, dtype=None, device=None, tokenizer=Non
     ``(kind, model_a, model_r, tokenizer, names)`` with kind ``"lora"``, ``"two"`` or ``"one"``.
 
     ``kind == "lora"``: ``model_a`` is a ``PeftModel`` and ``model_r`` is ``None`` (the base).
+    A reference given with a LoRA adapter (path or object) must hold the adapter's base
+    weights (``weights.first_difference``); ``tokenizer`` may be a local directory path.
     """
+    device, dtype = check_device(device), check_dtype(dtype)
     name_a = str(aligned) if isinstance(aligned, (str, os.PathLike)) else type(aligned).__name__
     name_r = (str(reference) if isinstance(reference, (str, os.PathLike))
               else (type(reference).__name__ if reference is not None else None))
-    tok = tokenizer
+    tok = resolve_tokenizer(tokenizer)
     tok_a = tok_r = None
     # --- the aligned side: a model, a PeftModel, a model dir or an adapter dir
     if isinstance(aligned, (str, os.PathLike)):
@@ -123,24 +188,30 @@ def load_pair(aligned, reference=None, *, dtype=None, device=None, tokenizer=Non
         tok_a = load_tokenizer(p)
         if is_adapter_dir(p):
             cfg = json.loads((p / "adapter_config.json").read_text())
-            base_path = reference
             recorded = cfg.get("base_model_name_or_path")
+            base_dir = recorded_base(p, recorded)
+            base_path = reference
             if base_path is None:
-                if not recorded or not Path(recorded).expanduser().is_dir():
+                if base_dir is None:
                     raise ValueError(
-                        f"aligned={name_a!r} is a LoRA adapter whose base "
-                        f"{recorded!r} is not a local directory; pass reference=PATH_TO_BASE")
-                base_path = recorded
+                        f"aligned={name_a!r} is a LoRA adapter whose base {recorded!r} is not a "
+                        "local directory (neither beside the adapter nor from here); pass "
+                        "reference=PATH_TO_BASE")
+                base_path = base_dir
+            same_dir = isinstance(base_path, (str, os.PathLike)) and base_dir is not None and \
+                Path(base_path).resolve() == base_dir
             if isinstance(base_path, (str, os.PathLike)):
                 _check_dir(base_path, "reference")
                 tok_r = load_tokenizer(base_path)
                 base = load_causal_lm(base_path, "reference", dtype, device)
                 name_r = str(base_path)
-                if recorded and Path(recorded).expanduser().is_dir() and \
-                        Path(recorded).resolve() != Path(base_path).resolve():
-                    _check_same_config(recorded, base.config, name_a, name_r)
+                if base_dir is not None and not same_dir:
+                    _check_same_config(base_dir, base.config, name_a, name_r)
             else:
                 base = reference
+            if base_dir is not None and not same_dir:
+                _refuse_wrong_base(str(base_dir), base, name_a, name_r,
+                                   f"the adapter's recorded base {str(base_dir)!r}")
             try:
                 model_a = load_adapter(base, p)
             except Exception as exc:
@@ -148,26 +219,27 @@ def load_pair(aligned, reference=None, *, dtype=None, device=None, tokenizer=Non
                                  f"{name_r!r}: {exc}") from exc
             if device is not None:
                 model_a = model_a.to(device)
-            tok = tok or tok_a or tok_r
             check_same_tokenizer(tok_a, tok_r, name_a, name_r)
+            check_same_tokenizer(tok, tok_a or tok_r, "tokenizer", name_a)
+            tok = tok or tok_a or tok_r
             return "lora", model_a.eval(), None, tok, (name_a, name_r)
         model_a = load_causal_lm(p, "aligned", dtype, device)
     else:
         model_a = aligned
     if is_peft_model(model_a):
         if reference is not None:
-            ref = (load_causal_lm(reference, "reference", dtype, device)
-                   if isinstance(reference, (str, os.PathLike)) else reference)
-            if not _base_weights_match(model_a, ref):
-                raise ValueError(f"the reference model {name_r} is not the base model of the "
-                                 f"LoRA adapter {name_a}; pass the adapter's own base as "
-                                 "reference (or omit reference to use it)")
             if isinstance(reference, (str, os.PathLike)):
+                _check_dir(reference, "reference")
                 tok_r = load_tokenizer(reference)
+                _refuse_wrong_base(model_a, str(reference), name_a, name_r, "its checkpoint")
+            elif model_a.get_base_model() is not reference:
+                _refuse_wrong_base(model_a, reference, name_a, name_r, "the adapter's base")
+        check_same_tokenizer(tok, tok_a or tok_r, "tokenizer", name_a)
         tok = tok or tok_a or tok_r
         return "lora", model_a.eval(), None, tok, (name_a, name_r or "its base model")
     # --- plain model: a second model or none (one model, two prompts)
     if reference is None:
+        check_same_tokenizer(tok, tok_a, "tokenizer", name_a)
         return "one", model_a.eval(), None, tok or tok_a, (name_a, None)
     if isinstance(reference, (str, os.PathLike)):
         _check_dir(reference, "reference")
@@ -176,8 +248,7 @@ def load_pair(aligned, reference=None, *, dtype=None, device=None, tokenizer=Non
     else:
         model_r = reference
     check_same_tokenizer(tok_a, tok_r, name_a, name_r)
-    if tokenizer is not None:
-        check_same_tokenizer(tokenizer, tok_a or tok_r, "tokenizer", name_a)
+    check_same_tokenizer(tok, tok_a or tok_r, "tokenizer", name_a)
     return "two", model_a.eval(), model_r.eval(), tok or tok_a or tok_r, (name_a, name_r)
 
 
@@ -194,61 +265,5 @@ def _check_same_config(recorded, config, name_a, name_r):
                 f"{rec[key]}")
 
 
-class AADLogitsProcessor:
-    """AAD as a Hugging Face logits processor: ``aligned.generate(..., logits_processor=
-    [AADLogitsProcessor(reference)], do_sample=False)`` picks SPEC's AAD token at every step.
-
-    The processor keeps its own cache of the reference model and feeds it only the newest token
-    per call. Batches must be left-padded; pad positions are recognised by ``pad_token_id``
-    (default: the reference's ``config.pad_token_id``) when they lead a row. Returns scores that
-    are ``0`` at the chosen id and ``-inf`` elsewhere, so greedy search takes exactly that id.
-    """
-
-    def __init__(self, reference_model, alpha: float = 0.1, *, pad_token_id: int | None = None,
-                 vocab_size: int | None = None, backend: str | None = None):
-        from .ops import _check_real
-        self.model = reference_model.eval()
-        self.alpha = _check_real("alpha", alpha, 0.0, 1.0)
-        self.pad = pad_token_id if pad_token_id is not None else getattr(
-            reference_model.config, "pad_token_id", None)
-        self.vocab_size, self.backend = vocab_size, backend
-        self._reset()
-
-    def _reset(self):
-        self._cache = self._mask = self._pos = None
-        self._seen = 0
-
-    def _reference_logits(self, input_ids):
-        from transformers import DynamicCache
-        dev = next(self.model.parameters()).device
-        ids = input_ids.to(dev)
-        if self._cache is None or ids.shape[1] != self._seen + 1:
-            if self.pad is None:
-                real = torch.ones_like(ids, dtype=torch.long)
-            else:
-                real = ((ids != self.pad).long().cumsum(1) > 0).long()
-            self._cache = DynamicCache()
-            pos = (real.cumsum(1) - 1).clamp(min=0)
-            out = self.model(input_ids=ids, attention_mask=real, position_ids=pos,
-                             past_key_values=self._cache, use_cache=True)
-            self._mask, self._pos = real, pos[:, -1:]
-        else:
-            self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-            self._pos = self._pos + 1
-            out = self.model(input_ids=ids[:, -1:], attention_mask=self._mask,
-                             position_ids=self._pos, past_key_values=self._cache, use_cache=True)
-        self._seen = ids.shape[1]
-        return out.logits[:, -1, :]
-
-    def __call__(self, input_ids, scores):
-        from .ops import aad_select
-        with torch.inference_mode():
-            ref = self._reference_logits(input_ids).to(scores.device)
-        y = aad_select(scores, ref, self.alpha, vocab_size=self.vocab_size, backend=self.backend)
-        bad = (y < 0).nonzero().flatten().tolist()
-        if bad:
-            raise RuntimeError(f"row(s) {bad}: the aligned logits are all -inf/NaN; no AAD "
-                               "candidate")
-        out = torch.full_like(scores, -float("inf"))
-        out.scatter_(1, y[:, None], 0.0)
-        return out
+# AAD for Hugging Face's own generate() lives in processor.py; it is part of this interop layer.
+from .processor import AADLogitsProcessor  # noqa: E402,F401

@@ -20,6 +20,8 @@ from .reference import aad_topk_ref, linear2, select_ref
 
 
 def _run_backend(backend, a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step):
+    if backend in ("cpp", "cuda"):  # SPEC computes in float32; the C++ loops take <= 32 bits
+        a, r = _no_f64(a), _no_f64(r)
     if backend == "torch":
         return select_ref(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step)
     if backend == "cpp":
@@ -27,6 +29,10 @@ def _run_backend(backend, a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, ste
     if backend == "cuda":
         return backends.load_cuda().select(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step)
     return backends.load_triton().select(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step)
+
+
+def _no_f64(x: Tensor) -> Tensor:
+    return x.float() if x.dtype == torch.float64 else x
 
 
 @torch.library.custom_op("aad_fast::select", mutates_args=())
@@ -222,5 +228,6 @@ def aad_beam_topk(logits_a: Tensor, logits_r: Tensor, alpha=0.1, k: int = 1, *,
         tau = _check_real("tau", tau, 0.0)
     log_alpha = alpha_to_log(alpha, logits_a.shape[0], logits_a.device)
     if backends.pick_backend(logits_a.device, backend) == "cpp":
-        return tuple(backends.load_cpp().aad_topk(logits_a, logits_r, vocab, log_alpha, k, tau))
+        return tuple(backends.load_cpp().aad_topk(_no_f64(logits_a), _no_f64(logits_r), vocab,
+                                                   log_alpha, k, tau))
     return aad_topk_ref(logits_a, logits_r, vocab, log_alpha, k, tau)

@@ -42,10 +42,14 @@ def resolve_stop_ids(stop, model, tokenizer, vocab: int) -> list:
                 raise ValueError(f"stop string {s!r} needs a tokenizer; pass ids instead")
             enc = tokenizer.encode(s, add_special_tokens=False)
             tid = tokenizer.convert_tokens_to_ids(s)
-            if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None):
+            unk = getattr(tokenizer, "unk_token_id", None)
+            if isinstance(tid, int) and (tid != unk or s == getattr(tokenizer, "unk_token", None)):
                 ids.add(tid)
-            elif len(enc) == 1:
+            elif len(enc) == 1 and enc[0] != unk:
                 ids.add(enc[0])
+            elif len(enc) == 1:
+                raise ValueError(f"stop string {s!r} is not in the vocabulary (it encodes to the "
+                                 f"unknown token {unk}); pass a string the tokenizer knows, or ids")
             else:
                 raise ValueError(f"stop string {s!r} is {len(enc)} tokens {enc}; only "
                                  "single-token stop strings are supported (pass its ids)")
@@ -65,6 +69,11 @@ def encode(tokenizer, vocab: int, prompts, input_ids, attention_mask, chat,
     if prompts is not None:
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a string or a list of strings, got "
+                             f"{type(prompts).__name__}")
+        if not prompts:
+            raise ValueError("prompts=[] is empty; give at least one prompt")
         if tokenizer is None:
             raise ValueError("prompts= needs a tokenizer (none was found beside the models); "
                              "pass tokenizer= or input_ids=")
@@ -74,21 +83,40 @@ def encode(tokenizer, vocab: int, prompts, input_ids, attention_mask, chat,
                 raise ValueError(f"prompts[{i}] must be a string, got {type(p).__name__}")
             if not p:
                 raise ValueError(f"prompts[{i}] is empty")
-            rows.append(tokenize(tokenizer, p, chat, system))
+            ids = tokenize(tokenizer, p, chat, system)
+            if not ids:
+                raise ValueError(f"prompts[{i}]={p!r} encodes to no tokens (only whitespace?); "
+                                 "give a prompt with some text (or chat=True)")
+            rows.append(ids)
         return rows
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or \
+                input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer ids, got dtype {input_ids.dtype}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if not isinstance(attention_mask, torch.Tensor):
+            attention_mask = torch.as_tensor(attention_mask)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match "
                              f"input_ids {tuple(input_ids.shape)}")
-        rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
+        m = attention_mask.cpu()
+        if not bool(((m == 0) | (m == 1)).all()):
+            odd = m[(m != 0) & (m != 1)][:4].tolist()
+            raise ValueError(f"attention_mask must hold 0 (padding) and 1 (token) only, got "
+                             f"{odd}")
+        rows = [ids[r.bool()].tolist() for ids, r in zip(input_ids.cpu(), m)]
     else:
-        rows = [list(map(int, r)) for r in input_ids]
+        if isinstance(input_ids, (str, bytes)) or not hasattr(input_ids, "__len__"):
+            raise ValueError(f"input_ids must be a list of id lists or a [batch, length] "
+                             f"tensor, got {type(input_ids).__name__}")
+        rows = [_id_list(r, i) for i, r in enumerate(input_ids)]
+    if not rows:
+        raise ValueError("input_ids has no rows; give at least one prompt")
     for i, r in enumerate(rows):
         if not r:
             raise ValueError(f"input_ids[{i}] is an empty prompt")
@@ -96,6 +124,23 @@ def encode(tokenizer, vocab: int, prompts, input_ids, attention_mask, chat,
         if bad:
             raise ValueError(f"input_ids[{i}] has ids {bad[:4]} outside [0, {vocab})")
     return rows
+
+
+def _id_list(row, i: int) -> list:
+    """``row`` as a list of Python ints; floats and bools are refused, never rounded."""
+    if isinstance(row, torch.Tensor):
+        if row.dtype.is_floating_point or row.dtype == torch.bool:
+            raise ValueError(f"input_ids[{i}] must hold integer ids, got dtype {row.dtype}")
+        return row.reshape(-1).tolist()
+    if isinstance(row, (str, bytes)) or not hasattr(row, "__iter__"):
+        raise ValueError(f"input_ids[{i}] must be a list of ints, got {row!r}")
+    out = []
+    for t in row:
+        if isinstance(t, bool) or not hasattr(t, "__index__"):
+            raise ValueError(f"input_ids[{i}] holds {t!r} ({type(t).__name__}); token ids must "
+                             "be ints")
+        out.append(int(t.__index__()))
+    return out
 
 
 def tokenize(tokenizer, text: str, chat: bool, system: str | None = None) -> list:

@@ -1,5 +1,6 @@
 """The command line: generate (file in, JSONL out, resumable), demo, help, bad input."""
 import json
+import re
 
 import pytest
 from conftest import tiny_model
@@ -71,3 +72,132 @@ def test_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for cmd in ("generate", "demo", "bench", "evaluate", "make-pairs"):
         assert cmd in out
+
+
+# ------------------------------------------------------------------ issue 11: files and resume
+QUESTIONS = ["what is 2 plus 3 ?", "name the capital of peru .", "what sound does a cow make ?",
+             "what is 7 minus 4 ?", "name a red fruit ."]
+
+
+def _gen_args(model_dirs, prompts, out, *extra):
+    return ["generate", "--aligned", str(model_dirs / "dpo"), "--reference",
+            str(model_dirs / "sft"), "--prompts-file", str(prompts), "--out", str(out),
+            "--max-new-tokens", "5", "--batch-size", "2", "--chat", *extra]
+
+
+@pytest.fixture(scope="module")
+def full_run(model_dirs, tmp_path_factory):
+    """One uninterrupted ``generate --out`` run: (prompts file, the output bytes, its sidecar)."""
+    root = tmp_path_factory.mktemp("full")
+    prompts = root / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": q}) + "\n"
+                               for i, q in enumerate(QUESTIONS)))
+    out = root / "out.jsonl"
+    assert main(_gen_args(model_dirs, prompts, out)) == 0
+    return prompts, out.read_bytes(), (root / "out.jsonl.meta.json").read_bytes()
+
+
+def test_crash_at_any_byte_then_rerun_gives_every_id_once(model_dirs, full_run,
+                                                          tmp_path_factory):
+    """Property: cut the output at a random byte (a crash), rerun: every id exactly once, with
+    the same text as the uninterrupted run."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    prompts, data, meta = full_run
+    want = {r["id"]: r for r in map(json.loads, data.decode().splitlines())}
+    root = tmp_path_factory.mktemp("crash")
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(cut=st.integers(0, len(data)))
+    def check(cut):
+        out = root / "out.jsonl"
+        out.write_bytes(data[:cut])
+        (root / "out.jsonl.meta.json").write_bytes(meta)
+        assert main(_gen_args(model_dirs, prompts, out)) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert sorted(r["id"] for r in rows) == sorted(want)
+        assert all(r["completion"] == want[r["id"]]["completion"] and
+                   r["tokens"] == want[r["id"]]["tokens"] for r in rows)
+
+    check()
+
+
+def test_resume_with_another_rule_is_refused(model_dirs, full_run, tmp_path, capsys):
+    prompts, data, meta = full_run
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(data[: data.index(b"\n") + 1])
+    (tmp_path / "out.jsonl.meta.json").write_bytes(meta)
+    assert main(_gen_args(model_dirs, prompts, out, "--rule", "greedy")) == 2
+    assert re.search(r"other settings \(rule: 'AAD\(alpha=0.1.* in the file, .*Greedy", capsys.readouterr().err)
+    assert out.read_bytes() == data[: data.index(b"\n") + 1]
+
+
+def test_resume_with_a_changed_prompt_is_refused(model_dirs, full_run, tmp_path, capsys):
+    prompts, data, meta = full_run
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(data[: data.index(b"\n") + 1])
+    (tmp_path / "out.jsonl.meta.json").write_bytes(meta)
+    other = tmp_path / "p.jsonl"
+    other.write_text(prompts.read_text().replace("2 plus 3", "2 plus 4"))
+    assert main(_gen_args(model_dirs, other, out)) == 2
+    assert "id 'q0' was made from the prompt" in capsys.readouterr().err
+
+
+def test_two_runs_on_one_out_cannot_both_write(model_dirs, full_run, tmp_path, capsys):
+    from aad_fast.cli import _generate_settings, build_parser
+    from aad_fast.outfile import ResultsFile
+    prompts, _, _ = full_run
+    out = tmp_path / "out.jsonl"
+    args = _gen_args(model_dirs, prompts, out)
+    with ResultsFile(out, _generate_settings(build_parser().parse_args(args), None), {}):
+        assert main(args) == 2
+    assert "being written by another run" in capsys.readouterr().err
+    assert main(args) == 0  # once the first run is gone
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"id": [1], "prompt": "hi"}', "'id' must be an int or a string, got \\[1\\]"),
+    ('{"id": 1.0, "prompt": "hi"}', "'id' must be an int or a string, got 1.0"),
+    ('{"id": 1, "prompt": "hi"}\n{"id": 1, "prompt": "ho"}', "id 1 is also on line 1"),
+    ('{"prompt": 5}', "'prompt' must be a non-empty string"),
+])
+def test_bad_prompts_file_rows_are_named(model_dirs, tmp_path, capsys, content, message):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(content + "\n")
+    assert main(_gen_args(model_dirs, prompts, tmp_path / "o.jsonl")) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_prompts_file_and_out_paths_are_checked_first(model_dirs, tmp_path, capsys):
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"prompt": "hi"}\n')
+    for prompts, out, message in ((tmp_path, tmp_path / "o.jsonl", "is not a file"),
+                                  (tmp_path / "none.jsonl", tmp_path / "o.jsonl", "no such file"),
+                                  (good, tmp_path, "--out=.* is a directory"),
+                                  (good, tmp_path / "no" / "o.jsonl", "does not exist")):
+        assert main(_gen_args(model_dirs, prompts, out)) == 2
+        assert re.search(message, capsys.readouterr().err)
+
+
+def test_evaluate_checks_json_before_the_run(tmp_path, capsys, monkeypatch):
+    import aad_fast.toy.evaluate as ev
+    monkeypatch.setattr(ev, "evaluate", lambda a: pytest.fail("ran before checking --json"))
+    assert main(["evaluate", "--limit", "1", "--json", str(tmp_path)]) == 2
+    assert "--json=" in capsys.readouterr().err
+
+
+def test_make_pairs_resumes_after_a_torn_row(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(QUESTIONS[:3]) + "\n")
+    out = tmp_path / "pairs.jsonl"
+    args = ["make-pairs", "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "4",
+            "--batch-size", "2"]
+    assert main(args) == 0
+    data = out.read_bytes()
+    out.write_bytes(data[:-7])  # a crash inside the last row
+    assert main(args) == 0
+    assert "dropped a torn last row" in capsys.readouterr().err
+    assert out.read_bytes() == data  # same rows, the redone one with the same rejected sample
+    out.write_bytes(data)
+    assert main(args[:-2] + ["--batch-size", "3"]) == 2
+    assert "other settings (batch_size: 2" in capsys.readouterr().err

@@ -106,50 +106,65 @@ def add_arguments_evaluate(p):
 
 
 def run_evaluate(a) -> int:
+    from ..outfile import check_writable, write_atomic
+    if a.json:  # checked before the run, which is long, not after it
+        check_writable(a.json, "--json")
     result = evaluate(a)
     print(markdown(result))
     if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_atomic(a.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 
 # ----------------------------------------------------------------------------- make-pairs
 def make_pairs(a) -> int:
     """chosen = AAD completion, rejected = nucleus sample (p = 0.9) of the aligned model; TRL
-    conversational preference rows, appended as they are made; a rerun skips done ids."""
+    conversational preference rows, appended as they are made (``outfile.ResultsFile``: one
+    durable line per row, a torn last row repaired, a resume with other settings refused, one
+    writer at a time); a rerun skips done ids."""
     from .. import AAD, Mix
-    dec, _, _, _ = _pair(a)
+    from ..cli import check_resume, prompts_identity, read_prompts_file
+    from ..outfile import ResultsFile
     if a.prompts:
-        rows = []
-        for i, line in enumerate(Path(a.prompts).read_text().splitlines()):
-            if line.strip():
-                obj = json.loads(line) if line.lstrip().startswith("{") else {"prompt": line}
-                obj.setdefault("id", i)
-                rows.append(obj)
+        rows = read_prompts_file(a.prompts, "--prompts", text_lines=True)
+        ident = prompts_identity(a.prompts)
     else:
         rows = [{"id": i, "prompt": p.prompt} for i, p in enumerate(task.split_problems()[0])]
-    out = Path(a.out)
-    done = set()
-    if out.exists():
-        done = {json.loads(x)["id"] for x in out.read_text().splitlines() if x.strip()}
-    todo = [r for r in rows if r["id"] not in done]
-    print(f"make-pairs: {len(todo)} prompt(s) to do, {len(done)} already in {out}", file=sys.stderr)
-    with open(out, "a") as f:
-        for i in range(0, len(todo), a.batch_size):
-            chunk = todo[i:i + a.batch_size]
-            prompts = [r["prompt"] for r in chunk]
-            kw = dict(chat=True, max_new_tokens=a.max_new_tokens, stop=stop_ids(dec.tokenizer))
-            chosen = dec.generate(prompts, rule=AAD(a.alpha), **kw).text
-            rejected = dec.generate(prompts, rule=Mix(1.0, 0.0, temperature=1.0, top_p=0.9,
-                                                      seed=a.seed + i), **kw).text
-            for r, c, j in zip(chunk, chosen, rejected):
-                f.write(json.dumps({"id": r["id"],
-                                    "prompt": [{"role": "user", "content": r["prompt"]}],
-                                    "chosen": [{"role": "assistant", "content": c}],
-                                    "rejected": [{"role": "assistant", "content": j}]}) + "\n")
-            f.flush()
-            print(f"  {min(i + a.batch_size, len(todo))}/{len(todo)}", file=sys.stderr)
-    dec.close()
+        ident = {"toy": "train split"}
+    settings = {"command": "make-pairs", "aligned": a.aligned and str(Path(a.aligned).resolve()),
+                "reference": a.reference and str(Path(a.reference).resolve()),
+                "alpha": a.alpha, "max_new_tokens": a.max_new_tokens, "seed": a.seed,
+                "batch_size": a.batch_size}  # a batch's rejected samples share its seed
+    with ResultsFile(a.out, settings, ident) as out:
+        check_resume(out, rows, lambda row: row["prompt"][0]["content"])
+        todo = [r for r in rows if not out.is_done(r["id"])]
+        print(f"make-pairs: {len(todo)} prompt(s) to do, {len(out.done)} already in {a.out}",
+              file=sys.stderr)
+        if not todo:
+            return 0
+        dec, _, _, _ = _pair(a)
+        made = 0
+        with dec:
+            # Batches are cut from the whole prompt list, not from what is left to do, and the
+            # sampler's noise depends on (seed, step, token) only, so a resumed run draws the
+            # same rejected samples as an uninterrupted one.
+            for i in range(0, len(rows), a.batch_size):
+                chunk = [r for r in rows[i:i + a.batch_size] if not out.is_done(r["id"])]
+                if not chunk:
+                    continue
+                prompts = [r["prompt"] for r in chunk]
+                kw = dict(chat=True, max_new_tokens=a.max_new_tokens,
+                          stop=stop_ids(dec.tokenizer))
+                chosen = dec.generate(prompts, rule=AAD(a.alpha), **kw).text
+                rejected = dec.generate(prompts, rule=Mix(1.0, 0.0, temperature=1.0, top_p=0.9,
+                                                          seed=a.seed + i), **kw).text
+                for r, c, j in zip(chunk, chosen, rejected):
+                    out.write({"id": r["id"],
+                               "prompt": [{"role": "user", "content": r["prompt"]}],
+                               "chosen": [{"role": "assistant", "content": c}],
+                               "rejected": [{"role": "assistant", "content": j}]})
+                made += len(chunk)
+                print(f"  {made}/{len(todo)}", file=sys.stderr)
     return 0
 
 

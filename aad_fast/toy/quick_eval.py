@@ -149,7 +149,14 @@ def main(argv=None):
                    help="instead of evaluating, write AAD-vs-nucleus pairs for the prompts of "
                         "DIR/dpo_pairs.jsonl (input of `train --pairs`)")
     args = p.parse_args(argv)
+    from ..outfile import check_writable, write_atomic
     from .assets import load_default_pair
+    try:  # refuse an unwritable output before the run, not after it
+        for opt, path in (("--json", args.json), ("--pairs-out", args.pairs_out)):
+            if path is not None:
+                check_writable(path, opt)
+    except ValueError as exc:
+        p.error(str(exc))
 
     torch.set_num_threads(args.threads)
     sft, dpo, tok, picker, _ = load_default_pair(root=args.dir, adapter=args.adapter)
@@ -161,8 +168,7 @@ def main(argv=None):
         prompts = list(dict.fromkeys(prompts))[:args.limit]  # distinct, in file order
         rows = aad_pairs(sft, dpo, tok, prompts, alpha=args.alpha,
                          max_new_tokens=args.max_new_tokens)
-        with open(args.pairs_out, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        write_atomic(args.pairs_out, "".join(json.dumps(r) + "\n" for r in rows))
         print(f"{len(rows)} pairs from {len(prompts)} prompts -> {args.pairs_out}")
         return
     held = task.split_problems()[1][:args.limit]
@@ -175,9 +181,9 @@ def main(argv=None):
     for name, row in table.items():
         print(f"| {name} | {row['reward']:.3f} | {row['aad_win_rate']:.3f} |")
     if args.json:
-        args.json.write_text(json.dumps({"n": len(questions), "table": table,
-                                         "questions": questions, "completions": res,
-                                         "rewards": rewards}, indent=1))
+        write_atomic(args.json, json.dumps({"n": len(questions), "table": table,
+                                            "questions": questions, "completions": res,
+                                            "rewards": rewards}, indent=1))
 
 
 if __name__ == "__main__":
