@@ -47,7 +47,9 @@ def record(st: DecodeState, y: Tensor) -> None:
     """Store the step's ids, update done/bad flags, feed the ids back, bump the counter."""
     st.bad.logical_or_(y.lt(0) & ~st.done)
     st.out.index_copy_(1, st.t.clamp(max=st.out.shape[1] - 1), y.view(-1, 1))
-    st.done.logical_or_(torch.isin(y, st.stop))
+    # a broadcast compare, not torch.isin: isin's sorting path (taken once the stop list is
+    # longer than ~10 * N**0.145 ids, e.g. 16 ids at N = 1) calls unique, a host sync
+    st.done.logical_or_((y[:, None] == st.stop[None, :]).any(dim=1))
     st.tok.copy_(y.clamp(min=0))
     st.t.add_(1)
 

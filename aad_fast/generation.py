@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ from .hf import load_pair
 from .pairs import RowLoRA, SharedPair, SinglePair, TwoModelPair
 from .prompts import MAX_STOP_IDS, _left_pad, _Rows, resolve_stop_ids, rule_rows
 from .rules import AAD, OPAD, BeamAAD, BestOfN, CFGMix, Rule
-from .selectors import make_selector
+from .selectors import make_selector, rule_kind
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Decoder:
         check_every: steps between host checks for finished rows.
     """
 
+    MAX_ENTRIES = 16  # captured steps kept (per batch bucket and rule kind), LRU
+
     def __init__(self, aligned, reference=None, *, tokenizer=None, dtype=None, device=None,
                  max_batch_size: int = 8, max_seq_len: int = 2048, cuda_graphs="auto",
                  backend: str | None = None, check_every: int = 8):
@@ -85,7 +88,7 @@ class Decoder:
                               f"generate(). Pass max_seq_len<={window} to rule this out.",
                               stacklevel=2)
         self._slots: dict = {}
-        self._entries: dict = {}
+        self._entries: OrderedDict = OrderedDict()
 
     # ------------------------------------------------------------------ setup helpers
     def _vocab(self) -> int:
@@ -140,13 +143,24 @@ class Decoder:
         return self._slots[key]
 
     def _entry(self, pair, n: int, rule: Rule):
-        key = (id(pair), rule)
-        if key not in self._entries:
+        """Selector, decode state and captured graph for ``n`` rows of ``rule``'s kind
+        (``selectors.rule_kind``): one entry, so one graph, serves every value of the kind;
+        ``rule``'s values are written into the selector's tensors here. At most
+        ``MAX_ENTRIES`` are kept, least recently used dropped first."""
+        key = (n, rule.streams, rule_kind(rule))
+        ent = self._entries.get(key)
+        if ent is None or ent["pair"] is not pair:
             sel = make_selector(rule, n, self.vocab, self.device, self.backend)
             st = engine.DecodeState.new(n, pair.runners[0].max_len, [], self.device)
             st.stop = torch.full((MAX_STOP_IDS,), -2, dtype=torch.int64, device=self.device)
-            self._entries[key] = {"sel": sel, "st": st, "graph": None, "tried": False}
-        return self._entries[key]
+            ent = {"sel": sel, "st": st, "graph": None, "tried": False, "pair": pair}
+            self._entries[key] = ent
+            while len(self._entries) > self.MAX_ENTRIES:
+                self._entries.popitem(last=False)
+        else:
+            ent["sel"].set_rule(rule)
+        self._entries.move_to_end(key)
+        return ent
 
     # ------------------------------------------------------------------ inputs
     def stop_ids(self, stop=None) -> list:
@@ -243,8 +257,6 @@ class Decoder:
         sel, st = ent["sel"], ent["st"]
         if seeds is not None:
             sel.set_seeds(seeds)
-        elif getattr(sel, "seed", None) is not None:
-            sel.seed.fill_(rule.seed)
         _reset_state(st, b, stop_ids)
         stream_rows = {"ar": (rows.a, rows.r), "a": (rows.a, rows.a), "r": (rows.r, rows.r)}
         ra, rr = stream_rows[streams]
