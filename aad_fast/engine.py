@@ -66,6 +66,17 @@ def decode_one(pair, selector, st: DecodeState) -> None:
     record(st, selector(la, lr, st.t))
 
 
+def beam_step(pair, search, lo: int, hi: int) -> None:
+    """One BeamAAD step (``search.BeamSearch``), graph-safe like ``decode_one``: every row takes
+    the cache of row ``search.src[i]`` in slots ``[lo, hi)`` (the slots written since the
+    prompt) with its positions and mask, on device; forward ``search.tok``; rank the
+    continuations. ``lo``/``hi`` are host ints (no sync); a captured step would pass the fixed
+    ``hi = lo + max_new - 1`` (the unwritten slots it also moves are masked)."""
+    pair.reorder(search.src, lo, hi)
+    la, lr = pair.step(search.tok)
+    search.select(la, lr)
+
+
 class StepGraph:
     """``decode_one`` captured as one CUDA graph; warm-up runs are undone before use."""
 

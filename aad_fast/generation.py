@@ -89,6 +89,7 @@ class Decoder:
                               stacklevel=2)
         self._slots: dict = {}
         self._entries: OrderedDict = OrderedDict()
+        self._pickers: dict = {}  # best-of-n picker models loaded from paths
 
     # ------------------------------------------------------------------ setup helpers
     def _vocab(self) -> int:
@@ -104,6 +105,7 @@ class Decoder:
         """Free the caches and captured graphs (the models are never modified)."""
         self._slots.clear()
         self._entries.clear()
+        self._pickers.clear()
 
     def __enter__(self):
         return self
