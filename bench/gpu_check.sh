@@ -4,12 +4,13 @@
 #
 #   bench/gpu_check.sh [--dry-run] OUT_DIR        (or GPU_CHECK_DRY_RUN=1 bench/gpu_check.sh OUT_DIR)
 #
-# Writes at most 7 files under OUT_DIR, each cut to 4 MiB: summary.md (one row per phase: exit
-# code, seconds; then the environment), build.log, pytest.log, bench.log and the bench's
-# <device>-<date>.json/.md/.png. Every phase has its own time limit (GPU_CHECK_T_BUILD,
-# GPU_CHECK_T_TEST, GPU_CHECK_T_BENCH, seconds; defaults 150 + 140 + 180 fit in 8 minutes) and
-# a failed phase does not stop the next; the exit code is 1 if any phase failed.
-# GPU_CHECK_BENCH_ARGS adds options to the bench command.
+# Writes at most 8 files under OUT_DIR, each cut to 4 MiB: summary.md (one row per phase: exit
+# code, seconds; then the environment and the test counts), check.log (every phase's output)
+# and two bench results, <device>-<date>[-HHMMSS].json/.md/.png: the kernels, then the decode
+# (apart, so a decode that runs out of time still leaves the kernel numbers). Every phase has
+# its own time limit (GPU_CHECK_T_BUILD/_TEST/_KERNELS/_DECODE, seconds; the defaults
+# 110 + 120 + 50 + 170 fit in 8 minutes) and a failed phase does not stop the next; the exit
+# code is 1 if any phase failed. GPU_CHECK_BENCH_ARGS adds options to both bench commands.
 #
 # --dry-run: the same phases on CPU with tiny shapes (no CUDA build, a small test selection
 # under TRITON_INTERPRET=1, model `tiny`, 4 tokens), as CI runs it (tests/test_gpu_check.py).
@@ -20,6 +21,7 @@ dry=${GPU_CHECK_DRY_RUN:-0}
 [ "${1:-}" = "--dry-run" ] && { dry=1; shift; }
 out=${1:?usage: bench/gpu_check.sh [--dry-run] OUT_DIR}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
+[ -z "$(ls -A "$out")" ] || { echo "gpu_check: OUT_DIR $out is not empty; give a new folder" >&2; exit 2; }
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # the Triton kernels live in kernels/ and are installed as aad_fast.kernels (git ignores the link)
@@ -28,9 +30,9 @@ summary=$out/summary.md
 status=0
 methods=hf_generate,hf_naive_aad,greedy,aad_two,aad_lora
 
-phase() {  # phase NAME LIMIT_S LOG CMD...: run CMD with a time limit, one summary row
-    local name=$1 limit=$2 log=$out/$3 t0 rc
-    shift 3
+phase() {  # phase NAME LIMIT_S CMD...: run CMD with a time limit into check.log, one summary row
+    local name=$1 limit=$2 log=$out/check.log t0 rc
+    shift 2
     t0=$(date +%s)
     echo "## $name: $*" >>"$log"
     timeout -k 10 "$limit" "$@" >>"$log" 2>&1
@@ -50,36 +52,42 @@ mode=GPU
 } >"$summary"
 
 python -c "import pytest, hypothesis, pytest_benchmark" 2>/dev/null ||
-    phase deps 120 build.log python -m pip install -q pytest hypothesis pytest-benchmark
+    phase deps 120 python -m pip install -q pytest hypothesis pytest-benchmark
 
 if [ "$dry" = 1 ]; then
     export TRITON_INTERPRET=1
-    phase build 60 build.log python -c "import aad_fast.backends as b; print(b.available_backends('cpu'))"
-    phase tests 60 pytest.log python -m pytest -q -rfEs -p no:cacheprovider \
+    phase build 60 python -c "import aad_fast.backends as b; print(b.available_backends('cpu'))"
+    phase tests 60 python -m pytest -q -rfEs -p no:cacheprovider \
         tests/test_selectors.py::test_per_row_floor_equals_mix_floor \
         "tests/test_capture.py::test_a_planted_unsafe_line_fails_the_check[item]"
-    phase bench 90 bench.log python -m aad_fast.cli bench --quick --device cpu --models tiny \
-        --batch 1 --methods "$methods" --kernel-batches 1 --kernel-vocabs 1000 --new-tokens 4 \
-        --prompt-lens 8 --decode-prompt-len 8 --repeats 1 --out "$out" ${GPU_CHECK_BENCH_ARGS:-}
+    bench=(python -m aad_fast.cli bench --quick --device cpu --models tiny --batch 1
+           --kernel-batches 1 --kernel-vocabs 1000 --new-tokens 4 --prompt-lens 8
+           --decode-prompt-len 8 --repeats 1)
+    limits=(60 90)
 else
-    phase build "${GPU_CHECK_T_BUILD:-150}" build.log env AAD_FAST_CUDA_ARCHS=9.0 \
+    phase build "${GPU_CHECK_T_BUILD:-110}" env AAD_FAST_CUDA_ARCHS=9.0 \
         python setup.py build_ext --inplace -j 4
-    phase tests "${GPU_CHECK_T_TEST:-140}" pytest.log python -m pytest -q -m gpu -rfEs \
-        -p no:cacheprovider tests
-    phase bench "${GPU_CHECK_T_BENCH:-180}" bench.log python -m aad_fast.cli bench \
-        --device cuda --dtype bfloat16 --models llama-3.2-1b,llama-3.1-8b --batch 1,8 \
-        --methods "$methods" --kernel-batches 1,256 --kernel-vocabs 128256,151936 \
-        --new-tokens 64 --prompt-lens 128 --repeats 2 --out "$out" ${GPU_CHECK_BENCH_ARGS:-}
+    phase tests "${GPU_CHECK_T_TEST:-120}" python -m pytest -q -m gpu -rfEs -p no:cacheprovider tests
+    bench=(python -m aad_fast.cli bench --device cuda --dtype bfloat16
+           --models llama-3.2-1b,llama-3.1-8b --batch 1,8 --kernel-batches 1,256
+           --kernel-vocabs 128256,151936 --new-tokens 64 --prompt-lens 128 --repeats 2)
+    limits=("${GPU_CHECK_T_KERNELS:-50}" "${GPU_CHECK_T_DECODE:-170}")
 fi
+# shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of options
+phase kernels "${limits[0]}" "${bench[@]}" --no-decode --methods "$methods" --out "$out" \
+    ${GPU_CHECK_BENCH_ARGS:-}
+# shellcheck disable=SC2086
+phase decode "${limits[1]}" "${bench[@]}" --no-kernels --methods "$methods" --out "$out" \
+    ${GPU_CHECK_BENCH_ARGS:-}
 
 {
     echo
     echo '```'
     python -c "import torch, transformers; from aad_fast import backends as b; d = 'cuda' if torch.cuda.is_available() else 'cpu'; print('torch', torch.__version__, '| transformers', transformers.__version__, '| device', torch.cuda.get_device_name() if d == 'cuda' else 'cpu', '| backends', b.available_backends(d))" 2>&1 | tail -n 3
-    grep -E "passed|failed|error" "$out/pytest.log" | tail -n 3
+    grep -E "[0-9]+ (passed|failed|skipped|error)" "$out/check.log" | tail -n 3
     echo '```'
 } >>"$summary"
-for f in "$out"/*.log "$out"/*.md; do  # keep every file well under the 16 MiB limit
+for f in "$out"/check.log "$out"/*.md; do  # keep every file well under the 16 MiB limit
     [ -f "$f" ] && [ "$(wc -c <"$f")" -gt 4194304 ] && { tail -c 4194304 "$f" >"$f.cut" && mv "$f.cut" "$f"; }
 done
 cat "$summary"
