@@ -3,7 +3,8 @@
 ``decode_one`` is the hot step: both streams' one-token forward, the selection op and the write
 of the chosen token into the next step's input buffer and into the output buffer at the device
 step counter. It has no host sync and allocates nothing that changes between calls, so on CUDA
-it is captured once per (batch bucket, rule) and replayed per token. The host looks at the
+it is captured once per (batch bucket, rule kind) and replayed per token (the rule's
+values are tensors the selector rewrites in place between calls). The host looks at the
 device state only every ``check_every`` steps (all rows done? a row with no candidate?).
 """
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """``Decoder`` (load once, generate many) and the one-shot ``generate()``.
 
 A ``Decoder`` holds the two streams' weights, and per batch-size bucket the runners (static
-caches), and per rule the selector, the decode state and (on CUDA) the captured step graph.
+caches), and per rule kind (``selectors.rule_kind``) the selector, the decode state and (on
+CUDA) the captured step graph, which serves every value of the kind (at most
+``Decoder.MAX_ENTRIES`` kept).
 """
 from __future__ import annotations
 
