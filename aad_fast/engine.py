@@ -3,7 +3,8 @@
 ``decode_one`` is the hot step: both streams' one-token forward, the selection op and the write
 of the chosen token into the next step's input buffer and into the output buffer at the device
 step counter. It has no host sync and allocates nothing that changes between calls, so on CUDA
-it is captured once per (batch bucket, rule) and replayed per token. The host looks at the
+it is captured once per (batch bucket, rule kind) and replayed per token (the rule's
+values are tensors the selector rewrites in place between calls). The host looks at the
 device state only every ``check_every`` steps (all rows done? a row with no candidate?).
 """
 from __future__ import annotations
@@ -65,7 +66,9 @@ def record(st: DecodeState, y: Tensor) -> None:
     """Store the step's ids, update done/bad flags, feed the ids back, bump the counter."""
     st.bad.logical_or_(y.lt(0) & ~st.done)
     st.out.index_copy_(1, st.t.clamp(max=st.out.shape[1] - 1), y.view(-1, 1))
-    st.done.logical_or_(torch.isin(y, st.stop))
+    # a broadcast compare, not torch.isin: isin's sorting path (taken once the stop list is
+    # longer than ~10 * N**0.145 ids, e.g. 16 ids at N = 1) calls unique, a host sync
+    st.done.logical_or_((y[:, None] == st.stop[None, :]).any(dim=1))
     st.tok.copy_(y.clamp(min=0))
     st.t.add_(1)
 
@@ -82,6 +85,17 @@ def decode_one(pair, selector, st: DecodeState) -> None:
     la, lr = pair.step(st.tok)
     flag_reference(st, lr)
     record(st, selector(la, lr, st.t))
+
+
+def beam_step(pair, search, lo: int, hi: int) -> None:
+    """One BeamAAD step (``search.BeamSearch``), graph-safe like ``decode_one``: every row takes
+    the cache of row ``search.src[i]`` in slots ``[lo, hi)`` (the slots written since the
+    prompt) with its positions and mask, on device; forward ``search.tok``; rank the
+    continuations. ``lo``/``hi`` are host ints (no sync); a captured step would pass the fixed
+    ``hi = lo + max_new - 1`` (the unwritten slots it also moves are masked)."""
+    pair.reorder(search.src, lo, hi)
+    la, lr = pair.step(search.tok)
+    search.select(la, lr)
 
 
 class CompiledStep:

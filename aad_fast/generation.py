@@ -1,7 +1,9 @@
 """``Decoder`` (load once, generate many) and the one-shot ``generate()``.
 
 A ``Decoder`` holds the two streams' weights, and per batch-size bucket the runners (static
-caches), and per rule the selector, the decode state and (on CUDA) the captured step graph.
+caches), and per rule kind (``selectors.rule_kind``) the selector, the decode state and (on
+CUDA) the captured step graph, which serves every value of the kind (at most
+``Decoder.MAX_ENTRIES`` kept).
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import os
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +23,7 @@ from .lora_rows import RowLoRA
 from .pairs import SharedPair, SinglePair, TwoModelPair
 from .prompts import MAX_STOP_IDS, _left_pad, _Rows, resolve_stop_ids, rule_rows
 from .rules import AAD, OPAD, BeamAAD, BestOfN, CFGMix, Rule
-from .selectors import make_selector
+from .selectors import make_selector, rule_kind
 
 
 @dataclass
@@ -68,6 +71,8 @@ class Decoder:
             (``stats["capture_ms"]``).
     """
 
+    MAX_ENTRIES = 16  # captured steps kept (per batch bucket and rule kind), LRU
+
     def __init__(self, aligned, reference=None, *, tokenizer=None, dtype=None, device=None,
                  max_batch_size: int = 8, max_seq_len: int = 2048, cuda_graphs="auto",
                  backend: str | None = None, check_every: int = 8,
@@ -105,7 +110,8 @@ class Decoder:
                               f"generate(). Pass max_seq_len<={window} to rule this out.",
                               stacklevel=2)
         self._slots: dict = {}
-        self._entries: dict = {}
+        self._entries: OrderedDict = OrderedDict()
+        self._pickers: dict = {}  # best-of-n picker models loaded from paths
         # A decode reuses this Decoder's static buffers (caches, state, captured graphs), so
         # calls must not overlap: each holds the lock for a whole generate()/stream(). Decoders
         # never share buffers or layers (each runs its own view of the models), so they don't.
@@ -127,6 +133,7 @@ class Decoder:
         with self._locked():
             self._slots.clear()
             self._entries.clear()
+            self._pickers.clear()
 
     def _locked(self):
         """This Decoder's lock (other threads' calls wait for it)."""
@@ -199,13 +206,24 @@ class Decoder:
         return tuning.compile_pays(key, max_new - 1)
 
     def _entry(self, pair, n: int, rule: Rule):
-        key = (id(pair), rule)
-        if key not in self._entries:
+        """Selector, decode state and captured graph for ``n`` rows of ``rule``'s kind
+        (``selectors.rule_kind``): one entry, so one graph, serves every value of the kind;
+        ``rule``'s values are written into the selector's tensors here. At most
+        ``MAX_ENTRIES`` are kept, least recently used dropped first."""
+        key = (id(pair), rule.streams, rule_kind(rule))  # the pair fixes the row count
+        ent = self._entries.get(key)
+        if ent is None or ent["pair"] is not pair:
             sel = make_selector(rule, n, self.vocab, self.device, self.backend)
             st = engine.DecodeState.new(n, pair.runners[0].max_len, [], self.device)
             st.stop = torch.full((MAX_STOP_IDS,), -2, dtype=torch.int64, device=self.device)
-            self._entries[key] = {"sel": sel, "st": st}
-        return self._entries[key]
+            ent = {"sel": sel, "st": st, "pair": pair}
+            self._entries[key] = ent
+            while len(self._entries) > self.MAX_ENTRIES:
+                self._entries.popitem(last=False)
+        else:
+            ent["sel"].set_rule(rule)
+        self._entries.move_to_end(key)
+        return ent
 
     # ------------------------------------------------------------------ inputs
     def stop_ids(self, stop=None) -> list:
@@ -325,8 +343,6 @@ class Decoder:
         sel, st = ent["sel"], ent["st"]
         if seeds is not None:
             sel.set_seeds(seeds)
-        elif getattr(sel, "seed", None) is not None:
-            sel.seed.fill_(rule.seed)
         _reset_state(st, b, stop_ids)
         st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
         stream_rows = {"ar": (rows.a, rows.r), "a": (rows.a, rows.a), "r": (rows.r, rows.r)}

@@ -124,12 +124,7 @@ def aad_topk_ref(a: Tensor, r: Tensor, vocab: int, log_alpha: Tensor, k: int,
         flat = (ent <= tau) & (n_cand > 0)
         s = torch.where(flat[:, None], la + torch.log(n_cand.clamp(min=1).float())[:, None], s)
     s = torch.where(torch.isnan(s) | ~cand, ninf, s)
-    # stable sort keeps ascending ids among equal scores; non-candidates are pushed last
-    key = torch.where(cand, s, ninf)
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices
-    # candidates with score -inf must still rank before non-candidates
-    rank_c = torch.sort((~cand).to(torch.int8).gather(1, order), dim=1, stable=True).indices
-    order = order.gather(1, rank_c)[:, :k]
+    order = _best_ids(s, cand, min(k, vocab))
     ids = torch.where(cand.gather(1, order), order, torch.full_like(order, -1))
     scores = torch.where(ids >= 0, s.gather(1, order), ninf)
     if ids.shape[1] < k:
@@ -138,3 +133,21 @@ def aad_topk_ref(a: Tensor, r: Tensor, vocab: int, log_alpha: Tensor, k: int,
         scores = torch.cat([scores, scores.new_full((scores.shape[0], pad), -math.inf)], dim=1)
     log_pmax = torch.where(torch.isnan(la), ninf, la).amax(dim=1)
     return scores, ids, n_cand, ent, log_pmax
+
+
+def _best_ids(s: Tensor, cand: Tensor, k: int) -> Tensor:
+    """Ids ``[B, k]`` of each row ordered by (candidate first, score ``s`` descending, id
+    ascending): one ``torch.topk`` on a key that is unique per id, so topk's own order among
+    equal values never matters (no full sort). ``s`` float32 ``[B, V]`` without NaN.
+
+    key = ordered(s) * 2**32 + (2**32 - 1 - id), int64, where ``ordered`` maps the float32 bits
+    to an int32 in the order of the floats (negative floats have their magnitude bits flipped;
+    ``s + 0.0`` first turns -0.0 into +0.0, as the two are equal scores); a non-candidate gets
+    INT32_MIN, below ``ordered(-inf)``, so a candidate scored ``-inf`` still ranks before it.
+    """
+    bits = (s + 0.0).view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    ordered = torch.where(cand, ordered, torch.full_like(ordered, -2**31)).to(torch.int64)
+    low = (2**32 - 1) - torch.arange(s.shape[1], device=s.device, dtype=torch.int64)
+    top = torch.topk(ordered * 2**32 + low, k, dim=1).values
+    return (2**32 - 1) - (top & (2**32 - 1))

@@ -1,7 +1,24 @@
 """Rule -> op: a selector turns one step's logits of both streams into the chosen ids.
 
-Selectors own their per-row tensors (``log_rel``, ``floor``, seeds), allocated once per batch
-size, so the call is graph-safe: no host sync, no allocation that changes between replays.
+A selector serves one *rule kind* (``rule_kind``): what a captured step bakes in (which ops
+run, the constant coefficients of the selection core). Every value of the kind (``alpha``,
+``beta``, the weights, ``temperature``, ``top_k``/``top_p``/``min_p``, ``seed``, OPAD's ``k``)
+lives in per-row tensors the selector owns, allocated once per batch size and rewritten in
+place by ``set_rule`` between calls, so one captured graph per (batch bucket, rule kind) serves
+every value. The call is graph-safe: no host sync, no allocation that changes between replays.
+
+How the values reach the core (``reference.py``) without a kernel change, exactly:
+- ``aad`` (Contrastive with ``beta == 1``, AAD) and ``greedy``: the core's coefficients are
+  constants of the kind; ``alpha`` is ``log_rel``.
+- ``contrastive`` (``beta != 1``): the reference stream is folded, ``r' = fl(beta * r)``
+  (0 where ``beta == 0``), and the core runs ``s = a - r'``; ``fl(-beta * r) = -fl(beta * r)``
+  bit for bit, so this is the core's own ``a + (-beta) * r``.
+- ``mix``: ``z = fl(fl(ca * a) + fl(cr * r))`` (``ca, cr = w / T``; a zero weight is a
+  different kind, whose stream does not run) is computed here and the core runs with ``m = s = z``,
+  which is what the core computes from ``(ca, cr, ca, cr)``. top-k/top-p become the ``floor``
+  (``topk_topp_floor``, equal to ``ops.mix_floor``); ``min_p`` is ``log_rel``.
+The float32 parameter tensors hold each value rounded to float32 once, as the kernels and the
+reference do with their float arguments.
 """
 from __future__ import annotations
 
@@ -11,26 +28,72 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .ops import mix_floor, select_core
+from .ops import select_core
 from .rules import OPAD, Contrastive, Greedy, Mix, Rule
 
 
+def rule_kind(rule: Rule) -> tuple:
+    """The part of a per-token rule a captured step depends on (hashable); everything else is
+    a per-row tensor value. Raises ``TypeError`` for beam search and best-of-n."""
+    if isinstance(rule, OPAD):
+        return ("opad",)
+    if isinstance(rule, Contrastive):
+        return ("aad",) if float(rule.beta) == 1.0 else ("contrastive",)
+    if isinstance(rule, Greedy):
+        return ("greedy", rule.stream)
+    if isinstance(rule, Mix):
+        filtered = rule.sampled and (rule.top_k > 0 or rule.top_p < 1.0)
+        return ("mix", rule.streams, rule.sampled, filtered)
+    raise TypeError(f"rule {rule!r} is not a per-token rule (beam search and best-of-n have "
+                    "their own drivers)")
+
+
+_CORE = {"aad": (1.0, 0.0, 1.0, -1.0), "contrastive": (1.0, 0.0, 1.0, -1.0),
+         "greedy": (1.0, 0.0, 1.0, 0.0), "mix": (1.0, 0.0, 1.0, 0.0)}
+
+
 class CoreSelector:
-    """AAD, Contrastive, Mix (EFT/DeRa/CFG) and Greedy through the fused selection core."""
+    """AAD, Contrastive, Mix (EFT/DeRa/CFG) and Greedy through the fused selection core.
+
+    Per-row tensors (``n_rows`` rows): ``log_rel``, ``floor`` float32 ``[n]``; ``beta``,
+    ``ca``, ``cr``, ``top_p`` float32 ``[n, 1]``; ``top_k`` int64 ``[n, 1]``; ``seed`` int64
+    ``[n]`` (sampled kinds). They must stay the same tensors across graph replays."""
 
     def __init__(self, rule: Rule, n_rows: int, vocab: int, device, backend: str | None):
-        self.rule = rule
+        self.kind = rule_kind(rule)
         self.vocab = vocab
         self.backend = backends.pick_backend(torch.device(device), backend)
-        self.ma, self.mr, self.sa, self.sr, log_rel = rule.coefficients()
-        self.log_rel = torch.full((n_rows,), log_rel, dtype=torch.float32, device=device)
-        self.floor = torch.full((n_rows,), -math.inf, dtype=torch.float32, device=device)
-        self.sampled = rule.sampled
-        self.seed = None
+        self.coef = _CORE[self.kind[0]]
+        f32 = dict(dtype=torch.float32, device=device)
+        self.log_rel = torch.full((n_rows,), -math.inf, **f32)
+        self.floor = torch.full((n_rows,), -math.inf, **f32)
+        self.beta = torch.ones((n_rows, 1), **f32)
+        self.ca = torch.ones((n_rows, 1), **f32)
+        self.cr = torch.zeros((n_rows, 1), **f32)
+        self.top_k = torch.zeros((n_rows, 1), dtype=torch.int64, device=device)
+        self.top_p = torch.ones((n_rows, 1), **f32)
+        self.sampled = self.kind[0] == "mix" and self.kind[2]
+        self.filtered = self.kind[0] == "mix" and self.kind[3]
+        self.seed = torch.zeros((n_rows,), dtype=torch.int64, device=device) if self.sampled \
+            else None
+        self.set_rule(rule)
+
+    def set_rule(self, rule: Rule) -> None:
+        """Write ``rule``'s values into the per-row tensors (in place); same kind only."""
+        if rule_kind(rule) != self.kind:
+            raise ValueError(f"rule {rule!r} is of kind {rule_kind(rule)}, this selector "
+                             f"serves {self.kind}")
+        ma, mr, _, _, log_rel = rule.coefficients()
+        self.log_rel.fill_(log_rel)
+        if self.kind[0] == "contrastive":
+            self.beta.fill_(float(rule.beta))
+        if self.kind[0] == "mix":
+            self.ca.fill_(ma)
+            self.cr.fill_(mr)
+            self.top_k.fill_(rule.top_k)
+            self.top_p.fill_(rule.top_p)
         if self.sampled:
-            self.seed = torch.full((n_rows,), rule.seed, dtype=torch.int64, device=device)
-        self.filtered = isinstance(rule, Mix) and self.sampled and (
-            rule.top_k > 0 or rule.top_p < 1.0)
+            self.seed.fill_(rule.seed)
 
     def buffers(self) -> list:
         """Tensors that carry state from one step to the next (none: ``floor`` is rewritten)."""
@@ -44,23 +107,66 @@ class CoreSelector:
         return self(la, lr, step)
 
     def __call__(self, la: Tensor, lr: Tensor | None, step: Tensor) -> Tensor:
+        v = self.vocab
         if lr is None:  # single stream: r is a dummy with zero weight
             lr = la
-        if self.filtered:
-            self.floor.copy_(mix_floor(la, lr, self.vocab, self.ma, self.mr, self.rule.top_k,
-                                       self.rule.top_p))
-        return select_core(la, lr, self.vocab, self.ma, self.mr, self.sa, self.sr, self.log_rel,
-                           self.floor, self.seed, step if self.sampled else None, self.backend)
+        a, r = la, lr
+        if self.kind[0] == "contrastive":
+            rb = lr[:, :v].float() * self.beta
+            r = torch.where(self.beta == 0.0, torch.zeros_like(rb), rb)
+        elif self.kind[0] == "mix":
+            streams = self.kind[1]
+            if streams == "a":
+                z = la[:, :v].float() * self.ca
+            elif streams == "r":  # the single pair's one stream is the reference model
+                z = la[:, :v].float() * self.cr
+            else:
+                z = la[:, :v].float() * self.ca + lr[:, :v].float() * self.cr
+            a = r = z
+            if self.filtered:
+                self.floor.copy_(topk_topp_floor(z, self.top_k, self.top_p))
+        ma, mr, sa, sr = self.coef
+        return select_core(a, r, v, ma, mr, sa, sr, self.log_rel, self.floor, self.seed,
+                           step if self.sampled else None, self.backend)
+
+
+def topk_topp_floor(z: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """``ops.mix_floor`` on an already mixed ``z`` (float32 ``[B, V]``) with per-row ``top_k``
+    (int64 ``[B, 1]``, 0 = off) and ``top_p`` (float32 ``[B, 1]``, 1 = off): top-k, then top-p
+    on what top-k kept, ties at a boundary all kept. One sort serves both filters: the top-k
+    kept values are a prefix of the sorted row. Graph-safe; float32 ``[B]``."""
+    ninf = z.new_full((), -math.inf)
+    z = torch.where(torch.isnan(z), ninf, z)
+    vocab = z.shape[1]
+    zs = torch.sort(z, dim=1, descending=True).values
+    k_on = (top_k > 0) & (top_k < vocab)
+    floor_k = torch.where(k_on, zs.gather(1, top_k.clamp(1, vocab) - 1), ninf)
+    zs = torch.where(zs >= floor_k, zs, ninf)
+    p = torch.softmax(zs, dim=1)
+    before = torch.cumsum(p, dim=1) - p  # mass strictly above each sorted position
+    n_keep = (before < top_p).sum(dim=1, keepdim=True).clamp(min=1)
+    floor_p = torch.where(top_p < 1.0, zs.gather(1, n_keep - 1), ninf)
+    return torch.maximum(floor_k, floor_p)[:, 0]
 
 
 class OPADSelector:
     """SPEC OPAD in logit space (per-row constants dropped):
-    step 1 ``argmax a_1``; step t ``argmax (1+k) a_t - k r_t + k (a_{t-1} - r_{t-1})``."""
+    step 1 ``argmax a_1``; step t ``argmax (1+k) a_t - k r_t + k (a_{t-1} - r_{t-1})``.
+    ``k`` and ``1 + k`` (rounded once from the double) are float32 ``[n, 1]`` tensors."""
 
     def __init__(self, rule: OPAD, n_rows: int, vocab: int, device):
-        self.k = float(rule.k)
+        self.kind = rule_kind(rule)
         self.vocab = vocab
+        self.k = torch.zeros((n_rows, 1), dtype=torch.float32, device=device)
+        self.k1 = torch.ones((n_rows, 1), dtype=torch.float32, device=device)
         self.prev = torch.zeros((n_rows, vocab), dtype=torch.float32, device=device)
+        self.set_rule(rule)
+
+    def set_rule(self, rule: OPAD) -> None:
+        if rule_kind(rule) != self.kind:
+            raise ValueError(f"rule {rule!r} is not OPAD")
+        self.k.fill_(float(rule.k))
+        self.k1.fill_(1.0 + float(rule.k))
 
     def buffers(self) -> list:
         return [self.prev]
@@ -75,8 +181,7 @@ class OPADSelector:
 
     def __call__(self, la: Tensor, lr: Tensor, step: Tensor) -> Tensor:
         a, r = la[:, : self.vocab].float(), lr[:, : self.vocab].float()
-        k = self.k
-        z = (1.0 + k) * a - k * r + k * self.prev
+        z = self.k1 * a - self.k * r + self.k * self.prev
         self._remember(a, r)
         return _argmax(z)
 
@@ -90,9 +195,7 @@ def _argmax(z: Tensor) -> Tensor:
 
 
 def make_selector(rule: Rule, n_rows: int, vocab: int, device, backend: str | None = None):
-    if isinstance(rule, OPAD):
+    """The selector of ``rule``'s kind, holding ``rule``'s values (``set_rule`` for others)."""
+    if rule_kind(rule)[0] == "opad":
         return OPADSelector(rule, n_rows, vocab, device)
-    if isinstance(rule, (Contrastive, Mix, Greedy)):
-        return CoreSelector(rule, n_rows, vocab, device, backend)
-    raise TypeError(f"rule {rule!r} is not a per-token rule (beam search and best-of-n have "
-                    "their own drivers)")
+    return CoreSelector(rule, n_rows, vocab, device, backend)

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The one prepared GPU check of issue 10: build the CUDA extension, run the GPU tests, time the
+# selection kernels and decode the Llama-3.2-1B and Llama-3.1-8B shapes (bf16, random weights).
+#
+#   bench/gpu_check.sh [--dry-run] OUT_DIR        (or GPU_CHECK_DRY_RUN=1 bench/gpu_check.sh OUT_DIR)
+#
+# Writes at most 8 files under OUT_DIR, each cut to 4 MiB: summary.md (one row per phase: exit
+# code, seconds; then the environment and the test counts), check.log (every phase's output)
+# and two bench results, <device>-<date>[-HHMMSS].json/.md/.png: the kernels, then the decode
+# (apart, so a decode that runs out of time still leaves the kernel numbers). Every phase has
+# its own time limit (GPU_CHECK_T_BUILD/_TEST/_KERNELS/_DECODE, seconds; the defaults
+# 110 + 120 + 50 + 170 fit in 8 minutes) and a failed phase does not stop the next; the exit
+# code is 1 if any phase failed. GPU_CHECK_BENCH_ARGS adds options to both bench commands.
+#
+# --dry-run: the same phases on CPU with tiny shapes (no CUDA build, a small test selection
+# under TRITON_INTERPRET=1, model `tiny`, 4 tokens), as CI runs it (tests/test_gpu_check.py).
+# Nothing heavy is installed: torch, triton, transformers and peft must be there; pytest,
+# hypothesis and pytest-benchmark are pip-installed only if missing.
+set -u
+dry=${GPU_CHECK_DRY_RUN:-0}
+[ "${1:-}" = "--dry-run" ] && { dry=1; shift; }
+out=${1:?usage: bench/gpu_check.sh [--dry-run] OUT_DIR}
+mkdir -p "$out" && out=$(cd "$out" && pwd)
+[ -z "$(ls -A "$out")" ] || { echo "gpu_check: OUT_DIR $out is not empty; give a new folder" >&2; exit 2; }
+cd "$(dirname "$0")/.." || exit 2
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# the Triton kernels live in kernels/ and are installed as aad_fast.kernels (git ignores the link)
+[ -e aad_fast/kernels ] || ln -s ../kernels aad_fast/kernels
+summary=$out/summary.md
+status=0
+methods=hf_generate,hf_naive_aad,greedy,aad_two,aad_lora
+
+phase() {  # phase NAME LIMIT_S CMD...: run CMD with a time limit into check.log, one summary row
+    local name=$1 limit=$2 log=$out/check.log t0 rc
+    shift 2
+    t0=$(date +%s)
+    echo "## $name: $*" >>"$log"
+    timeout -k 10 "$limit" "$@" >>"$log" 2>&1
+    rc=$?
+    [ "$rc" -eq 0 ] || status=1
+    [ "$rc" -eq 124 ] && echo "## $name: stopped at its limit of $limit s" >>"$log"
+    echo "| $name | $rc | $(($(date +%s) - t0)) |" >>"$summary"
+}
+
+mode=GPU
+[ "$dry" = 1 ] && mode="dry run (CPU)"
+{
+    echo "# gpu_check: $mode, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo
+    echo "| phase | exit code | seconds |"
+    echo "| --- | --- | --- |"
+} >"$summary"
+
+python -c "import pytest, hypothesis, pytest_benchmark" 2>/dev/null ||
+    phase deps 120 python -m pip install -q pytest hypothesis pytest-benchmark
+
+if [ "$dry" = 1 ]; then
+    export TRITON_INTERPRET=1
+    phase build 60 python -c "import aad_fast.backends as b; print(b.available_backends('cpu'))"
+    phase tests 60 python -m pytest -q -rfEs -p no:cacheprovider \
+        tests/test_selectors.py::test_per_row_floor_equals_mix_floor \
+        "tests/test_capture.py::test_a_planted_unsafe_line_fails_the_check[item]"
+    bench=(python -m aad_fast.cli bench --quick --device cpu --models tiny --batch 1
+           --kernel-batches 1 --kernel-vocabs 1000 --new-tokens 4 --prompt-lens 8
+           --decode-prompt-len 8 --repeats 1)
+    limits=(60 90)
+else
+    phase build "${GPU_CHECK_T_BUILD:-110}" env AAD_FAST_CUDA_ARCHS=9.0 \
+        python setup.py build_ext --inplace -j 4
+    phase tests "${GPU_CHECK_T_TEST:-120}" python -m pytest -q -m gpu -rfEs -p no:cacheprovider tests
+    bench=(python -m aad_fast.cli bench --device cuda --dtype bfloat16
+           --models llama-3.2-1b,llama-3.1-8b --batch 1,8 --kernel-batches 1,256
+           --kernel-vocabs 128256,151936 --new-tokens 64 --prompt-lens 128 --repeats 2)
+    limits=("${GPU_CHECK_T_KERNELS:-50}" "${GPU_CHECK_T_DECODE:-170}")
+fi
+# shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of options
+phase kernels "${limits[0]}" "${bench[@]}" --no-decode --methods "$methods" --out "$out" \
+    ${GPU_CHECK_BENCH_ARGS:-}
+# shellcheck disable=SC2086
+phase decode "${limits[1]}" "${bench[@]}" --no-kernels --methods "$methods" --out "$out" \
+    ${GPU_CHECK_BENCH_ARGS:-}
+
+{
+    echo
+    echo '```'
+    python -c "import torch, transformers; from aad_fast import backends as b; d = 'cuda' if torch.cuda.is_available() else 'cpu'; print('torch', torch.__version__, '| transformers', transformers.__version__, '| device', torch.cuda.get_device_name() if d == 'cuda' else 'cpu', '| backends', b.available_backends(d))" 2>&1 | tail -n 3
+    grep -E "[0-9]+ (passed|failed|skipped|error)" "$out/check.log" | tail -n 3
+    echo '```'
+} >>"$summary"
+for f in "$out"/check.log "$out"/*.md; do  # keep every file well under the 16 MiB limit
+    [ -f "$f" ] && [ "$(wc -c <"$f")" -gt 4194304 ] && { tail -c 4194304 "$f" >"$f.cut" && mv "$f.cut" "$f"; }
+done
+cat "$summary"
+exit $status

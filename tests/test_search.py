@@ -1,0 +1,109 @@
+"""Beam search and best-of-n drivers (``aad_fast/search.py``): the Decoder's backend, the
+device bookkeeping's error path, and a picker that is loaded once and never changed."""
+import copy
+
+import pytest
+import torch
+from conftest import PROMPTS, VOCAB, tiny_model
+
+from aad_fast import BeamAAD, BestOfN, Decoder
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_model("llama", 0), tiny_model("llama", 1)
+
+
+def tiny_picker(seed=3, pad_token_id=0):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+        pad_token_id=pad_token_id)).eval()
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w2"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="w2")
+
+
+def test_beam_uses_the_decoders_backend_and_says_so(models):
+    rule = BeamAAD(3, 0.2)
+    runs = {}
+    for be in ("torch", "cpp"):
+        with Decoder(*models, max_batch_size=16, max_seq_len=48, backend=be) as dec:
+            runs[be] = dec.generate(input_ids=PROMPTS, rule=rule, max_new_tokens=6)
+    assert runs["torch"].stats["backend"] == "torch" and runs["cpp"].stats["backend"] == "cpp"
+    assert runs["torch"].tokens == runs["cpp"].tokens
+
+
+def test_beam_with_no_candidate_raises_naming_the_row(models):
+    ma, mr = models
+    bad = copy.deepcopy(ma)
+    with torch.no_grad():
+        bad.lm_head.weight.fill_(float("nan"))
+    dec = Decoder(bad, mr, max_batch_size=8, max_seq_len=40)
+    with pytest.raises(RuntimeError, match="row 0: no AAD candidate"):
+        dec.generate(input_ids=PROMPTS[:2], rule=BeamAAD(2, 0.1), max_new_tokens=4)
+
+
+def test_picker_path_is_loaded_once_per_decoder(models, tmp_path, monkeypatch):
+    import transformers
+    tiny_picker().save_pretrained(tmp_path / "picker")
+    calls = []
+    real = transformers.AutoModelForSequenceClassification.from_pretrained
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained",
+                        counting)
+    dec = Decoder(*models, max_batch_size=8, max_seq_len=40)
+    rule = BestOfN(2, picker=str(tmp_path / "picker"), seed=1)
+    first = dec.generate(input_ids=PROMPTS[:2], rule=rule, max_new_tokens=5)
+    again = dec.generate(input_ids=PROMPTS[:2], rule=rule, max_new_tokens=5)
+    assert len(calls) == 1
+    assert first.tokens == again.tokens and first.scores == again.scores
+
+
+def test_a_callers_picker_and_tokenizer_are_left_as_they_were(models):
+    tok = word_tokenizer()
+    assert tok.pad_token is None
+    picker = tiny_picker().train()  # training mode: dropout is 0 here, the flag must survive
+    dec = Decoder(*models, tokenizer=tok, max_batch_size=8, max_seq_len=40)
+    got = dec.generate(input_ids=PROMPTS[:2], rule=BestOfN(2, picker=(picker, tok), seed=2),
+                       max_new_tokens=5)
+    assert tok.pad_token is None and picker.training
+    assert next(picker.parameters()).device.type == "cpu"
+    for p, prompt in enumerate(PROMPTS[:2]):
+        for c in got.candidates[p]:
+            text = tok.decode(prompt, skip_special_tokens=True) + \
+                tok.decode(c["tokens"], skip_special_tokens=True)
+            with torch.no_grad():
+                direct = picker.eval()(torch.tensor([tok(text)["input_ids"]])).logits[0, 0]
+            picker.train()
+            assert c["score"] == pytest.approx(float(direct), rel=1e-5, abs=1e-6)
+
+
+def test_picker_without_pad_id_scores_each_sequence_alone(models):
+    picker = tiny_picker(pad_token_id=None)
+    dec = Decoder(*models, max_batch_size=8, max_seq_len=40)
+    got = dec.generate(input_ids=PROMPTS[:2], rule=BestOfN(3, picker=picker, seed=4),
+                       max_new_tokens=5)
+    for p, prompt in enumerate(PROMPTS[:2]):
+        for c in got.candidates[p]:
+            with torch.no_grad():
+                direct = picker(torch.tensor([prompt + c["tokens"]])).logits[0, 0].item()
+            assert c["score"] == pytest.approx(direct, rel=1e-5, abs=1e-6)
+
+
+def test_a_picker_on_another_device_is_refused_not_moved(models):
+    picker = tiny_picker().to("meta")
+    dec = Decoder(*models, max_batch_size=8, max_seq_len=40)
+    with pytest.raises(ValueError, match=r"picker is on meta .* does not move"):
+        dec.generate(input_ids=PROMPTS[:1], rule=BestOfN(2, picker=picker), max_new_tokens=3)
+    assert next(picker.parameters()).device.type == "meta"
