@@ -177,7 +177,8 @@ def measure_linear(weights: list, rows: int) -> dict:
             break
         chosen.append(w)
         total += w.numel() * w.element_size()
-    x = torch.randn(rows, chosen[0].shape[1], dtype=chosen[0].dtype)
+    g = torch.Generator().manual_seed(0)  # never the caller's global RNG
+    x = torch.randn(rows, chosen[0].shape[1], dtype=chosen[0].dtype, generator=g)
 
     def plain():
         for w in chosen:
