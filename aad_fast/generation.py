@@ -339,6 +339,8 @@ def generate(aligned, reference=None, prompts=None, **kwargs) -> Generation:
     n = len(prompts) if isinstance(prompts, list) else 1
     if "input_ids" in kwargs and kwargs["input_ids"] is not None:
         n = len(kwargs["input_ids"])
+    rule = kwargs.get("rule")  # beams and samples are rows of the batch too
+    n *= rule.num_beams if isinstance(rule, BeamAAD) else rule.n if isinstance(rule, BestOfN) else 1
     dec_kw.setdefault("max_batch_size", max(n, 1))
     with Decoder(aligned, reference, **dec_kw) as dec:
         return dec.generate(prompts, **kwargs)
