@@ -162,7 +162,7 @@ class Decoder:
     # ------------------------------------------------------------------ generation
     def generate(self, prompts=None, *, input_ids=None, attention_mask=None, rule: Rule = AAD(0.1),
                  max_new_tokens: int = 128, stop=None, chat: bool = False) -> Generation:
-        """Decode every prompt with ``rule`` (SPEC.md).
+        """Decode every prompt with ``rule`` (docs/rules.md).
 
         Args:
             prompts: a string or list of strings (tokenised; with the chat template when

@@ -76,7 +76,8 @@ def load_tokenizer(path):
 
 
 def check_same_tokenizer(tok_a, tok_r, name_a: str, name_r: str) -> None:
-    """SPEC: two models whose tokenizers map tokens to ids differently are refused."""
+    """docs/stopping-and-input.md: two models whose tokenizers map tokens to ids differently
+    are refused."""
     if tok_a is None or tok_r is None or tok_a is tok_r:
         return
     va, vr = tok_a.get_vocab(), tok_r.get_vocab()
@@ -196,7 +197,8 @@ def _check_same_config(recorded, config, name_a, name_r):
 
 class AADLogitsProcessor:
     """AAD as a Hugging Face logits processor: ``aligned.generate(..., logits_processor=
-    [AADLogitsProcessor(reference)], do_sample=False)`` picks SPEC's AAD token at every step.
+    [AADLogitsProcessor(reference)], do_sample=False)`` picks docs/rules.md's AAD token at every
+    step.
 
     The processor keeps its own cache of the reference model and feeds it only the newest token
     per call. Batches must be left-padded; pad positions are recognised by ``pad_token_id``

@@ -21,7 +21,8 @@ from .reference import aad_topk_ref, linear2, select_ref
 # are the compiled kernels, one op each with a kernel per dispatch key: CPU from the C++
 # extension (csrc/cpu/bindings.cpp), CUDA from the CUDA extension (csrc/cuda/bindings_cuda.cpp).
 # Their schemas and fake implementations are defined here, once; the extensions only register
-# kernels (TORCH_LIBRARY_IMPL), and ``backends.py`` loads them. See docs/engine.md "Backends".
+# kernels (TORCH_LIBRARY_IMPL), and ``backends.py`` loads them (docs/engine.md, "The selection
+# op and its backends").
 
 _LIB = torch.library.Library("aad_fast", "FRAGMENT")
 _LIB.define("select_native(Tensor a, Tensor r, int vocab, float ma, float mr, float sa, "
@@ -127,7 +128,8 @@ def _(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step, backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument checks (SPEC "Bad input"): ValueError naming the argument and the value.
+# Argument checks (docs/stopping-and-input.md "Bad input"): ValueError naming the argument and
+# the value.
 
 
 def check_logits(logits_a: Tensor, logits_r: Tensor, vocab_size: int | None = None) -> int:
@@ -185,7 +187,8 @@ def alpha_to_log(alpha, batch: int, device) -> Tensor:
 
 def contrastive_select(logits_a: Tensor, logits_r: Tensor, alpha=0.1, beta: float = 1.0, *,
                        vocab_size: int | None = None, backend: str | None = None) -> Tensor:
-    """SPEC Contrastive: ``argmax_{v in K} (la_v - beta*lr_v)``, ``K = {v: p_a(v) >= alpha*max p_a}``.
+    """docs/rules.md Contrastive: ``argmax_{v in K} (la_v - beta*lr_v)``,
+    ``K = {v: p_a(v) >= alpha*max p_a}``.
 
     Args:
         logits_a, logits_r: ``[B, V_a]``, ``[B, V_r]`` float32/float16/bfloat16, any strides.
@@ -209,8 +212,8 @@ def contrastive_select(logits_a: Tensor, logits_r: Tensor, alpha=0.1, beta: floa
 
 def aad_select(logits_a: Tensor, logits_r: Tensor, alpha=0.1, *, vocab_size: int | None = None,
                backend: str | None = None) -> Tensor:
-    """SPEC AAD: ``argmax_{v in K} (la_v - lr_v)`` (paper Algorithm 1); ``contrastive_select``
-    with ``beta = 1``. Same arguments and result."""
+    """docs/rules.md AAD: ``argmax_{v in K} (la_v - lr_v)`` (paper Algorithm 1);
+    ``contrastive_select`` with ``beta = 1``. Same arguments and result."""
     return contrastive_select(logits_a, logits_r, alpha, 1.0, vocab_size=vocab_size,
                               backend=backend)
 
@@ -241,8 +244,9 @@ def mix_select(logits_a: Tensor, logits_r: Tensor, w_a: float, w_r: float, *,
                generator: torch.Generator | None = None, seed: Tensor | int | None = None,
                step: Tensor | None = None, vocab_size: int | None = None,
                backend: str | None = None) -> Tensor:
-    """SPEC Mix: the token from ``z = w_a*la + w_r*lr``; greedy when ``temperature == 0``, else
-    a sample from ``softmax(z / T)`` after top-k, top-p and min-p (in that order).
+    """docs/rules.md Mix: the token from ``z = w_a*la + w_r*lr``; greedy when
+    ``temperature == 0``, else a sample from ``softmax(z / T)`` after top-k, top-p and min-p
+    (in that order).
 
     Sampling is Gumbel-max with counter-based noise (``reference.gumbel_noise``): no host sync,
     and the same ``seed``/``step`` give the same token on every backend. ``seed`` (int or int64
@@ -283,7 +287,8 @@ def mix_select(logits_a: Tensor, logits_r: Tensor, w_a: float, w_r: float, *,
 def aad_beam_topk(logits_a: Tensor, logits_r: Tensor, alpha=0.1, k: int = 1, *,
                   tau: float | None = None, vocab_size: int | None = None,
                   backend: str | None = None):
-    """One beam-search step's quantities for BeamAAD (SPEC), see ``reference.aad_topk_ref``.
+    """One beam-search step's quantities for BeamAAD (docs/rules.md), see
+    ``reference.aad_topk_ref``.
 
     Returns ``(scores [B,k] f32, ids [B,k] int64, n_cand [B] int64, entropy [B] f32,
     log_pmax [B] f32)``; missing candidates are ``-inf`` / ``-1``. ``backend`` as for

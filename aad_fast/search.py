@@ -17,8 +17,8 @@ from .rules import BeamAAD, BestOfN, Mix
 
 
 def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
-    """SPEC BeamAAD. Each prompt gets ``k = num_beams`` rows; per step every live beam proposes
-    its best candidates by the AAD token score (``ops.aad_beam_topk``), the ``k`` best
+    """docs/rules.md BeamAAD. Each prompt gets ``k = num_beams`` rows; per step every live beam
+    proposes its best candidates by the AAD token score (``ops.aad_beam_topk``), the ``k`` best
     continuations by summed score survive (a candidate that is a stop id ends its beam when it
     ranks among the ``k`` best), caches are reordered on device. A prompt is finished once it
     has ``k`` ended beams or after ``max_new`` tokens; the result is the ended beam with the best
@@ -161,7 +161,7 @@ def load_picker(picker, device):
 
 
 def best_of_n(dec, rule: BestOfN, rows, max_new: int, stop_ids):
-    """SPEC BestOfN: ``n`` samples per prompt from stream ``a`` (nucleus ``top_p`` at
+    """docs/rules.md BestOfN: ``n`` samples per prompt from stream ``a`` (nucleus ``top_p`` at
     ``temperature``, seeds ``rule.seed + j``) as one batch; the picker scores prompt +
     completion, batched; the highest score wins, ties to the first sample."""
     b, n = len(rows.a), rule.n

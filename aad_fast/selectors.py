@@ -54,7 +54,7 @@ class CoreSelector:
 
 
 class OPADSelector:
-    """SPEC OPAD in logit space (per-row constants dropped):
+    """docs/rules.md OPAD in logit space (per-row constants dropped):
     step 1 ``argmax a_1``; step t ``argmax (1+k) a_t - k r_t + k (a_{t-1} - r_{t-1})``."""
 
     def __init__(self, rule: OPAD, n_rows: int, vocab: int, device):

@@ -7,8 +7,8 @@ Sampling (``mix_select`` with a temperature) is in ``test_ops_mix.py``, the beam
 Two kinds of check:
 - backend vs ``reference.select_ref`` with the arguments the op is documented to pass: token ids
   equal, exactly (the contract of every backend);
-- op vs SPEC written out independently in float64 log-softmax space: ids equal, except that a
-  token within float32 rounding of the alpha / min-p threshold may fall on either side
+- op vs docs/rules.md written out independently in float64 log-softmax space: ids equal, except
+  that a token within float32 rounding of the alpha / min-p threshold may fall on either side
   (``assert_threshold_choice`` says precisely which ids that allows).
 """
 import math
@@ -40,7 +40,7 @@ def test_threshold_helper_is_precise():
                        torch.tensor([0.1])) == [{-1, 2}]
 
 # ---------------------------------------------------------------------------------------------
-# Shapes x dtypes x backends, against the reference (exact) and SPEC (float64).
+# Shapes x dtypes x backends, against the reference (exact) and docs/rules.md (float64).
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -386,7 +386,8 @@ BAD_CORE = [
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name,bad", BAD_CORE, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD_CORE)])
+@pytest.mark.parametrize("name,bad", BAD_CORE,
+                         ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD_CORE)])
 def test_core_arguments_checked_once_alike_on_every_backend(backend, name, bad):
     """Every backend refuses the same bad core arguments with the same ValueError (one check,
     ``ops.check_core``), before any kernel runs."""

@@ -21,7 +21,7 @@ pytestmark = FILTER_NUMPY_WARNINGS
 
 
 def spec_beam(a, r, alpha, k, tau, vocab):
-    """SPEC BeamAAD quantities in float64, by loops over each row's candidates."""
+    """docs/rules.md BeamAAD quantities in float64, by loops over each row's candidates."""
     out = []
     for i in range(a.shape[0]):
         ai, ri = a[i, :vocab].double(), r[i, :vocab].double()
@@ -225,7 +225,8 @@ def test_beam_helper_allows_the_tau_flip_and_nothing_else():
 def test_beam_topk_top1_is_aad_and_pads(backend):
     a, r = randn(5, 7000, 52), randn(5, 7000, 53)
     _, ids, n_cand, _, _ = aad_beam_topk(a, r, 0.1, 1, backend=backend)
-    assert torch.equal(ids[:, 0], aad_select(a, r, 0.1, backend=backend))  # SPEC
+    # docs/rules.md: BeamAAD(1) is AAD
+    assert torch.equal(ids[:, 0], aad_select(a, r, 0.1, backend=backend))
     # k beyond the vocabulary and beyond |K|: padded with -1 / -inf
     scores, ids, n_cand, _, _ = aad_beam_topk(a[:, :5], r[:, :5], 1.0, 8, backend=backend)
     assert ids.shape == (5, 8) and n_cand.tolist() == [1] * 5

@@ -1,6 +1,6 @@
 """``mix_select``: greedy mixes (EFT, DeRa, CFG weights) and sampling with temperature, top-k,
-top-p and min-p, against the reference and SPEC on every CPU backend; the counter-based Gumbel
-noise, its seeds and steps, and the sample frequencies it gives."""
+top-p and min-p, against the reference and docs/rules.md on every CPU backend; the counter-based
+Gumbel noise, its seeds and steps, and the sample frequencies it gives."""
 import math
 
 import pytest
@@ -27,7 +27,7 @@ def test_mix_greedy(backend, w_a, w_r):
     a, r = randn(6, 32000, 28), randn(6, 32000, 29)
     got = mix_select(a, r, w_a, w_r, backend=backend)
     assert_ids(got, ref_mix_greedy(a, r, w_a, w_r))
-    # SPEC: argmax of w_a*la + w_r*lr in float64
+    # docs/rules.md: argmax of w_a*la + w_r*lr in float64
     z = w_a * a.double().log_softmax(1) + w_r * r.double().log_softmax(1)
     assert torch.equal(got, z.argmax(1))
     a2, r2 = sprinkle(a, 30), sprinkle(r, 31, values=(NINF, math.nan, math.inf))
@@ -215,8 +215,9 @@ def test_backend_noise_is_the_reference_noise_bit_for_bit(backend, seed, step):
     the select op: with ``a = -g_ref`` the score ``a + g`` is exactly 0 everywhere iff the noise
     agrees. Row j keeps the ids ``>= j`` (mask ``m = r = id``, floor j), so it answers j exactly
     when no id ``>= j`` scores above 0 and id j does not score below 0: rows 0..V-1 together
-    see a one-ulp difference at any id (but a rise at id 0 or a fall at id V-1). (Triton's interpreter rounds a float64 log
-    instead, see test_kernels.py; the compiled kernel is checked on a GPU.)"""
+    see a one-ulp difference at any id (but a rise at id 0 or a fall at id V-1). (Triton's
+    interpreter rounds a float64 log instead, see test_kernels.py; the compiled kernel is checked
+    on a GPU.)"""
     v = 2048
     sd, st = torch.full((v,), seed, dtype=torch.int64), torch.tensor(step)
     g = gumbel_noise(sd[:1], st, v)

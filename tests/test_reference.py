@@ -1,4 +1,5 @@
-"""Sanity of the reference selection core against SPEC written out naively with log-softmax."""
+"""Sanity of the reference selection core against docs/rules.md written out naively: with
+log-softmax, as a per-id loop with infinities and NaN, and the documented noise hash."""
 import math
 
 import torch

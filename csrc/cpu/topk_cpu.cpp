@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aad_topk_
     }
   });
 
-  // Flat rows (SPEC: H <= tau): s = la + ln|K|, with ATen's log as the reference takes it.
+  // Flat rows (docs/rules.md BeamAAD: H <= tau): s = la + ln|K|, with ATen's log as the reference takes it.
   std::vector<uint8_t> flat(B, 0);
   at::Tensor log_n;
   const float* lnp = nullptr;
