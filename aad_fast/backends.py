@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -33,8 +34,10 @@ def load_cpp():
     ``aad_fast::select_native`` and ``aad_fast::aad_topk_native``, whose CPU kernels loading
     ``aad_fast._C`` registers), or ``None`` when the extension was not built."""
     try:
-        import aad_fast._C  # noqa: F401  (registers the CPU kernels)
+        import aad_fast._C as ext  # registers the CPU kernels
     except ImportError:
+        return None
+    if not _registers(ext, "CPU"):
         return None
     return SimpleNamespace(select=torch.ops.aad_fast.select_native.default,
                            aad_topk=torch.ops.aad_fast.aad_topk_native.default)
@@ -47,10 +50,25 @@ def load_cuda():
     if not torch.cuda.is_available():
         return None
     try:
-        import aad_fast._cuda  # noqa: F401  (registers the CUDA kernel)
+        import aad_fast._cuda as ext  # registers the CUDA kernel
     except ImportError:
         return None
+    if not _registers(ext, "CUDA"):
+        return None
     return SimpleNamespace(select=torch.ops.aad_fast.select_native.default)
+
+
+def _registers(ext, key: str) -> bool:
+    """Whether loading ``ext`` gave ``aad_fast::select_native`` its ``key`` kernel. An extension
+    built from other sources (a stale build, another checkout's) is refused with a warning: the
+    other backends serve instead."""
+    if torch._C._dispatch_has_kernel_for_dispatch_key("aad_fast::select_native", key):
+        return True
+    warnings.warn(f"aad_fast: {getattr(ext, '__file__', ext)} registers no {key} kernel of "
+                  f"aad_fast::select_native (built from other sources?); rebuild it with "
+                  f"`python setup.py build_ext --inplace` or `pip install .`. Using the other "
+                  f"backends.", stacklevel=3)
+    return False
 
 
 @functools.cache

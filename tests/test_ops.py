@@ -411,3 +411,17 @@ def test_core_broadcasts_one_element_row_arguments_on_every_backend(backend):
         got = select_core(a, r, v, *coef, torch.tensor([-2.0]), torch.tensor([-4.0]),
                           seed[:1] if noise else None, step if noise else None, backend)
         assert_ids(got, want)
+
+
+def test_an_extension_that_registers_no_kernel_is_refused(monkeypatch):
+    """A C++ extension built from other sources (a stale ``_C``) loads but gives
+    ``aad_fast::select_native`` no CPU kernel: ``load_cpp`` refuses it with a warning, so the
+    default backend falls back instead of failing at the first call."""
+    if "cpp" not in BACKENDS:
+        pytest.skip("C++ extension not built")
+    from aad_fast import backends
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: False)
+    with pytest.warns(UserWarning, match="registers no CPU kernel of aad_fast::select_native"):
+        assert backends.load_cpp.__wrapped__() is None
+    monkeypatch.undo()
+    assert backends.load_cpp.__wrapped__() is not None
