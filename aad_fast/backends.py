@@ -5,6 +5,9 @@ Backends, all computing ``reference.select_ref`` exactly:
 - ``torch``:  the PyTorch reference itself (any device).
 - ``cpp``:    C++ loop over rows and vocabulary chunks, the ``aad_fast._C`` extension (CPU tensors).
 - ``cuda``:   CUDA C++ twin, the ``aad_fast._cuda`` extension (CUDA tensors).
+
+``cpp`` and ``cuda`` are the two kernels of one op, ``aad_fast::select_native`` (schema in
+``ops.py``), registered for the CPU and the CUDA dispatch key by their extensions.
 - ``triton``: Triton kernel in ``aad_fast.kernels`` (CUDA tensors; CPU tensors under
               ``TRITON_INTERPRET=1``, which is how the tests run it without a GPU).
 
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
+from types import SimpleNamespace
 
 import torch
 
@@ -25,24 +30,45 @@ _PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
 @functools.cache
 def load_cpp():
-    """``torch.ops.aad_fast_cpu`` after loading the C++ extension, or ``None``."""
+    """The C++ extension's kernels (``.select``, ``.aad_topk``: the ops
+    ``aad_fast::select_native`` and ``aad_fast::aad_topk_native``, whose CPU kernels loading
+    ``aad_fast._C`` registers), or ``None`` when the extension was not built."""
     try:
-        import aad_fast._C  # noqa: F401  (registers torch.ops.aad_fast_cpu)
+        import aad_fast._C as ext  # registers the CPU kernels
     except ImportError:
         return None
-    return torch.ops.aad_fast_cpu
+    if not _registers(ext, "CPU"):
+        return None
+    return SimpleNamespace(select=torch.ops.aad_fast.select_native.default,
+                           aad_topk=torch.ops.aad_fast.aad_topk_native.default)
 
 
 @functools.cache
 def load_cuda():
-    """``torch.ops.aad_fast_cuda`` after loading the CUDA extension, or ``None``."""
+    """The CUDA extension's kernel (``.select``: the op ``aad_fast::select_native``, whose CUDA
+    kernel loading ``aad_fast._cuda`` registers), or ``None``."""
     if not torch.cuda.is_available():
         return None
     try:
-        import aad_fast._cuda  # noqa: F401  (registers torch.ops.aad_fast_cuda)
+        import aad_fast._cuda as ext  # registers the CUDA kernel
     except ImportError:
         return None
-    return torch.ops.aad_fast_cuda
+    if not _registers(ext, "CUDA"):
+        return None
+    return SimpleNamespace(select=torch.ops.aad_fast.select_native.default)
+
+
+def _registers(ext, key: str) -> bool:
+    """Whether loading ``ext`` gave ``aad_fast::select_native`` its ``key`` kernel. An extension
+    built from other sources (a stale build, another checkout's) is refused with a warning: the
+    other backends serve instead."""
+    if torch._C._dispatch_has_kernel_for_dispatch_key("aad_fast::select_native", key):
+        return True
+    warnings.warn(f"aad_fast: {getattr(ext, '__file__', ext)} registers no {key} kernel of "
+                  f"aad_fast::select_native (built from other sources?); rebuild it with "
+                  f"`python setup.py build_ext --inplace` or `pip install .`. Using the other "
+                  f"backends.", stacklevel=3)
+    return False
 
 
 @functools.cache

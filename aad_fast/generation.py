@@ -239,7 +239,7 @@ class Decoder:
     # ------------------------------------------------------------------ generation
     def generate(self, prompts=None, *, input_ids=None, attention_mask=None, rule: Rule = AAD(0.1),
                  max_new_tokens: int = 128, stop=None, chat: bool = False) -> Generation:
-        """Decode every prompt with ``rule`` (SPEC.md).
+        """Decode every prompt with ``rule`` (docs/rules.md).
 
         Args:
             prompts: a string or list of strings (tokenised; with the chat template when
@@ -484,6 +484,8 @@ def generate(aligned, reference=None, prompts=None, **kwargs) -> Generation:
     n = len(prompts) if isinstance(prompts, list) else 1
     if "input_ids" in kwargs and kwargs["input_ids"] is not None:
         n = len(kwargs["input_ids"])
+    rule = kwargs.get("rule")  # beams and samples are rows of the batch too
+    n *= rule.num_beams if isinstance(rule, BeamAAD) else rule.n if isinstance(rule, BestOfN) else 1
     dec_kw.setdefault("max_batch_size", max(n, 1))
     with Decoder(aligned, reference, **dec_kw) as dec:
         return dec.generate(prompts, **kwargs)

@@ -77,7 +77,8 @@ def load_tokenizer(path):
 
 
 def check_same_tokenizer(tok_a, tok_r, name_a: str, name_r: str) -> None:
-    """SPEC: two models whose tokenizers map tokens to ids differently are refused."""
+    """docs/stopping-and-input.md: two models whose tokenizers map tokens to ids differently
+    are refused."""
     if tok_a is None or tok_r is None or tok_a is tok_r:
         return
     va, vr = tok_a.get_vocab(), tok_r.get_vocab()
@@ -158,7 +159,7 @@ def recorded_base(adapter_dir: Path, recorded) -> Path | None:
 
 
 def _refuse_wrong_base(base, reference, name_a, name_r, base_desc):
-    """SPEC: a LoRA adapter whose base is not the given reference is refused (the check and
+    """docs/stopping-and-input.md: a LoRA adapter whose base is not the given reference is refused (the check and
     its cost: ``weights.first_difference``)."""
     from .weights import first_difference
     diff = first_difference(base, reference)

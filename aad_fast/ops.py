@@ -16,19 +16,96 @@ from . import backends
 from .reference import aad_topk_ref, linear2, select_ref
 
 # ---------------------------------------------------------------------------------------------
-# The custom op: one entry point, every backend behind it.
+# The ops. ``aad_fast::select`` is the selection core on a resolved backend, one opaque op for
+# torch.compile and graph capture. ``aad_fast::select_native`` and ``aad_fast::aad_topk_native``
+# are the compiled kernels, one op each with a kernel per dispatch key: CPU from the C++
+# extension (csrc/cpu/bindings.cpp), CUDA from the CUDA extension (csrc/cuda/bindings_cuda.cpp).
+# Their schemas and fake implementations are defined here, once; the extensions only register
+# kernels (TORCH_LIBRARY_IMPL), and ``backends.py`` loads them (docs/engine.md, "The selection
+# op and its backends").
+
+_LIB = torch.library.Library("aad_fast", "FRAGMENT")
+_LIB.define("select_native(Tensor a, Tensor r, int vocab, float ma, float mr, float sa, "
+            "float sr, Tensor log_rel, Tensor floor, Tensor? seed, Tensor? step) -> Tensor")
+_LIB.define("aad_topk_native(Tensor a, Tensor r, int vocab, Tensor log_alpha, int k, "
+            "float? tau) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+@torch.library.register_fake("aad_fast::select_native", lib=_LIB)
+def _(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step):
+    return a.new_empty((a.shape[0],), dtype=torch.int64)
+
+
+@torch.library.register_fake("aad_fast::aad_topk_native", lib=_LIB)
+def _(a, r, vocab, log_alpha, k, tau):
+    b = a.shape[0]
+    f = dict(dtype=torch.float32, device=a.device)
+    i = dict(dtype=torch.int64, device=a.device)
+    return (a.new_empty((b, k), **f), a.new_empty((b, k), **i), a.new_empty((b,), **i),
+            a.new_empty((b,), **f), a.new_empty((b,), **f))
+
+
+def check_core(a: Tensor, r: Tensor, vocab: int, log_rel: Tensor, floor: Tensor,
+               seed: Tensor | None = None, step: Tensor | None = None) -> None:
+    """The arguments of the selection core (``select_core``, every backend), checked once.
+
+    ``a [B, Va]``, ``r [B, Vr]`` floating point on one device, ``1 <= vocab <= min(Va, Vr)``;
+    ``log_rel``, ``floor`` floating point, ``[B]`` or one element (broadcast), on that device;
+    ``seed`` integer ``[B]`` or one element and ``step`` an integer scalar, both or neither.
+    Raises ``ValueError`` naming the argument. Metadata only: no host sync, graph-safe.
+    """
+    for name, x in (("a", a), ("r", r)):
+        if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
+            raise ValueError(f"{name} must be a 2-D floating-point tensor [batch, vocab], got "
+                             f"{_describe(x)}")
+    if a.shape[0] != r.shape[0]:
+        raise ValueError(f"a and r have different batch sizes: {a.shape[0]} vs {r.shape[0]}")
+    if a.device != r.device:
+        raise ValueError(f"a is on {a.device} but r is on {r.device}")
+    top = min(a.shape[1], r.shape[1])
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or not 1 <= vocab <= top:
+        raise ValueError(f"vocab must be an int in [1, min(V_a, V_r)] = [1, {top}], "
+                         f"got {vocab!r}")
+    b = a.shape[0]
+    rows = [("log_rel", log_rel, True), ("floor", floor, True)]
+    if (seed is None) != (step is None):
+        raise ValueError("seed and step must be given together (both or neither)")
+    if seed is not None:
+        rows += [("seed", seed, False)]
+        if not isinstance(step, Tensor) or step.numel() != 1 or step.is_floating_point():
+            raise ValueError(f"step must be an integer scalar tensor, got {_describe(step)}")
+        if step.device != a.device:
+            raise ValueError(f"step must be on {a.device} (the logits' device), got {step.device}")
+    for name, x, floating in rows:
+        if (not isinstance(x, Tensor) or x.dim() > 1 or x.numel() not in (b, 1)
+                or x.is_floating_point() != floating or x.is_complex()):
+            kind = "floating-point" if floating else "integer"
+            raise ValueError(f"{name} must be a {kind} tensor of shape [{b}] (or one element), "
+                             f"got {_describe(x)}")
+        if x.device != a.device:
+            raise ValueError(f"{name} must be on {a.device} (the logits' device), "
+                             f"got {x.device}")
+
+
+def _describe(x) -> str:
+    if isinstance(x, Tensor):
+        return f"shape {tuple(x.shape)} dtype {x.dtype} on {x.device}"
+    return type(x).__name__
 
 
 def _run_backend(backend, a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step):
-    if backend in ("cpp", "cuda"):  # SPEC computes in float32; the C++ loops take <= 32 bits
+    if backend == "triton":  # its launcher runs check_core itself (it is also called directly)
+        return backends.load_triton().select(a, r, vocab, ma, mr, sa, sr, log_rel, floor,
+                                             seed, step)
+    check_core(a, r, vocab, log_rel, floor, seed, step)
+    if backend in ("cpp", "cuda"):  # float32 arithmetic (docs/rules.md); C++ takes <= 32 bits
         a, r = _no_f64(a), _no_f64(r)
     if backend == "torch":
         return select_ref(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step)
-    if backend == "cpp":
-        return backends.load_cpp().select(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step)
-    if backend == "cuda":
-        return backends.load_cuda().select(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step)
-    return backends.load_triton().select(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step)
+    # "cpp" on CPU tensors, "cuda" on CUDA tensors: the one op aad_fast::select_native, whose
+    # kernel the dispatcher picks by the tensors' device
+    ext = backends.load_cpp() if backend == "cpp" else backends.load_cuda()
+    return ext.select(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step)
 
 
 def _no_f64(x: Tensor) -> Tensor:
@@ -39,13 +116,14 @@ def _no_f64(x: Tensor) -> Tensor:
 def select_core(a: Tensor, r: Tensor, vocab: int, ma: float, mr: float, sa: float, sr: float,
                 log_rel: Tensor, floor: Tensor, seed: Tensor | None, step: Tensor | None,
                 backend: str) -> Tensor:
-    """The selection core of ``reference.py`` on a resolved ``backend``; no argument checks.
+    """The selection core of ``reference.py`` on a resolved ``backend`` (``backends.pick_backend``).
 
     ``a [B, Va]``, ``r [B, Vr]`` float32/float16/bfloat16, any strides, ``vocab <= min(Va, Vr)``;
-    ``log_rel``, ``floor`` float32 ``[B]``; ``seed`` int64 ``[B]`` and ``step`` int64 ``[]`` (both
-    or neither). Returns int64 ``[B]`` on ``a``'s device. Graph-safe: no host sync; the float
-    arguments and ``backend`` are baked into a captured graph, the tensors may change between
-    replays (``step`` is read on device, so bumping it in place gives fresh noise).
+    ``log_rel``, ``floor`` float32 ``[B]`` (or one element); ``seed`` int64 ``[B]`` and ``step``
+    int64 ``[]`` (both or neither). Returns int64 ``[B]`` on ``a``'s device. The arguments are
+    checked once, by ``check_core`` (ValueError naming the argument). Graph-safe: no host sync; the
+    float arguments and ``backend`` are baked into a captured graph, the tensors may change
+    between replays (``step`` is read on device, so bumping it in place gives fresh noise).
     """
     return _run_backend(backend, a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step)
 
@@ -56,7 +134,8 @@ def _(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed, step, backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument checks (SPEC "Bad input"): ValueError naming the argument and the value.
+# Argument checks (docs/stopping-and-input.md "Bad input"): ValueError naming the argument and
+# the value.
 
 
 def check_logits(logits_a: Tensor, logits_r: Tensor, vocab_size: int | None = None) -> int:
@@ -114,7 +193,8 @@ def alpha_to_log(alpha, batch: int, device) -> Tensor:
 
 def contrastive_select(logits_a: Tensor, logits_r: Tensor, alpha=0.1, beta: float = 1.0, *,
                        vocab_size: int | None = None, backend: str | None = None) -> Tensor:
-    """SPEC Contrastive: ``argmax_{v in K} (la_v - beta*lr_v)``, ``K = {v: p_a(v) >= alpha*max p_a}``.
+    """docs/rules.md Contrastive: ``argmax_{v in K} (la_v - beta*lr_v)``,
+    ``K = {v: p_a(v) >= alpha*max p_a}``.
 
     Args:
         logits_a, logits_r: ``[B, V_a]``, ``[B, V_r]`` float32/float16/bfloat16, any strides.
@@ -138,8 +218,8 @@ def contrastive_select(logits_a: Tensor, logits_r: Tensor, alpha=0.1, beta: floa
 
 def aad_select(logits_a: Tensor, logits_r: Tensor, alpha=0.1, *, vocab_size: int | None = None,
                backend: str | None = None) -> Tensor:
-    """SPEC AAD: ``argmax_{v in K} (la_v - lr_v)`` (paper Algorithm 1); ``contrastive_select``
-    with ``beta = 1``. Same arguments and result."""
+    """docs/rules.md AAD: ``argmax_{v in K} (la_v - lr_v)`` (paper Algorithm 1);
+    ``contrastive_select`` with ``beta = 1``. Same arguments and result."""
     return contrastive_select(logits_a, logits_r, alpha, 1.0, vocab_size=vocab_size,
                               backend=backend)
 
@@ -170,8 +250,9 @@ def mix_select(logits_a: Tensor, logits_r: Tensor, w_a: float, w_r: float, *,
                generator: torch.Generator | None = None, seed: Tensor | int | None = None,
                step: Tensor | None = None, vocab_size: int | None = None,
                backend: str | None = None) -> Tensor:
-    """SPEC Mix: the token from ``z = w_a*la + w_r*lr``; greedy when ``temperature == 0``, else
-    a sample from ``softmax(z / T)`` after top-k, top-p and min-p (in that order).
+    """docs/rules.md Mix: the token from ``z = w_a*la + w_r*lr``; greedy when
+    ``temperature == 0``, else a sample from ``softmax(z / T)`` after top-k, top-p and min-p
+    (in that order).
 
     Sampling is Gumbel-max with counter-based noise (``reference.gumbel_noise``): no host sync,
     and the same ``seed``/``step`` give the same token on every backend. ``seed`` (int or int64
@@ -212,7 +293,8 @@ def mix_select(logits_a: Tensor, logits_r: Tensor, w_a: float, w_r: float, *,
 def aad_beam_topk(logits_a: Tensor, logits_r: Tensor, alpha=0.1, k: int = 1, *,
                   tau: float | None = None, vocab_size: int | None = None,
                   backend: str | None = None):
-    """One beam-search step's quantities for BeamAAD (SPEC), see ``reference.aad_topk_ref``.
+    """One beam-search step's quantities for BeamAAD (docs/rules.md), see
+    ``reference.aad_topk_ref``.
 
     Returns ``(scores [B,k] f32, ids [B,k] int64, n_cand [B] int64, entropy [B] f32,
     log_pmax [B] f32)``; missing candidates are ``-inf`` / ``-1``. ``backend`` as for

@@ -10,7 +10,7 @@ import torch
 
 class AADLogitsProcessor:
     """AAD as a Hugging Face logits processor: ``aligned.generate(**enc, logits_processor=
-    [AADLogitsProcessor(reference)], do_sample=False)`` picks SPEC's AAD token at every step.
+    [AADLogitsProcessor(reference)], do_sample=False)`` picks docs/rules.md's AAD token at every step.
 
     The processor keeps its own cache of the reference model and feeds it only the newest token
     per call. Returns scores that are ``0`` at the chosen id and ``-inf`` elsewhere, so greedy

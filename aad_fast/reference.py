@@ -1,8 +1,8 @@
 """PyTorch reference of the selection core: the definition every backend must match.
 
-All decoding rules of SPEC.md reduce, per row and per step, to one *masked argmax* over the
-vocabulary in logit space (SPEC: ``la_v - lr_v`` and ``a_v - r_v`` differ by a per-row constant,
-and so do ``w_a*la + w_r*lr`` and ``w_a*a + w_r*r``):
+All decoding rules of docs/rules.md reduce, per row and per step, to one *masked argmax* over the
+vocabulary in logit space (docs/rules.md: ``la_v - lr_v`` and ``a_v - r_v`` differ by a per-row
+constant, and so do ``w_a*la + w_r*lr`` and ``w_a*a + w_r*r``):
 
     m_v = ma*a_v + mr*r_v                     mask value           (float32)
     s_v = sa*a_v + sr*r_v  [+ g_v]            score, g_v Gumbel noise when sampling
@@ -96,7 +96,7 @@ def select_ref(a: Tensor, r: Tensor, vocab: int, ma: float, mr: float, sa: float
 
 def aad_topk_ref(a: Tensor, r: Tensor, vocab: int, log_alpha: Tensor, k: int,
                  tau: float | None = None):
-    """Beam-search step quantities for AAD (SPEC BeamAAD), all float32 over ``v < vocab``.
+    """Beam-search step quantities for AAD (docs/rules.md, BeamAAD), all float32 over ``v < vocab``.
 
     Returns ``(scores [B,k], ids [B,k], n_cand [B] int64, entropy [B], log_pmax [B])``:
     the ``k`` best candidates by ``s_v = la_v - lr_v`` (or ``la_v + ln|K|`` where the reference

@@ -1,5 +1,6 @@
-"""Decoding rules as small frozen dataclasses (SPEC.md): which streams run and how the token is
-picked. Pure data, validated on creation; the engine reads ``streams`` and ``coefficients()``."""
+"""Decoding rules as small frozen dataclasses (docs/rules.md): which streams run and how the
+token is picked. Pure data, validated on creation; the engine reads ``streams`` and
+``coefficients()``."""
 from __future__ import annotations
 
 import math
@@ -40,8 +41,9 @@ class Rule:
 
 @dataclass(frozen=True)
 class Contrastive(Rule):
-    """SPEC Contrastive: ``argmax_{v in K} (la_v - beta*lr_v)``, ``K = {p_a >= alpha max p_a}``.
-    Li et al. 2023 with ``r`` an amateur model; AAD is ``beta = 1`` with ``r`` the SFT model."""
+    """docs/rules.md Contrastive: ``argmax_{v in K} (la_v - beta*lr_v)``,
+    ``K = {p_a >= alpha max p_a}``. Li et al. 2023 with ``r`` an amateur model; AAD is
+    ``beta = 1`` with ``r`` the SFT model."""
 
     alpha: float = 0.1
     beta: float = 1.0
@@ -58,7 +60,7 @@ class Contrastive(Rule):
 
 @dataclass(frozen=True)
 class AAD(Contrastive):
-    """SPEC AAD (Berdoz et al. 2025, Algorithm 1): ``argmax_{v in K} (la_v - lr_v)``."""
+    """docs/rules.md AAD (Berdoz et al. 2025, Algorithm 1): ``argmax_{v in K} (la_v - lr_v)``."""
 
     alpha: float = 0.1
     beta: float = field(default=1.0, init=False)
@@ -66,7 +68,7 @@ class AAD(Contrastive):
 
 @dataclass(frozen=True)
 class Mix(Rule):
-    """SPEC Mix: token from ``z = w_a*la + w_r*lr`` with temperature, top-k, top-p, min-p;
+    """docs/rules.md Mix: token from ``z = w_a*la + w_r*lr`` with temperature, top-k, top-p, min-p;
     greedy when ``temperature == 0``. ``seed`` fixes the sampled tokens (eager or graph)."""
 
     w_a: float = 1.0
@@ -161,7 +163,7 @@ class Greedy(Rule):
 
 @dataclass(frozen=True)
 class OPAD(Rule):
-    """Principle-guided decoding (Zhu et al. 2025), one model, two prompts (SPEC OPAD)."""
+    """Principle-guided decoding (Zhu et al. 2025), one model, two prompts (docs/rules.md OPAD)."""
 
     k: float = 1.0
     principle: str | None = None

@@ -17,7 +17,7 @@ from .rules import BeamAAD, BestOfN, Mix
 
 
 def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
-    """SPEC BeamAAD. Each prompt gets ``k = num_beams`` rows; per step every live beam proposes
+    """docs/rules.md BeamAAD. Each prompt gets ``k = num_beams`` rows; per step every live beam proposes
     its best candidates by the AAD token score (``ops.aad_beam_topk`` on the Decoder's backend),
     the ``k`` best continuations by summed score survive (a candidate that is a stop id ends its
     beam when it ranks among the ``k`` best), caches are reordered on device. A prompt is
@@ -254,7 +254,7 @@ def _check_picker(model) -> None:
 
 
 def best_of_n(dec, rule: BestOfN, rows, max_new: int, stop_ids):
-    """SPEC BestOfN: ``n`` samples per prompt from stream ``a`` (nucleus ``top_p`` at
+    """docs/rules.md BestOfN: ``n`` samples per prompt from stream ``a`` (nucleus ``top_p`` at
     ``temperature``, seeds ``rule.seed + j``) as one batch; the picker scores prompt +
     completion, batched; the highest score wins, ties to the first sample."""
     b, n = len(rows.a), rule.n

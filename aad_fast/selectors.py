@@ -150,7 +150,7 @@ def topk_topp_floor(z: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
 
 
 class OPADSelector:
-    """SPEC OPAD in logit space (per-row constants dropped):
+    """docs/rules.md OPAD in logit space (per-row constants dropped):
     step 1 ``argmax a_1``; step t ``argmax (1+k) a_t - k r_t + k (a_{t-1} - r_{t-1})``.
     ``k`` and ``1 + k`` (rounded once from the double) are float32 ``[n, 1]`` tensors."""
 

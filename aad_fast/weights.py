@@ -1,6 +1,6 @@
 """Is this model the base of that LoRA adapter? A cheap, exact check on a few sampled tensors.
 
-SPEC refuses a LoRA adapter whose base is not the given reference model. Two checkpoints of the
+docs/stopping-and-input.md refuses a LoRA adapter whose base is not the given reference model. Two checkpoints of the
 same architecture have the same shapes, so shapes prove nothing; comparing every weight costs a
 second load of the model. Instead a few tensors that any fine-tune changes are compared exactly:
 the input embedding, the norms and first weight of the first and last decoder layer, the final

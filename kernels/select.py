@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from aad_fast.ops import check_core
+
 _NINF = tl.constexpr(float("-inf"))
 _NO_ID = tl.constexpr(2**31 - 1)
 _LOWEST = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: "m >= max(t, -FLT_MAX)" is "m > -inf"
@@ -315,7 +317,7 @@ def _select_combine_kernel(ws_ptr, n_total, n_chunks, lr_ptr, lr_stride, fl_ptr,
 
 
 # ---------------------------------------------------------------------------------------------
-# Host launcher: shape checks, block sizes, workspace.
+# Host launcher: argument checks (``aad_fast.ops.check_core``), block sizes, workspace.
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_NCH = 1024
@@ -387,33 +389,23 @@ def plan(batch: int, vocab: int, device: torch.device, block: int | None = None)
     return block, _cdiv(vocab, block), num_warps
 
 
-def _per_row(x: torch.Tensor, name: str, batch: int, dtype, device):
-    if x.dtype != dtype or x.device != device:
-        x = x.to(device=device, dtype=dtype)
+def _per_row(x: torch.Tensor, dtype):
+    """A per-row argument (checked: ``[B]`` or one element) as ``dtype``, and its row stride."""
+    if x.dtype != dtype:
+        x = x.to(dtype)
     if x.numel() == 1:
         return x.reshape(1), 0
-    if x.dim() != 1 or x.shape[0] != batch:
-        raise ValueError(f"{name} must have shape [{batch}] (or one element), "
-                         f"got {tuple(x.shape)}")
     return x, x.stride(0)
 
 
 def launch(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed=None, step=None, *, block=None):
     """Check arguments, pick block sizes and run the three kernels; see ``select``. ``block``
-    forces the chunk size (a power of two >= 16)."""
-    if a.dim() != 2 or r.dim() != 2:
-        raise ValueError(f"a and r must be 2-D, got shapes {tuple(a.shape)} and {tuple(r.shape)}")
-    if a.shape[0] != r.shape[0]:
-        raise ValueError(f"a and r have different batch sizes: {a.shape[0]} vs {r.shape[0]}")
-    if a.device != r.device:
-        raise ValueError(f"a is on {a.device} but r is on {r.device}")
+    forces the chunk size (a power of two >= 16). The checks are the package's one set
+    (``aad_fast.ops.check_core``) plus the dtypes these kernels read."""
+    check_core(a, r, vocab, log_rel, floor, seed, step)
     for name, x in (("a", a), ("r", r)):
         if x.dtype not in _DTYPES:
             raise ValueError(f"{name} must be float32/float16/bfloat16/float64, got {x.dtype}")
-    if not 1 <= vocab <= min(a.shape[1], r.shape[1]):
-        raise ValueError(f"vocab must be in [1, {min(a.shape[1], r.shape[1])}], got {vocab}")
-    if (seed is None) != (step is None):
-        raise ValueError("seed and step must be given together (both or neither)")
     interp = _interpreted()
     dev, batch = a.device, a.shape[0]
     if dev.type != "cuda" and not interp:
@@ -422,14 +414,12 @@ def launch(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed=None, step=None, *,
     out = torch.empty((batch,), dtype=torch.int64, device=dev)
     if batch == 0:
         return out
-    lr, lr_s = _per_row(log_rel, "log_rel", batch, torch.float32, dev)
-    fl, fl_s = _per_row(floor, "floor", batch, torch.float32, dev)
+    lr, lr_s = _per_row(log_rel, torch.float32)
+    fl, fl_s = _per_row(floor, torch.float32)
     noise = seed is not None
     if noise:
-        sd, sd_s = _per_row(seed, "seed", batch, torch.int64, dev)
-        st = step.to(device=dev, dtype=torch.int64)
-        if st.numel() != 1:
-            raise ValueError(f"step must be a scalar, got shape {tuple(step.shape)}")
+        sd, sd_s = _per_row(seed, torch.int64)
+        st = step.to(torch.int64)
     else:
         sd, sd_s, st = lr, 0, lr  # never read: NOISE is off
     blk, n_chunks, num_warps = plan(batch, vocab, dev, block)
@@ -463,7 +453,8 @@ def select(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed=None, step=None):
         vocab: ids ``< vocab <= min(Va, Vr)`` are considered.
         ma, mr, sa, sr: mask ``m = ma*a + mr*r`` and score ``s = sa*a + sr*r`` coefficients
             (rounded to float32; a zero coefficient drops its term).
-        log_rel, floor: float32 ``[B]`` (or one element): ``t = max(floor, max_v m_v + log_rel)``.
+        log_rel, floor: float32 ``[B]`` (or one element): ``t = max(floor, max_v m_v + log_rel)``;
+            on the logits' device.
         seed, step: int64 ``[B]`` and int64 scalar, both or neither; with them the score gets the
             counter-based Gumbel noise of ``reference.gumbel_noise``.
     Returns:

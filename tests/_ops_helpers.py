@@ -1,6 +1,6 @@
 """Shared helpers of the vocabulary-op tests (``test_ops.py``, ``test_ops_mix.py``,
 ``test_ops_beam.py``): backends, shapes, random logits, the reference calls the ops are
-documented to make, and the SPEC threshold check (``spec_argmax``)."""
+documented to make, and the docs/rules.md threshold check (``spec_argmax``)."""
 import math
 
 import pytest
@@ -69,8 +69,8 @@ def assert_ids(got, want):
 
 
 def spec_argmax(m, s, t, tol):
-    """Per row, the ids SPEC allows: ``argmax_{v in K} s_v`` (NaN s = -inf, ties to the lowest
-    id, -1 when K is empty) for some K with ``K_lo <= K <= K_hi``, where
+    """Per row, the ids docs/rules.md allows: ``argmax_{v in K} s_v`` (NaN s = -inf, ties to the
+    lowest id, -1 when K is empty) for some K with ``K_lo <= K <= K_hi``, where
     ``K_lo = {m > -inf, m >= t + tol}`` and ``K_hi = {m > -inf, m >= t - tol}``: only tokens
     within ``tol`` of the threshold may be in or out. Float64 in; a list of sets of ids."""
     s = torch.where(torch.isnan(s), torch.full_like(s, NINF), s)
@@ -94,12 +94,13 @@ def assert_threshold_choice(got, m, s, t, tol):
     exact argmax. ``tol`` is the float32 rounding of the threshold, not a loosening of it."""
     allowed = spec_argmax(m, s, t, tol)
     for i, ok in enumerate(allowed):
-        assert int(got[i]) in ok, f"row {i}: got {int(got[i])}, SPEC allows {sorted(ok)[:8]}"
+        assert int(got[i]) in ok, (f"row {i}: got {int(got[i])}, docs/rules.md allows "
+                                   f"{sorted(ok)[:8]}")
 
 
 
 def spec_contrastive_check(got, a, r, alpha, beta, vocab=None):
-    """SPEC Contrastive in float64 log-softmax space, threshold rounding allowed."""
+    """docs/rules.md Contrastive in float64 log-softmax space, threshold rounding allowed."""
     vocab = vocab or min(a.shape[1], r.shape[1])
     a64, r64 = a[:, :vocab].double(), r[:, :vocab].double()
     assert not a64.isnan().any() and not r64.isnan().any()  # log-softmax of a NaN row is NaN

@@ -1,4 +1,5 @@
-"""Tiny random models built from configs (never downloaded) and the naive decode loop of SPEC."""
+"""Tiny random models built from configs (never downloaded) and the naive decode loop of
+docs/rules.md."""
 import math
 
 import pytest
@@ -40,8 +41,9 @@ def full_logits(model, seq):
 
 
 def naive_decode(pick, models, prompts, max_new, stops=(EOS,), prompts_r=None):
-    """SPEC's loop, one row at a time: ``pick(a_logits, r_logits, t, history)`` returns the id.
-    ``prompts_r`` gives stream r its own prompt (OPAD, CFG); both streams append the same id."""
+    """docs/rules.md's loop, one row at a time: ``pick(a_logits, r_logits, t, history)`` returns
+    the id. ``prompts_r`` gives stream r its own prompt (OPAD, CFG); both streams append the
+    same id."""
     out = []
     for i, p in enumerate(prompts):
         seq_a = list(p)

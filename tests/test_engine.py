@@ -1,5 +1,5 @@
-"""The decode engine against the naive SPEC loop: architectures, ragged batches, stop tokens,
-pairs (two models, LoRA, paths), Hugging Face interop, bad input."""
+"""The decode engine against the naive docs/rules.md loop: architectures, ragged batches, stop
+tokens, pairs (two models, LoRA, paths), Hugging Face interop, bad input."""
 import copy
 
 import pytest

@@ -7,8 +7,8 @@ Sampling (``mix_select`` with a temperature) is in ``test_ops_mix.py``, the beam
 Two kinds of check:
 - backend vs ``reference.select_ref`` with the arguments the op is documented to pass: token ids
   equal, exactly (the contract of every backend);
-- op vs SPEC written out independently in float64 log-softmax space: ids equal, except that a
-  token within float32 rounding of the alpha / min-p threshold may fall on either side
+- op vs docs/rules.md written out independently in float64 log-softmax space: ids equal, except
+  that a token within float32 rounding of the alpha / min-p threshold may fall on either side
   (``assert_threshold_choice`` says precisely which ids that allows).
 """
 import math
@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aad_fast import aad_beam_topk, aad_select, contrastive_select, mix_select
+from aad_fast.reference import select_ref
 
 pytestmark = FILTER_NUMPY_WARNINGS
 
@@ -39,7 +40,7 @@ def test_threshold_helper_is_precise():
                        torch.tensor([0.1])) == [{-1, 2}]
 
 # ---------------------------------------------------------------------------------------------
-# Shapes x dtypes x backends, against the reference (exact) and SPEC (float64).
+# Shapes x dtypes x backends, against the reference (exact) and docs/rules.md (float64).
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -341,22 +342,86 @@ def test_bad_input_raises_value_error_naming_it(name, call):
         call()
 
 
-def test_cpp_op_checks_its_arguments():
+def test_cpp_kernel_checks_its_invariants():
+    """The C++ binding holds only the invariants its loops rely on (RuntimeError); the user-facing
+    checks are ``ops.check_core``'s (below)."""
     if "cpp" not in BACKENDS:
         pytest.skip("C++ extension not built")
     from aad_fast.backends import load_cpp
     op = load_cpp().select
     lr, fl = full(2, NINF), full(2, NINF)
-    with pytest.raises(RuntimeError, match="different batch sizes"):
+    with pytest.raises(RuntimeError, match="batch sizes differ"):
         op(A2, torch.randn(3, 10), 10, 1.0, 0.0, 1.0, -1.0, lr, fl, None, None)
     with pytest.raises(RuntimeError, match="vocab must be in"):
         op(A2, R2, 11, 1.0, 0.0, 1.0, -1.0, lr, fl, None, None)
-    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+    with pytest.raises(RuntimeError, match="float32/float16/bfloat16"):
         op(A2.double(), R2, 10, 1.0, 0.0, 1.0, -1.0, lr, fl, None, None)
     with pytest.raises(RuntimeError, match="seed and step"):
         op(A2, R2, 10, 1.0, 0.0, 1.0, -1.0, lr, fl, torch.zeros(2, dtype=torch.int64), None)
-    with pytest.raises(RuntimeError, match="log_rel must have shape"):
+    with pytest.raises(RuntimeError, match="log_rel must be a CPU float tensor of shape"):
         op(A2, R2, 10, 1.0, 0.0, 1.0, -1.0, full(3, 0.0), fl, None, None)
+    with pytest.raises(RuntimeError, match="log_alpha must be"):
+        load_cpp().aad_topk(A2, R2, 10, full(3, 0.0), 2, None)
     meta = op(A2.to("meta"), R2.to("meta"), 10, 1.0, 0.0, 1.0, -1.0, lr.to("meta"),
               fl.to("meta"), None, None)
     assert meta.shape == (2,) and meta.dtype == torch.int64
+
+
+CORE_ARGS = dict(a=A2, r=R2, vocab=10, ma=1.0, mr=0.0, sa=1.0, sr=-1.0, log_rel=full(2, -2.0),
+                 floor=full(2, NINF), seed=None, step=None)
+BAD_CORE = [
+    ("a", dict(a=A2.long())),
+    ("r", dict(r=R2[0])),
+    ("batch sizes", dict(r=torch.randn(3, 10))),
+    ("vocab", dict(vocab=11)),
+    ("vocab", dict(vocab=0)),
+    ("log_rel", dict(log_rel=full(3, 0.0))),
+    ("log_rel", dict(log_rel=torch.zeros(2, dtype=torch.int64))),
+    ("floor", dict(floor=torch.zeros(2, 1))),
+    ("seed and step", dict(seed=torch.zeros(2, dtype=torch.int64))),
+    ("seed", dict(seed=torch.zeros(2), step=torch.tensor(0))),
+    ("seed", dict(seed=torch.zeros(3, dtype=torch.int64), step=torch.tensor(0))),
+    ("step", dict(seed=torch.zeros(2, dtype=torch.int64), step=torch.zeros(2, dtype=torch.int64))),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,bad", BAD_CORE,
+                         ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD_CORE)])
+def test_core_arguments_checked_once_alike_on_every_backend(backend, name, bad):
+    """Every backend refuses the same bad core arguments with the same ValueError (one check,
+    ``ops.check_core``), before any kernel runs."""
+    from aad_fast.ops import select_core
+    kw = dict(CORE_ARGS, **bad)
+    with pytest.raises(ValueError, match=name):
+        select_core(*kw.values(), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_core_broadcasts_one_element_row_arguments_on_every_backend(backend):
+    """A one-element ``log_rel`` / ``floor`` / ``seed`` means the same value on every row, on every
+    backend (the C++ binding used to refuse it while CUDA and Triton accepted it)."""
+    from aad_fast.ops import select_core
+    b, v = 3, 700
+    a, r = randn(b, v, 90), randn(b, v, 91)
+    seed, step = torch.full((b,), 17, dtype=torch.int64), torch.tensor(5)
+    for coef, noise in (((1.0, 0.0, 1.0, -1.0), False), ((0.8, 0.2, 0.8, 0.2), True)):
+        want = select_ref(a, r, v, *coef, full(b, -2.0), full(b, -4.0),
+                          seed if noise else None, step if noise else None)
+        got = select_core(a, r, v, *coef, torch.tensor([-2.0]), torch.tensor([-4.0]),
+                          seed[:1] if noise else None, step if noise else None, backend)
+        assert_ids(got, want)
+
+
+def test_an_extension_that_registers_no_kernel_is_refused(monkeypatch):
+    """A C++ extension built from other sources (a stale ``_C``) loads but gives
+    ``aad_fast::select_native`` no CPU kernel: ``load_cpp`` refuses it with a warning, so the
+    default backend falls back instead of failing at the first call."""
+    if "cpp" not in BACKENDS:
+        pytest.skip("C++ extension not built")
+    from aad_fast import backends
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: False)
+    with pytest.warns(UserWarning, match="registers no CPU kernel of aad_fast::select_native"):
+        assert backends.load_cpp.__wrapped__() is None
+    monkeypatch.undo()
+    assert backends.load_cpp.__wrapped__() is not None

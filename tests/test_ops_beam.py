@@ -1,5 +1,8 @@
 """``aad_beam_topk`` (the BeamAAD step: top-k candidates by score, |K|, the reference entropy
-and log p_max) against ``reference.aad_topk_ref`` and SPEC on every CPU backend."""
+and log p_max) on every CPU backend against an independent float64 construction of
+docs/rules.md's BeamAAD (``spec_beam_check``, all backends) and, for a backend that is not the
+reference itself (``cpp``), against ``reference.aad_topk_ref`` bit for bit. (The ``torch`` and
+``triton`` backends of this op *are* ``aad_topk_ref``: comparing them with it proves nothing.)"""
 import math
 
 import pytest
@@ -18,7 +21,7 @@ pytestmark = FILTER_NUMPY_WARNINGS
 
 
 def spec_beam(a, r, alpha, k, tau, vocab):
-    """SPEC BeamAAD quantities in float64, by loops over each row's candidates."""
+    """docs/rules.md BeamAAD quantities in float64, by loops over each row's candidates."""
     out = []
     for i in range(a.shape[0]):
         ai, ri = a[i, :vocab].double(), r[i, :vocab].double()
@@ -40,11 +43,100 @@ def entropy_tol(ent, n):
     return (math.log2(max(n, 1)) + 4) * EPS32 * ent.abs()
 
 
-def assert_beam_matches(got, a, r, vocab, log_alpha, k, tau):
-    """``got`` equals ``aad_topk_ref`` bitwise, except the entropy (within ``entropy_tol``) and,
-    on a row whose reference entropy is within that tolerance of ``tau``, the other side of
-    ``H <= tau`` (the scores and ids of the reference run with tau just past that entropy)."""
-    want = aad_topk_ref(a, r, vocab, log_alpha, k, tau)
+def spec_beam_check(got, a, r, vocab, alpha, k, tau):
+    """``got`` is docs/rules.md's BeamAAD step, rebuilt here in float64 without the reference:
+    candidates ``a_v >= max a + ln(alpha)``, scores ``la - lr`` (or ``la + ln|K|`` where the
+    reference entropy over K is ``<= tau``), the k best, best first, ties to the lowest id.
+
+    Float32 is allowed exactly its rounding: tokens within the threshold's rounding may be in or
+    out (``|K|`` between the two counts); a score may differ by a few ulps of the log-softmax
+    terms, and the entropy by the rounding of its terms and of its sum; a row whose entropy is
+    that close to ``tau`` may take either side. The j-th returned score must lie between the j-th
+    best over the surely-in and over the maybe-in candidates (up to that score rounding)."""
+    scores, ids, n_cand, ent, log_pmax = got
+    b = a.shape[0]
+    assert scores.shape == ids.shape == (b, k) and n_cand.shape == ent.shape == (b,)
+    assert scores.dtype == ent.dtype == log_pmax.dtype == torch.float32
+    assert ids.dtype == n_cand.dtype == torch.int64
+    a64 = a[:, :vocab].double()
+    r64 = r[:, :vocab].double()
+    a64 = a64.masked_fill(a64.isnan(), NINF)
+    r_nan = r64.isnan()
+    lse_a = torch.logsumexp(a64, 1, keepdim=True)
+    lse_r = torch.logsumexp(r64.masked_fill(r_nan, NINF), 1, keepdim=True)
+    la = a64 - lse_a
+    lr = (r64 - lse_r).masked_fill(r_nan, math.nan)
+    lg = math.log(alpha) if alpha > 0 else NINF
+    amax = a64.amax(1, keepdim=True)
+    t = amax + lg
+    tol_t = (EPS32 * (abs(lg) + (amax + lg).abs())).nan_to_num(0.0, 0.0, 0.0) if alpha > 0 else 0.0
+    alive = a64 > NINF
+    k_lo = alive & (a64 >= t + tol_t)
+    k_hi = alive & (a64 >= t - tol_t)
+    assert bool(((k_lo.sum(1) <= n_cand) & (n_cand <= k_hi.sum(1))).all()), n_cand
+    # entropy over K: the terms of the surely-in tokens, plus at most those of the maybe-in ones
+    pr = lr.exp()
+    term = torch.where(pr > 0, -pr * lr, torch.zeros_like(pr)).nan_to_num(0.0)
+    h_lo, h_hi = (term * k_lo).sum(1), (term * k_hi).sum(1)
+    dl = 4 * EPS32 * (lr.abs() + lse_r.abs() + 1).nan_to_num(0.0, 0.0, 0.0)
+    tol_h = (pr.nan_to_num(0.0) * (lr.abs().nan_to_num(0.0, 0.0, 0.0) + 1) * dl * k_hi).sum(1)
+    tol_h = tol_h + (math.log2(max(vocab, 2)) + 4) * EPS32 * h_hi
+    e = ent.double()
+    assert bool(((e >= h_lo - tol_h) & (e <= h_hi + tol_h)).all()), (ent, h_lo, h_hi)
+    pmax = torch.where(alive.any(1), amax[:, 0] - lse_a[:, 0], torch.full((b,), NINF,
+                                                                        dtype=torch.float64))
+    tol_p = 4 * EPS32 * (amax[:, 0].abs() + lse_a[:, 0].abs() + 1).nan_to_num(0.0, 0.0, 0.0)
+    ok = (log_pmax.double() == pmax) | ((log_pmax.double() - pmax).abs() <= tol_p)
+    assert bool(ok.all()), (log_pmax, pmax)
+    n = n_cand.clamp(min=1).double()[:, None]
+    s_ratio, s_flat = la - lr, la + torch.log(n)
+    tol_ratio = 8 * EPS32 * (la.abs() + lr.abs() + lse_a.abs() + lse_r.abs() + 1)
+    tol_flat = 8 * EPS32 * (la.abs() + lse_a.abs() + torch.log(n) + 1)
+    for i in range(b):
+        sides = [False] if tau is None else (
+            [False, True] if abs(float(h_hi[i]) - tau) <= float(tol_h[i]) + float(h_hi[i] - h_lo[i])
+            else [float(h_hi[i]) <= tau])
+        errs = [_check_top_row(scores[i], ids[i], int(n_cand[i]), k,
+                               *((s_flat[i], tol_flat[i]) if flat else (s_ratio[i], tol_ratio[i])),
+                               k_lo[i], k_hi[i]) for flat in sides]
+        assert None in errs, f"row {i}: {errs}"
+
+
+def _check_top_row(scores, ids, n_cand, k, s, tol, k_lo, k_hi):
+    """None if one row's top-k is right for float64 scores ``s`` (NaN = -inf), else the reason."""
+    s = s.nan_to_num(nan=NINF)
+    n = min(k, n_cand)
+    if ids[n:].ne(-1).any() or scores[n:].ne(NINF).any():
+        return "padding"
+    got = ids[:n].tolist()
+    if len(set(got)) != n or any(v < 0 or not bool(k_hi[v]) for v in got):
+        return f"ids {got} are not distinct candidates"
+    sc = scores[:n].double()
+    if n and not bool(((sc == s[got]) | ((sc - s[got]).abs() <= tol[got])).all()):
+        return f"scores {sc.tolist()} vs {s[got].tolist()}"
+    for j in range(n - 1):  # best first, equal scores by ascending id
+        if sc[j] < sc[j + 1] or (sc[j] == sc[j + 1] and got[j] > got[j + 1]):
+            return f"order at {j}"
+    slack = float(tol[k_hi].max()) if k_hi.any() else 0.0
+    best_lo = s[k_lo].sort(descending=True).values
+    best_hi = s[k_hi].sort(descending=True).values
+    for j, val in enumerate(s[got].sort(descending=True).values.tolist()):
+        lo = float(best_lo[j]) if j < len(best_lo) else NINF
+        hi = float(best_hi[j])
+        if not (val == lo or val >= lo - slack) or not (val == hi or val <= hi + slack):
+            return f"rank {j}: {val} outside [{lo}, {hi}]"
+    return None
+
+
+def assert_beam_matches(got, a, r, vocab, alpha, k, tau, backend):
+    """``spec_beam_check`` on every backend; and, on a backend that is not the reference itself,
+    ``aad_topk_ref`` bit for bit except the entropy (within ``entropy_tol``) and, on a row whose
+    reference entropy is within that tolerance of ``tau``, the other side of ``H <= tau``."""
+    spec_beam_check(got, a, r, vocab, alpha, k, tau)
+    if backend != "cpp":  # torch and triton run aad_topk_ref itself (ops.aad_beam_topk)
+        return
+    log_alpha_ = log_alpha(alpha, a.shape[0])
+    want = aad_topk_ref(a, r, vocab, log_alpha_, k, tau)
     names = ("scores", "ids", "n_cand", "entropy", "log_pmax")
     for g, w, name in zip(got, want, names):
         assert g.dtype == w.dtype and g.shape == w.shape, (name, g.dtype, g.shape, w.shape)
@@ -60,7 +152,7 @@ def assert_beam_matches(got, a, r, vocab, log_alpha, k, tau):
         # tau is compared in float32: the float32 below h flips a flat row, h itself the other
         below = torch.nextafter(torch.tensor(h), torch.tensor(NINF)).item()
         other = below if h <= tau else h
-        alt = aad_topk_ref(a[i:i + 1], r[i:i + 1], vocab, log_alpha[i:i + 1], k, other)
+        alt = aad_topk_ref(a[i:i + 1], r[i:i + 1], vocab, log_alpha_[i:i + 1], k, other)
         assert torch.equal(scores[i], alt[0][0]) and torch.equal(ids[i], alt[1][0]), i
 
 
@@ -71,7 +163,7 @@ def test_beam_topk_against_spec(backend, k, tau):
     a, r = randn(4, 3000, 50), randn(4, 3000, 51)
     a[3] = torch.linspace(0, 1, 3000)  # flat: every token is a candidate
     got = aad_beam_topk(a, r, 0.1, k, tau=tau, backend=backend)
-    assert_beam_matches(got, a, r, 3000, log_alpha(0.1, 4), k, tau)
+    assert_beam_matches(got, a, r, 3000, 0.1, k, tau, backend)
     scores, ids, n_cand, ent, log_pmax = got
     for i, (order, sc, n, h) in enumerate(spec_beam(a, r, 0.1, k, tau, 3000)):
         assert int(n_cand[i]) == n
@@ -94,7 +186,7 @@ def test_beam_topk_matches_reference(backend, dtype, shape):
     r = sprinkle(randn(b, v, 57, dtype), 58, 0.01, values=(NINF,))
     for alpha, k, tau in ((0.1, 4, None), (0.01, 8, 2.0), (0.0, 3, 1e9)):
         got = aad_beam_topk(a, r, alpha, k, tau=tau, backend=backend)
-        assert_beam_matches(got, a, r, v, log_alpha(alpha, b), k, tau)
+        assert_beam_matches(got, a, r, v, alpha, k, tau, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,7 +198,7 @@ def test_beam_topk_tau_at_the_entropy(backend):
     for i in range(3):
         tau = h[i].item()
         got = aad_beam_topk(a, r, 0.05, 5, tau=tau, backend=backend)
-        assert_beam_matches(got, a, r, 2000, lg, 5, tau)
+        assert_beam_matches(got, a, r, 2000, 0.05, 5, tau, backend)
 
 
 def test_beam_helper_allows_the_tau_flip_and_nothing_else():
@@ -121,17 +213,20 @@ def test_beam_helper_allows_the_tau_flip_and_nothing_else():
     assert not torch.equal(flipped[0][0], want[0][0])
     got = [x.clone() for x in want]
     got[0][0], got[1][0] = flipped[0][0], flipped[1][0]
-    assert_beam_matches(got, a, r, 2000, lg, 5, h0)
+    assert_beam_matches(got, a, r, 2000, 0.05, 5, h0, "cpp")
     got[1][1] = got[1][1].flip(0)  # a wrong order on row 1
     with pytest.raises(AssertionError):
-        assert_beam_matches(got, a, r, 2000, lg, 5, h0)
+        assert_beam_matches(got, a, r, 2000, 0.05, 5, h0, "cpp")
+    with pytest.raises(AssertionError):  # the independent check sees it too
+        spec_beam_check(got, a, r, 2000, 0.05, 5, h0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_beam_topk_top1_is_aad_and_pads(backend):
     a, r = randn(5, 7000, 52), randn(5, 7000, 53)
     _, ids, n_cand, _, _ = aad_beam_topk(a, r, 0.1, 1, backend=backend)
-    assert torch.equal(ids[:, 0], aad_select(a, r, 0.1, backend=backend))  # SPEC
+    # docs/rules.md: BeamAAD(1) is AAD
+    assert torch.equal(ids[:, 0], aad_select(a, r, 0.1, backend=backend))
     # k beyond the vocabulary and beyond |K|: padded with -1 / -inf
     scores, ids, n_cand, _, _ = aad_beam_topk(a[:, :5], r[:, :5], 1.0, 8, backend=backend)
     assert ids.shape == (5, 8) and n_cand.tolist() == [1] * 5
@@ -154,7 +249,7 @@ def test_beam_topk_ties_specials_and_dead_rows(backend):
     assert ids[1].tolist() == [-1] * 4 and int(n_cand[1]) == 0
     assert int(ids[2, 0]) == 3 and scores[2, 0].item() == math.inf
     assert ids[3].tolist() == [0, 1, 2, 3] and scores[3].eq(NINF).all()
-    assert_beam_matches(got, a, r, 100, log_alpha(0.5, 4), 4, None)
+    assert_beam_matches(got, a, r, 100, 0.5, 4, None, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -164,7 +259,7 @@ def test_beam_topk_strides_and_vocab_size(backend, dtype):
     cases = [(seq[:, -1], seq[:, 0]), (randn(4001, 2, 61, dtype).t(), seq[:, 1])]
     for a, r in cases:
         got = aad_beam_topk(a, r, 0.2, 6, tau=1.0, vocab_size=4000, backend=backend)
-        assert_beam_matches(got, a.contiguous(), r.contiguous(), 4000, log_alpha(0.2, 2), 6, 1.0)
+        assert_beam_matches(got, a.contiguous(), r.contiguous(), 4000, 0.2, 6, 1.0, backend)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])

@@ -1,4 +1,5 @@
-"""Every rule on the engine against a naive loop written from SPEC (full recompute, fp32)."""
+"""Every rule on the engine against a naive loop written from docs/rules.md (full recompute,
+fp32)."""
 import math
 
 import pytest
@@ -105,7 +106,7 @@ def test_cfg_one_model_with_unconditional_prompt(models):
 
 # ------------------------------------------------------------------------------ beam search
 def brute_beam(models, prompt, k, alpha, tau, max_new, length_penalty=0.0, stops=(EOS,)):
-    """SPEC BeamAAD, written out: every live beam x every candidate, full recompute."""
+    """docs/rules.md BeamAAD, written out: every live beam x every candidate, full recompute."""
     live = [(0.0, [])]
     ended = []
     for t in range(max_new):

@@ -180,3 +180,23 @@ def test_train_script_smoke(tmp_path):
     assert sft.config.num_hidden_layers == 1 and not (out / "dpo" / "_trainer").exists()
     meta = json.loads((out / "train_meta.json").read_text())
     assert meta["pairs"]["used"] == len(rows) and len(meta["iterative_runs"]) == 1
+
+
+def test_shipped_pair_holds_one_tokenizer_that_every_loader_finds():
+    """The tokenizer is shipped once, in sft/: the adapter directories find it through their base
+    (``Decoder(adapter, sft)``), the picker shares it, and no file is shipped that nothing reads."""
+    from aad_fast import AAD, Decoder
+    from aad_fast.hf import load_tokenizer
+    from aad_fast.toy.assets import default_pair_dir
+
+    root = default_pair_dir()
+    homes = sorted(p.parent.name for p in root.rglob("tokenizer.json"))
+    assert homes == ["sft"], homes
+    assert not (root / "aad_pairs.jsonl").exists() and not (root / "tokenizer").exists()
+    tok = load_tokenizer(root / "sft")
+    for adapter in ("dpo", "dpo_iter1"):
+        assert load_tokenizer(root / adapter) is None
+        dec = Decoder(str(root / adapter), str(root / "sft"), max_batch_size=1, max_seq_len=64)
+        assert dec.kind == "lora" and dec.tokenizer.get_vocab() == tok.get_vocab()
+        got = dec.generate("what is 2 plus 3 ?", rule=AAD(0.1), chat=True, max_new_tokens=4)
+        assert got.text is not None and len(got.tokens[0]) >= 1

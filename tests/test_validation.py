@@ -128,7 +128,7 @@ def test_cuda_device_without_cuda_is_a_message(tmp_path, pair):
 
 
 def test_float64_models_decode_as_the_float32_reference_does(pair):
-    """SPEC: the choice is computed in float32 whatever the dtype; the C++ backend takes
+    """docs/rules.md: the choice is computed in float32 whatever the dtype; the C++ backend takes
     float64 logits as the PyTorch reference does (cast to float32)."""
     a, r = (copy.deepcopy(m).double() for m in pair)
     for rule in (AAD(0.1), EFT(4.0), BeamAAD(2)):

@@ -1,7 +1,7 @@
 """``aad-fast bench``: selection kernels and end-to-end decode on real model shapes, one run.
 
 Everything is measured in ONE run on ONE machine and reported as ratios to baselines measured in
-that same run (DESIGN.md "Measuring"):
+that same run (docs/engine.md "Why it can be fast"):
 
 - kernels: every available backend of ``aad_select`` (the public op, and the ``select_core`` call
   the engine makes with preallocated buffers) against the eager PyTorch a user would write

@@ -5,11 +5,13 @@ trained by ``python -m aad_fast.toy.train`` on the toy task and shipped in
 Layout of the directory::
 
     sft/              LlamaForCausalLM (safetensors), generation config (stops: <eos>, <user>),
-                      tokenizer
+                      and the word-level tokenizer with its chat template: the one copy, which
+                      the adapters (found through their base) and the picker share
     dpo/              PEFT LoRA adapter on q_proj/k_proj/v_proj; base recorded as "../sft"
-    tokenizer/        the word-level tokenizer with its chat template
-    picker/           LlamaForSequenceClassification (num_labels=1) and its tokenizer
-    dpo_pairs.jsonl   the 10% of oracle-ranked pairs DPO and the picker were trained on
+    dpo_iter1/        a second-round adapter (trained on `make-pairs` output), same base
+    picker/           LlamaForSequenceClassification (num_labels=1), sft/'s tokenizer
+    dpo_pairs.jsonl   the 10% of oracle-ranked pairs DPO and the picker were trained on (read
+                      by ``quick_eval --pairs-out``)
     train_meta.json   training arguments, sizes, losses, versions, wall time
 """
 from __future__ import annotations
@@ -47,12 +49,14 @@ def load_default_pair(device="cpu", *, root: str | Path | None = None, adapter: 
     if not (root / "sft" / "config.json").is_file():
         raise FileNotFoundError(f"no trained pair in {root} (expected {root / 'sft'}/config.json)")
     kw = {"local_files_only": True}
-    tok = AutoTokenizer.from_pretrained(root / "tokenizer", **kw)
+    tok = AutoTokenizer.from_pretrained(root / "sft", **kw)
     sft = AutoModelForCausalLM.from_pretrained(root / "sft", dtype="float32", **kw)
     base = AutoModelForCausalLM.from_pretrained(root / "sft", dtype="float32", **kw)
     dpo = load_adapter(base, root / adapter, is_trainable=False)
     picker = AutoModelForSequenceClassification.from_pretrained(root / "picker", dtype="float32",
                                                                 **kw)
-    picker_tok = AutoTokenizer.from_pretrained(root / "picker", **kw)
+    # a picker directory without a tokenizer of its own shares sft/'s (the shipped layout)
+    has_tok = (root / "picker" / "tokenizer_config.json").is_file()
+    picker_tok = AutoTokenizer.from_pretrained(root / "picker", **kw) if has_tok else tok
     return (sft.to(device).eval(), dpo.to(device).eval(), tok, picker.to(device).eval(),
             picker_tok)

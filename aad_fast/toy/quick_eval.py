@@ -4,7 +4,7 @@
 
 Every method decodes the held-out prompts with a plain loop that recomputes the whole sequence
 at every step (no KV cache, float32), so its choices are the definition the fast engine must
-match. Methods (SPEC.md): greedy SFT, greedy DPO, AAD (alpha 0.1 by default, ``aad_select``),
+match. Methods (docs/rules.md): greedy SFT, greedy DPO, AAD (alpha 0.1 by default, ``aad_select``),
 EFT (beta 4, ``mix_select(a, r, 4, -3)``), best-of-2 (two nucleus samples of the DPO model,
 p = 0.9, ``mix_select`` with counter-based noise, picked by the picker). A completion ends at
 ``<eos>`` or ``<user>`` (not included) or after ``--max-new-tokens``. Scores come from the

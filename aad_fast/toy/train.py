@@ -16,9 +16,10 @@ The full run (seeded; about 10 minutes on 2 cores, most of it SFT):
 4. **Picker**: ``LlamaForSequenceClassification`` (one output) initialised from the SFT backbone
    and trained with TRL's ``RewardTrainer`` on the same 10%.
 
-``DIR`` then holds ``sft/`` (model, generation config, tokenizer), ``dpo/`` (PEFT adapter,
-float32), ``tokenizer/``, ``picker/`` (model and tokenizer), ``dpo_pairs.jsonl`` (the 10%, TRL
-conversational format) and ``train_meta.json`` (arguments, sizes, losses, versions, wall time).
+``DIR`` then holds ``sft/`` (model, generation config, and the tokenizer: the one copy, which
+the adapters and the picker share), ``dpo/`` (PEFT adapter, float32), ``picker/`` (model),
+``dpo_pairs.jsonl`` (the 10%, TRL conversational format) and ``train_meta.json`` (arguments,
+sizes, losses, versions, wall time).
 The SFT model and the picker are stored in ``--save-dtype`` (bfloat16 by default, half the
 size); the SFT weights are rounded to it right after training, so pairs, DPO and the picker are
 built on exactly the stored model.
@@ -227,7 +228,7 @@ def train_picker(args, tok, rows, sft_dir: Path, picker_dir: Path):
     trainer.train()
     trainer.model.to(SAVE_DTYPES[args.save_dtype]).save_pretrained(picker_dir,
                                                                    safe_serialization=True)
-    tok.save_pretrained(picker_dir)
+    # no tokenizer here: the picker shares sft/'s, which is shipped once
     return [{k: v for k, v in h.items() if isinstance(v, (int, float))}
             for h in trainer.state.log_history]
 
@@ -271,7 +272,6 @@ def run_full(args, out: Path, meta: dict):
         model.to(SAVE_DTYPES[args.save_dtype]).save_pretrained(sft_dir, safe_serialization=True)
         model.to(torch.float32)
         tok.save_pretrained(sft_dir)
-        tok.save_pretrained(out / "tokenizer")
 
     t0 = time.time()
     rows = preference_pairs(model, tok, train, group=args.pair_group, groups=args.pair_groups,

@@ -324,15 +324,16 @@ at::Tensor select_cpu(const at::Tensor& a, const at::Tensor& r, int64_t vocab, d
   const int64_t B = a.size(0);
   at::Tensor out = at::empty({B}, a.options().dtype(at::kLong));
   if (B == 0) return out;
-  const at::Tensor lr = log_rel.to(at::kFloat).contiguous().reshape({B});
-  const at::Tensor fl = floor.to(at::kFloat).contiguous().reshape({B});
+  // per-row arguments hold B values or one (broadcast over the rows)
+  const at::Tensor lr = log_rel.to(at::kFloat).reshape({-1}).expand({B}).contiguous();
+  const at::Tensor fl = floor.to(at::kFloat).reshape({-1}).expand({B}).contiguous();
   const float* lrp = lr.data_ptr<float>();
   const float* flp = fl.data_ptr<float>();
 
   const bool noise = seed.has_value();
   std::vector<uint32_t> keys;
   if (noise) {
-    const at::Tensor sd = seed->to(at::kLong).contiguous().reshape({B});
+    const at::Tensor sd = seed->to(at::kLong).reshape({-1}).expand({B}).contiguous();
     const int64_t st = step->to(at::kLong).reshape({}).item<int64_t>();
     keys.resize(B);
     for (int64_t b = 0; b < B; ++b) keys[b] = row_key(sd.data_ptr<int64_t>()[b], st);
@@ -411,20 +412,6 @@ at::Tensor select_cpu(const at::Tensor& a, const at::Tensor& r, int64_t vocab, d
     }
     o[b] = id;
   }
-  return out;
-}
-
-at::Tensor gumbel_noise_cpu(const at::Tensor& seed, const at::Tensor& step, int64_t vocab) {
-  const int64_t B = seed.numel();
-  const at::Tensor sd = seed.to(at::kLong).contiguous().reshape({B});
-  const int64_t st = step.to(at::kLong).reshape({}).item<int64_t>();
-  at::Tensor out = at::empty({B, vocab}, seed.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    const uint32_t key = row_key(sd.data_ptr<int64_t>()[b], st);
-    for (int64_t v = 0; v < vocab; ++v) o[b * vocab + v] = uniform(key, v);
-  }
-  gumbel_from_uniform(o, B * vocab);
   return out;
 }
 

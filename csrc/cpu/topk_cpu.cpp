@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aad_topk_
   const at::Tensor la = at::log_softmax(af, 1).contiguous();
   const at::Tensor lr =
       at::log_softmax(rf.masked_fill(r_nan, -INFINITY), 1).masked_fill(r_nan, NAN).contiguous();
-  const at::Tensor lg = log_alpha.to(at::kFloat).contiguous().reshape({B});
+  const at::Tensor lg = log_alpha.to(at::kFloat).reshape({-1}).expand({B}).contiguous();
   const auto opts = af.options();
   at::Tensor scores = at::full({B, k}, -kInf, opts);
   at::Tensor ids = at::full({B, k}, -1, opts.dtype(at::kLong));
@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aad_topk_
     }
   });
 
-  // Flat rows (SPEC: H <= tau): s = la + ln|K|, with ATen's log as the reference takes it.
+  // Flat rows (docs/rules.md BeamAAD: H <= tau): s = la + ln|K|, with ATen's log as the reference takes it.
   std::vector<uint8_t> flat(B, 0);
   at::Tensor log_n;
   const float* lnp = nullptr;
