@@ -5,6 +5,7 @@ import re
 import pytest
 from conftest import tiny_model
 
+from aad_fast import AAD, EFT, BeamAAD, Contrastive, Decoder, DeRa, Greedy
 from aad_fast.cli import main
 
 
@@ -34,7 +35,11 @@ def test_generate_prompts_file_resumes(model_dirs, tmp_path, capsys):
     assert main(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [0, 1, 2]
-    assert all(r["finish_reason"] in ("stop", "length") and r["rule"] == "aad" for r in rows)
+    want = Decoder(str(model_dirs / "dpo"), str(model_dirs / "sft"), max_batch_size=3).generate(
+        [r["prompt"] for r in rows], rule=AAD(0.1), max_new_tokens=6, chat=True)
+    assert [r["tokens"] for r in rows] == want.tokens
+    assert [r["finish_reason"] for r in rows] == want.finish_reason
+    assert [r["completion"] for r in rows] == want.text and {r["rule"] for r in rows} == {"aad"}
     # a rerun skips what is done; a lost tail is redone
     out.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n")
     assert main(args) == 0
@@ -42,13 +47,21 @@ def test_generate_prompts_file_resumes(model_dirs, tmp_path, capsys):
     assert [r["id"] for r in again] == [0, 1, 2] and again[2]["tokens"] == rows[2]["tokens"]
 
 
-@pytest.mark.parametrize("rule", ["greedy", "eft", "contrastive", "beam-aad", "dera"])
-def test_generate_rules_from_cli(model_dirs, rule, capsys):
+@pytest.mark.parametrize("rule,want_rule", [("greedy", Greedy()), ("eft", EFT(4.0)),
+                                            ("contrastive", Contrastive(0.1, 1.0)),
+                                            ("beam-aad", BeamAAD(2, 0.1)), ("dera", DeRa(1.0))])
+def test_generate_rules_from_cli(model_dirs, rule, want_rule, tmp_path):
+    """Each --rule decodes what that rule decodes through the API (the flag is not ignored)."""
+    out = tmp_path / "o.jsonl"
+    prompt = "what is 2 plus 3 ?"
     args = ["generate", "--aligned", str(model_dirs / "dpo"), "--reference",
-            str(model_dirs / "sft"), "--prompt", "what is 2 plus 3 ?", "--max-new-tokens", "4",
-            "--rule", rule, "--num-beams", "2"]
+            str(model_dirs / "sft"), "--prompt", prompt, "--max-new-tokens", "6",
+            "--rule", rule, "--num-beams", "2", "--out", str(out)]
     assert main(args) == 0
-    assert "ms/token" in capsys.readouterr().err or rule == "beam-aad"
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    want = Decoder(str(model_dirs / "dpo"), str(model_dirs / "sft"), max_batch_size=2).generate(
+        [prompt], rule=want_rule, max_new_tokens=6)
+    assert row["tokens"] == want.tokens[0] and row["rule"] == rule
 
 
 def test_bad_cli_input_names_the_argument(model_dirs, capsys):
