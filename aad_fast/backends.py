@@ -105,13 +105,16 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 
 
 def pick_backend(device: torch.device, backend: str | None) -> str:
-    """Resolve ``backend`` (``None`` = the fastest available) for tensors on ``device``."""
+    """Resolve ``backend`` (``None`` = the fastest available) for tensors on ``device``. Where
+    more than one is available, the fastest is measured on this machine once and cached
+    (``tuning.fastest_backend``; the PyTorch reference is the plain candidate)."""
     have = available_backends(device)
     if backend is None:
-        for name in _PREFERENCE.get(device.type, ("torch",)):
-            if name in have:
-                return name
-        return "torch"
+        cands = [n for n in _PREFERENCE.get(device.type, ("torch",)) if n in have]
+        if len(cands) <= 1:
+            return cands[0] if cands else "torch"
+        from . import tuning
+        return tuning.fastest_backend(torch.device(device), cands)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if backend not in have:

@@ -10,6 +10,8 @@ library versions), so the second ``Decoder`` on a machine measures nothing.
 Choices:
 - ``linear``: per weight shape ``N x K`` and decode row count, ``plain`` (``F.linear``) or
   ``few_row`` (``cpu_linear.few_row_linear``), for fp32 ``nn.Linear`` on CPU.
+- ``backend``: the default selection backend where more than one is available (CPU: ``cpp``
+  or ``torch``; CUDA: ``triton``, ``cuda`` or ``torch``), timed on AAD at B=1, V=131072.
 - ``compile``: per model shape, pair kind, rows and device, whether the ``torch.compile``-d
   decode step is worth its compile time for a call of a given length (``compile_pays``), from
   the ms/token and compile times that decodes on this machine observed (``observe_step``).
@@ -271,3 +273,35 @@ def compile_pays(entry: str, steps: int) -> bool:
     if eager is None or comp is None or cost is None:
         return False
     return comp < eager * (1 - MARGIN) and (eager - comp) * steps > cost * 1e3
+
+
+# ---------------------------------------------------------------------------- selection backend
+def measure_backends(device: torch.device, candidates: list) -> dict:
+    """ms of one AAD selection (B=1, V=131072, float32 logits) on each backend."""
+    from .ops import select_core
+    g = torch.Generator().manual_seed(0)
+    a, r = (torch.randn(1, 131072, generator=g).to(device) for _ in range(2))
+    log_rel = torch.full((1,), -2.302585, device=device)
+    floor = torch.full((1,), float("-inf"), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run(name):
+        def fn():
+            select_core(a, r, 131072, 1.0, 0.0, 1.0, -1.0, log_rel, floor, None, None, name)
+            sync()
+        return fn
+    with torch.inference_mode():
+        return time_candidates({name: run(name) for name in candidates})
+
+
+def fastest_backend(device: torch.device, candidates: list, measure=measure_backends) -> str:
+    """The default selection backend among ``candidates`` (preference order) on ``device``: the
+    measured fastest, unless it beats the PyTorch reference by no more than noise."""
+    entry = f"backend/{device.type}/{'+'.join(candidates)}"
+    rec = cached(entry)
+    if rec is None:
+        times = measure(device, candidates)
+        plain = "torch" if "torch" in times else candidates[0]
+        rec = {"choice": decide(times, plain), "ms": times}
+        store(entry, rec)
+    return rec["choice"]

@@ -144,3 +144,22 @@ def test_decoder_tokens_equal_the_naive_loop_with_each_layout(layout):
     argmax = lambda a, r, t, h: int(a.argmax())  # noqa: E731
     assert dec.generate(input_ids=PROMPTS, rule=Greedy("r"), max_new_tokens=6).tokens == \
         naive_decode(argmax, (base,), PROMPTS, 6)
+
+
+def test_default_backend_is_the_measured_fastest():
+    from aad_fast import backends
+    cpu = torch.device("cpu")
+    fake = lambda times: (lambda device, cands: {c: times[c] for c in cands})  # noqa: E731
+    assert tuning.fastest_backend(cpu, ["cpp", "torch"], fake({"cpp": 0.1, "torch": 1.0})) == "cpp"
+    tuning.forget()
+    (tuning.cache_path()).unlink()
+    assert tuning.fastest_backend(cpu, ["cpp", "torch"], fake({"cpp": 2.0, "torch": 1.0})) == \
+        "torch"  # the plain path wins when the other is slower
+    # cached: another measurement is not made
+    assert tuning.fastest_backend(cpu, ["cpp", "torch"], None) == "torch"
+    tuning.forget()
+    (tuning.cache_path()).unlink()
+    if "cpp" in backends.available_backends("cpu"):  # the real measurement on this machine
+        assert backends.pick_backend(cpu, None) in ("cpp", "torch")
+        assert tuning.cached("backend/cpu/cpp+torch")["ms"].keys() == {"cpp", "torch"}
+    assert backends.pick_backend(cpu, "torch") == "torch"  # forced: no measurement needed
