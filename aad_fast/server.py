@@ -270,6 +270,11 @@ def load(a):
     return dec, stop_ids(tok) + list(a.stop or []), picker, a.served_model_name or "aad-default"
 
 
+def api_key(a) -> str | None:
+    """``--api-key``, else ``$AAD_FAST_API_KEY``, else ``None`` (no key needed)."""
+    return a.api_key or os.environ.get("AAD_FAST_API_KEY") or None
+
+
 def run(a) -> int:
     try:
         import uvicorn
@@ -279,7 +284,7 @@ def run(a) -> int:
     for name in ("max_batch_size", "max_queue", "max_n", "max_body_bytes"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    key = a.api_key or os.environ.get("AAD_FAST_API_KEY") or None
+    key = api_key(a)
     if a.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"warning: serving on {a.host} without an API key: anyone who can reach it may "
               "use it (pass --api-key or set AAD_FAST_API_KEY)", file=sys.stderr)

@@ -2,21 +2,42 @@
 on 127.0.0.1 (a free port, uvicorn in a thread), every answer compared token for token with
 ``Decoder.generate`` on that prompt alone; concurrency, limits, keys, queue overflow,
 disconnects and a failing request."""
+import importlib.util
 import socket
+import sys
 import threading
 import time
 
 import pytest
 
-pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
+import aad_fast as af
+from aad_fast import server
+from aad_fast.openai_api import Limits
+from aad_fast.serving import Backend
 
-import aad_fast as af  # noqa: E402
-from aad_fast.openai_api import Limits  # noqa: E402
-from aad_fast.server import create_app  # noqa: E402
-from aad_fast.serving import Backend  # noqa: E402
+HAVE_SERVE = all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "openai", "httpx"))
+if HAVE_SERVE:
+    import httpx
+    import openai
+    import uvicorn
+needs_serve = pytest.mark.skipif(not HAVE_SERVE, reason="needs aad_fast[serve] and openai, httpx")
+
+
+def test_cli_serve_subcommand_and_key_from_env(monkeypatch):
+    from aad_fast.cli import build_parser
+    a = build_parser().parse_args(["serve"])
+    assert a.func is server.run and a.host == "127.0.0.1" and a.aligned is None
+    monkeypatch.delenv("AAD_FAST_API_KEY", raising=False)
+    assert server.api_key(a) is None
+    monkeypatch.setenv("AAD_FAST_API_KEY", "k1")
+    assert server.api_key(a) == "k1"
+    assert server.api_key(build_parser().parse_args(["serve", "--api-key", "k2"])) == "k2"
+
+
+def test_missing_fastapi_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi -> ImportError
+    with pytest.raises(ImportError, match=r"pip install 'aad_fast\[serve\]'"):
+        server.create_app(object())
 
 class Served:
     """uvicorn serving ``app`` on 127.0.0.1 in a daemon thread."""
@@ -67,7 +88,7 @@ def served(models):
     aligned, reference, tok, picker, _ = models
     dec = af.Decoder(aligned, reference, tokenizer=tok, max_batch_size=8, max_seq_len=128,
                      compile=False)
-    app = create_app(dec, max_queue=64, default_stop=stop_ids(tok), picker=picker,
+    app = server.create_app(dec, max_queue=64, default_stop=stop_ids(tok), picker=picker,
                      model_name="toy")
     srv = Served(app)
     srv.dec, srv.stop_ids = dec, app.state.default_stop
@@ -82,6 +103,7 @@ def alone(srv, prompt=None, *, ids=None, rule, max_new, chat=False):
     return g.tokens[0], g.text[0], g.finish_reason[0]
 
 
+@needs_serve
 def test_models_and_health(served):
     models = served.client().models.list()
     assert [m.id for m in models.data] == ["toy"]
@@ -108,6 +130,7 @@ def _rule_cases(picker):
     return cases
 
 
+@needs_serve
 def test_completions_every_rule(served, models):
     client = served.client()
     prompt = models[4][0]
@@ -122,6 +145,7 @@ def test_completions_every_rule(served, models):
         assert r.usage.total_tokens == n_prompt + len(toks)
 
 
+@needs_serve
 def test_chat_and_token_prompt(served, models):
     client = served.client()
     prompt = models[4][1]
@@ -150,6 +174,7 @@ def _chat_ids(tok, msgs):
     return out["input_ids"] if hasattr(out, "keys") else out
 
 
+@needs_serve
 def test_streaming_equals_generate(served, models):
     client = served.client()
     prompt = models[4][3]
@@ -171,6 +196,7 @@ def test_streaming_equals_generate(served, models):
     assert chunks[-1].choices[0].finish_reason == reason
 
 
+@needs_serve
 def test_n_samples_use_consecutive_seeds(served, models):
     prompt = models[4][4]
     r = served.client().completions.create(
@@ -183,6 +209,7 @@ def test_n_samples_use_consecutive_seeds(served, models):
     assert r.usage.completion_tokens == sum(len(c.token_ids) for c in r.choices)
 
 
+@needs_serve
 def test_32_concurrent_clients_exact(served, models):
     """Mixed prompts, rules and max_tokens, held in the queue and released together so that
     compatible requests share decode calls; every answer equals decoding it alone."""
@@ -236,6 +263,7 @@ def test_32_concurrent_clients_exact(served, models):
         assert results[i][:3] == (text, toks, reason), (i, jobs[i])
 
 
+@needs_serve
 def test_bad_requests_name_the_field(served, models):
     p = models[4][0]
     cases = [
@@ -282,7 +310,7 @@ def guarded(models):
     hooks = []
     backend = Backend(dec, max_batch_size=4, max_queue=2,
                       on_piece=lambda t: [h(t) for h in list(hooks)])
-    app = create_app(dec, api_key="sekret", backend=backend, default_stop=stop_ids(tok),
+    app = server.create_app(dec, api_key="sekret", backend=backend, default_stop=stop_ids(tok),
                      limits=Limits(max_body_bytes=4096, max_tokens=64, max_n=2))
     srv = Served(app)
     srv.dec, srv.stop_ids, srv.backend, srv.hooks = dec, app.state.default_stop, backend, hooks
@@ -292,6 +320,7 @@ def guarded(models):
     backend.close()
 
 
+@needs_serve
 def test_api_key(guarded, models):
     body = {"model": "m", "prompt": models[4][0], "max_tokens": 4, "rule": "greedy"}
     assert guarded.post("/v1/completions", body).status_code == 401
@@ -306,6 +335,7 @@ def test_api_key(guarded, models):
     assert guarded.post("/v1/completions", body, headers=guarded.auth).status_code == 200
 
 
+@needs_serve
 def test_one_model_rules_and_limits(guarded, models):
     client = guarded.client("sekret")
     p = models[4][5]
@@ -315,7 +345,8 @@ def test_one_model_rules_and_limits(guarded, models):
         r = client.completions.create(model="m", prompt=p, max_tokens=8, extra_body=extra)
         g = guarded.dec.generate(p, rule=rule, max_new_tokens=8, stop=list(guarded.stop_ids))
         assert r.choices[0].token_ids == g.tokens[0], extra
-    for body, param in (({"rule": "aad"}, "rule"), ({"max_tokens": 65, "rule": "greedy"}, "max_tokens"),
+    for body, param in (({"rule": "aad"}, "rule"),
+                        ({"max_tokens": 65, "rule": "greedy"}, "max_tokens"),
                         ({"n": 3, "rule": "dera", "lam": 1.0, "temperature": 1.0}, "n")):
         r = guarded.post("/v1/completions", {"model": "m", "prompt": p, **body},
                          headers=guarded.auth)
@@ -325,6 +356,7 @@ def test_one_model_rules_and_limits(guarded, models):
     assert r.status_code == 413
 
 
+@needs_serve
 def test_full_queue_gets_429(guarded, models):
     body = {"model": "m", "prompt": models[4][0], "max_tokens": 4, "rule": "greedy"}
     out = {}
@@ -346,6 +378,7 @@ def test_full_queue_gets_429(guarded, models):
     assert [out[i].status_code for i in range(2)] == [200, 200]
 
 
+@needs_serve
 def test_disconnect_mid_stream_frees_the_decoder(guarded, models):
     p = models[4][6]
     body = {"model": "m", "prompt": p, "max_tokens": 40, "rule": "greedy", "stream": True}
@@ -380,6 +413,7 @@ def test_disconnect_mid_stream_frees_the_decoder(guarded, models):
     assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == full.tokens[0]
 
 
+@needs_serve
 def test_a_failing_request_does_not_fail_the_others(guarded, models, monkeypatch):
     real = guarded.dec.generate
 
