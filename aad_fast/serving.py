@@ -73,6 +73,7 @@ class Ticket:
     request: DecodeRequest
     sink: object
     cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False
 
     def cancel(self) -> None:
         """Stop decoding this request (a waiting one is dropped, a streamed one ends at its
@@ -151,6 +152,9 @@ class Backend:
                     self._waiting.popleft()
                     self.counts["cancelled"] += 1
                 if self._closed:
+                    while self._waiting:  # answer, don't strand, what still waits
+                        self._finish(self._waiting.popleft(),
+                                     ("error", RuntimeError("the server is shutting down")))
                     return None
                 if self._waiting and not self._paused:
                     break
@@ -180,15 +184,21 @@ class Backend:
                     self._run_stream(group[0])
                 else:
                     self._run_batch(group)
+            except Exception as exc:  # never let one group stop the worker
+                for t in group:
+                    self._finish(t, ("error", exc))
             finally:
                 with self._cond:
                     self.counts["running"] = 0
 
     def _finish(self, ticket, event) -> None:
+        if ticket.finished:
+            return
+        ticket.finished = True
         kind = event[0]
         with self._cond:
             self.counts[{"done": "done", "error": "failed"}.get(kind, "cancelled")] += 1
-        ticket.sink(event)
+        _send(ticket, event)
 
     def _run_batch(self, group: list) -> None:
         for t in group:
@@ -233,7 +243,7 @@ class Backend:
                     # hold back a trailing partial character (U+FFFD) until it is complete
                     stable = piece.rstrip("\ufffd")
                     if stable.startswith(shown) and len(stable) > len(shown):
-                        ticket.sink(("delta", stable[len(shown):]))
+                        _send(ticket, ("delta", stable[len(shown):]))
                         shown = stable
                     if self.on_piece is not None:
                         self.on_piece(ticket)
@@ -242,7 +252,7 @@ class Backend:
                 else:
                     text = piece.text[0]
                     if text.startswith(shown) and len(text) > len(shown):
-                        ticket.sink(("delta", text[len(shown):]))
+                        _send(ticket, ("delta", text[len(shown):]))
                     self._finish(ticket, ("done", Completion(piece.tokens[0], text,
                                                              piece.finish_reason[0])))
                     return
@@ -250,6 +260,14 @@ class Backend:
             self._finish(ticket, ("error", exc))
             return
         self._finish(ticket, ("cancelled",))
+
+
+def _send(ticket: Ticket, event) -> None:
+    """Deliver ``event``; a sink that fails (its event loop closed) cancels its ticket only."""
+    try:
+        ticket.sink(event)
+    except Exception:
+        ticket.cancel()
 
 
 def stream_generation(decoder, req: DecodeRequest):

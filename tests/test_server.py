@@ -34,6 +34,20 @@ def test_cli_serve_subcommand_and_key_from_env(monkeypatch):
     assert server.api_key(build_parser().parse_args(["serve", "--api-key", "k2"])) == "k2"
 
 
+def test_backend_close_answers_what_waits():
+    from types import SimpleNamespace
+
+    from aad_fast.serving import DecodeRequest, QueueFull
+    backend = Backend(SimpleNamespace(max_batch_size=2), max_batch_size=2, max_queue=1)
+    backend.pause()
+    got = []
+    backend.submit(DecodeRequest(rule=af.AAD(0.1), max_new_tokens=2, text="hi"), got.append)
+    with pytest.raises(QueueFull):
+        backend.submit(DecodeRequest(rule=af.AAD(0.1), max_new_tokens=2, text="hi"), got.append)
+    backend.close()
+    assert len(got) == 1 and got[0][0] == "error" and "shutting down" in str(got[0][1])
+
+
 def test_missing_fastapi_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi -> ImportError
     with pytest.raises(ImportError, match=r"pip install 'aad_fast\[serve\]'"):
