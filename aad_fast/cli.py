@@ -1,4 +1,4 @@
-"""``aad-fast``: generate | demo | bench | evaluate | make-pairs.
+"""``aad-fast``: generate | demo | serve | bench | evaluate | make-pairs.
 
 Run ``aad-fast COMMAND --help`` for each command's options.
 """
@@ -256,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--alpha", type=float, default=0.1)
     d.add_argument("--max-new-tokens", type=int, default=48)
     d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs aad_fast[serve])",
+                       description="Serve a pair (default: the embedded one) over the OpenAI "
+                                   "API: /v1/completions, /v1/chat/completions, /v1/models, "
+                                   "/health. The rule rides in the request body (README "
+                                   "'Serving').")
+    from . import server
+    server.add_arguments(s)
+    s.set_defaults(func=server.run)
 
     b = sub.add_parser("bench", help="kernel and decode latency benchmarks",
                        description="Kernel and decode benchmarks against single-model greedy.")

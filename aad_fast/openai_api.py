@@ -1,0 +1,328 @@
+"""OpenAI request bodies -> ``serving.DecodeRequest``s, and the response bodies (no web framework).
+
+The rule and its parameters ride beside the OpenAI fields (as vLLM takes ``extra_body``):
+``rule`` (aad | contrastive | eft | dera | cfg | opad | beam-aad | best-of-n | greedy, default
+aad), ``alpha``, ``beta``, ``lam``, ``g``, ``k``, ``principle``, ``num_beams``, ``tau``,
+``length_penalty``, ``top_k``, ``min_p``, ``greedy_stream`` (``"a"``/``"r"``), ``stop_token_ids``.
+OpenAI's fields map as follows:
+
+- ``max_tokens`` (chat also ``max_completion_tokens``) -> ``max_new_tokens``; default 16 for
+  completions (as OpenAI), for chat the most the context and the server's limit allow.
+- ``stop`` (single-token strings) and ``stop_token_ids`` are added to the server's stop ids.
+- ``temperature``, ``top_p``, ``seed``: the sampling of eft/dera/cfg (default greedy) and
+  best-of-n (default 1.0 / 0.9). The greedy rules (aad, contrastive, opad, beam-aad, greedy)
+  refuse ``temperature > 0`` and ``top_p < 1``; ``seed`` is accepted and has no effect there.
+- ``n``: choices per prompt. Only a sampling rule (temperature > 0) has distinct choices;
+  choice ``i`` is sampled with ``seed + i``. ``n > 1`` is refused for the greedy rules (the
+  choices would be copies) and with ``stream``.
+- ``best_of``: with ``rule=best-of-n``, the number of samples the picker chooses from (OpenAI's
+  legacy meaning); one choice comes back.
+- ``echo``, ``suffix``, ``logprobs``, ``top_logprobs``, ``logit_bias``, presence/frequency
+  penalties, tools and response formats are refused when set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+
+from . import rules as R
+from .prompts import rule_rows
+from .serving import DecodeRequest
+
+RULES = ("aad", "contrastive", "eft", "dera", "cfg", "opad", "beam-aad", "best-of-n", "greedy")
+_SAMPLING = {"temperature", "top_p", "top_k", "min_p"}
+#: the rule-specific body fields each rule takes (temperature/top_p are checked separately)
+_PARAMS = {
+    "aad": {"alpha"}, "contrastive": {"alpha", "beta"},
+    "eft": {"beta"} | _SAMPLING, "dera": {"lam"} | _SAMPLING, "cfg": {"g"} | _SAMPLING,
+    "opad": {"k", "principle"}, "beam-aad": {"num_beams", "alpha", "tau", "length_penalty"},
+    "best-of-n": {"best_of", "temperature", "top_p"}, "greedy": {"greedy_stream"},
+}
+_ALL_PARAMS = set().union(*_PARAMS.values()) - {"temperature", "top_p", "best_of"}
+_UNSUPPORTED = ("echo", "suffix", "logprobs", "top_logprobs", "logit_bias", "presence_penalty",
+                "frequency_penalty", "tools", "tool_choice", "functions", "function_call",
+                "response_format")
+_FIELDS = _ALL_PARAMS | {"temperature", "top_p", "best_of", "seed", "n", "max_tokens",
+                         "max_completion_tokens", "stop", "stop_token_ids", "rule", "prompt",
+                         "messages", "num_beams"}
+
+
+class APIError(Exception):
+    """An error answered with ``status`` and an OpenAI-style body naming ``param``."""
+
+    def __init__(self, status: int, message: str, param=None, type_=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+        self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad(param, message, code=None) -> APIError:
+    return APIError(400, message, param, code=code)
+
+
+@dataclasses.dataclass
+class Limits:
+    """What one request may ask for; a client cannot raise these. ``None`` fields are filled
+    from the Decoder by ``resolve``."""
+
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int | None = None
+    max_tokens: int | None = None
+    max_n: int = 4
+    max_num_beams: int | None = None
+
+    def resolve(self, decoder, max_batch_size: int) -> "Limits":
+        ctx = decoder.max_seq_len
+        return dataclasses.replace(
+            self, max_prompt_tokens=min(self.max_prompt_tokens or ctx - 1, ctx - 1),
+            max_tokens=min(self.max_tokens or ctx - 1, ctx - 1),
+            max_num_beams=min(self.max_num_beams or max_batch_size, max_batch_size))
+
+
+def _value_error_param(msg: str, default: str) -> str:
+    """The body field a rule's / the Decoder's ``ValueError`` names (its first word)."""
+    word = msg.split(" ", 1)[0].strip("'\"=:")
+    names = {"max_new_tokens": "max_tokens", "stop": "stop", "n": "best_of"}
+    if word in names:
+        return names[word]
+    return word if word in _FIELDS else default
+
+
+def _get(body, name, types, default=None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in types or not isinstance(v, types):
+        raise bad(name, f"{name} must be {' or '.join(t.__name__ for t in types)}, got {v!r}")
+    return v
+
+
+def build_rule(body: dict, picker=None):
+    """The ``aad_fast`` rule a request body asks for (400 naming the field otherwise)."""
+    name = body.get("rule", "aad")
+    if name is None:
+        name = "aad"
+    if name not in RULES:
+        raise bad("rule", f"unknown rule {name!r}; use one of {', '.join(RULES)}")
+    given = {k for k in _ALL_PARAMS if body.get(k) is not None}
+    wrong = sorted(given - _PARAMS[name])
+    if wrong:
+        takes = ", ".join(sorted(_PARAMS[name] - _SAMPLING)) or "no parameters"
+        raise bad(wrong[0], f"{wrong[0]} does not apply to rule={name} (it takes {takes})")
+    temp, top_p = body.get("temperature"), body.get("top_p")
+    if body.get("best_of") not in (None, 1) and name != "best-of-n":
+        raise bad("best_of", "best_of > 1 needs rule=best-of-n (best_of samples, the picker "
+                             "chooses one)")
+    if name in ("aad", "contrastive", "opad", "beam-aad", "greedy"):
+        if temp not in (None, 0, 0.0):
+            raise bad("temperature", f"rule={name} is greedy; temperature must be 0 or omitted, "
+                                     f"got {temp!r} (sampling rules: eft, dera, cfg, best-of-n)")
+        if top_p not in (None, 1, 1.0):
+            raise bad("top_p", f"rule={name} is greedy; top_p must be 1 or omitted, got {top_p!r}")
+    seed = _get(body, "seed", (int,), 0)
+    samp = dict(temperature=0.0 if temp is None else temp, top_p=1.0 if top_p is None else top_p,
+                top_k=_get(body, "top_k", (int,), 0), min_p=body.get("min_p") or 0.0, seed=seed)
+    g = body.get
+    try:
+        if name == "aad":
+            return R.AAD(g("alpha", 0.1))
+        if name == "contrastive":
+            return R.Contrastive(g("alpha", 0.1), g("beta", 1.0))
+        if name == "eft":
+            return R.EFT(g("beta", 4.0), **samp)
+        if name == "dera":
+            return R.DeRa(g("lam", 1.0), **samp)
+        if name == "cfg":
+            return R.CFG(g("g", 1.5), **samp)
+        if name == "opad":
+            if g("principle") is None:
+                raise bad("principle", "rule=opad needs principle (the principle text)")
+            return R.OPAD(g("k", 1.0), principle=g("principle"))
+        if name == "beam-aad":
+            return R.BeamAAD(g("num_beams", 4), g("alpha", 0.1), g("tau"),
+                             g("length_penalty", 0.0))
+        if name == "best-of-n":
+            if picker is None:
+                raise bad("rule", "rule=best-of-n needs a picker reward model and this server "
+                                  "has none (start it with --picker PATH)")
+            return R.BestOfN(g("best_of", 2), top_p=0.9 if top_p is None else top_p,
+                             temperature=1.0 if temp is None else temp, picker=picker, seed=seed)
+        return R.Greedy(g("greedy_stream", "a"))
+    except ValueError as exc:
+        msg = str(exc)
+        param = {"w_a": "lam" if name == "dera" else "g", "n": "best_of",
+                 "stream": "greedy_stream"}.get(msg.split(" ", 1)[0], None)
+        raise bad(param or _value_error_param(msg, "rule"), msg) from None
+
+
+def _text_of(content, where: str) -> str:
+    """A message's content: a string, or OpenAI's list of ``{"type": "text", "text": ...}``."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise bad(where, f"{where} must be a string or a list of text parts, got {content!r}")
+
+
+def prompt_input(body: dict, chat: bool, tokenizer) -> dict:
+    """``{"text": str, "chat": bool}`` or ``{"ids": [int], "chat": False}`` for the body."""
+    if not chat:
+        p = body.get("prompt")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+            p = p[0]
+        if isinstance(p, str):
+            if not p.strip():
+                raise bad("prompt", f"prompt={p!r} is empty; give some text")
+            return {"text": p, "chat": False}
+        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool)
+                                             for t in p):
+            return {"ids": list(p), "chat": False}
+        if isinstance(p, list) and p:
+            raise bad("prompt", "one prompt per request: prompt must be a string or a list of "
+                                "token ids (send the others as separate requests)")
+        raise bad("prompt", f"prompt must be a non-empty string or token-id list, got {p!r}")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("messages", f"messages must be a non-empty list, got {msgs!r}")
+    clean = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user",
+                                                            "assistant"):
+            raise bad("messages", f"messages[{i}] must be {{'role': system|user|assistant, "
+                                  f"'content': ...}}, got {m!r}")
+        role = "system" if m["role"] == "developer" else m["role"]
+        clean.append({"role": role, "content": _text_of(m.get("content"),
+                                                        f"messages[{i}].content")})
+    if not any(m["content"].strip() for m in clean):
+        raise bad("messages", "every message is empty; give some text")
+    if len(clean) == 1 and clean[0]["role"] == "user":
+        return {"text": clean[0]["content"], "chat": True}  # exactly Decoder(chat=True)
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise bad("messages", "the served tokenizer has no chat template")
+    out = tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True)
+    if isinstance(out, dict) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    return {"ids": list(out), "chat": False}
+
+
+def parse_request(body: dict, chat: bool, decoder, limits: Limits, default_stop=(),
+                  picker=None) -> tuple[list, int]:
+    """``(requests, prompt_tokens)``: one ``DecodeRequest`` per choice, all validated against
+    ``decoder`` (rule and pair, prompt length, context) and ``limits``."""
+    for k in _UNSUPPORTED:
+        if body.get(k) not in (None, False, 0, {}, []):
+            raise bad(k, f"{k} is not supported by aad-fast serve")
+    rule = build_rule(body, picker)
+    inp = prompt_input(body, chat, decoder.tokenizer)
+    n = _get(body, "n", (int,), 1)
+    if not 1 <= n <= limits.max_n:
+        raise bad("n", f"n must be in [1, {limits.max_n}] on this server, got {n}")
+    if n > 1 and not rule.sampled:
+        raise bad("n", f"n={n} with a greedy rule would give {n} copies; n > 1 needs a sampling "
+                       "rule (eft/dera/cfg with temperature > 0)")
+    stream = body.get("stream") is True
+    if n > 1 and stream:
+        raise bad("n", "n > 1 is not supported with stream=true")
+    if isinstance(rule, R.BeamAAD) and rule.num_beams > limits.max_num_beams:
+        raise bad("num_beams", f"num_beams={rule.num_beams} exceeds this server's limit "
+                               f"{limits.max_num_beams}")
+    if isinstance(rule, R.BestOfN) and rule.n > limits.max_num_beams:
+        raise bad("best_of", f"best_of={rule.n} exceeds this server's limit "
+                             f"{limits.max_num_beams}")
+    validate = getattr(decoder, "_validate", None)  # the Decoder's own rule/pair check
+    if validate is not None:
+        try:
+            validate(rule, 1)
+        except ValueError as exc:
+            raise bad("rule", f"rule={body.get('rule', 'aad')}: {exc}") from None
+    where = "messages" if chat else "prompt"
+    try:
+        rows = rule_rows(rule, decoder.kind, decoder.tokenizer, decoder.vocab,
+                         None if "text" not in inp else [inp["text"]],
+                         None if "ids" not in inp else [inp["ids"]], None, inp["chat"])
+    except ValueError as exc:
+        raise bad(_value_error_param(str(exc), where), f"{where}: {exc}") from None
+    prompt_tokens = len(rows.a[0])
+    longest = max(len(rows.a[0]), len(rows.r[0]))
+    if longest > limits.max_prompt_tokens:
+        raise bad(where, f"the prompt is {longest} tokens; this server takes at most "
+                         f"{limits.max_prompt_tokens}", code="context_length_exceeded")
+    room = decoder.max_seq_len - longest
+    key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    max_new = _get(body, key, (int,), None)
+    if max_new is None:
+        max_new = min(16 if not chat else limits.max_tokens, room, limits.max_tokens)
+    if max_new < 1:
+        raise bad(key, f"{key} must be >= 1, got {max_new}")
+    if max_new > limits.max_tokens:
+        raise bad(key, f"{key}={max_new} exceeds this server's limit {limits.max_tokens}")
+    if max_new > room:
+        raise bad(key, f"a prompt of {longest} tokens plus {key}={max_new} exceeds the "
+                       f"context of {decoder.max_seq_len} tokens; ask for at most {room}",
+                  code="context_length_exceeded")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else (stop or [])
+    extra_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise bad("stop", f"stop must be a string or a list of strings, got {body['stop']!r}")
+    if not isinstance(extra_ids, list):
+        raise bad("stop_token_ids", f"stop_token_ids must be a list of ints, got {extra_ids!r}")
+    try:
+        ids = decoder.stop_ids(list(default_stop) + stop + extra_ids)
+    except ValueError as exc:
+        raise bad("stop_token_ids" if extra_ids and "id" in str(exc).split(" ")[1] else "stop",
+                  str(exc)) from None
+    rules = [rule] if n == 1 else [dataclasses.replace(rule, seed=rule.seed + i)
+                                   for i in range(n)]
+    reqs = [DecodeRequest(rule=r, max_new_tokens=max_new, text=inp.get("text"),
+                          ids=inp.get("ids"), chat=inp["chat"], stop=tuple(ids), stream=stream)
+            for r in rules]
+    return reqs, prompt_tokens
+
+
+def completion_body(chat: bool, model: str, done: list, prompt_tokens: int) -> dict:
+    """The non-streamed response for the ``serving.Completion``s of one request."""
+    choices = []
+    for i, c in enumerate(done):
+        ch = {"index": i, "finish_reason": c.finish_reason, "token_ids": c.tokens}
+        if chat:
+            ch["message"] = {"role": "assistant", "content": c.text}
+        else:
+            ch["text"], ch["logprobs"] = c.text, None
+        choices.append(ch)
+    n_out = sum(len(c.tokens) for c in done)
+    return {"id": new_id(chat), "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": choices,
+            "usage": usage(prompt_tokens, n_out)}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def chunk(chat: bool, rid: str, model: str, created: int, text=None, finish=None,
+          role=False, tokens=None) -> dict:
+    """One server-sent event of a stream (OpenAI's chunk format)."""
+    if chat:
+        delta = {"role": "assistant", "content": ""} if role else \
+            ({"content": text} if text is not None else {})
+        ch = {"index": 0, "delta": delta, "finish_reason": finish}
+    else:
+        ch = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+    if tokens is not None:
+        ch["token_ids"] = tokens
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created, "model": model, "choices": [ch]}

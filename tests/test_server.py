@@ -1,0 +1,460 @@
+"""``aad-fast serve`` over loopback: the official ``openai`` client against a server started here
+on 127.0.0.1 (a free port, uvicorn in a thread), every answer compared token for token with
+``Decoder.generate`` on that prompt alone; concurrency, limits, keys, queue overflow,
+disconnects and a failing request."""
+import importlib.util
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+import aad_fast as af
+from aad_fast import server
+from aad_fast.openai_api import Limits
+from aad_fast.serving import Backend
+
+HAVE_SERVE = all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "openai", "httpx"))
+if HAVE_SERVE:
+    import httpx
+    import openai
+    import uvicorn
+needs_serve = pytest.mark.skipif(not HAVE_SERVE, reason="needs aad_fast[serve] and openai, httpx")
+
+
+def test_cli_serve_subcommand_and_key_from_env(monkeypatch):
+    from aad_fast.cli import build_parser
+    a = build_parser().parse_args(["serve"])
+    assert a.func is server.run and a.host == "127.0.0.1" and a.aligned is None
+    monkeypatch.delenv("AAD_FAST_API_KEY", raising=False)
+    assert server.api_key(a) is None
+    monkeypatch.setenv("AAD_FAST_API_KEY", "k1")
+    assert server.api_key(a) == "k1"
+    assert server.api_key(build_parser().parse_args(["serve", "--api-key", "k2"])) == "k2"
+
+
+def test_backend_close_answers_what_waits():
+    from types import SimpleNamespace
+
+    from aad_fast.serving import DecodeRequest, QueueFull
+    backend = Backend(SimpleNamespace(max_batch_size=2), max_batch_size=2, max_queue=1)
+    backend.pause()
+    got = []
+    backend.submit(DecodeRequest(rule=af.AAD(0.1), max_new_tokens=2, text="hi"), got.append)
+    with pytest.raises(QueueFull):
+        backend.submit(DecodeRequest(rule=af.AAD(0.1), max_new_tokens=2, text="hi"), got.append)
+    backend.close()
+    assert len(got) == 1 and got[0][0] == "error" and "shutting down" in str(got[0][1])
+
+
+def test_missing_fastapi_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi -> ImportError
+    with pytest.raises(ImportError, match=r"pip install 'aad_fast\[serve\]'"):
+        server.create_app(object())
+
+class Served:
+    """uvicorn serving ``app`` on 127.0.0.1 in a daemon thread."""
+
+    def __init__(self, app):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+
+    def client(self, key="unused"):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0,
+                             http_client=httpx.Client(trust_env=False, timeout=60))
+
+    def post(self, path, body=None, headers=None, content=None):
+        with httpx.Client(trust_env=False, timeout=60) as c:
+            return c.post(self.url + path, json=body, content=content, headers=headers)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def models():
+    from aad_fast.default import default_pair
+    from aad_fast.toy import task
+    from aad_fast.toy.assets import default_pair_dir
+    aligned, reference, tok, trained = default_pair()
+    picker = str(default_pair_dir() / "picker") if trained else None
+    prompts = [p.prompt for p in task.split_problems()[1][:12]]
+    return aligned, reference, tok, picker, prompts
+
+
+@pytest.fixture(scope="module")
+def served(models):
+    """The embedded pair (LoRA) behind the server, batching up to 8 rows."""
+    from aad_fast.toy.tokenizer import stop_ids
+    aligned, reference, tok, picker, _ = models
+    dec = af.Decoder(aligned, reference, tokenizer=tok, max_batch_size=8, max_seq_len=128,
+                     compile=False)
+    app = server.create_app(dec, max_queue=64, default_stop=stop_ids(tok), picker=picker,
+                     model_name="toy")
+    srv = Served(app)
+    srv.dec, srv.stop_ids = dec, app.state.default_stop
+    yield srv
+    srv.stop()
+
+
+def alone(srv, prompt=None, *, ids=None, rule, max_new, chat=False):
+    """What ``Decoder.generate`` gives this one prompt (the server's own stop ids)."""
+    kw = dict(rule=rule, max_new_tokens=max_new, stop=list(srv.stop_ids), chat=chat)
+    g = srv.dec.generate(prompt, **kw) if ids is None else srv.dec.generate(input_ids=[ids], **kw)
+    return g.tokens[0], g.text[0], g.finish_reason[0]
+
+
+@needs_serve
+def test_models_and_health(served):
+    models = served.client().models.list()
+    assert [m.id for m in models.data] == ["toy"]
+    with httpx.Client(trust_env=False) as c:
+        assert c.get(served.url + "/health").json()["status"] == "ok"
+
+
+def _rule_cases(picker):
+    cases = [
+        ({}, af.AAD(0.1)),
+        ({"rule": "aad", "alpha": 0.3}, af.AAD(0.3)),
+        ({"rule": "contrastive", "alpha": 0.2, "beta": 0.5}, af.Contrastive(0.2, 0.5)),
+        ({"rule": "eft", "beta": 2.0}, af.EFT(2.0)),
+        ({"rule": "dera", "lam": 0.5, "temperature": 0.8, "seed": 3},
+         af.DeRa(0.5, temperature=0.8, seed=3)),
+        ({"rule": "cfg", "g": 1.5, "top_p": 0.9, "temperature": 1.0, "seed": 1},
+         af.CFG(1.5, temperature=1.0, top_p=0.9, seed=1)),
+        ({"rule": "beam-aad", "num_beams": 2, "alpha": 0.1}, af.BeamAAD(2, 0.1)),
+        ({"rule": "greedy", "greedy_stream": "r"}, af.Greedy("r")),
+    ]
+    if picker is not None:
+        cases.append(({"rule": "best-of-n", "best_of": 2, "seed": 5},
+                      af.BestOfN(2, picker=picker, seed=5)))
+    return cases
+
+
+@needs_serve
+def test_completions_every_rule(served, models):
+    client = served.client()
+    prompt = models[4][0]
+    for extra, rule in _rule_cases(models[3]):
+        r = client.completions.create(model="toy", prompt=prompt, max_tokens=12,
+                                      extra_body=extra)
+        toks, text, reason = alone(served, prompt, rule=rule, max_new=12)
+        ch = r.choices[0]
+        assert (ch.token_ids, ch.text, ch.finish_reason) == (toks, text, reason), extra
+        n_prompt = len(models[2](prompt)["input_ids"])
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, len(toks))
+        assert r.usage.total_tokens == n_prompt + len(toks)
+
+
+@needs_serve
+def test_chat_and_token_prompt(served, models):
+    client = served.client()
+    prompt = models[4][1]
+    r = client.chat.completions.create(model="toy", messages=[{"role": "user",
+                                                               "content": prompt}],
+                                       extra_body={"alpha": 0.2})
+    toks, text, reason = alone(served, prompt, rule=af.AAD(0.2),
+                               max_new=128 - len(_chat_ids(models[2], prompt)), chat=True)
+    assert (r.choices[0].message.content, r.choices[0].token_ids) == (text, toks)
+    assert r.choices[0].finish_reason == reason == "stop"
+    # several turns: the chat template's ids, decoded as input_ids
+    msgs = [{"role": "user", "content": models[4][2]}, {"role": "assistant", "content": "ok ."},
+            {"role": "user", "content": prompt}]
+    ids = list(_chat_ids(models[2], msgs))
+    r = client.chat.completions.create(model="toy", messages=msgs, max_tokens=10)
+    assert r.choices[0].token_ids == alone(served, ids=ids, rule=af.AAD(0.1), max_new=10)[0]
+    # a prompt of token ids on /v1/completions
+    r = client.completions.create(model="toy", prompt=ids, max_tokens=6)
+    assert r.choices[0].token_ids == alone(served, ids=ids, rule=af.AAD(0.1), max_new=6)[0]
+
+
+def _chat_ids(tok, msgs):
+    if isinstance(msgs, str):
+        msgs = [{"role": "user", "content": msgs}]
+    out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    return out["input_ids"] if hasattr(out, "keys") else out
+
+
+@needs_serve
+def test_streaming_equals_generate(served, models):
+    client = served.client()
+    prompt = models[4][3]
+    stream = client.completions.create(model="toy", prompt=prompt, max_tokens=20, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    toks, text, reason = alone(served, prompt, rule=af.AAD(0.1), max_new=20)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    last = [c for c in chunks if c.choices][-1]
+    assert (last.choices[0].finish_reason, last.choices[0].token_ids) == (reason, toks)
+    assert chunks[-1].usage.completion_tokens == len(toks)
+    stream = client.chat.completions.create(
+        model="toy", messages=[{"role": "user", "content": prompt}], max_tokens=20,
+        stream=True, extra_body={"rule": "eft", "beta": 3.0})
+    chunks = list(stream)
+    toks, text, reason = alone(served, prompt, rule=af.EFT(3.0), max_new=20, chat=True)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == reason
+
+
+@needs_serve
+def test_n_samples_use_consecutive_seeds(served, models):
+    prompt = models[4][4]
+    r = served.client().completions.create(
+        model="toy", prompt=prompt, max_tokens=10, n=3,
+        extra_body={"rule": "dera", "lam": 1.0, "temperature": 1.5, "seed": 7})
+    for i, ch in enumerate(r.choices):
+        assert ch.index == i
+        rule = af.DeRa(1.0, temperature=1.5, seed=7 + i)
+        assert ch.token_ids == alone(served, prompt, rule=rule, max_new=10)[0]
+    assert r.usage.completion_tokens == sum(len(c.token_ids) for c in r.choices)
+
+
+@needs_serve
+def test_32_concurrent_clients_exact(served, models):
+    """Mixed prompts, rules and max_tokens, held in the queue and released together so that
+    compatible requests share decode calls; every answer equals decoding it alone."""
+    prompts = models[4]
+    rules = [({"alpha": 0.1}, af.AAD(0.1)), ({"alpha": 0.5}, af.AAD(0.5)),
+             ({"rule": "eft", "beta": 2.0}, af.EFT(2.0)),
+             ({"rule": "dera", "lam": 0.7, "temperature": 1.0, "seed": 2},
+              af.DeRa(0.7, temperature=1.0, seed=2))]
+    jobs = [(prompts[i % len(prompts)] + " ?" * (i % 3), rules[i % 4], 3 + (i * 7) % 11,
+             i % 8 == 7) for i in range(32)]
+    backend = served.app.state.backend
+    before = dict(backend.counts)
+    results = [None] * 32
+    client = served.client()
+
+    def call(i):
+        prompt, (extra, _), mt, stream = jobs[i]
+        if stream:
+            chunks = list(client.completions.create(model="toy", prompt=prompt, max_tokens=mt,
+                                                    stream=True, extra_body=extra))
+            last = [c for c in chunks if c.choices][-1].choices[0]
+            results[i] = ("".join(c.choices[0].text for c in chunks if c.choices),
+                          last.token_ids, last.finish_reason, chunks[0].id)
+        else:
+            r = client.completions.create(model="toy", prompt=prompt, max_tokens=mt,
+                                          extra_body=extra)
+            ch = r.choices[0]
+            results[i] = (ch.text, ch.token_ids, ch.finish_reason, r.id)
+
+    t0 = time.time()
+    backend.pause()
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(32)]
+    try:
+        for t in threads:
+            t.start()
+        while backend.waiting() < 32 and time.time() - t0 < 30:
+            time.sleep(0.02)
+        assert backend.waiting() == 32
+    finally:
+        backend.resume()
+    for t in threads:
+        t.join(60)
+    assert time.time() - t0 < 60
+    assert all(r is not None for r in results)
+    assert len({r[3] for r in results}) == 32  # 32 distinct answers
+    done = backend.counts["done"] - before["done"]
+    batches = backend.counts["batches"] - before["batches"]
+    assert done == 32 and batches < 28  # 28 non-streamed requests shared decode calls
+    for i, (prompt, (_, rule), mt, _) in enumerate(jobs):
+        toks, text, reason = alone(served, prompt, rule=rule, max_new=mt)
+        assert results[i][:3] == (text, toks, reason), (i, jobs[i])
+
+
+@needs_serve
+def test_bad_requests_name_the_field(served, models):
+    p = models[4][0]
+    cases = [
+        ({"prompt": p, "rule": "nope"}, "rule"),
+        ({"prompt": p, "alpha": 1.5}, "alpha"),
+        ({"prompt": p, "alpha": "big"}, "alpha"),
+        ({"prompt": p, "max_tokens": 125}, "max_tokens"),  # prompt + 125 > 128 slots
+        ({"prompt": p, "max_tokens": 0}, "max_tokens"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": [1, 2], "max_tokens": 2, "rule": "opad", "principle": "be kind"}, "rule"),
+        ({"prompt": p, "temperature": 0.7}, "temperature"),
+        ({"prompt": p, "n": 2}, "n"),
+        ({"prompt": p, "beta": 2.0}, "beta"),  # aad takes no beta
+        ({"prompt": p, "rule": "beam-aad", "num_beams": 9}, "num_beams"),
+        ({"prompt": p, "stop": "two words"}, "stop"),
+        ({"prompt": p, "logprobs": 2}, "logprobs"),
+        ({"prompt": [10 ** 6]}, "prompt"),
+    ]
+    for body, param in cases:
+        r = served.post("/v1/completions", {"model": "toy", **body})
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param, (body, err)
+        assert err["type"] == "invalid_request_error" and err["message"]
+    r = served.post("/v1/chat/completions", {"model": "toy", "messages": [
+        {"role": "user", "content": ""}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = served.post("/v1/completions", content=b"{not json",
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400
+
+
+# ------------------------------------------------------------------ a second, small server
+@pytest.fixture(scope="module")
+def guarded(models):
+    """The SFT model alone (OPAD and CFG's one-model form), a key, small limits, one queue
+    slot, a burst per token, and a test hook after each streamed burst."""
+    aligned, _, tok, _, _ = models
+    from aad_fast.toy.tokenizer import stop_ids
+    base = aligned.get_base_model()
+    dec = af.Decoder(base, tokenizer=tok, max_batch_size=4, max_seq_len=128, check_every=1,
+                     compile=False)
+    hooks = []
+    backend = Backend(dec, max_batch_size=4, max_queue=2,
+                      on_piece=lambda t: [h(t) for h in list(hooks)])
+    app = server.create_app(dec, api_key="sekret", backend=backend, default_stop=stop_ids(tok),
+                     limits=Limits(max_body_bytes=4096, max_tokens=64, max_n=2))
+    srv = Served(app)
+    srv.dec, srv.stop_ids, srv.backend, srv.hooks = dec, app.state.default_stop, backend, hooks
+    srv.auth = {"Authorization": "Bearer sekret"}
+    yield srv
+    srv.stop()
+    backend.close()
+
+
+@needs_serve
+def test_api_key(guarded, models):
+    body = {"model": "m", "prompt": models[4][0], "max_tokens": 4, "rule": "greedy"}
+    assert guarded.post("/v1/completions", body).status_code == 401
+    bad = guarded.post("/v1/completions", body, headers={"Authorization": "Bearer sekreT"})
+    assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        guarded.client("wrong").models.list()
+    with httpx.Client(trust_env=False) as c:
+        assert c.get(guarded.url + "/v1/models").status_code == 401
+        assert c.get(guarded.url + "/health").status_code == 200  # open
+    assert guarded.client("sekret").models.list().data[0].id == "aad-fast"
+    assert guarded.post("/v1/completions", body, headers=guarded.auth).status_code == 200
+
+
+@needs_serve
+def test_one_model_rules_and_limits(guarded, models):
+    client = guarded.client("sekret")
+    p = models[4][5]
+    for extra, rule in (({"rule": "opad", "k": 0.5, "principle": "answer kindly"},
+                         af.OPAD(0.5, principle="answer kindly")),
+                        ({"rule": "cfg", "g": 2.0}, af.CFG(2.0))):
+        r = client.completions.create(model="m", prompt=p, max_tokens=8, extra_body=extra)
+        g = guarded.dec.generate(p, rule=rule, max_new_tokens=8, stop=list(guarded.stop_ids))
+        assert r.choices[0].token_ids == g.tokens[0], extra
+    for body, param in (({"rule": "aad"}, "rule"),
+                        ({"max_tokens": 65, "rule": "greedy"}, "max_tokens"),
+                        ({"n": 3, "rule": "dera", "lam": 1.0, "temperature": 1.0}, "n")):
+        r = guarded.post("/v1/completions", {"model": "m", "prompt": p, **body},
+                         headers=guarded.auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    big = {"model": "m", "prompt": "x " * 4000, "rule": "greedy"}
+    r = guarded.post("/v1/completions", big, headers=guarded.auth)
+    assert r.status_code == 413
+
+
+@needs_serve
+def test_full_queue_gets_429(guarded, models):
+    body = {"model": "m", "prompt": models[4][0], "max_tokens": 4, "rule": "greedy"}
+    out = {}
+    guarded.backend.pause()
+    try:
+        threads = [threading.Thread(target=lambda i=i: out.__setitem__(
+            i, guarded.post("/v1/completions", body, headers=guarded.auth))) for i in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 20
+        while guarded.backend.waiting() < 2 and time.time() < deadline:
+            time.sleep(0.02)
+        r = guarded.post("/v1/completions", body, headers=guarded.auth)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+    finally:
+        guarded.backend.resume()
+    for t in threads:
+        t.join(30)
+    assert [out[i].status_code for i in range(2)] == [200, 200]
+
+
+@needs_serve
+def test_disconnect_mid_stream_frees_the_decoder(guarded, models):
+    p = models[4][6]
+    body = {"model": "m", "prompt": p, "max_tokens": 40, "rule": "greedy", "stream": True}
+    full = guarded.dec.generate(p, rule=af.Greedy(), max_new_tokens=40,
+                                stop=list(guarded.stop_ids))
+    assert len(full.tokens[0]) >= 3  # so that the uncut stream has several bursts
+    pieces = []
+
+    def hold(ticket):  # after the first burst, wait for the client to go away
+        pieces.append(ticket)
+        if len(pieces) == 1:
+            assert ticket.cancelled.wait(20)
+
+    guarded.hooks.append(hold)
+    before = dict(guarded.backend.counts)
+    try:
+        with httpx.Client(trust_env=False, timeout=30) as c:
+            with c.stream("POST", guarded.url + "/v1/completions", json=body,
+                          headers=guarded.auth) as r:
+                assert r.status_code == 200
+                first = next(r.iter_lines())
+                assert first.startswith("data: ")
+        deadline = time.time() + 20
+        while guarded.backend.counts["cancelled"] == before["cancelled"] and \
+                time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        guarded.hooks.remove(hold)
+    assert guarded.backend.counts["cancelled"] == before["cancelled"] + 1
+    assert len(pieces) == 1  # stopped at the first burst, not decoded to the end
+    r = guarded.post("/v1/completions", {**body, "stream": False}, headers=guarded.auth)
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == full.tokens[0]
+
+
+@needs_serve
+def test_a_failing_request_does_not_fail_the_others(guarded, models, monkeypatch):
+    real = guarded.dec.generate
+
+    def flaky(prompts=None, **kw):
+        if prompts is not None and any("BOOM" in p for p in prompts):
+            raise RuntimeError("injected failure")
+        return real(prompts, **kw)
+
+    monkeypatch.setattr(guarded.dec, "generate", flaky)
+    p = models[4][7]
+    out = {}
+    guarded.backend.pause()
+    try:
+        ts = [threading.Thread(target=lambda i=i, q=q: out.__setitem__(i, guarded.post(
+            "/v1/completions", {"model": "m", "prompt": q, "max_tokens": 5, "rule": "greedy"},
+            headers=guarded.auth))) for i, q in enumerate((p, "BOOM " + p))]
+        for t in ts:
+            t.start()
+        deadline = time.time() + 20
+        while guarded.backend.waiting() < 2 and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        guarded.backend.resume()
+    for t in ts:
+        t.join(30)
+    assert out[1].status_code == 500
+    assert out[1].json()["error"]["type"] == "server_error"
+    assert "injected failure" in out[1].json()["error"]["message"]
+    want = real(p, rule=af.Greedy(), max_new_tokens=5, stop=list(guarded.stop_ids)).tokens[0]
+    assert out[0].status_code == 200 and out[0].json()["choices"][0]["token_ids"] == want
