@@ -125,19 +125,22 @@ class AADLogitsProcessor:
 
     def _reference_logits(self, ids, caller):
         from transformers import DynamicCache
+
+        from .runner import cache_kwarg
+        kw = cache_kwarg(type(self.model))
         loop = caller[3] if caller is not None else None
         if self._is_new(ids, loop):
             real = self._prompt_mask(ids, caller).long()
             self._cache = DynamicCache()
             pos = (real.cumsum(1) - 1).clamp(min=0)
             out = self.model(input_ids=ids, attention_mask=real, position_ids=pos,
-                             past_key_values=self._cache, use_cache=True)
+                             use_cache=True, **{kw: self._cache})
             self._mask, self._pos, self._loop = real, pos[:, -1:], loop
         else:
             self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
             self._pos = self._pos + 1
             out = self.model(input_ids=ids[:, -1:], attention_mask=self._mask,
-                             position_ids=self._pos, past_key_values=self._cache, use_cache=True)
+                             position_ids=self._pos, use_cache=True, **{kw: self._cache})
         self._ids = ids
         return out.logits[:, -1, :]
 

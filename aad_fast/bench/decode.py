@@ -104,6 +104,11 @@ def hf_generate(model, ids, n, device, cache: str):
     return ttft, per_token, out[:, ids.shape[1]:].tolist()
 
 
+def _cache_of(out):
+    """A model output's cache: ``out.cache`` (transformers >= 5.24) or ``out.past_key_values``."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
 def naive_hf_aad(model_a, model_r, ids, n, device, alpha: float = 0.1):
     """AAD as a user writes it without this package: two models, each with its own Hugging Face
     DynamicCache, ``eager_aad`` each step, and the usual per-step stop check (a host sync)."""
@@ -124,8 +129,8 @@ def naive_hf_aad(model_a, model_r, ids, n, device, alpha: float = 0.1):
             if bool(done.all()):
                 break
             step = y[:, None]
-            out_a = model_a(input_ids=step, use_cache=True, **{kw_a: out_a.past_key_values})
-            out_r = model_r(input_ids=step, use_cache=True, **{kw_r: out_r.past_key_values})
+            out_a = model_a(input_ids=step, use_cache=True, **{kw_a: _cache_of(out_a)})
+            out_r = model_r(input_ids=step, use_cache=True, **{kw_r: _cache_of(out_r)})
             y = eager_aad(out_a.logits[:, -1], out_r.logits[:, -1], alpha)
             done |= torch.isin(y, stop)
             chosen.append(y)
