@@ -21,8 +21,9 @@ from .hf import load_pair
 from . import tuning
 from .lora_rows import RowLoRA
 from .pairs import SharedPair, SinglePair, TwoModelPair
-from .prompts import MAX_STOP_IDS, _left_pad, _Rows, resolve_stop_ids, rule_rows
+from .prompts import MAX_STOP_IDS, _Rows, resolve_stop_ids, rule_rows
 from .rules import AAD, OPAD, BeamAAD, BestOfN, CFGMix, Rule
+from .scheduler import Request, Scheduler, new_state
 from .selectors import make_selector, rule_kind
 
 
@@ -214,8 +215,7 @@ class Decoder:
         ent = self._entries.get(key)
         if ent is None or ent["pair"] is not pair:
             sel = make_selector(rule, n, self.vocab, self.device, self.backend)
-            st = engine.DecodeState.new(n, pair.runners[0].max_len, [], self.device)
-            st.stop = torch.full((MAX_STOP_IDS,), -2, dtype=torch.int64, device=self.device)
+            st = new_state(n, pair.runners[0].max_len, MAX_STOP_IDS, self.device)
             ent = {"sel": sel, "st": st, "pair": pair}
             self._entries[key] = ent
             while len(self._entries) > self.MAX_ENTRIES:
@@ -289,8 +289,9 @@ class Decoder:
             raise ValueError("OPAD runs one model with two prompts: build Decoder(model) "
                              "without a reference (and without a LoRA adapter)")
 
-    def _check_lengths(self, rows: _Rows, max_new: int, n_rows: int):
-        if n_rows > self.max_batch_size:
+    def _check_lengths(self, rows: _Rows, max_new: int, n_rows: int, refill: bool = False):
+        """``refill``: more rows than ``max_batch_size`` are fine (continuous batching)."""
+        if n_rows > self.max_batch_size and not refill:
             raise ValueError(f"{n_rows} rows exceed max_batch_size={self.max_batch_size}; "
                              "pass a larger Decoder(max_batch_size=...)")
         longest = max(len(r) for r in rows.a + rows.r)
@@ -331,9 +332,13 @@ class Decoder:
         yield from self._decode(rule, rows, max_new_tokens, stop_ids, partial=partial)
 
     def _decode(self, rule, rows: _Rows, max_new, stop_ids, seeds=None, partial=False):
+        """Every row of ``rows`` through a ``Scheduler``: all admitted at once when they fit
+        ``max_batch_size`` (a static batch), else the rows that fit first and each freed row
+        refilled with the next prompt (continuous batching). ``seeds``: per-row seeds
+        (int64, at least ``len(rows.a)``) for best-of-n samples."""
         b = len(rows.a)
-        self._check_lengths(rows, max_new, b)
-        n = self._bucket(b)
+        self._check_lengths(rows, max_new, b, refill=True)
+        n = self._bucket(min(b, self.max_batch_size))
         streams = rule.streams
         longest = max(len(r) for r in rows.a + rows.r)
         ckey = self._compile_key(streams, n)
@@ -341,19 +346,20 @@ class Decoder:
         pair = self._pair(n, streams, longest + max_new, static=self.use_graphs or compiled)
         ent = self._entry(pair, n, rule)
         sel, st = ent["sel"], ent["st"]
-        if seeds is not None:
-            sel.set_seeds(seeds)
-        _reset_state(st, b, stop_ids)
         st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
         stream_rows = {"ar": (rows.a, rows.r), "a": (rows.a, rows.a), "r": (rows.r, rows.r)}
         ra, rr = stream_rows[streams]
-        ids_a, real_a = _left_pad(ra, n, self.device)
-        ids_r, real_r = _left_pad(rr, n, self.device)
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        seeds = None if seeds is None else [int(x) for x in seeds.tolist()[:b]]
+        sched = Scheduler(pair, sel, st, rule, check_every=self.check_every)
+        handles = [sched.submit(Request(ids_a=ra[i], ids_r=rr[i], max_new_tokens=max_new,
+                                        stop_ids=tuple(stop_ids), tag=i,
+                                        seed=None if seeds is None else seeds[i]))
+                   for i in range(b)]
+        sync = sched.sync
         sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            engine.prefill(pair, sel, st, ids_a, real_a, ids_r, real_r)
+            sched.admit()
             sync()
             t1 = time.perf_counter()
             compile_s = None
@@ -367,25 +373,20 @@ class Decoder:
                 if gkey not in ent:
                     ent[gkey] = engine.try_capture(pair, sel, st, type(self.base).__name__, step)
                 graph = ent[gkey]
-            step = graph or step
+            sched.step = graph or step
             sync()
             t2 = time.perf_counter()
-            steps = 1
-            remaining = max_new - 1
-            while remaining > 0:
-                burst = min(self.check_every, remaining)
-                _, all_done = engine.decode_n(pair, sel, st, burst, step, check_every=burst)
-                remaining -= burst
-                steps += burst
-                if all_done:
-                    break
-                if partial:
-                    yield self._collect(st, b, steps, stop_ids).text[0]
-            engine.check(st)
+            while sched.step_burst():
+                if partial and sched.busy:
+                    yield self._text([sched.partial(handles[0])])[0]
             sync()
             t3 = time.perf_counter()
-        out = self._collect(st, b, steps, stop_ids)
+        tokens = [h.tokens for h in handles]
+        out = Generation(tokens=tokens, text=self._text(tokens),
+                         finish_reason=[h.finish_reason for h in handles])
+        steps = sched.steps + 1
         n_tok = sum(len(t) + (r == "stop") for t, r in zip(out.tokens, out.finish_reason))
+        # admissions after the first are part of the decode time (they are what refill costs)
         decode_s = t3 - t2
         out.stats = {
             "prefill_ms": (t1 - t0) * 1e3,
@@ -398,13 +399,19 @@ class Decoder:
             "compiled": ent.get("compiled") is not None and compiled,
             "pair": self.kind if streams == "ar" else f"single:{streams}",
             "batch": b,
+            "rows": n,
             "device": str(self.device),
             "linear": _linear_stats(pair),
         }
-        if steps > 8:  # enough steps to say what the step costs, for compile="auto"
+        if steps > 8 and b <= n:  # enough steps to say what the step costs, for compile="auto"
             tuning.observe_step(ckey, out.stats["compiled"], out.stats["ms_per_token"],
                                 compile_s)
         yield out
+
+    def _text(self, tokens):
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
     def _compile_step(self, pair, sel, st):
         """``engine.CompiledStep``, or ``None`` (with one warning) where the model cannot be
@@ -419,19 +426,6 @@ class Decoder:
                               f"({type(exc).__name__}: {str(exc)[:300]}); running it eagerly",
                               stacklevel=4)
             return None
-
-    def _collect(self, st, b: int, steps: int, stop_ids) -> Generation:
-        out = st.out[:b, :steps].tolist()
-        stops = set(stop_ids)
-        tokens, reasons = [], []
-        for row in out:
-            cut = next((i for i, t in enumerate(row) if t in stops), None)
-            tokens.append(row if cut is None else row[:cut])
-            reasons.append("length" if cut is None else "stop")
-        text = None
-        if self.tokenizer is not None:
-            text = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return Generation(tokens=tokens, text=text, finish_reason=reasons)
 
 
 MAX_STATIC = 4  # kept static runner sets (each holds a KV cache and maybe compiled code)
@@ -459,19 +453,6 @@ def _sliding_window(model):
     if not window or getattr(cfg, "use_sliding_window", True) is False:
         return None
     return int(window)
-
-
-def _reset_state(st: engine.DecodeState, b: int, stop_ids) -> None:
-    st.tok.zero_()
-    st.out.fill_(-1)
-    st.done.zero_()
-    st.done[b:] = True  # bucket padding rows
-    st.bad.zero_()
-    st.bad_r.zero_()
-    st.t.zero_()
-    st.stop.fill_(-2)
-    if stop_ids:
-        st.stop[: len(stop_ids)] = torch.tensor(stop_ids, dtype=torch.int64)
 
 
 def generate(aligned, reference=None, prompts=None, **kwargs) -> Generation:
