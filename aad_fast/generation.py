@@ -259,6 +259,53 @@ class Decoder:
                 pass
         return out
 
+    def scheduler(self, rule: Rule = AAD(0.1), *, rows: int | None = None) -> Scheduler:
+        """A continuous-batching ``Scheduler`` for requests of ``rule``'s kind (each
+        ``Request`` may carry its own values of that kind) over ``rows`` slots (default
+        ``max_batch_size``), each holding up to ``max_seq_len`` prompt + new tokens. Make its
+        requests with ``request``. It runs on this Decoder's buffers for that kind (captured
+        on CUDA): do not call ``generate``/``stream`` while it has requests, and drive it from
+        one thread. Per-token rules only (not beam search or best-of-n)."""
+        if isinstance(rule, (BeamAAD, BestOfN)):
+            raise ValueError(f"{type(rule).__name__} is not a per-token rule; the scheduler "
+                             "runs AAD, Contrastive, Mix/EFT/DeRa/CFG, OPAD and Greedy")
+        self._validate(rule, 1)
+        n = self.max_batch_size if rows is None else rows
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_batch_size:
+            raise ValueError(f"rows must be an int in [1, max_batch_size={self.max_batch_size}]"
+                             f", got {rows!r}")
+        streams = rule.streams
+        pair = self._pair(n, streams, self.max_seq_len, static=True)
+        ent = self._entry(pair, n, rule)
+        st = ent["st"]
+        st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
+
+        def prepare():
+            if not self.use_graphs:
+                return None
+            if "graph" not in ent:
+                ent["graph"] = engine.try_capture(pair, ent["sel"], st, type(self.base).__name__)
+            return ent["graph"]
+        return Scheduler(pair, ent["sel"], st, rule, check_every=self.check_every,
+                         prepare=prepare)
+
+    def request(self, prompt=None, *, input_ids=None, rule: Rule = AAD(0.1),
+                max_new_tokens: int = 128, stop=None, chat: bool = False, seed=None,
+                tag=None) -> Request:
+        """One ``Request`` for a ``scheduler(...)`` of ``rule``'s kind: ``prompt`` (a string)
+        or ``input_ids`` (one id list), both streams' ids as ``generate`` makes them (OPAD's
+        principle, CFG's negative prompt), stop ids with the model's EOS."""
+        self._validate(rule, max_new_tokens)
+        if input_ids is not None:
+            input_ids = [input_ids]
+        rows = self._rows(rule, prompt, input_ids, None, chat)
+        if len(rows.a) != 1:
+            raise ValueError(f"request() takes one prompt, got {len(rows.a)}")
+        a, r = {"ar": (rows.a[0], rows.r[0]), "a": (rows.a[0], rows.a[0]),
+                "r": (rows.r[0], rows.r[0])}[rule.streams]
+        return Request(ids_a=a, ids_r=r, rule=rule, max_new_tokens=max_new_tokens,
+                       stop_ids=tuple(self.stop_ids(stop)), seed=seed, tag=tag)
+
     def stream(self, prompt=None, *, input_ids=None, rule: Rule = AAD(0.1),
                max_new_tokens: int = 128, stop=None, chat: bool = False):
         """Yield the text of one prompt as it is decoded (every ``check_every`` tokens).

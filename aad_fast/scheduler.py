@@ -73,12 +73,13 @@ class Scheduler:
     ``out`` at least as wide as the largest ``max_new_tokens`` accepted. Their tensors are
     written in place only (a captured step keeps pointing at them). ``step``: a zero-argument
     replacement of ``engine.decode_one`` for these buffers (a ``StepGraph``/``CompiledStep``),
-    settable later as ``scheduler.step``. ``rule``: the values a request without its own
+    settable later as ``scheduler.step``; or ``prepare``, called once after the first
+    admission (the buffers then exist) to return that step. ``rule``: the values a request without its own
     ``rule`` gets (of the selector's kind). ``rows``: how many of the rows to use (default all).
     """
 
     def __init__(self, pair, selector, state: engine.DecodeState, rule, *, check_every: int = 8,
-                 step=None, rows: int | None = None):
+                 step=None, rows: int | None = None, prepare=None):
         if rule_kind(rule) != selector.kind:
             raise ValueError(f"rule {rule!r} is of kind {rule_kind(rule)}, the selector serves "
                              f"{selector.kind}")
@@ -88,7 +89,7 @@ class Scheduler:
         self.max_len = runner.max_len
         self.device = runner.device
         self.check_every = check_every
-        self.step = step
+        self.step, self.prepare = step, prepare
         if state.stop.dim() != 2 or state.stop.shape[0] != self.n:
             raise ValueError(f"state.stop must be per row [{self.n}, S], got "
                              f"{tuple(state.stop.shape)}")
@@ -159,6 +160,9 @@ class Scheduler:
         with torch.inference_mode():
             for _, members, _ in groups:
                 self._admit_group(members)
+            if take and self.prepare is not None:
+                prepare, self.prepare = self.prepare, None
+                self.step = prepare() or self.step
         return len(take)
 
     def _admit_group(self, members) -> None:

@@ -1,0 +1,211 @@
+"""Continuous batching (``aad_fast.scheduler``): every request's tokens equal decoding its prompt
+alone (the naive SPEC loop and ``Decoder`` on that prompt alone), whatever else is in the batch
+and whenever it was admitted: mixed lengths, stops at different steps, more prompts than rows,
+per-row values and seeds, two-model / LoRA / prompt (OPAD, CFG) pairs, sampled Mix."""
+import copy
+
+import pytest
+import torch
+from conftest import EOS, aad_pick, naive_decode, tiny_model
+from test_rules import mix_pick, opad_pick
+
+from aad_fast import AAD, CFG, EFT, OPAD, BeamAAD, Decoder, Greedy, Mix, engine
+from aad_fast.reference import gumbel_noise
+from aad_fast.scheduler import Request
+from aad_fast.selectors import row_seeds, unmix32
+
+# seven prompts of mixed lengths: more than the rows of the batches below
+PROMPTS7 = [[1, 5, 6, 7, 8, 9], [1, 9], [1, 20, 21, 22], [1, 4], [1, 30, 31, 32, 33, 34, 35, 2],
+            [1, 11, 12], [1, 40]]
+PRINCIPLE = [30, 31, 32]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_model("llama", 0), tiny_model("llama", 1)
+
+
+def _lora(base, seed=0):
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8,
+                                         target_modules=["q_proj", "k_proj", "v_proj"]))
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.4)
+    return pm.eval()
+
+
+def _alone(dec, prompts, **kw):
+    return [dec.generate(input_ids=[p], **kw).tokens[0] for p in prompts]
+
+
+def test_more_prompts_than_rows_refill_and_equal_decoding_alone(models):
+    dec = Decoder(*models, max_batch_size=2, max_seq_len=48)
+    free = dec.generate(input_ids=PROMPTS7, rule=AAD(0.2), max_new_tokens=12, stop=[])
+    # a stop id per prompt taken from its own free run, so rows end at different steps
+    stops = [toks[k] for toks, k in zip(free.tokens, (2, 9, 5, 0, 7, 3, 11))]
+    got = dec.generate(input_ids=PROMPTS7, rule=AAD(0.2), max_new_tokens=12, stop=stops)
+    assert got.stats["rows"] == 2 and got.stats["batch"] == 7
+    want = naive_decode(aad_pick(0.2), models, PROMPTS7, 12, stops=(EOS, *stops))
+    assert got.tokens == want
+    assert got.tokens == _alone(dec, PROMPTS7, rule=AAD(0.2), max_new_tokens=12, stop=stops)
+    assert got.finish_reason == ["stop" if len(w) < 12 else "length" for w in want]
+    assert len({len(t) for t in got.tokens}) > 2  # the rows really ended at different steps
+    # a static batch of all seven (rows for everyone) gives the same tokens
+    wide = Decoder(*models, max_batch_size=8, max_seq_len=48)
+    assert wide.generate(input_ids=PROMPTS7, rule=AAD(0.2), max_new_tokens=12,
+                         stop=stops).tokens == want
+
+
+def test_requests_with_their_own_values_limits_and_stops_admitted_mid_decode(models):
+    """Per-row alpha, max_new_tokens and stop ids in one batch; later requests are submitted
+    while the first ones are decoding and land in freed rows."""
+    dec = Decoder(*models, max_batch_size=3, max_seq_len=48, check_every=2)
+    sched = dec.scheduler(AAD(0.1))
+    specs = [(PROMPTS7[0], AAD(0.1), 9, []), (PROMPTS7[1], AAD(0.5), 3, []),
+             (PROMPTS7[2], AAD(0.0), 12, [17]), (PROMPTS7[3], AAD(1.0), 5, []),
+             (PROMPTS7[4], AAD(0.3), 10, [42, 7]), (PROMPTS7[5], AAD(0.2), 1, []),
+             (PROMPTS7[6], AAD(0.05), 14, [])]
+    handles = [sched.submit(dec.request(input_ids=p, rule=r, max_new_tokens=m, stop=s, tag=i))
+               for i, (p, r, m, s) in enumerate(specs[:3])]
+    assert sched.step_burst() and not handles[0].done
+    for i, (p, r, m, s) in enumerate(specs[3:], start=3):
+        handles.append(sched.submit(dec.request(input_ids=p, rule=r, max_new_tokens=m, stop=s,
+                                                tag=i)))
+        sched.step_burst()
+    sched.run_until_idle()
+    assert not sched.busy and all(h.done for h in handles)
+    assert {h.row for h in handles} == {0, 1, 2}  # seven requests through three rows
+    assert any(h.admitted > handles[0].first_token for h in handles[3:])  # admitted later
+    for h, (p, r, m, s) in zip(handles, specs):
+        want = naive_decode(aad_pick(r.alpha), models, [p], m, stops=(EOS, *s))[0]
+        assert h.tokens == want, (p, r)
+        assert h.finish_reason == ("stop" if len(want) < m else "length")
+        assert h.tokens == dec.generate(input_ids=[p], rule=r, max_new_tokens=m,
+                                        stop=s).tokens[0]
+        assert h.submitted <= h.admitted <= h.first_token <= h.finished
+
+
+def test_sampled_mix_per_row_seeds_reproducible_whenever_admitted(models):
+    dec = Decoder(*models, max_batch_size=2, max_seq_len=48, check_every=3)
+    rule = EFT(2.0, temperature=0.8, top_p=0.9, seed=0)
+    seeds = [5, 6, 7, 5, 9]
+    prompts = PROMPTS7[:5]
+
+    def run():
+        sched = dec.scheduler(rule)
+        hs = [sched.submit(Request(ids_a=p, rule=rule, max_new_tokens=10, stop_ids=(EOS,),
+                                   seed=s)) for p, s in zip(prompts, seeds)]
+        sched.run_until_idle()
+        return [h.tokens for h in hs]
+
+    got = run()
+    assert got == run()  # reproducible
+    for p, s, toks in zip(prompts, seeds, got):
+        want = naive_decode(mix_pick(2.0, -1.0, temperature=0.8, top_p=0.9, seed=s), models,
+                            [p], 10)[0]
+        assert toks == want
+        alone = dec.generate(input_ids=[p], rule=EFT(2.0, temperature=0.8, top_p=0.9, seed=s),
+                             max_new_tokens=10)
+        assert alone.tokens[0] == toks
+    assert got[0] != got[3] or prompts[0] != prompts[3]
+
+
+def test_lora_pair_refill_equals_merged_pair_alone():
+    base = tiny_model("llama", 0)
+    sft = copy.deepcopy(base)
+    pm = _lora(base)
+    merged = copy.deepcopy(pm).merge_and_unload().eval()
+    with Decoder(pm, max_batch_size=2, max_seq_len=48) as dec:
+        got = dec.generate(input_ids=PROMPTS7, rule=AAD(0.1), max_new_tokens=10)
+        alone = _alone(dec, PROMPTS7, rule=AAD(0.1), max_new_tokens=10)
+        greedy = dec.generate(input_ids=PROMPTS7, rule=Greedy("a"), max_new_tokens=8).tokens
+    assert got.stats["pair"] == "lora"
+    assert got.tokens == naive_decode(aad_pick(0.1), (merged, sft), PROMPTS7, 10) == alone
+    argmax = lambda a, r, t, h: int(a.argmax())  # noqa: E731
+    assert greedy == naive_decode(argmax, (merged,), PROMPTS7, 8)
+
+
+@pytest.mark.parametrize("k", [1.0, 0.5])
+def test_opad_prompt_pair_refill_equals_alone(models, k):
+    model = models[0]
+    dec = Decoder(model, max_batch_size=3, max_seq_len=48, check_every=2)
+    rule = OPAD(k, principle_ids=PRINCIPLE)
+    got = dec.generate(input_ids=PROMPTS7, rule=rule, max_new_tokens=9)
+    want = naive_decode(opad_pick(k), (model, model), [PRINCIPLE + p for p in PROMPTS7], 9,
+                        prompts_r=PROMPTS7)
+    assert got.tokens == want == _alone(dec, PROMPTS7, rule=rule, max_new_tokens=9)
+
+
+def test_opad_per_row_k_in_one_batch(models):
+    model = models[0]
+    dec = Decoder(model, max_batch_size=2, max_seq_len=48, check_every=2)
+    sched = dec.scheduler(OPAD(1.0, principle_ids=PRINCIPLE))
+    ks = [1.0, 0.25, 2.0, 0.5]
+    hs = [sched.submit(dec.request(input_ids=p, rule=OPAD(k, principle_ids=PRINCIPLE),
+                                   max_new_tokens=7 + i))
+          for i, (p, k) in enumerate(zip(PROMPTS7, ks))]
+    sched.run_until_idle()
+    for i, (h, p, k) in enumerate(zip(hs, PROMPTS7, ks)):
+        assert h.tokens == naive_decode(opad_pick(k), (model, model), [PRINCIPLE + p], 7 + i,
+                                        prompts_r=[p])[0]
+
+
+def test_cfg_prompt_pair_refill_equals_alone(models):
+    model = models[0]
+    dec = Decoder(model, max_batch_size=2, max_seq_len=48)
+    rule = CFG(1.5, negative_ids=[1])
+    got = dec.generate(input_ids=PROMPTS7, rule=rule, max_new_tokens=8)
+    want = naive_decode(mix_pick(1.5, -0.5), (model, model), PROMPTS7, 8,
+                        prompts_r=[[1]] * len(PROMPTS7))
+    assert got.tokens == want == _alone(dec, PROMPTS7, rule=rule, max_new_tokens=8)
+
+
+def test_a_group_too_wide_for_the_cache_is_admitted_apart(models):
+    """A short prompt with many new tokens and a long prompt admitted together would not fit
+    the cache if left-padded to one width: each gets its own prefill, both exact."""
+    dec = Decoder(*models, max_batch_size=2, max_seq_len=20)
+    sched = dec.scheduler(AAD(0.1))
+    long, short = list(range(1, 15)), [1, 9]
+    h1 = sched.submit(dec.request(input_ids=long, max_new_tokens=5, stop=[]))
+    h2 = sched.submit(dec.request(input_ids=short, max_new_tokens=17, stop=[]))
+    sched.run_until_idle()
+    assert h1.tokens == naive_decode(aad_pick(0.1), models, [long], 5, stops=())[0]
+    assert h2.tokens == naive_decode(aad_pick(0.1), models, [short], 17, stops=())[0]
+    with pytest.raises(ValueError, match="max_new_tokens=19 exceeds"):
+        sched.submit(dec.request(input_ids=short, max_new_tokens=19))
+    with pytest.raises(ValueError, match="is of kind"):
+        sched.submit(dec.request(input_ids=short, rule=Mix(1.0, 0.0), max_new_tokens=2))
+    with pytest.raises(ValueError, match="not a per-token rule"):
+        dec.scheduler(BeamAAD(2, 0.1))
+
+
+def test_the_step_after_a_refill_is_capture_safe(models, monkeypatch):
+    from _capture import CaptureChecker
+    dec = Decoder(*models, max_batch_size=2, max_seq_len=48, check_every=2)
+    sched = dec.scheduler(EFT(2.0, temperature=0.8, seed=1))
+    for p, m in zip(PROMPTS7[:3], (2, 9, 9)):  # the third is admitted into the first's row
+        sched.submit(Request(ids_a=p, max_new_tokens=m, stop_ids=()))  # no stop: fixed ends
+    sched.step_burst()
+    sched.step_burst()
+    assert len(sched.live) == 2 and sched.free == []
+    slots = dec._pair(2, "ar", 48, static=True).a.slot.tolist()
+    assert slots[0] != slots[1]  # the rows write different cache slots now
+    with torch.inference_mode(), CaptureChecker() as chk:
+        engine.decode_one(sched.pair, sched.sel, sched.st)
+    chk.assert_safe("decode_one after a refill")
+
+
+def test_row_seeds_fold_each_rows_step_into_its_seed_exactly():
+    g = torch.Generator().manual_seed(0)
+    seed = torch.randint(0, 2**40, (64,), generator=g)
+    step = torch.randint(0, 2**33, (64,), generator=g)
+    x = torch.randint(0, 2**32, (1000,), generator=g)
+    from aad_fast.reference import mix32
+    assert torch.equal(unmix32(mix32(x)), x)
+    folded = row_seeds(seed, step)
+    zero = torch.zeros((), dtype=torch.int64)
+    for i in range(0, 64, 7):
+        assert torch.equal(gumbel_noise(folded[i:i + 1], zero, 50),
+                           gumbel_noise(seed[i:i + 1], step[i], 50))
