@@ -195,16 +195,19 @@ class Scheduler:
 
     # ------------------------------------------------------------------ decoding
     def step_burst(self) -> bool:
-        """Admit what fits, run up to ``check_every`` steps of every row, retire the finished
-        rows. Returns whether anything ran (``False`` once idle)."""
+        """Admit what fits, run up to ``check_every`` steps of every row (fewer when a row
+        reaches its ``max_new_tokens`` sooner), retire the finished rows. Returns whether
+        anything ran (``False`` once idle)."""
         self.admit()
         if not self.live:
             return False
-        left = max(res.request.max_new_tokens - res.steps for res in self.live.values())
-        burst = max(1, min(self.check_every, left))
+        # up to the next row that reaches its max_new_tokens, so it is refilled on time (a row
+        # that ends at a stop id waits for the burst's end)
+        left = min(res.request.max_new_tokens - res.steps for res in self.live.values())
+        burst = min(self.check_every, left)
         step = self.step or functools.partial(engine.decode_one, self.pair, self.sel, self.st)
         with torch.inference_mode():
-            if left > 0:
+            if burst > 0:
                 for _ in range(burst):
                     step()
                 self.steps += burst
