@@ -3,7 +3,10 @@
 A ``Decoder`` holds the two streams' weights, and per batch-size bucket the runners (static
 caches), and per rule kind (``selectors.rule_kind``) the selector, the decode state and (on
 CUDA) the captured step graph, which serves every value of the kind (at most
-``Decoder.MAX_ENTRIES`` kept).
+``Decoder.MAX_ENTRIES`` kept). Per-token rules decode through a ``scheduler.Scheduler``: a call
+whose prompts fit ``max_batch_size`` is one static batch, a larger one is batched continuously
+(a finished row is refilled with the next prompt); ``Decoder.scheduler``/``Decoder.request``
+give a scheduler of its own to a caller that submits requests over time (a server).
 """
 from __future__ import annotations
 
@@ -171,20 +174,20 @@ class Decoder:
             kept = [k for k in self._slots if k[3]]
             if static and len(kept) >= MAX_STATIC:
                 self._drop(kept[0])
-            lin = self.cpu_linear
-            if streams == "ar":
-                if self.kind == "two":
-                    pair = TwoModelPair(self.model_a, self.model_r, n, L, lin)
-                else:  # LoRA pair or one model with two prompts
-                    pair = SharedPair(self.base, n, L, self.lora, lin)
-            elif streams == "a":
-                pair = SinglePair(self.base, n, L, self.lora, n, lin)
-            else:
-                model = self.model_r if self.kind == "two" else self.base
-                pair = SinglePair(model, n, L, self.lora if self.kind == "lora" else None, 0,
-                                  lin)
-            self._slots[key] = pair
+            self._slots[key] = self._new_pair(n, streams, L)
         return self._slots[key]
+
+    def _new_pair(self, n: int, streams: str, L: int):
+        """Runners of ``n`` rows and ``L`` cache slots for ``streams`` on this Decoder's pair."""
+        lin = self.cpu_linear
+        if streams == "ar":
+            if self.kind == "two":
+                return TwoModelPair(self.model_a, self.model_r, n, L, lin)
+            return SharedPair(self.base, n, L, self.lora, lin)  # LoRA pair or prompt pair
+        if streams == "a":
+            return SinglePair(self.base, n, L, self.lora, n, lin)
+        model = self.model_r if self.kind == "two" else self.base
+        return SinglePair(model, n, L, self.lora if self.kind == "lora" else None, 0, lin)
 
     def _drop(self, key) -> None:
         pair = self._slots.pop(key)
@@ -261,11 +264,12 @@ class Decoder:
 
     def scheduler(self, rule: Rule = AAD(0.1), *, rows: int | None = None) -> Scheduler:
         """A continuous-batching ``Scheduler`` for requests of ``rule``'s kind (each
-        ``Request`` may carry its own values of that kind) over ``rows`` slots (default
-        ``max_batch_size``), each holding up to ``max_seq_len`` prompt + new tokens. Make its
-        requests with ``request``. It runs on this Decoder's buffers for that kind (captured
-        on CUDA): do not call ``generate``/``stream`` while it has requests, and drive it from
-        one thread. Per-token rules only (not beam search or best-of-n)."""
+        ``Request`` may carry its own values of that kind; ``rule`` is the default) over
+        ``rows`` slots (default ``max_batch_size``), each holding up to ``max_seq_len`` prompt
+        + new tokens. Make its requests with ``request``. It owns its runners (a KV cache of
+        ``rows x max_seq_len``), selector and state, sharing only the weights, and on CUDA
+        captures its step after the first admission; drive it from one thread. Per-token
+        rules only (not beam search or best-of-n)."""
         if isinstance(rule, (BeamAAD, BestOfN)):
             raise ValueError(f"{type(rule).__name__} is not a per-token rule; the scheduler "
                              "runs AAD, Contrastive, Mix/EFT/DeRa/CFG, OPAD and Greedy")
@@ -274,20 +278,18 @@ class Decoder:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_batch_size:
             raise ValueError(f"rows must be an int in [1, max_batch_size={self.max_batch_size}]"
                              f", got {rows!r}")
+        if self.lora is not None:
+            self.lora.check_unmerged()
         streams = rule.streams
-        pair = self._pair(n, streams, self.max_seq_len, static=True)
-        ent = self._entry(pair, n, rule)
-        st = ent["st"]
+        pair = self._new_pair(n, streams, self.max_seq_len)
+        sel = make_selector(rule, n, self.vocab, self.device, self.backend)
+        st = new_state(n, self.max_seq_len, MAX_STOP_IDS, self.device)
         st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
+        name = type(self.base).__name__
 
         def prepare():
-            if not self.use_graphs:
-                return None
-            if "graph" not in ent:
-                ent["graph"] = engine.try_capture(pair, ent["sel"], st, type(self.base).__name__)
-            return ent["graph"]
-        return Scheduler(pair, ent["sel"], st, rule, check_every=self.check_every,
-                         prepare=prepare)
+            return engine.try_capture(pair, sel, st, name) if self.use_graphs else None
+        return Scheduler(pair, sel, st, rule, check_every=self.check_every, prepare=prepare)
 
     def request(self, prompt=None, *, input_ids=None, rule: Rule = AAD(0.1),
                 max_new_tokens: int = 128, stop=None, chat: bool = False, seed=None,

@@ -190,7 +190,7 @@ def test_the_step_after_a_refill_is_capture_safe(models, monkeypatch):
     sched.step_burst()
     sched.step_burst()
     assert len(sched.live) == 2 and sched.free == []
-    slots = dec._pair(2, "ar", 48, static=True).a.slot.tolist()
+    slots = sched.pair.a.slot.tolist()
     assert slots[0] != slots[1]  # the rows write different cache slots now
     with torch.inference_mode(), CaptureChecker() as chk:
         engine.decode_one(sched.pair, sched.sel, sched.st)
@@ -209,3 +209,25 @@ def test_row_seeds_fold_each_rows_step_into_its_seed_exactly():
     for i in range(0, 64, 7):
         assert torch.equal(gumbel_noise(folded[i:i + 1], zero, 50),
                            gumbel_noise(seed[i:i + 1], step[i], 50))
+
+
+def test_schedulers_of_two_kinds_and_generate_interleave_without_interference(models):
+    """Each scheduler owns its cache, selector and state: bursts of an AAD and a sampled-Mix
+    scheduler interleaved with a generate() call all stay exact."""
+    dec = Decoder(*models, max_batch_size=2, max_seq_len=48, check_every=2)
+    mix = Mix(1.0, 0.0, temperature=1.0, top_p=0.9, seed=4)
+    s_aad, s_mix = dec.scheduler(AAD(0.3)), dec.scheduler(mix)
+    ha = [s_aad.submit(dec.request(input_ids=p, rule=AAD(0.3), max_new_tokens=8))
+          for p in PROMPTS7[:3]]
+    hm = [s_mix.submit(dec.request(input_ids=p, rule=mix, max_new_tokens=8))
+          for p in PROMPTS7[3:6]]
+    s_aad.step_burst()
+    s_mix.step_burst()
+    mid = dec.generate(input_ids=PROMPTS7[6:], rule=AAD(0.3), max_new_tokens=8).tokens
+    while s_aad.busy or s_mix.busy:
+        s_aad.step_burst()
+        s_mix.step_burst()
+    assert [h.tokens for h in ha] == naive_decode(aad_pick(0.3), models, PROMPTS7[:3], 8)
+    assert mid == naive_decode(aad_pick(0.3), models, PROMPTS7[6:], 8)
+    assert [h.tokens for h in hm] == naive_decode(
+        mix_pick(1.0, 0.0, temperature=1.0, top_p=0.9, seed=4), models, PROMPTS7[3:6], 8)
