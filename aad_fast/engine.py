@@ -1,11 +1,12 @@
 """The decode loop as small free functions (gpt-fast style) plus CUDA-graph capture.
 
-``decode_one`` is the hot step: both streams' one-token forward, the selection op and the write
-of the chosen token into the next step's input buffer and into the output buffer at each row's
-own step counter (rows are slots that ``admit`` refills between steps: ``scheduler``). It has no host sync and allocates nothing that changes between calls, so on CUDA
-it is captured once per (batch bucket, rule kind) and replayed per token (the rule's
-values are tensors the selector rewrites in place between calls). The host looks at the
-device state only every ``check_every`` steps (all rows done? a row with no candidate?).
+``decode_one`` is the hot step: both streams' one-token forward, the selection op and the write of
+the chosen token into the next step's input buffer and into the output buffer at each row's own step
+counter (rows are slots that ``admit`` refills between steps: ``scheduler``). It has no host sync
+and allocates nothing that changes between calls, so on CUDA it is captured once per (batch bucket,
+rule kind) and replayed per token (the rule's values are tensors the selector rewrites in place
+between calls). The host looks at the device state only every ``check_every`` steps (all rows
+done? a row with no candidate?).
 """
 from __future__ import annotations
 

@@ -2,14 +2,14 @@
 engine's own view of the model.
 
 The runner owns every buffer a decode step touches, sized once: the KV cache
-(``cache.StaticKVCache``), the token input ``[N, 1]``, the per-row positions ``[N, 1]``, the
-per-row cache write slots ``[N]`` and an additive attention mask ``[N, 1, 1, max_len]``. Rows
-are slots: each row has its own length, write slot and positions, so between decode steps one
-row can be refilled with a new prompt (``admit``: a prefill of just that prompt, copied into the
-row, and the row's mask rebuilt) while the other rows go on. A static batch (``prefill``) is
-left-padded, so there every row starts at the same slot. Hugging Face models accept the prepared 4D mask as-is and only call ``cache.update`` (we
-always pass ``position_ids``), so the same runner serves Llama, Qwen2/3, Mistral, OLMo2 and other
-standard decoder-only models.
+(``cache.StaticKVCache``), the token input ``[N, 1]``, the per-row positions ``[N, 1]``, the per-row
+cache write slots ``[N]`` and an additive attention mask ``[N, 1, 1, max_len]``. Rows are slots:
+each row has its own length, write slot and positions, so between decode steps one row can be
+refilled with a new prompt (``admit``: a prefill of just that prompt, copied into the row, and the
+row's mask rebuilt) while the other rows go on. A static batch (``prefill``) is left-padded, so
+there every row starts at the same slot. Hugging Face models accept the prepared 4D mask as-is and
+only call ``cache.update`` (we always pass ``position_ids``), so the same runner serves Llama,
+Qwen2/3, Mistral, OLMo2 and other standard decoder-only models.
 
 ``engine_view`` is the model the runner calls: a copy of the module tree that shares every
 parameter and buffer (no weight is copied) with the decode-path layers replaced once, for the

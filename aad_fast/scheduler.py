@@ -69,13 +69,13 @@ class Scheduler:
     """Continuous batching over ``pair``'s rows (see module docstring).
 
     ``selector``: made for the pair's row count (``selectors.make_selector``); ``state``: an
-    ``engine.DecodeState`` of the same rows with per-row stop ids ``stop`` ``[N, S]`` and
-    ``out`` at least as wide as the largest ``max_new_tokens`` accepted. Their tensors are
-    written in place only (a captured step keeps pointing at them). ``step``: a zero-argument
-    replacement of ``engine.decode_one`` for these buffers (a ``StepGraph``/``CompiledStep``),
-    settable later as ``scheduler.step``; or ``prepare``, called once after the first
-    admission (the buffers then exist) to return that step. ``rule``: the values a request without its own
-    ``rule`` gets (of the selector's kind). ``rows``: how many of the rows to use (default all).
+    ``engine.DecodeState`` of the same rows with per-row stop ids ``stop`` ``[N, S]`` and ``out`` at
+    least as wide as the largest ``max_new_tokens`` accepted. Their tensors are written in place
+    only (a captured step keeps pointing at them). ``step``: a zero-argument replacement of
+    ``engine.decode_one`` for these buffers (a ``StepGraph``/``CompiledStep``), settable later as
+    ``scheduler.step``; or ``prepare``, called once after the first admission (the buffers then
+    exist) to return that step. ``rule``: the values a request without its own ``rule`` gets (of the
+    selector's kind). ``rows``: how many of the rows to use (default all).
     """
 
     def __init__(self, pair, selector, state: engine.DecodeState, rule, *, check_every: int = 8,

@@ -11,8 +11,9 @@ the ``--shape`` config (``aad_fast/bench/configs``) or on ``--aligned``/``--refe
 - *static*: the same scheduler, ``--batch`` prompts admitted, all of them finished, then the
   next ``--batch`` (a batch runs until its longest row ends).
 
-Writes ``OUT_DIR/scheduler-<device>-<date>.json``: tokens/s of both, their ratio, the steps
-and the share of row-steps that were idle. Both modes must give every request the same tokens
+Writes ``OUT_DIR/scheduler-<device>-<date>.json``: tokens/s of both, their ratio, the
+one-token steps of the batch and the share of row-steps that were idle (a row's first token
+comes from its prefill, not from a step). Both modes must give every request the same tokens
 (checked). Not a test: no timing is asserted anywhere.
 """
 from __future__ import annotations
@@ -85,10 +86,11 @@ def _run(sched, work, batch: int, static: bool, device) -> dict:
     seconds = time.perf_counter() - t0
     tokens = [h.tokens for h in handles]
     n_tok = sum(map(len, tokens))
-    steps = sched.steps - steps0 + len(groups)  # + the first token of each admission wave
+    steps = sched.steps - steps0  # one-token steps of the batch (first tokens come from prefill)
+    stepped = n_tok - len(work)
     return {"tokens": tokens, "generated_tokens": n_tok, "seconds": seconds,
-            "tokens_per_s": n_tok / seconds, "steps": steps,
-            "idle_row_share": 1.0 - n_tok / (steps * batch) if steps else 0.0}
+            "tokens_per_s": n_tok / seconds, "steps": steps, "waves": len(groups),
+            "idle_row_share": 1.0 - stepped / (steps * batch) if steps else 0.0}
 
 
 def main(argv=None) -> int:

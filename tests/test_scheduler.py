@@ -231,3 +231,26 @@ def test_schedulers_of_two_kinds_and_generate_interleave_without_interference(mo
     assert mid == naive_decode(aad_pick(0.3), models, PROMPTS7[6:], 8)
     assert [h.tokens for h in hm] == naive_decode(
         mix_pick(1.0, 0.0, temperature=1.0, top_p=0.9, seed=4), models, PROMPTS7[3:6], 8)
+
+
+def test_throughput_benchmark_runs_end_to_end_on_tiny_settings(tmp_path):
+    """bench/bench_scheduler.py writes its JSON; continuous and static batching agree on every
+    request's tokens and the continuous one runs fewer steps. No timing is asserted."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_scheduler.py"
+    spec = importlib.util.spec_from_file_location("bench_scheduler", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = [str(tmp_path), "--device", "cpu", "--prompts", "6", "--batch", "2",
+            "--prompt-len", "4", "--min-new", "1", "--max-new", "9", "--check-every", "4"]
+    assert mod.main(argv) == 0
+    (out,) = tmp_path.glob("scheduler-cpu-*.json")
+    res = json.loads(out.read_text())
+    assert res["same_tokens"] and res["settings"]["prompts"] == 6
+    for mode in ("static", "continuous"):
+        assert res[mode]["generated_tokens"] == sum(res["completion_lengths"])
+        assert res[mode]["tokens_per_s"] > 0
+    assert res["continuous"]["steps"] < res["static"]["steps"]
+    assert res["ratio"] > 0
