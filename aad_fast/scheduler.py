@@ -46,12 +46,13 @@ class Request:
     tag: object = None
 
 
-@dataclass
+@dataclass(eq=False)  # a handle: identity, not value
 class Result:
     """A request's handle and, once ``done``, its outcome: ``tokens`` (stop id excluded),
-    ``finish_reason`` (``"stop"``/``"length"``). Times (``time.perf_counter``): ``submitted``,
-    ``admitted`` (prefill start), ``first_token`` (prefill end), ``finished`` (when the burst
-    that ended it was checked); ``row``: the slot it ran in."""
+    ``finish_reason`` (``"stop"``, ``"length"``, or ``"cancelled"`` after ``Scheduler.cancel``).
+    Times (``time.perf_counter``): ``submitted``, ``admitted`` (prefill start), ``first_token``
+    (prefill end), ``finished`` (when the burst that ended it was checked); ``row``: the slot it
+    ran in."""
 
     request: Request
     tokens: list | None = None
@@ -248,6 +249,26 @@ class Scheduler:
             res.done, res.finished, res.steps = True, now, len(toks)
             self.free.append(row)
         self.free.sort()
+
+    def cancel(self, res: Result) -> None:
+        """Drop a request (a client gone): a waiting one leaves the queue, a live one frees its
+        row for the next admission. Its ``tokens`` are what it had, ``finish_reason``
+        ``"cancelled"``. Call it between bursts; a done request is left as it is."""
+        if res.done:
+            return
+        if res in self.waiting:
+            self.waiting.remove(res)
+            toks = []
+        else:
+            toks = self.partial(res)
+            row = res.row
+            del self.live[row]
+            with torch.inference_mode():  # an idle row: never flagged, never read
+                self.st.done[row] = True
+            self.free.append(row)
+            self.free.sort()
+        res.tokens, res.finish_reason, res.done = toks, "cancelled", True
+        res.finished = time.perf_counter()
 
     def partial(self, res: Result) -> list:
         """The tokens a live request has so far (a host sync; its final ``tokens`` once done)."""

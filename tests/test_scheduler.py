@@ -254,3 +254,19 @@ def test_throughput_benchmark_runs_end_to_end_on_tiny_settings(tmp_path):
         assert res[mode]["tokens_per_s"] > 0
     assert res["continuous"]["steps"] < res["static"]["steps"]
     assert res["ratio"] > 0
+
+
+def test_a_cancelled_request_frees_its_row_and_the_others_stay_exact(models):
+    dec = Decoder(*models, max_batch_size=2, max_seq_len=48, check_every=2)
+    sched = dec.scheduler(AAD(0.1))
+    hs = [sched.submit(Request(ids_a=p, max_new_tokens=10, stop_ids=())) for p in PROMPTS7[:4]]
+    sched.step_burst()
+    sched.cancel(hs[0])  # live: its row goes to the next waiting request
+    sched.cancel(hs[3])  # still waiting: never admitted
+    assert hs[0].finish_reason == "cancelled" and len(hs[0].tokens) == 3
+    assert hs[3].done and hs[3].row is None and hs[3].tokens == []
+    sched.run_until_idle()
+    assert hs[2].row == hs[0].row
+    want = naive_decode(aad_pick(0.1), models, PROMPTS7[:3], 10, stops=())
+    assert hs[0].tokens == want[0][:3]
+    assert [hs[1].tokens, hs[2].tokens] == want[1:]
