@@ -270,3 +270,26 @@ def test_a_cancelled_request_frees_its_row_and_the_others_stay_exact(models):
     want = naive_decode(aad_pick(0.1), models, PROMPTS7[:3], 10, stops=())
     assert hs[0].tokens == want[0][:3]
     assert [hs[1].tokens, hs[2].tokens] == want[1:]
+
+
+def test_per_row_beta_and_per_row_mix_weights_temperatures_top_p(models):
+    from aad_fast import Contrastive
+    dec = Decoder(*models, max_batch_size=2, max_seq_len=48, check_every=3)
+    cases = {
+        Contrastive(0.1, 0.5): [(Contrastive(0.1, 0.5), aad_pick(0.1, 0.5)),
+                                (Contrastive(0.3, 0.0), aad_pick(0.3, 0.0)),
+                                (Contrastive(0.2, 2.0), aad_pick(0.2, 2.0))],
+        EFT(2.0, temperature=0.7, top_p=0.8, seed=3): [
+            (EFT(2.0, temperature=0.7, top_p=0.8, seed=3),
+             mix_pick(2.0, -1.0, temperature=0.7, top_p=0.8, seed=3)),
+            (EFT(1.5, temperature=1.0, top_p=0.95, seed=8),
+             mix_pick(1.5, -0.5, temperature=1.0, top_p=0.95, seed=8)),
+            (EFT(3.0, temperature=0.5, top_p=0.6, seed=1),
+             mix_pick(3.0, -2.0, temperature=0.5, top_p=0.6, seed=1))]}
+    for default, rows in cases.items():
+        sched = dec.scheduler(default)
+        hs = [sched.submit(Request(ids_a=p, rule=r, max_new_tokens=9, stop_ids=(EOS,)))
+              for p, (r, _) in zip(PROMPTS7, rows)]
+        sched.run_until_idle()
+        for h, p, (r, pick) in zip(hs, PROMPTS7, rows):
+            assert h.tokens == naive_decode(pick, models, [p], 9)[0], r
