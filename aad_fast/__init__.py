@@ -7,11 +7,12 @@ from .ops import aad_beam_topk, aad_select, contrastive_select, mix_select
 from .generation import Decoder, Generation, generate
 from .hf import AADLogitsProcessor
 from .rules import AAD, CFG, EFT, OPAD, BeamAAD, BestOfN, Contrastive, DeRa, Greedy, Mix, Rule
+from .scheduler import Request, Result, Scheduler
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AAD", "AADLogitsProcessor", "CFG", "Decoder", "Generation", "generate", "EFT", "OPAD", "BeamAAD", "BestOfN", "Contrastive", "DeRa", "Greedy", "Mix",
-    "Rule", "aad_beam_topk", "aad_select", "available_backends", "contrastive_select",
+    "Request", "Result", "Rule", "Scheduler", "aad_beam_topk", "aad_select", "available_backends", "contrastive_select",
     "mix_select",
 ]

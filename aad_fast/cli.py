@@ -145,6 +145,9 @@ def check_resume(out, rows, prompt_of, arg: str = "--out") -> None:
           "is unchanged; resuming", file=sys.stderr)
 
 
+CONTINUOUS_CHUNK = 16  # batches' worth of prompts per Decoder.generate call
+
+
 def cmd_generate(a) -> int:
     import torch
     from tqdm import tqdm
@@ -185,8 +188,13 @@ def cmd_generate(a) -> int:
                                              max_seq_len=a.max_seq_len))
         bar = stack.enter_context(tqdm(total=len(todo), desc="generate", unit="prompt",
                                        disable=out is None))
-        for i in range(0, len(todo), a.batch_size):
-            chunk = todo[i:i + a.batch_size]
+        # per-token rules: Decoder.generate batches continuously (a finished row is refilled
+        # with the next prompt), so give it many prompts per call; results are still written
+        # every chunk (resumable)
+        searched = isinstance(rule, (af.BeamAAD, af.BestOfN))
+        per_call = a.batch_size if searched else a.batch_size * CONTINUOUS_CHUNK
+        for i in range(0, len(todo), per_call):
+            chunk = todo[i:i + per_call]
             gen = dec.generate([r["prompt"] for r in chunk], rule=rule, chat=a.chat,
                                max_new_tokens=a.max_new_tokens, stop=a.stop or None)
             for j, r in enumerate(chunk):

@@ -1,11 +1,12 @@
 """The decode loop as small free functions (gpt-fast style) plus CUDA-graph capture.
 
-``decode_one`` is the hot step: both streams' one-token forward, the selection op and the write
-of the chosen token into the next step's input buffer and into the output buffer at the device
-step counter. It has no host sync and allocates nothing that changes between calls, so on CUDA
-it is captured once per (batch bucket, rule kind) and replayed per token (the rule's
-values are tensors the selector rewrites in place between calls). The host looks at the
-device state only every ``check_every`` steps (all rows done? a row with no candidate?).
+``decode_one`` is the hot step: both streams' one-token forward, the selection op and the write of
+the chosen token into the next step's input buffer and into the output buffer at each row's own step
+counter (rows are slots that ``admit`` refills between steps: ``scheduler``). It has no host sync
+and allocates nothing that changes between calls, so on CUDA it is captured once per (batch bucket,
+rule kind) and replayed per token (the rule's values are tensors the selector rewrites in place
+between calls). The host looks at the device state only every ``check_every`` steps (all rows
+done? a row with no candidate?).
 """
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ from torch import Tensor
 
 @dataclass
 class DecodeState:
-    """Device buffers of one decode. ``tok`` int64 ``[N]`` next input; ``out`` int64
-    ``[N, max_new]`` chosen ids (``-1`` = no candidate); ``done``/``bad`` bool ``[N]``;
-    ``bad_r`` bool ``[N]``: a live row whose reference logits were all -inf/NaN at some step;
-    ``t`` int64 ``[1]`` the step counter (also the noise counter of sampled rules);
-    ``stop`` int64 ``[S]`` stop ids. ``names``: what ``check`` calls the streams whose logits
+    """Device buffers of one decode, one row per slot. ``tok`` int64 ``[N]`` next input; ``out``
+    int64 ``[N, W]`` chosen ids (``-1`` = no candidate), row ``i``'s ``j``-th token at column
+    ``j``; ``done``/``bad`` bool ``[N]``; ``bad_r`` bool ``[N]``: a live row whose reference
+    logits were all -inf/NaN at some step; ``t`` int64 ``[N]`` each row's step counter (tokens
+    chosen since the row was filled; also the noise counter of sampled rules, so a row's samples
+    do not depend on when it was admitted); ``lim`` int64 ``[N]`` each row's max_new_tokens (a
+    row is done once ``t`` reaches it); ``stop`` int64 ``[S]`` stop ids of every row or
+    ``[N, S]`` per row (``-2`` pads). ``names``: what ``check`` calls the streams whose logits
     reach the selector as ``a`` and ``r`` (a Greedy("r") decode feeds the reference as ``a``)."""
 
     tok: Tensor
@@ -35,11 +39,14 @@ class DecodeState:
     t: Tensor
     stop: Tensor
     bad_r: Tensor = None
+    lim: Tensor = None
     names: tuple = ("aligned", "reference")
 
     def __post_init__(self):
         if self.bad_r is None:
             self.bad_r = torch.zeros_like(self.bad)
+        if self.lim is None:
+            self.lim = torch.full_like(self.t, self.out.shape[1])
 
     @classmethod
     def new(cls, n_rows: int, max_new: int, stop_ids, device) -> "DecodeState":
@@ -49,7 +56,7 @@ class DecodeState:
                    out=torch.full((n_rows, max_new), -1, dtype=torch.int64, **z),
                    done=torch.zeros(n_rows, dtype=torch.bool, **z),
                    bad=torch.zeros(n_rows, dtype=torch.bool, **z),
-                   t=torch.zeros(1, dtype=torch.int64, **z), stop=stop)
+                   t=torch.zeros(n_rows, dtype=torch.int64, **z), stop=stop)
 
     def tensors(self):
         return (self.tok, self.out, self.done, self.bad, self.bad_r, self.t)
@@ -62,15 +69,23 @@ def flag_reference(st: DecodeState, lr: Tensor | None) -> None:
         st.bad_r.logical_or_(~(lr > -math.inf).any(dim=1) & ~st.done)
 
 
-def record(st: DecodeState, y: Tensor) -> None:
-    """Store the step's ids, update done/bad flags, feed the ids back, bump the counter."""
-    st.bad.logical_or_(y.lt(0) & ~st.done)
-    st.out.index_copy_(1, st.t.clamp(max=st.out.shape[1] - 1), y.view(-1, 1))
+def _stopped(st: DecodeState, y: Tensor, stop: Tensor) -> Tensor:
     # a broadcast compare, not torch.isin: isin's sorting path (taken once the stop list is
     # longer than ~10 * N**0.145 ids, e.g. 16 ids at N = 1) calls unique, a host sync
-    st.done.logical_or_((y[:, None] == st.stop[None, :]).any(dim=1))
+    return (y[:, None] == (stop if stop.dim() == 2 else stop[None, :])).any(dim=1)
+
+
+def record(st: DecodeState, y: Tensor) -> None:
+    """Store the step's ids (row ``i`` at its own column ``t[i]``), update done/bad flags, feed
+    the ids back, bump the counters. A finished row keeps running (its later ids are not
+    read) until it is refilled."""
+    st.bad.logical_or_(y.lt(0) & ~st.done)
+    col = st.t.clamp(max=st.out.shape[1] - 1).view(-1, 1)
+    st.out.scatter_(1, col, y.view(-1, 1))
+    st.done.logical_or_(_stopped(st, y, st.stop))
     st.tok.copy_(y.clamp(min=0))
     st.t.add_(1)
+    st.done.logical_or_(st.t >= st.lim)
 
 
 def prefill(pair, selector, st: DecodeState, ids_a, real_a, ids_r, real_r) -> None:
@@ -78,6 +93,34 @@ def prefill(pair, selector, st: DecodeState, ids_a, real_a, ids_r, real_r) -> No
     la, lr = pair.prefill(ids_a, real_a, ids_r, real_r)
     flag_reference(st, lr)
     record(st, selector.first(la, lr, st.t))
+
+
+def admit(pair, selector, st: DecodeState, dst: Tensor, ids_a, real_a, ids_r, real_r,
+          stop: Tensor, lim: Tensor) -> None:
+    """Refill rows ``dst`` (int64 ``[U]``) of a running decode with ``U`` new prompts: prefill
+    them into those rows only (``pair.admit``), reset the rows' state (counter, flags, output,
+    stop ids ``stop`` int64 ``[U, S]``, limits ``lim`` int64 ``[U]``) and choose their first
+    token with the selector's values of those rows (``selector.first(..., rows=dst)``, which
+    also resets a rule's own per-row state, OPAD's previous logits). The selector's values of
+    the rows must already be set (``set_rows``). Host indices, not graph-safe: it runs between
+    steps and changes only buffer contents."""
+    la, lr = pair.admit(dst, ids_a, real_a, ids_r, real_r)
+    u = dst.shape[0]
+    t0 = st.t.new_zeros(u)
+    y = selector.first(la, lr, t0, rows=dst)
+    dead = y.lt(0)
+    st.bad.index_copy_(0, dst, dead)
+    bad_r = ~(lr > -math.inf).any(dim=1) if lr is not None else torch.zeros_like(dead)
+    st.bad_r.index_copy_(0, dst, bad_r)
+    st.out.index_fill_(0, dst, -1)
+    st.out[:, 0].index_copy_(0, dst, y)
+    if st.stop.dim() == 2:
+        st.stop.index_copy_(0, dst, stop.to(st.stop.device))
+    st.lim.index_copy_(0, dst, lim.to(st.lim.device))
+    st.t.index_fill_(0, dst, 1)
+    done = _stopped(st, y, st.stop.index_select(0, dst) if st.stop.dim() == 2 else st.stop)
+    st.done.index_copy_(0, dst, done | (lim.to(done.device) <= 1))
+    st.tok.index_copy_(0, dst, y.clamp(min=0))
 
 
 def decode_one(pair, selector, st: DecodeState) -> None:
@@ -192,21 +235,24 @@ def decode_n(pair, selector, st: DecodeState, n_steps: int, step=None,
     return done_steps, all_done
 
 
-def check(st: DecodeState):
+def check(st: DecodeState, rows=None):
     """One host sync: (all rows done, raise if a live row got no candidate). A reference
     stream with all -inf/NaN logits is reported first (it also empties the candidates of rules
-    that weigh it into the mask, which would otherwise blame the aligned stream)."""
+    that weigh it into the mask, which would otherwise blame the aligned stream). ``rows``:
+    what to call slot ``i`` in a message (``rows[i]``; default ``i``)."""
     flags = torch.stack([st.done.all(), st.bad.any(), st.bad_r.any()]).tolist()
+
+    def named(mask):
+        idx = mask.nonzero().flatten().tolist()
+        return idx if rows is None else [rows[i] for i in idx]
     if flags[2]:
-        rows = st.bad_r.nonzero().flatten().tolist()
         raise RuntimeError(
-            f"row(s) {rows}: the {st.names[1]} model's logits (stream r) were all -inf/NaN at "
-            "some step, so its distribution is undefined (check the reference model's "
-            "dtype/weights)")
+            f"row(s) {named(st.bad_r)}: the {st.names[1]} model's logits (stream r) were all "
+            "-inf/NaN at some step, so its distribution is undefined (check the reference "
+            "model's dtype/weights)")
     if flags[1]:
-        rows = st.bad.nonzero().flatten().tolist()
         raise RuntimeError(
-            f"row(s) {rows}: the {st.names[0]} model's logits were all -inf/NaN at some step, "
-            "so no token could be chosen (check the model's dtype/weights or the logits "
-            "processors)")
+            f"row(s) {named(st.bad)}: the {st.names[0]} model's logits were all -inf/NaN at "
+            "some step, so no token could be chosen (check the model's dtype/weights or the "
+            "logits processors)")
     return flags[0], flags[1]

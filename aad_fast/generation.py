@@ -3,7 +3,10 @@
 A ``Decoder`` holds the two streams' weights, and per batch-size bucket the runners (static
 caches), and per rule kind (``selectors.rule_kind``) the selector, the decode state and (on
 CUDA) the captured step graph, which serves every value of the kind (at most
-``Decoder.MAX_ENTRIES`` kept).
+``Decoder.MAX_ENTRIES`` kept). Per-token rules decode through a ``scheduler.Scheduler``: a call
+whose prompts fit ``max_batch_size`` is one static batch, a larger one is batched continuously
+(a finished row is refilled with the next prompt); ``Decoder.scheduler``/``Decoder.request``
+give a scheduler of its own to a caller that submits requests over time (a server).
 """
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ from .hf import load_pair
 from . import tuning
 from .lora_rows import RowLoRA
 from .pairs import SharedPair, SinglePair, TwoModelPair
-from .prompts import MAX_STOP_IDS, _left_pad, _Rows, resolve_stop_ids, rule_rows
+from .prompts import MAX_STOP_IDS, _Rows, resolve_stop_ids, rule_rows
 from .rules import AAD, OPAD, BeamAAD, BestOfN, CFGMix, Rule
+from .scheduler import Request, Scheduler, new_state
 from .selectors import make_selector, rule_kind
 
 
@@ -170,20 +174,20 @@ class Decoder:
             kept = [k for k in self._slots if k[3]]
             if static and len(kept) >= MAX_STATIC:
                 self._drop(kept[0])
-            lin = self.cpu_linear
-            if streams == "ar":
-                if self.kind == "two":
-                    pair = TwoModelPair(self.model_a, self.model_r, n, L, lin)
-                else:  # LoRA pair or one model with two prompts
-                    pair = SharedPair(self.base, n, L, self.lora, lin)
-            elif streams == "a":
-                pair = SinglePair(self.base, n, L, self.lora, n, lin)
-            else:
-                model = self.model_r if self.kind == "two" else self.base
-                pair = SinglePair(model, n, L, self.lora if self.kind == "lora" else None, 0,
-                                  lin)
-            self._slots[key] = pair
+            self._slots[key] = self._new_pair(n, streams, L)
         return self._slots[key]
+
+    def _new_pair(self, n: int, streams: str, L: int):
+        """Runners of ``n`` rows and ``L`` cache slots for ``streams`` on this Decoder's pair."""
+        lin = self.cpu_linear
+        if streams == "ar":
+            if self.kind == "two":
+                return TwoModelPair(self.model_a, self.model_r, n, L, lin)
+            return SharedPair(self.base, n, L, self.lora, lin)  # LoRA pair or prompt pair
+        if streams == "a":
+            return SinglePair(self.base, n, L, self.lora, n, lin)
+        model = self.model_r if self.kind == "two" else self.base
+        return SinglePair(model, n, L, self.lora if self.kind == "lora" else None, 0, lin)
 
     def _drop(self, key) -> None:
         pair = self._slots.pop(key)
@@ -214,8 +218,7 @@ class Decoder:
         ent = self._entries.get(key)
         if ent is None or ent["pair"] is not pair:
             sel = make_selector(rule, n, self.vocab, self.device, self.backend)
-            st = engine.DecodeState.new(n, pair.runners[0].max_len, [], self.device)
-            st.stop = torch.full((MAX_STOP_IDS,), -2, dtype=torch.int64, device=self.device)
+            st = new_state(n, pair.runners[0].max_len, MAX_STOP_IDS, self.device)
             ent = {"sel": sel, "st": st, "pair": pair}
             self._entries[key] = ent
             while len(self._entries) > self.MAX_ENTRIES:
@@ -259,6 +262,52 @@ class Decoder:
                 pass
         return out
 
+    def scheduler(self, rule: Rule = AAD(0.1), *, rows: int | None = None) -> Scheduler:
+        """A continuous-batching ``Scheduler`` for requests of ``rule``'s kind (each
+        ``Request`` may carry its own values of that kind; ``rule`` is the default) over
+        ``rows`` slots (default ``max_batch_size``), each holding up to ``max_seq_len`` prompt
+        + new tokens. Make its requests with ``request``. It owns its runners (a KV cache of
+        ``rows x max_seq_len``), selector and state, sharing only the weights, and on CUDA
+        captures its step after the first admission; drive it from one thread. Per-token
+        rules only (not beam search or best-of-n)."""
+        if isinstance(rule, (BeamAAD, BestOfN)):
+            raise ValueError(f"{type(rule).__name__} is not a per-token rule; the scheduler "
+                             "runs AAD, Contrastive, Mix/EFT/DeRa/CFG, OPAD and Greedy")
+        self._validate(rule, 1)
+        n = self.max_batch_size if rows is None else rows
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_batch_size:
+            raise ValueError(f"rows must be an int in [1, max_batch_size={self.max_batch_size}]"
+                             f", got {rows!r}")
+        if self.lora is not None:
+            self.lora.check_unmerged()
+        streams = rule.streams
+        pair = self._new_pair(n, streams, self.max_seq_len)
+        sel = make_selector(rule, n, self.vocab, self.device, self.backend)
+        st = new_state(n, self.max_seq_len, MAX_STOP_IDS, self.device)
+        st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
+        name = type(self.base).__name__
+
+        def prepare():
+            return engine.try_capture(pair, sel, st, name) if self.use_graphs else None
+        return Scheduler(pair, sel, st, rule, check_every=self.check_every, prepare=prepare)
+
+    def request(self, prompt=None, *, input_ids=None, rule: Rule = AAD(0.1),
+                max_new_tokens: int = 128, stop=None, chat: bool = False, seed=None,
+                tag=None) -> Request:
+        """One ``Request`` for a ``scheduler(...)`` of ``rule``'s kind: ``prompt`` (a string)
+        or ``input_ids`` (one id list), both streams' ids as ``generate`` makes them (OPAD's
+        principle, CFG's negative prompt), stop ids with the model's EOS."""
+        self._validate(rule, max_new_tokens)
+        if input_ids is not None:
+            input_ids = [input_ids]
+        rows = self._rows(rule, prompt, input_ids, None, chat)
+        if len(rows.a) != 1:
+            raise ValueError(f"request() takes one prompt, got {len(rows.a)}")
+        a, r = {"ar": (rows.a[0], rows.r[0]), "a": (rows.a[0], rows.a[0]),
+                "r": (rows.r[0], rows.r[0])}[rule.streams]
+        return Request(ids_a=a, ids_r=r, rule=rule, max_new_tokens=max_new_tokens,
+                       stop_ids=tuple(self.stop_ids(stop)), seed=seed, tag=tag)
+
     def stream(self, prompt=None, *, input_ids=None, rule: Rule = AAD(0.1),
                max_new_tokens: int = 128, stop=None, chat: bool = False):
         """Yield the text of one prompt as it is decoded (every ``check_every`` tokens).
@@ -289,8 +338,9 @@ class Decoder:
             raise ValueError("OPAD runs one model with two prompts: build Decoder(model) "
                              "without a reference (and without a LoRA adapter)")
 
-    def _check_lengths(self, rows: _Rows, max_new: int, n_rows: int):
-        if n_rows > self.max_batch_size:
+    def _check_lengths(self, rows: _Rows, max_new: int, n_rows: int, refill: bool = False):
+        """``refill``: more rows than ``max_batch_size`` are fine (continuous batching)."""
+        if n_rows > self.max_batch_size and not refill:
             raise ValueError(f"{n_rows} rows exceed max_batch_size={self.max_batch_size}; "
                              "pass a larger Decoder(max_batch_size=...)")
         longest = max(len(r) for r in rows.a + rows.r)
@@ -331,9 +381,13 @@ class Decoder:
         yield from self._decode(rule, rows, max_new_tokens, stop_ids, partial=partial)
 
     def _decode(self, rule, rows: _Rows, max_new, stop_ids, seeds=None, partial=False):
+        """Every row of ``rows`` through a ``Scheduler``: all admitted at once when they fit
+        ``max_batch_size`` (a static batch), else the rows that fit first and each freed row
+        refilled with the next prompt (continuous batching). ``seeds``: per-row seeds
+        (int64, at least ``len(rows.a)``) for best-of-n samples."""
         b = len(rows.a)
-        self._check_lengths(rows, max_new, b)
-        n = self._bucket(b)
+        self._check_lengths(rows, max_new, b, refill=True)
+        n = self._bucket(min(b, self.max_batch_size))
         streams = rule.streams
         longest = max(len(r) for r in rows.a + rows.r)
         ckey = self._compile_key(streams, n)
@@ -341,19 +395,20 @@ class Decoder:
         pair = self._pair(n, streams, longest + max_new, static=self.use_graphs or compiled)
         ent = self._entry(pair, n, rule)
         sel, st = ent["sel"], ent["st"]
-        if seeds is not None:
-            sel.set_seeds(seeds)
-        _reset_state(st, b, stop_ids)
         st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
         stream_rows = {"ar": (rows.a, rows.r), "a": (rows.a, rows.a), "r": (rows.r, rows.r)}
         ra, rr = stream_rows[streams]
-        ids_a, real_a = _left_pad(ra, n, self.device)
-        ids_r, real_r = _left_pad(rr, n, self.device)
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        seeds = None if seeds is None else [int(x) for x in seeds.tolist()[:b]]
+        sched = Scheduler(pair, sel, st, rule, check_every=self.check_every)
+        handles = [sched.submit(Request(ids_a=ra[i], ids_r=rr[i], max_new_tokens=max_new,
+                                        stop_ids=tuple(stop_ids), tag=i,
+                                        seed=None if seeds is None else seeds[i]))
+                   for i in range(b)]
+        sync = sched.sync
         sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            engine.prefill(pair, sel, st, ids_a, real_a, ids_r, real_r)
+            sched.admit()
             sync()
             t1 = time.perf_counter()
             compile_s = None
@@ -367,25 +422,20 @@ class Decoder:
                 if gkey not in ent:
                     ent[gkey] = engine.try_capture(pair, sel, st, type(self.base).__name__, step)
                 graph = ent[gkey]
-            step = graph or step
+            sched.step = graph or step
             sync()
             t2 = time.perf_counter()
-            steps = 1
-            remaining = max_new - 1
-            while remaining > 0:
-                burst = min(self.check_every, remaining)
-                _, all_done = engine.decode_n(pair, sel, st, burst, step, check_every=burst)
-                remaining -= burst
-                steps += burst
-                if all_done:
-                    break
-                if partial:
-                    yield self._collect(st, b, steps, stop_ids).text[0]
-            engine.check(st)
+            while sched.step_burst():
+                if partial and sched.busy:
+                    yield self._text([sched.partial(handles[0])])[0]
             sync()
             t3 = time.perf_counter()
-        out = self._collect(st, b, steps, stop_ids)
+        tokens = [h.tokens for h in handles]
+        out = Generation(tokens=tokens, text=self._text(tokens),
+                         finish_reason=[h.finish_reason for h in handles])
+        steps = sched.steps + 1
         n_tok = sum(len(t) + (r == "stop") for t, r in zip(out.tokens, out.finish_reason))
+        # admissions after the first are part of the decode time (they are what refill costs)
         decode_s = t3 - t2
         out.stats = {
             "prefill_ms": (t1 - t0) * 1e3,
@@ -398,13 +448,19 @@ class Decoder:
             "compiled": ent.get("compiled") is not None and compiled,
             "pair": self.kind if streams == "ar" else f"single:{streams}",
             "batch": b,
+            "rows": n,
             "device": str(self.device),
             "linear": _linear_stats(pair),
         }
-        if steps > 8:  # enough steps to say what the step costs, for compile="auto"
+        if steps > 8 and b <= n:  # enough steps to say what the step costs, for compile="auto"
             tuning.observe_step(ckey, out.stats["compiled"], out.stats["ms_per_token"],
                                 compile_s)
         yield out
+
+    def _text(self, tokens):
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
     def _compile_step(self, pair, sel, st):
         """``engine.CompiledStep``, or ``None`` (with one warning) where the model cannot be
@@ -419,19 +475,6 @@ class Decoder:
                               f"({type(exc).__name__}: {str(exc)[:300]}); running it eagerly",
                               stacklevel=4)
             return None
-
-    def _collect(self, st, b: int, steps: int, stop_ids) -> Generation:
-        out = st.out[:b, :steps].tolist()
-        stops = set(stop_ids)
-        tokens, reasons = [], []
-        for row in out:
-            cut = next((i for i, t in enumerate(row) if t in stops), None)
-            tokens.append(row if cut is None else row[:cut])
-            reasons.append("length" if cut is None else "stop")
-        text = None
-        if self.tokenizer is not None:
-            text = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return Generation(tokens=tokens, text=text, finish_reason=reasons)
 
 
 MAX_STATIC = 4  # kept static runner sets (each holds a KV cache and maybe compiled code)
@@ -459,19 +502,6 @@ def _sliding_window(model):
     if not window or getattr(cfg, "use_sliding_window", True) is False:
         return None
     return int(window)
-
-
-def _reset_state(st: engine.DecodeState, b: int, stop_ids) -> None:
-    st.tok.zero_()
-    st.out.fill_(-1)
-    st.done.zero_()
-    st.done[b:] = True  # bucket padding rows
-    st.bad.zero_()
-    st.bad_r.zero_()
-    st.t.zero_()
-    st.stop.fill_(-2)
-    if stop_ids:
-        st.stop[: len(stop_ids)] = torch.tensor(stop_ids, dtype=torch.int64)
 
 
 def generate(aligned, reference=None, prompts=None, **kwargs) -> Generation:

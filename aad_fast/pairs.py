@@ -8,6 +8,10 @@ returns the next logits of both streams (``[B, V]`` each, model dtype).
   adapter is applied to the ``a`` rows only) and a prompt pair (OPAD/CFG: one model, the two
   streams differ only in their prompts).
 - ``SinglePair``: one stream only (``Greedy``): one runner, ``r`` is ``None``.
+
+``admit(dst, ids_a, real_a, ids_r, real_r)`` refills rows ``dst`` (int64 ``[U]``) of a running
+batch with ``U`` new prompts (``Runner.admit``) and returns their first logits ``[U, V]`` per
+stream; the other rows go on untouched.
 """
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ class TwoModelPair:
 
     def prefill(self, ids_a, real_a, ids_r, real_r, rows=None):
         return self.a.prefill(ids_a, real_a, rows), self.r.prefill(ids_r, real_r, rows)
+
+    def admit(self, dst, ids_a, real_a, ids_r, real_r):
+        return self.a.admit(ids_a, real_a, dst), self.r.admit(ids_r, real_r, dst)
 
     def step(self, tokens: Tensor):
         return self.a.step(tokens), self.r.step(tokens)
@@ -64,6 +71,16 @@ class SharedPair:
         logits = self.runner.prefill(ids, real, rows, lora_rows)
         return logits[: self.n], logits[self.n:]
 
+    def admit(self, dst, ids_a, real_a, ids_r, real_r):
+        """Stream a of prompt ``j`` goes to runner row ``dst[j]``, stream r to ``dst[j] + B``;
+        one forward of ``2U`` rows, the adapter on the first ``U``."""
+        ids, real = _stack_left_padded(ids_a, real_a, ids_r, real_r)
+        u = ids_a.shape[0]
+        dst = dst.to(self.runner.device)
+        logits = self.runner.admit(ids, real, torch.cat([dst, dst + self.n]),
+                                   u if self.lora is not None else 0)
+        return logits[:u], logits[u:]
+
     def step(self, tokens: Tensor):
         self._tok2[: self.n].copy_(tokens)
         self._tok2[self.n:].copy_(tokens)
@@ -87,6 +104,9 @@ class SinglePair:
 
     def prefill(self, ids, real, ids_r=None, real_r=None, rows=None):
         return self.runner.prefill(ids, real, rows), None
+
+    def admit(self, dst, ids, real, ids_r=None, real_r=None):
+        return self.runner.admit(ids, real, dst), None
 
     def step(self, tokens: Tensor):
         return self.runner.step(tokens), None

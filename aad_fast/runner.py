@@ -2,12 +2,14 @@
 engine's own view of the model.
 
 The runner owns every buffer a decode step touches, sized once: the KV cache
-(``cache.StaticKVCache``), the token input ``[N, 1]``, the per-row positions ``[N, 1]``, the
-cache write slot ``[1]`` and an additive attention mask ``[N, 1, 1, max_len]``. Rows are
-left-padded, so every row writes the same cache slot at each step while RoPE positions stay per
-row. Hugging Face models accept the prepared 4D mask as-is and only call ``cache.update`` (we
-always pass ``position_ids``), so the same runner serves Llama, Qwen2/3, Mistral, OLMo2 and other
-standard decoder-only models.
+(``cache.StaticKVCache``), the token input ``[N, 1]``, the per-row positions ``[N, 1]``, the per-row
+cache write slots ``[N]`` and an additive attention mask ``[N, 1, 1, max_len]``. Rows are slots:
+each row has its own length, write slot and positions, so between decode steps one row can be
+refilled with a new prompt (``admit``: a prefill of just that prompt, copied into the row, and the
+row's mask rebuilt) while the other rows go on. A static batch (``prefill``) is left-padded, so
+there every row starts at the same slot. Hugging Face models accept the prepared 4D mask as-is and
+only call ``cache.update`` (we always pass ``position_ids``), so the same runner serves Llama,
+Qwen2/3, Mistral, OLMo2 and other standard decoder-only models.
 
 ``engine_view`` is the model the runner calls: a copy of the module tree that shares every
 parameter and buffer (no weight is copied) with the decode-path layers replaced once, for the
@@ -89,7 +91,7 @@ class Runner:
         dev = self.device
         self.ids = torch.zeros((n_rows, 1), dtype=torch.int64, device=dev)
         self.pos = torch.zeros((n_rows, 1), dtype=torch.int64, device=dev)
-        self.slot = torch.zeros((1,), dtype=torch.int64, device=dev)
+        self.slot = torch.zeros((n_rows,), dtype=torch.int64, device=dev)
         self.mask = torch.full((n_rows, 1, 1, max_len), self.neg, dtype=self.dtype, device=dev)
 
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache=None) -> Tensor:
@@ -98,25 +100,14 @@ class Runner:
                          **{self._cache_kw: self.cache if cache is None else cache})
         return out.logits[:, -1, :]
 
-    def prefill(self, ids: Tensor, real: Tensor, rows: Tensor | None = None,
-                lora_rows: int | None = None) -> Tensor:
-        """Encode left-padded prompts. ``ids``, ``real`` int64/bool ``[n_rows, L]`` (``real``
-        marks non-padding). Returns the last position's logits ``[n_rows, V]`` (model dtype).
-
-        ``rows`` (int64 ``[n_rows]``, optional): ``ids``/``real`` then hold ``U`` distinct
-        prompts and row ``i`` is prompt ``rows[i]``; each prompt is encoded once and its cache
-        copied to its rows (beam search); ``lora_rows`` then replaces the runner's count of
-        adapter rows for that forward (the aligned rows among the ``U`` prompts)."""
-        n, length = (ids.shape if rows is None else (rows.shape[0], ids.shape[1]))
-        if n != self.n_rows:
-            raise ValueError(f"prefill got {n} rows, runner was built for {self.n_rows}")
-        if length > self.max_len:
-            raise ValueError(f"prompt length {length} exceeds max_seq_len={self.max_len}")
+    def _encode(self, ids: Tensor, real: Tensor, cache: StaticKVCache,
+                lora_rows: int | None) -> Tensor:
+        """Forward left-padded prompts ``ids``/``real`` ``[U, L]`` (on the device) into the
+        first ``L`` slots of ``cache`` (one slot per position, shared by the rows); the last
+        position's logits ``[U, V]``."""
         dev = self.device
-        ids, real = ids.to(dev), real.to(dev).bool()
-        # U distinct prompts go through a temporary cache of just the prompt's slots
-        cache = self.cache if rows is None else StaticKVCache(length)
-        u, slots = ids.shape[0], cache.max_len
+        u, length = ids.shape
+        slots = cache.max_len
         keys = torch.zeros((u, slots), dtype=torch.bool, device=dev)
         keys[:, :length] = real
         causal = torch.ones((length, slots), dtype=torch.bool, device=dev).tril()
@@ -125,12 +116,37 @@ class Runner:
         mask4.masked_fill_(allowed[:, None], 0.0)
         pos = (real.long().cumsum(1) - 1).clamp(min=0)
         cache.write_pos = torch.arange(length, device=dev)
+        cache.row_pos = None
         counts = self.model.aad_rows
         counts.n = self.lora_rows if lora_rows is None else lora_rows
         try:
-            logits = self._forward(ids, mask4, pos, cache)
+            return self._forward(ids, mask4, pos, cache)
         finally:
             counts.n = self.lora_rows
+
+    def _check_width(self, length: int) -> None:
+        if length > self.max_len:
+            raise ValueError(f"prompt length {length} exceeds max_seq_len={self.max_len}")
+
+    def prefill(self, ids: Tensor, real: Tensor, rows: Tensor | None = None,
+                lora_rows: int | None = None) -> Tensor:
+        """Encode left-padded prompts into every row. ``ids``, ``real`` int64/bool
+        ``[n_rows, L]`` (``real`` marks non-padding). Returns the last position's logits
+        ``[n_rows, V]`` (model dtype).
+
+        ``rows`` (int64 ``[n_rows]``, optional): ``ids``/``real`` then hold ``U`` distinct
+        prompts and row ``i`` is prompt ``rows[i]``; each prompt is encoded once and its cache
+        copied to its rows (beam search); ``lora_rows`` then replaces the runner's count of
+        adapter rows for that forward (the aligned rows among the ``U`` prompts)."""
+        n, length = (ids.shape if rows is None else (rows.shape[0], ids.shape[1]))
+        if n != self.n_rows:
+            raise ValueError(f"prefill got {n} rows, runner was built for {self.n_rows}")
+        self._check_width(length)
+        dev = self.device
+        ids, real = ids.to(dev), real.to(dev).bool()
+        # U distinct prompts go through a temporary cache of just the prompt's slots
+        cache = self.cache if rows is None else StaticKVCache(length)
+        logits = self._encode(ids, real, cache, lora_rows)
         if rows is not None:
             rows = rows.to(dev)
             self.cache.adopt(cache, rows)
@@ -140,17 +156,43 @@ class Runner:
         self.mask[:, 0, 0, :length].masked_fill_(real, 0.0)
         self.pos.copy_(real.long().sum(1, keepdim=True))
         self.slot.fill_(length)
-        self.cache.write_pos = self.slot
+        self.cache.row_pos = self.slot
+        return logits
+
+    def admit(self, ids: Tensor, real: Tensor, dst: Tensor, lora_rows: int | None = None) -> Tensor:
+        """Refill rows ``dst`` (int64 ``[U]``, distinct) with ``U`` new left-padded prompts
+        ``ids``/``real`` ``[U, L]``; the other rows keep their cache, positions, slots and mask.
+        The prompts are encoded over a temporary cache of ``L`` slots, copied into the rows'
+        first ``L`` slots; each row's mask is rebuilt (its prompt's real tokens only), its next
+        token goes to slot ``L`` at position ``len(prompt)``. ``lora_rows``: as ``prefill``.
+        Returns the last position's logits ``[U, V]``. Not graph-safe (host indices); it runs
+        between captured steps and changes only buffer contents."""
+        u, length = ids.shape
+        self._check_width(length)
+        dev = self.device
+        ids, real, dst = ids.to(dev), real.to(dev).bool(), dst.to(dev)
+        cache = StaticKVCache(length)
+        logits = self._encode(ids, real, cache, lora_rows)
+        self.cache.admit(cache, dst, self.n_rows)
+        mask = torch.full((u, 1, 1, self.max_len), self.neg, dtype=self.dtype, device=dev)
+        mask[:, 0, 0, :length].masked_fill_(real, 0.0)
+        self.mask.index_copy_(0, dst, mask)
+        self.pos.index_copy_(0, dst, real.long().sum(1, keepdim=True))
+        self.slot.index_fill_(0, dst, length)
+        self.cache.row_pos = self.slot
         return logits
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per row (int64 ``[n_rows]``, valid ids) and return the next logits
         ``[n_rows, V]``. Graph-safe: only in-place updates of the runner's own buffers."""
         self.ids.copy_(tokens.view(-1, 1))
-        self.mask.index_fill_(3, self.slot, 0.0)
+        self.mask.scatter_(3, self.slot.view(-1, 1, 1, 1), 0.0)
         logits = self._forward(self.ids, self.mask, self.pos)
-        self.pos.add_(1)
-        self.slot.add_(1)
+        # a finished or idle row keeps stepping until it is refilled: keep it in the cache
+        # (a live row never gets there: prompt + max_new fits max_len)
+        last = self.max_len - 1
+        self.pos.add_(1).clamp_(max=last)
+        self.slot.add_(1).clamp_(max=last)
         return logits
 
     def reorder(self, index: Tensor, start: int = 0, stop: int | None = None) -> None:
@@ -158,6 +200,7 @@ class Runner:
         ``[start, stop)`` (default all), positions and mask."""
         self.cache.reorder(index, start, stop)
         self.pos.copy_(self.pos.index_select(0, index))
+        self.slot.copy_(self.slot.index_select(0, index))
         self.mask.copy_(self.mask.index_select(0, index))
 
     def snapshot(self) -> list[Tensor]:

@@ -19,6 +19,12 @@ How the values reach the core (``reference.py``) without a kernel change, exactl
   (``topk_topp_floor``, equal to ``ops.mix_floor``); ``min_p`` is ``log_rel``.
 The float32 parameter tensors hold each value rounded to float32 once, as the kernels and the
 reference do with their float arguments.
+
+Rows are slots of a running batch (``scheduler.Scheduler``): ``set_rows`` writes one request's
+values into its rows only, and ``first(..., rows=)`` chooses the first token of newly admitted
+rows alone. The step counter is per row (``engine.DecodeState.t``), so a sampled row's noise is
+keyed by its own step, not by the batch's: the kernels take one scalar step, and
+``row_seeds`` folds each row's step into its seed exactly (see there).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from torch import Tensor
 
 from . import backends
 from .ops import select_core
+from .reference import MASK32, mix32
 from .rules import OPAD, Contrastive, Greedy, Mix, Rule
 
 
@@ -76,24 +83,36 @@ class CoreSelector:
         self.filtered = self.kind[0] == "mix" and self.kind[3]
         self.seed = torch.zeros((n_rows,), dtype=torch.int64, device=device) if self.sampled \
             else None
+        self._step0 = torch.zeros((1,), dtype=torch.int64, device=device)
         self.set_rule(rule)
 
     def set_rule(self, rule: Rule) -> None:
         """Write ``rule``'s values into the per-row tensors (in place); same kind only."""
+        self.set_rows(None, rule)
+
+    def set_rows(self, rows: Tensor | None, rule: Rule, seed: int | None = None) -> None:
+        """Write ``rule``'s values into rows ``rows`` (int64 ``[U]``; ``None`` = every row) of
+        the per-row tensors, in place; same kind only. ``seed`` overrides the rule's seed."""
         if rule_kind(rule) != self.kind:
             raise ValueError(f"rule {rule!r} is of kind {rule_kind(rule)}, this selector "
                              f"serves {self.kind}")
+
+        def put(t, value):
+            if rows is None:
+                t.fill_(value)
+            else:
+                t.index_fill_(0, rows, value)
         ma, mr, _, _, log_rel = rule.coefficients()
-        self.log_rel.fill_(log_rel)
+        put(self.log_rel, log_rel)
         if self.kind[0] == "contrastive":
-            self.beta.fill_(float(rule.beta))
+            put(self.beta, float(rule.beta))
         if self.kind[0] == "mix":
-            self.ca.fill_(ma)
-            self.cr.fill_(mr)
-            self.top_k.fill_(rule.top_k)
-            self.top_p.fill_(rule.top_p)
+            put(self.ca, ma)
+            put(self.cr, mr)
+            put(self.top_k, rule.top_k)
+            put(self.top_p, rule.top_p)
         if self.sampled:
-            self.seed.fill_(rule.seed)
+            put(self.seed, rule.seed if seed is None else seed)
 
     def buffers(self) -> list:
         """Tensors that carry state from one step to the next (none: ``floor`` is rewritten)."""
@@ -103,31 +122,62 @@ class CoreSelector:
         """Per-row seeds (int64 ``[n_rows]``), e.g. ``seed + i`` for best-of-n samples."""
         self.seed.copy_(seeds)
 
-    def first(self, la: Tensor, lr: Tensor | None, step: Tensor) -> Tensor:
-        return self(la, lr, step)
+    def first(self, la: Tensor, lr: Tensor | None, step: Tensor,
+              rows: Tensor | None = None) -> Tensor:
+        return self(la, lr, step, rows)
 
-    def __call__(self, la: Tensor, lr: Tensor | None, step: Tensor) -> Tensor:
+    def __call__(self, la: Tensor, lr: Tensor | None, step: Tensor,
+                 rows: Tensor | None = None) -> Tensor:
+        """Chosen ids int64 ``[n]`` of logits ``la``/``lr`` ``[n, V]``; ``step`` int64 ``[n]``
+        (or ``[1]``) the rows' step counters. ``rows`` (int64 ``[U]``): the logits are those of
+        these rows only (admission), which use their own values; not graph-safe then."""
         v = self.vocab
+
+        def mine(t):
+            return t if rows is None else t.index_select(0, rows)
+        log_rel, beta, ca, cr = mine(self.log_rel), mine(self.beta), mine(self.ca), mine(self.cr)
+        floor = self.floor if rows is None else torch.full_like(log_rel, -math.inf)
         if lr is None:  # single stream: r is a dummy with zero weight
             lr = la
         a, r = la, lr
         if self.kind[0] == "contrastive":
-            rb = lr[:, :v].float() * self.beta
-            r = torch.where(self.beta == 0.0, torch.zeros_like(rb), rb)
+            rb = lr[:, :v].float() * beta
+            r = torch.where(beta == 0.0, torch.zeros_like(rb), rb)
         elif self.kind[0] == "mix":
             streams = self.kind[1]
             if streams == "a":
-                z = la[:, :v].float() * self.ca
+                z = la[:, :v].float() * ca
             elif streams == "r":  # the single pair's one stream is the reference model
-                z = la[:, :v].float() * self.cr
+                z = la[:, :v].float() * cr
             else:
-                z = la[:, :v].float() * self.ca + lr[:, :v].float() * self.cr
+                z = la[:, :v].float() * ca + lr[:, :v].float() * cr
             a = r = z
             if self.filtered:
-                self.floor.copy_(topk_topp_floor(z, self.top_k, self.top_p))
+                floor.copy_(topk_topp_floor(z, mine(self.top_k), mine(self.top_p)))
+        seed = step0 = None
+        if self.sampled:
+            seed = row_seeds(mine(self.seed), step.expand(log_rel.shape[0]))
+            step0 = self._step0
         ma, mr, sa, sr = self.coef
-        return select_core(a, r, v, ma, mr, sa, sr, self.log_rel, self.floor, self.seed,
-                           step if self.sampled else None, self.backend)
+        return select_core(a, r, v, ma, mr, sa, sr, log_rel, floor, seed, step0, self.backend)
+
+
+def unmix32(x: Tensor) -> Tensor:
+    """The inverse of ``reference.mix32`` (lowbias32 is a bijection of uint32): int64 tensors
+    holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x43021123) & MASK32
+    x = x ^ (x >> 15) ^ (x >> 30)
+    x = (x * 0x1D69E2A5) & MASK32
+    return x ^ (x >> 16)
+
+
+def row_seeds(seed: Tensor, step: Tensor) -> Tensor:
+    """Per-row seeds ``s'`` (int64 ``[n]``) that give at the kernels' step 0 the noise of
+    ``seed`` at per-row ``step`` (int64 ``[n]``): the noise key is
+    ``mix32(mix32(seed) ^ step)``, so ``s' = unmix32(mix32(seed) ^ step)`` has
+    ``mix32(mix32(s') ^ 0)`` equal to it bit for bit. Graph-safe."""
+    return unmix32(mix32(seed & MASK32) ^ (step & MASK32))
 
 
 def topk_topp_floor(z: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
@@ -163,10 +213,17 @@ class OPADSelector:
         self.set_rule(rule)
 
     def set_rule(self, rule: OPAD) -> None:
+        self.set_rows(None, rule)
+
+    def set_rows(self, rows: Tensor | None, rule: OPAD, seed: int | None = None) -> None:
+        """``rule``'s ``k`` into rows ``rows`` (int64 ``[U]``; ``None`` = every row)."""
         if rule_kind(rule) != self.kind:
             raise ValueError(f"rule {rule!r} is not OPAD")
-        self.k.fill_(float(rule.k))
-        self.k1.fill_(1.0 + float(rule.k))
+        for t, value in ((self.k, float(rule.k)), (self.k1, 1.0 + float(rule.k))):
+            if rows is None:
+                t.fill_(value)
+            else:
+                t.index_fill_(0, rows, value)
 
     def buffers(self) -> list:
         return [self.prev]
@@ -174,9 +231,14 @@ class OPADSelector:
     def _remember(self, a: Tensor, r: Tensor) -> None:
         self.prev.copy_(a - r)
 
-    def first(self, la: Tensor, lr: Tensor, step: Tensor) -> Tensor:
+    def first(self, la: Tensor, lr: Tensor, step: Tensor, rows: Tensor | None = None) -> Tensor:
+        """``rows`` (int64 ``[U]``): ``la``/``lr`` are those rows' logits (admission); only
+        their previous logits are reset."""
         a, r = la[:, : self.vocab].float(), lr[:, : self.vocab].float()
-        self._remember(a, r)
+        if rows is None:
+            self._remember(a, r)
+        else:
+            self.prev.index_copy_(0, rows, a - r)
         return _argmax(a)
 
     def __call__(self, la: Tensor, lr: Tensor, step: Tensor) -> Tensor:
