@@ -6,7 +6,6 @@ runner's 4D mask (``runner.Runner``). Beam search reorders rows in place.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

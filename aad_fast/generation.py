@@ -24,7 +24,7 @@ from .hf import load_pair
 from . import tuning
 from .lora_rows import RowLoRA
 from .pairs import SharedPair, SinglePair, TwoModelPair
-from .prompts import MAX_STOP_IDS, _Rows, resolve_stop_ids, rule_rows
+from .prompts import MAX_STOP_IDS, Rows, resolve_stop_ids, rule_rows
 from .rules import AAD, OPAD, BeamAAD, BestOfN, CFGMix, Rule
 from .scheduler import Request, Scheduler, new_state
 from .selectors import make_selector, rule_kind
@@ -234,7 +234,7 @@ class Decoder:
         strings)."""
         return resolve_stop_ids(stop, self.base, self.tokenizer, self.vocab)
 
-    def _rows(self, rule, prompts, input_ids, attention_mask, chat) -> _Rows:
+    def _rows(self, rule, prompts, input_ids, attention_mask, chat) -> Rows:
         """Both streams' prompt ids for ``rule`` (``prompts.rule_rows``)."""
         return rule_rows(rule, self.kind, self.tokenizer, self.vocab, prompts, input_ids,
                          attention_mask, chat)
@@ -338,7 +338,7 @@ class Decoder:
             raise ValueError("OPAD runs one model with two prompts: build Decoder(model) "
                              "without a reference (and without a LoRA adapter)")
 
-    def _check_lengths(self, rows: _Rows, max_new: int, n_rows: int, refill: bool = False):
+    def _check_lengths(self, rows: Rows, max_new: int, n_rows: int, refill: bool = False):
         """``refill``: more rows than ``max_batch_size`` are fine (continuous batching)."""
         if n_rows > self.max_batch_size and not refill:
             raise ValueError(f"{n_rows} rows exceed max_batch_size={self.max_batch_size}; "
@@ -380,7 +380,7 @@ class Decoder:
             return
         yield from self._decode(rule, rows, max_new_tokens, stop_ids, partial=partial)
 
-    def _decode(self, rule, rows: _Rows, max_new, stop_ids, seeds=None, partial=False):
+    def _decode(self, rule, rows: Rows, max_new, stop_ids, seeds=None, partial=False):
         """Every row of ``rows`` through a ``Scheduler``: all admitted at once when they fit
         ``max_batch_size`` (a static batch), else the rows that fit first and each freed row
         refilled with the next prompt (continuous batching). ``seeds``: per-row seeds

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 
-def _check_dir(path, arg: str) -> Path:
+def check_dir(path, arg: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise ValueError(f"{arg}={str(path)!r}: no such file or directory (aad_fast loads "
@@ -39,7 +39,7 @@ def is_peft_model(model) -> bool:
 
 def load_causal_lm(path, arg: str, dtype=None, device=None):
     from transformers import AutoModelForCausalLM
-    p = _check_dir(path, arg)
+    p = check_dir(path, arg)
     if not (p / "config.json").exists():
         raise ValueError(f"{arg}={str(path)!r} is a LoRA adapter directory; pass it as "
                          "`aligned` (with its base as `reference`)")
@@ -185,7 +185,7 @@ def load_pair(aligned, reference=None, *, dtype=None, device=None, tokenizer=Non
     tok_a = tok_r = None
     # --- the aligned side: a model, a PeftModel, a model dir or an adapter dir
     if isinstance(aligned, (str, os.PathLike)):
-        p = _check_dir(aligned, "aligned")
+        p = check_dir(aligned, "aligned")
         tok_a = load_tokenizer(p)
         if is_adapter_dir(p):
             cfg = json.loads((p / "adapter_config.json").read_text())
@@ -202,7 +202,7 @@ def load_pair(aligned, reference=None, *, dtype=None, device=None, tokenizer=Non
             same_dir = isinstance(base_path, (str, os.PathLike)) and base_dir is not None and \
                 Path(base_path).resolve() == base_dir
             if isinstance(base_path, (str, os.PathLike)):
-                _check_dir(base_path, "reference")
+                check_dir(base_path, "reference")
                 tok_r = load_tokenizer(base_path)
                 base = load_causal_lm(base_path, "reference", dtype, device)
                 name_r = str(base_path)
@@ -230,7 +230,7 @@ def load_pair(aligned, reference=None, *, dtype=None, device=None, tokenizer=Non
     if is_peft_model(model_a):
         if reference is not None:
             if isinstance(reference, (str, os.PathLike)):
-                _check_dir(reference, "reference")
+                check_dir(reference, "reference")
                 tok_r = load_tokenizer(reference)
                 _refuse_wrong_base(model_a, str(reference), name_a, name_r, "its checkpoint")
             elif model_a.get_base_model() is not reference:
@@ -243,7 +243,7 @@ def load_pair(aligned, reference=None, *, dtype=None, device=None, tokenizer=Non
         check_same_tokenizer(tok, tok_a, "tokenizer", name_a)
         return "one", model_a.eval(), None, tok or tok_a, (name_a, None)
     if isinstance(reference, (str, os.PathLike)):
-        _check_dir(reference, "reference")
+        check_dir(reference, "reference")
         tok_r = load_tokenizer(reference)
         model_r = load_causal_lm(reference, "reference", dtype, device)
     else:

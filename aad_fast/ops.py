@@ -162,7 +162,7 @@ def check_logits(logits_a: Tensor, logits_r: Tensor, vocab_size: int | None = No
     return vocab
 
 
-def _check_real(name: str, value, lo=-math.inf, hi=math.inf, lo_open=False) -> float:
+def check_real(name: str, value, lo=-math.inf, hi=math.inf, lo_open=False) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
     if value < lo or value > hi or (lo_open and value == lo):
@@ -183,7 +183,7 @@ def alpha_to_log(alpha, batch: int, device) -> Tensor:
             raise ValueError(f"alpha must be in [0, 1], got {al[bad][0].item()!r} "
                              f"at row {int(bad.nonzero()[0, 0])}")
         return torch.log(al).contiguous()
-    alpha = _check_real("alpha", alpha, 0.0, 1.0)
+    alpha = check_real("alpha", alpha, 0.0, 1.0)
     return torch.log(torch.full((batch,), alpha, dtype=torch.float32, device=device))
 
 
@@ -207,7 +207,7 @@ def contrastive_select(logits_a: Tensor, logits_r: Tensor, alpha=0.1, beta: floa
         ``-inf``/NaN.
     """
     vocab = check_logits(logits_a, logits_r, vocab_size)
-    beta = _check_real("beta", beta, 0.0)
+    beta = check_real("beta", beta, 0.0)
     b = logits_a.shape[0]
     log_rel = alpha_to_log(alpha, b, logits_a.device)
     floor = torch.full((b,), -math.inf, device=logits_a.device)
@@ -262,15 +262,15 @@ def mix_select(logits_a: Tensor, logits_r: Tensor, w_a: float, w_r: float, *,
     Returns int64 ``[B]``; ``-1`` for a row with no finite ``z``.
     """
     vocab = check_logits(logits_a, logits_r, vocab_size)
-    w_a = _check_real("w_a", w_a)
-    w_r = _check_real("w_r", w_r)
+    w_a = check_real("w_a", w_a)
+    w_r = check_real("w_r", w_r)
     if w_a == 0.0 and w_r == 0.0:
         raise ValueError("w_a and w_r are both 0: the mixed distribution would be uniform")
-    temperature = _check_real("temperature", temperature, 0.0)
+    temperature = check_real("temperature", temperature, 0.0)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
-    top_p = _check_real("top_p", top_p, 0.0, 1.0, lo_open=True)
-    min_p = _check_real("min_p", min_p, 0.0, 1.0)
+    top_p = check_real("top_p", top_p, 0.0, 1.0, lo_open=True)
+    min_p = check_real("min_p", min_p, 0.0, 1.0)
     dev, b = logits_a.device, logits_a.shape[0]
     be = backends.pick_backend(dev, backend)
     ninf = torch.full((b,), -math.inf, device=dev)
@@ -307,7 +307,7 @@ def aad_beam_topk(logits_a: Tensor, logits_r: Tensor, alpha=0.1, k: int = 1, *,
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if tau is not None:
-        tau = _check_real("tau", tau, 0.0)
+        tau = check_real("tau", tau, 0.0)
     log_alpha = alpha_to_log(alpha, logits_a.shape[0], logits_a.device)
     if backends.pick_backend(logits_a.device, backend) == "cpp":
         return tuple(backends.load_cpp().aad_topk(_no_f64(logits_a), _no_f64(logits_r), vocab,

@@ -36,9 +36,9 @@ class AADLogitsProcessor:
 
     def __init__(self, reference_model, alpha: float = 0.1, *, pad_token_id: int | None = None,
                  vocab_size: int | None = None, backend: str | None = None):
-        from .ops import _check_real
+        from .ops import check_real
         self.model = reference_model.eval()
-        self.alpha = _check_real("alpha", alpha, 0.0, 1.0)
+        self.alpha = check_real("alpha", alpha, 0.0, 1.0)
         self.pad = pad_token_id if pad_token_id is not None else getattr(
             reference_model.config, "pad_token_id", None)
         self.vocab_size, self.backend = vocab_size, backend

@@ -14,7 +14,7 @@ MAX_STOP_IDS = 16
 
 
 @dataclass
-class _Rows:
+class Rows:
     """Prompt ids of both streams, one list of ints per row."""
 
     a: list
@@ -160,42 +160,42 @@ def tokenize(tokenizer, text: str, chat: bool, system: str | None = None) -> lis
 
 
 def rule_rows(rule, kind: str, tokenizer, vocab: int, prompts, input_ids, attention_mask,
-              chat) -> _Rows:
+              chat) -> Rows:
     """Both streams' prompt ids for ``rule`` on a pair of ``kind`` (``"two"``, ``"lora"`` or
     ``"one"``): the same prompt, or OPAD's principle before stream a's, or CFG's negative
     prompt (or a one-model pair's last prompt token) as stream r's."""
     a = encode(tokenizer, vocab, prompts, input_ids, attention_mask, chat)
     if isinstance(rule, CFGMix):
         if rule.negative_ids is not None:
-            return _Rows(a, [list(rule.negative_ids)] * len(a))
+            return Rows(a, [list(rule.negative_ids)] * len(a))
         if rule.negative_prompt is not None:
             if tokenizer is None:
                 raise ValueError("CFG(negative_prompt=...) needs a tokenizer; pass negative_ids=")
             neg = tokenize(tokenizer, rule.negative_prompt, chat) if rule.negative_prompt else \
                 [r[0] for r in a[:1]]
-            return _Rows(a, [neg] * len(a))
-        return _Rows(a, a if kind != "one" else [r[-1:] for r in a])
+            return Rows(a, [neg] * len(a))
+        return Rows(a, a if kind != "one" else [r[-1:] for r in a])
     if not isinstance(rule, OPAD):
-        return _Rows(a, a)
+        return Rows(a, a)
     if chat:
         if rule.principle is None:
             raise ValueError("OPAD with chat=True needs principle= (a system message)")
         pa = encode(tokenizer, vocab, prompts, input_ids, attention_mask, chat,
                     system=rule.principle)
-        return _Rows(pa, a)
+        return Rows(pa, a)
     if rule.principle_ids is not None:
         pre = list(rule.principle_ids)
-        return _Rows([pre + r for r in a], a)
+        return Rows([pre + r for r in a], a)
     if tokenizer is None:
         raise ValueError("OPAD(principle=...) needs a tokenizer; pass principle_ids=")
     pre = tokenizer(rule.principle + "\n", add_special_tokens=False)["input_ids"]
     bos = getattr(tokenizer, "bos_token_id", None)
     rows_a = [([r[0]] + pre + r[1:]) if (bos is not None and r[0] == bos) else pre + r
               for r in a]
-    return _Rows(rows_a, a)
+    return Rows(rows_a, a)
 
 
-def _left_pad(rows: list, n: int, device):
+def left_pad(rows: list, n: int, device):
     """Left-pad id lists into ``[n, L]`` ids and a ``real`` mask; rows beyond ``len(rows)``
     (bucket padding) get a single token 0."""
     rows = rows + [[0]] * (n - len(rows))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .ops import _check_real
+from .ops import check_real
 
 
 def _check_ids(obj, name: str) -> None:
@@ -49,8 +49,8 @@ class Contrastive(Rule):
     beta: float = 1.0
 
     def __post_init__(self):
-        _check_real("alpha", self.alpha, 0.0, 1.0)
-        _check_real("beta", self.beta, 0.0)
+        check_real("alpha", self.alpha, 0.0, 1.0)
+        check_real("beta", self.beta, 0.0)
 
     def coefficients(self):
         """``(ma, mr, sa, sr, log_rel)`` of the selection core (``reference.py``)."""
@@ -80,14 +80,14 @@ class Mix(Rule):
     seed: int = 0
 
     def __post_init__(self):
-        _check_real("w_a", self.w_a)
-        _check_real("w_r", self.w_r)
+        check_real("w_a", self.w_a)
+        check_real("w_r", self.w_r)
         if self.w_a == 0 and self.w_r == 0:
             raise ValueError("w_a and w_r are both 0: the mixed distribution would be uniform")
-        _check_real("temperature", self.temperature, 0.0)
+        check_real("temperature", self.temperature, 0.0)
         _check_int("top_k", self.top_k, 0)
-        _check_real("top_p", self.top_p, 0.0, 1.0, lo_open=True)
-        _check_real("min_p", self.min_p, 0.0, 1.0)
+        check_real("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        check_real("min_p", self.min_p, 0.0, 1.0)
         _check_int("seed", self.seed, 0)
 
     @property
@@ -109,13 +109,13 @@ class Mix(Rule):
 def EFT(beta: float = 4.0, **sampling) -> Mix:
     """Emulated fine-tuning (Mitchell et al. 2024), base = reference = SFT:
     ``z = lr + beta*(la - lr)``. The AAD paper's baseline: ``beta = 4``, greedy."""
-    beta = _check_real("beta", beta)
+    beta = check_real("beta", beta)
     return Mix(w_a=beta, w_r=1.0 - beta, **sampling)
 
 
 def DeRa(lam: float, **sampling) -> Mix:
     """Decoding-time realignment (Liu et al. 2024): ``z = lam*a + (1-lam)*r``; any real ``lam``."""
-    lam = _check_real("lam", lam)
+    lam = check_real("lam", lam)
     return Mix(w_a=lam, w_r=1.0 - lam, **sampling)
 
 
@@ -138,7 +138,7 @@ def CFG(g: float, negative_prompt: str | None = None, negative_ids=None, **sampl
     conditioned context. On one model, ``r`` is the unconditional prompt (``negative_prompt`` /
     ``negative_ids``, default: each prompt's last token); on two models, ``r`` is the
     reference model on the same prompt unless a negative prompt is given."""
-    g = _check_real("g", g)
+    g = check_real("g", g)
     return CFGMix(w_a=g, w_r=1.0 - g, negative_prompt=negative_prompt,
                   negative_ids=None if negative_ids is None else tuple(negative_ids), **sampling)
 
@@ -170,7 +170,7 @@ class OPAD(Rule):
     principle_ids: tuple | None = None
 
     def __post_init__(self):
-        _check_real("k", self.k, 0.0)
+        check_real("k", self.k, 0.0)
         if self.principle is None and self.principle_ids is None:
             raise ValueError("OPAD needs a principle: give principle='...' or principle_ids=[...]")
         _check_ids(self, "principle_ids")
@@ -187,10 +187,10 @@ class BeamAAD(Rule):
 
     def __post_init__(self):
         _check_int("num_beams", self.num_beams, 1)
-        _check_real("alpha", self.alpha, 0.0, 1.0)
+        check_real("alpha", self.alpha, 0.0, 1.0)
         if self.tau is not None:
-            _check_real("tau", self.tau, 0.0)
-        _check_real("length_penalty", self.length_penalty)
+            check_real("tau", self.tau, 0.0)
+        check_real("length_penalty", self.length_penalty)
 
 
 @dataclass(frozen=True)
@@ -205,8 +205,8 @@ class BestOfN(Rule):
 
     def __post_init__(self):
         _check_int("n", self.n, 1)
-        _check_real("top_p", self.top_p, 0.0, 1.0, lo_open=True)
-        _check_real("temperature", self.temperature, 0.0, lo_open=True)
+        check_real("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        check_real("temperature", self.temperature, 0.0, lo_open=True)
         _check_int("seed", self.seed, 0)
         if self.picker is None:
             raise ValueError("BestOfN needs picker=: a path to (or an instance of) an "

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import engine
-from .prompts import _left_pad
+from .prompts import left_pad
 from .selectors import rule_kind
 
 
@@ -177,8 +177,8 @@ class Scheduler:
             one = torch.tensor([row], dtype=torch.int64, device=dev)
             self.sel.set_rows(one, self.rule if r.rule is None else r.rule, r.seed)
         u = len(reqs)
-        ids_a, real_a = _left_pad([list(r.ids_a) for r in reqs], u, dev)
-        ids_r, real_r = _left_pad([list(r.ids_r) for r in reqs], u, dev)
+        ids_a, real_a = left_pad([list(r.ids_a) for r in reqs], u, dev)
+        ids_r, real_r = left_pad([list(r.ids_r) for r in reqs], u, dev)
         s = st.stop.shape[1]
         stop = torch.full((u, s), -2, dtype=torch.int64)
         for i, r in enumerate(reqs):

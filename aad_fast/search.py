@@ -12,7 +12,7 @@ import torch
 
 from . import backends, engine
 from .ops import aad_beam_topk
-from .prompts import _left_pad, _Rows
+from .prompts import left_pad, Rows
 from .rules import BeamAAD, BestOfN, Mix
 
 
@@ -36,7 +36,7 @@ def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
     pair = dec._pair(dec._bucket(n) if dec.use_graphs else n, "ar", longest + max_new)
     n_rows = pair.runners[0].n_rows if not pair.shared else pair.n
     # each prompt is encoded once; its k beams (and any bucket padding rows) copy its cache
-    ids, real = _left_pad(rows.a, b, dec.device)
+    ids, real = left_pad(rows.a, b, dec.device)
     width = ids.shape[1]
     which = torch.arange(n_rows, device=dec.device).div(k, rounding_mode="floor").clamp(max=b - 1)
     be = backends.pick_backend(dec.device, dec.backend)
@@ -225,8 +225,8 @@ def load_picker(picker, device, cache: dict | None = None):
             return cache[key]
         from transformers import AutoModelForSequenceClassification
 
-        from .hf import _check_dir, load_tokenizer
-        p = _check_dir(picker, "picker")
+        from .hf import check_dir, load_tokenizer
+        p = check_dir(picker, "picker")
         try:
             model = AutoModelForSequenceClassification.from_pretrained(str(p), local_files_only=True)
         except Exception as exc:
@@ -263,7 +263,7 @@ def best_of_n(dec, rule: BestOfN, rows, max_new: int, stop_ids):
     seeds = torch.tensor([rule.seed + j for _ in range(b) for j in range(n)], dtype=torch.int64)
     n_rows = dec._bucket(b * n)
     seeds = torch.cat([seeds, seeds.new_zeros(n_rows - b * n)]).to(dec.device)
-    for gen in dec._decode(sample, _Rows(rep, rep), max_new, stop_ids, seeds=seeds):
+    for gen in dec._decode(sample, Rows(rep, rep), max_new, stop_ids, seeds=seeds):
         pass
     model, ptok = load_picker(rule.picker, dec.device, dec._pickers)
     scores = score_with_picker(model, ptok or dec.tokenizer, dec.tokenizer, rep, gen.tokens)

@@ -6,10 +6,8 @@ pair kind (two models, LoRA pair, prompt pair, single stream), spread over the a
 and rules of the eager tests (tests/test_engine.py, tests/test_rules.py check every
 architecture and rule eagerly); each compiled case is compared with the eager decode of the
 same Decoder settings and with the naive loop."""
-import copy
 
 import pytest
-import torch
 
 from aad_fast import AAD, EFT, OPAD, Decoder, Greedy, tuning
 from conftest import aad_pick, naive_decode, tiny_model
