@@ -45,11 +45,11 @@ def dispatch(single, distributed):
 
 
 def _ray():
+    import importlib
     try:
-        from . import ray_data
+        return importlib.import_module("aad_fast.ray_data")
     except ImportError as exc:
         raise SystemExit(f"--ray needs Ray Data, which is not installed: {INSTALL} ({exc})")
-    return ray_data
 
 
 def _check(a) -> None:
