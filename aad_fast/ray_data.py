@@ -185,7 +185,7 @@ class _Worker:
 
 class Generate(_Worker):
     """``ds.map_batches(Generate, fn_constructor_kwargs=dict(decoder=..., rule=AAD(0.1)),
-    batch_format="pandas", concurrency=N)``.
+    batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=N))``.
 
     Input rows: ``prompt`` (str), optional ``id``, optional per-row rule fields (``alpha``,
     ``seed``, ``temperature``, ... of ``rule``) and ``max_new_tokens``; rows sharing a
@@ -254,14 +254,15 @@ def connect(address=None) -> bool:
     return True
 
 
-def worker_resources(workers=None, threads: int = 1) -> dict:
-    """``map_batches`` resources: one GPU per worker where the cluster has GPUs, else
-    ``threads`` CPUs; ``workers`` defaults to the GPUs (or CPUs // threads) of the cluster."""
+def worker_resources(workers=None, threads: int = 1) -> tuple:
+    """``(resources, workers)`` of ``map_batches``: one GPU per worker where the cluster has
+    GPUs, else ``threads`` CPUs; ``workers`` defaults to the cluster's GPUs (or CPUs //
+    threads)."""
     res = ray.cluster_resources()
     gpus = int(res.get("GPU", 0))
     if gpus:
-        return {"num_gpus": 1, "concurrency": workers or gpus}
-    return {"num_cpus": threads, "concurrency": workers or max(1, int(res.get("CPU", 1)) // threads)}
+        return {"num_gpus": 1}, workers or gpus
+    return {"num_cpus": threads}, workers or max(1, int(res.get("CPU", 1)) // threads)
 
 
 def map_dataset(ds, worker=Generate, *, workers=None, threads: int = 1, **kw):
@@ -271,11 +272,12 @@ def map_dataset(ds, worker=Generate, *, workers=None, threads: int = 1, **kw):
     extra = {}
     if os.environ.get(FAULT_ENV):
         extra["runtime_env"] = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}
-    res = worker_resources(workers, threads)
+    res, n = worker_resources(workers, threads)
     if "num_cpus" in res:
         kw.setdefault("threads", threads)
     return ds.map_batches(worker, fn_constructor_kwargs=kw, batch_format="pandas",
-                          batch_size=None, **res, **extra)
+                          batch_size=None, compute=ray.data.ActorPoolStrategy(size=n),
+                          **res, **extra)
 
 
 def unwrap(exc: BaseException):
@@ -315,7 +317,7 @@ def run_rows(rows: list, groups: list, record_of, *, out=None, worker=Generate, 
     stats = {"rows": 0, "tokens": 0, "seconds": 0.0, "workers": 0, "duplicates": 0}
     if not blocks:
         return stats
-    n_workers = worker_resources(workers, threads)["concurrency"]
+    n_workers = worker_resources(workers, threads)[1]
     ds = map_dataset(ray.data.from_pandas(blocks), worker,
                      workers=min(n_workers, len(blocks)), threads=threads, **worker_kw)
     t0, names, got = time.perf_counter(), set(), set()

@@ -29,6 +29,8 @@ def cluster():
         pytest.skip("a Ray instance is already running in this process")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
+    # start every worker before the first batch, so that "2 workers" is what ran
+    ray.data.DataContext.get_current().wait_for_min_actors_s = 180
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -187,3 +189,15 @@ def test_rows_of_a_retried_task_are_written_once(cluster, tmp_path, monkeypatch)
         ray_data.sort_file(out, rows)
     assert stats["duplicates"] == 6 and stats["rows"] == 6
     assert ids_of(tmp_path / "o.jsonl") == list(range(6))
+
+
+def test_bench_runs_end_to_end(cluster, tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_ray", ROOT / "bench" / "bench_ray.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main([str(tmp_path), "--prompts", "4", "--max-new-tokens", "3",
+                       "--batch-size", "2"]) == 0
+    res = json.loads((tmp_path / "bench_ray.json").read_text())
+    assert res["same_tokens"] and res["ray"]["workers_used"] == 2
+    assert res["single"]["tokens"] == res["ray"]["tokens"] > 0
