@@ -119,6 +119,16 @@ def build_decoder(spec):
     return Decoder(kw.pop("aligned"), kw.pop("reference", None), **kw)
 
 
+def describe(spec) -> str:
+    """A stable text of a decoder spec (for a sidecar): no object addresses."""
+    import functools
+    if isinstance(spec, functools.partial):
+        return f"{describe(spec.func)}{spec.args!r}{spec.keywords!r}"
+    if callable(spec):
+        return f"{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', spec)}"
+    return repr(dict(spec))
+
+
 def pairs_decoder(aligned=None, reference=None):
     """The Decoder of ``make-pairs``: the given pair, or the embedded one."""
     from types import SimpleNamespace
@@ -404,7 +414,8 @@ def generate(source, out=None, *, decoder, rule: Rule = AAD(0.1), max_new_tokens
         source: a ``ray.data.Dataset`` (returned mapped, lazily: ``Generate``'s output
             columns), or a JSONL path / list of rows ``{"prompt", "id"?, rule fields?}``.
         out: with a path or list source, append the rows to this JSONL (resumable: a rerun
-            decodes only the ids not in it; ``settings`` are checked against its sidecar).
+            decodes only the ids not in it; ``settings``, by default the rule, lengths and
+            decoder spec, are checked against its sidecar ``OUT.meta.json``).
         decoder: ``Decoder`` keyword arguments (dict) or a picklable zero-argument factory.
         batch_size: prompts per ``generate`` call (the Decoder needs ``max_batch_size`` >= it).
     Returns:
@@ -413,7 +424,7 @@ def generate(source, out=None, *, decoder, rule: Rule = AAD(0.1), max_new_tokens
     """
     import contextlib
 
-    from .cli import read_prompts_file
+    from .cli import check_resume, prompts_identity, read_prompts_file
     from .outfile import ResultsFile
     kw = dict(decoder=decoder, rule=rule, max_new_tokens=max_new_tokens, chat=chat, stop=stop)
     if isinstance(source, ray.data.Dataset):
@@ -423,8 +434,10 @@ def generate(source, out=None, *, decoder, rule: Rule = AAD(0.1), max_new_tokens
         return map_dataset(source, Generate, workers=workers, threads=threads, **kw)
     if isinstance(source, (list, tuple)):
         rows = [dict(r, id=r.get("id", i)) for i, r in enumerate(source)]
+        ident = {"rows": len(rows)}
     else:
         rows = read_prompts_file(source, "source")
+        ident = prompts_identity(source)
     for r in rows:
         check_prompt(r)
         row_rule(rule, r, max_new_tokens)  # bad parameters fail before any work
@@ -434,8 +447,10 @@ def generate(source, out=None, *, decoder, rule: Rule = AAD(0.1), max_new_tokens
         with contextlib.ExitStack() as stack:
             done = None
             if out is not None:
-                done = stack.enter_context(ResultsFile(out, settings or {"rule": repr(rule)},
-                                                       {"rows": len(rows)}))
+                done = stack.enter_context(ResultsFile(out, settings or {
+                    "rule": repr(rule), "max_new_tokens": max_new_tokens, "chat": chat,
+                    "stop": stop, "decoder": describe(decoder)}, ident, arg="out"))
+                check_resume(done, rows, lambda row: row.get("prompt"), arg="out")
             todo = [i for i, r in enumerate(rows) if done is None or not done.is_done(r["id"])]
             groups = [[{"_pos": i, "prompt": rows[i]["prompt"],
                         **{k: rows[i][k] for k in names if k in rows[i]}}

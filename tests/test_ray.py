@@ -151,7 +151,6 @@ def test_per_row_parameters_and_timing(cluster):
                                                                             (0.1, 0.5, 0.1)))]
     got = ray_data.generate(rows, decoder=dec, max_new_tokens=5, chat=True, workers=1)
     from aad_fast import AAD, Decoder
-    from aad_fast.toy.assets import load_default_pair  # noqa: F401  (the same pair on disk)
     with Decoder(PAIR, max_batch_size=4, max_seq_len=64) as d:
         for r in got:
             want = d.generate([r["prompt"]], rule=AAD(r["alpha"]), max_new_tokens=5, chat=True)
@@ -201,3 +200,18 @@ def test_bench_runs_end_to_end(cluster, tmp_path):
     res = json.loads((tmp_path / "bench_ray.json").read_text())
     assert res["same_tokens"] and res["ray"]["workers_used"] == 2
     assert res["single"]["tokens"] == res["ray"]["tokens"] > 0
+
+
+def test_helper_writes_a_resumable_file(cluster, tmp_path, capsys):
+    dec = {"aligned": PAIR, "max_batch_size": 4, "max_seq_len": 64}
+    rows = [{"id": f"q{i}", "prompt": p.prompt} for i, p in enumerate(task.split_problems()[1][:4])]
+    out = tmp_path / "o.jsonl"
+    kw = dict(decoder=dec, max_new_tokens=4, chat=True, batch_size=2, workers=1)
+    first = ray_data.generate(rows[2:], out, **kw)
+    assert "ray: 2 rows" in capsys.readouterr().err
+    got = ray_data.generate(rows, out, **kw)
+    assert "ray: 2 rows" in capsys.readouterr().err  # only the missing ids were sent
+    assert [r["id"] for r in got] == ["q0", "q1", "q2", "q3"] == ids_of(out)
+    assert got[2:] == first
+    with pytest.raises(ValueError, match="other settings"):
+        ray_data.generate(rows, out, **dict(kw, max_new_tokens=5))
