@@ -275,10 +275,12 @@ def worker_resources(workers=None, threads: int = 1) -> tuple:
     return {"num_cpus": threads}, workers or max(1, int(res.get("CPU", 1)) // threads)
 
 
-def map_dataset(ds, worker=Generate, *, workers=None, threads: int = 1, **kw):
+def map_dataset(ds, worker=Generate, *, workers=None, threads: int = 1, batch_size=None, **kw):
     """``ds.map_batches(worker, ...)`` with one Decoder per worker (``kw``: the worker's
-    constructor arguments). Whole blocks are batches: a block built from one ``_batch`` group
-    is decoded by one ``generate`` call, as the single-process command does."""
+    constructor arguments). With ``batch_size=None`` whole blocks are batches: a block built
+    from one ``_batch`` group is decoded by one ``generate`` call, as the single-process
+    command does; give ``batch_size`` (at most the Decoder's ``max_batch_size``) for a
+    Dataset built elsewhere."""
     extra = {}
     if os.environ.get(FAULT_ENV):
         extra["runtime_env"] = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}
@@ -286,7 +288,7 @@ def map_dataset(ds, worker=Generate, *, workers=None, threads: int = 1, **kw):
     if "num_cpus" in res:
         kw.setdefault("threads", threads)
     return ds.map_batches(worker, fn_constructor_kwargs=kw, batch_format="pandas",
-                          batch_size=None, compute=ray.data.ActorPoolStrategy(size=n),
+                          batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=n),
                           **res, **extra)
 
 
@@ -412,7 +414,8 @@ def generate(source, out=None, *, decoder, rule: Rule = AAD(0.1), max_new_tokens
 
     Args:
         source: a ``ray.data.Dataset`` (returned mapped, lazily: ``Generate``'s output
-            columns), or a JSONL path / list of rows ``{"prompt", "id"?, rule fields?}``.
+            columns; batches of ``batch_size`` rows), or a JSONL path / list of rows
+            ``{"prompt", "id"?, rule fields?}``.
         out: with a path or list source, append the rows to this JSONL (resumable: a rerun
             decodes only the ids not in it; ``settings``, by default the rule, lengths and
             decoder spec, are checked against its sidecar ``OUT.meta.json``).
@@ -431,7 +434,8 @@ def generate(source, out=None, *, decoder, rule: Rule = AAD(0.1), max_new_tokens
         if out is not None:
             raise ValueError("out= needs a JSONL path or a list of rows as source; write a "
                              "mapped Dataset with its own writers (ds.write_json(...))")
-        return map_dataset(source, Generate, workers=workers, threads=threads, **kw)
+        return map_dataset(source, Generate, workers=workers, threads=threads,
+                           batch_size=batch_size, **kw)
     if isinstance(source, (list, tuple)):
         rows = [dict(r, id=r.get("id", i)) for i, r in enumerate(source)]
         ident = {"rows": len(rows)}
