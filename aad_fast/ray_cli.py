@@ -3,10 +3,12 @@ rows, made on a Ray cluster (``aad_fast.ray_data``), written to the same resumab
 sidecar settings, so a file started by one can be finished by the other), sorted into the
 input order at the end; ``--parquet`` also writes them as Parquet.
 
-The ``generate`` batches are cut as the single-process commands cut them (``generate``: from
-the prompts still to do; ``make-pairs``: from the whole list, a batch's rejected samples
-seeded ``seed + its start``), and each batch is one block and one ``Decoder.generate`` call
-on a worker, so the rows are the ones the single-process command writes.
+The ``generate`` calls are cut as the single-process commands cut them (``generate``: from
+the prompts still to do, ``--batch-size`` times ``cli.CONTINUOUS_CHUNK`` prompts per call
+where the continuous scheduler takes them; ``make-pairs``: from the whole list, a batch's
+rejected samples seeded ``seed + its start``), and each is one block and one
+``Decoder.generate`` call on a worker, so the rows are the ones the single-process command
+writes.
 """
 from __future__ import annotations
 
@@ -88,6 +90,7 @@ def run_generate(a) -> int:
 
     import aad_fast as af
 
+    from . import cli
     from .cli import _generate_settings, _read_prompts, check_resume, prompts_identity
     from .cli import rule_from_args
     from .outfile import ResultsFile
@@ -120,8 +123,12 @@ def run_generate(a) -> int:
         decoder = {"aligned": _abs(a.aligned), "reference": _abs(a.reference),
                    "dtype": a.dtype, "device": a.device, "max_seq_len": a.max_seq_len,
                    "max_batch_size": a.batch_size * per_prompt}
-        groups = [[{"_pos": i, "prompt": rows[i]["prompt"]} for i in todo[j:j + a.batch_size]]
-                  for j in range(0, len(todo), a.batch_size)]
+        # the generate calls of cmd_generate: with the continuous scheduler (cli's
+        # CONTINUOUS_CHUNK) a per-token rule takes several batches' worth of prompts per call
+        searched = isinstance(rule, (af.BeamAAD, af.BestOfN))
+        per_call = a.batch_size * (1 if searched else getattr(cli, "CONTINUOUS_CHUNK", 1))
+        groups = [[{"_pos": i, "prompt": rows[i]["prompt"]} for i in todo[j:j + per_call]]
+                  for j in range(0, len(todo), per_call)]
 
         def record_of(row, rec):
             return {"id": row["id"], "prompt": row["prompt"], "completion": rec["completion"],

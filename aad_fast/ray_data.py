@@ -18,7 +18,9 @@ or a running local cluster, or starts a local Ray instance as ``ray.init()`` doe
 
 Test hook: ``AAD_FAST_RAY_FAULT`` in the driver's environment is forwarded to the workers;
 ``exit:FLAG`` makes the first batch that finds no file ``FLAG`` create it and kill its worker
-(``os._exit``) after decoding, before returning rows; ``sleep:S`` sleeps ``S`` seconds per batch.
+(``os._exit``) after decoding, before returning rows; ``stall:FLAG`` lets the first batch
+through (creating ``FLAG``) and holds every later one forever; ``sleep:S`` sleeps ``S`` seconds
+per batch.
 """
 from __future__ import annotations
 
@@ -172,6 +174,11 @@ class _Worker:
             elif kind == "exit" and not os.path.exists(arg):
                 open(arg, "w").close()
                 os._exit(17)  # the worker dies mid-batch: Ray restarts it and retries
+            elif kind == "stall":
+                if os.path.exists(arg):
+                    while True:  # hold every later batch until the job is killed
+                        time.sleep(1)
+                open(arg, "w").close()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         if "prompt" not in batch.columns:
@@ -334,7 +341,9 @@ def run_rows(rows: list, groups: list, record_of, *, out=None, worker=Generate, 
                      workers=min(n_workers, len(blocks)), threads=threads, **worker_kw)
     t0, names, got = time.perf_counter(), set(), set()
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        # no prefetch: the iterator would otherwise hold a finished batch until the next one
+        # is done too, and a killed run would lose rows that were already decoded
+        for batch in ds.iter_batches(batch_size=None, batch_format="pandas", prefetch_batches=0):
             for rec in batch.to_dict("records"):
                 pos = int(rec["_pos"])
                 row = rows[pos]

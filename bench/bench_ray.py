@@ -78,7 +78,7 @@ def run_ray(a, prompts, spec, rule) -> dict:
                                   workers=a.workers, threads=a.threads, decoder=spec, rule=rule,
                                   chat=True, max_new_tokens=a.max_new_tokens)
         t0, first, rows, busy = time.perf_counter(), None, {}, {}
-        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        for batch in ds.iter_batches(batch_size=None, batch_format="pandas", prefetch_batches=0):
             recs = batch.to_dict("records")
             if first is None:
                 first = time.perf_counter() - t0 - recs[0]["batch_ms"] / 1000
