@@ -253,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     add_rule_arguments(g)
-    g.set_defaults(func=cmd_generate)
+    from .ray_cli import add_ray_arguments, dispatch
+    add_ray_arguments(g)
+    g.set_defaults(func=dispatch(cmd_generate, "run_generate"))
 
     d = sub.add_parser("demo", help="run AAD on the embedded default pair (no paths needed)",
                        description="Decode a held-out prompt of the embedded toy task with AAD "
@@ -290,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
             m = importlib.import_module(mod)
             getattr(m, "add_arguments_" + name.replace("-", "_"))(e)
             e.set_defaults(func=getattr(m, "run_" + name.replace("-", "_")))
+            if name == "make-pairs":
+                add_ray_arguments(e)
+                e.set_defaults(func=dispatch(e.get_default("func"), "run_make_pairs"))
         except (ImportError, AttributeError):
             e.set_defaults(func=lambda a, n=name: sys.exit(f"aad-fast {n} is not available yet"))
     return p

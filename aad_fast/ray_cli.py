@@ -1,0 +1,199 @@
+"""``aad-fast generate --ray`` and ``aad-fast make-pairs --ray``: the single-process commands'
+rows, made on a Ray cluster (``aad_fast.ray_data``), written to the same resumable JSONL (same
+sidecar settings, so a file started by one can be finished by the other), sorted into the
+input order at the end; ``--parquet`` also writes them as Parquet.
+
+The ``generate`` calls are cut as the single-process commands cut them (``generate``: from
+the prompts still to do, ``--batch-size`` times ``cli.CONTINUOUS_CHUNK`` prompts per call
+where the continuous scheduler takes them; ``make-pairs``: from the whole list, a batch's
+rejected samples seeded ``seed + its start``), and each is one block and one
+``Decoder.generate`` call on a worker, so the rows are the ones the single-process command
+writes.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+INSTALL = "pip install 'aad_fast[ray]'"
+
+
+def add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray (README 'Beyond one machine')")
+    g.add_argument("--ray", action="store_true",
+                   help=f"run on a Ray cluster, one Decoder per worker (needs {INSTALL})")
+    g.add_argument("--ray-address", default=None,
+                   help="cluster to join (default: $RAY_ADDRESS, a running local cluster, or "
+                        "a new local Ray instance)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="Decoder workers (default: one per GPU, else one per CPU // "
+                        "--threads)")
+    g.add_argument("--threads", type=int, default=1, help="CPU threads per CPU worker")
+    g.add_argument("--parquet", default=None, help="also write the rows as Parquet here")
+
+
+def dispatch(single, distributed):
+    """The command's function: ``distributed`` (by name, in this module) with ``--ray``."""
+    def run(a):
+        if a.ray:
+            return globals()[distributed](a)
+        if a.parquet or a.ray_address or a.workers:
+            raise ValueError("--parquet, --ray-address and --workers go with --ray; add --ray")
+        return single(a)
+    return run
+
+
+def _ray():
+    import importlib
+    try:
+        return importlib.import_module("aad_fast.ray_data")
+    except ImportError as exc:
+        raise SystemExit(f"--ray needs Ray Data, which is not installed: {INSTALL} ({exc})")
+
+
+def _check(a) -> None:
+    for name in ("workers", "threads"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name} must be >= 1, got {v}")
+    if a.parquet:
+        from .outfile import check_writable
+        check_writable(a.parquet, "--parquet")
+    if a.out is None and a.parquet:
+        raise ValueError("--parquet needs --out (the resumable JSONL it is made from)")
+
+
+def _abs(x):
+    return None if x is None else os.path.abspath(x)
+
+
+def _run(rd, a, rows, out, groups, record_of, **kw):
+    """Join the cluster, decode, write; sort the file and write Parquet at the end."""
+    started = rd.connect(a.ray_address)
+    try:
+        got = out if out is not None else []
+        stats = rd.run_rows(rows, groups, record_of, out=got, workers=a.workers,
+                            threads=a.threads, **kw)
+        print(rd.summary(stats), file=sys.stderr)
+    finally:
+        if started:
+            rd.ray.shutdown()
+    return stats, got
+
+
+def run_generate(a) -> int:
+    """``generate --ray``: what ``cli.cmd_generate`` writes, decoded on Ray workers."""
+    import contextlib
+
+    import aad_fast as af
+
+    from . import cli
+    from .cli import _generate_settings, _read_prompts, check_resume, prompts_identity
+    from .cli import rule_from_args
+    from .outfile import ResultsFile
+    rd = _ray()
+    if (a.prompt is None) == (a.prompts_file is None):
+        raise SystemExit("give exactly one of --prompt TEXT or --prompts-file FILE.jsonl")
+    for name in ("max_new_tokens", "batch_size", "max_seq_len"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    _check(a)
+    rule = rule_from_args(a)
+    rows = _read_prompts(a)
+    if not a.chat:
+        for r in rows:
+            if not r["prompt"].strip():
+                raise ValueError(f"prompt id {r['id']!r} is only whitespace, which encodes to "
+                                 "no tokens; give some text (or --chat)")
+    with contextlib.ExitStack() as stack:
+        out = None
+        todo = list(range(len(rows)))
+        if a.out:
+            ident = prompts_identity(a.prompts_file) if a.prompts_file else {"prompt": a.prompt}
+            out = stack.enter_context(ResultsFile(a.out, _generate_settings(a, rule), ident))
+            check_resume(out, rows, lambda row: row.get("prompt"))
+            todo = [i for i in todo if not out.is_done(rows[i]["id"])]
+            if out.done:
+                print(f"{a.out}: {len(out.done)} prompt(s) already done, {len(todo)} to go",
+                      file=sys.stderr)
+        per_prompt = rule.n if isinstance(rule, af.BestOfN) else getattr(rule, "num_beams", 1)
+        decoder = {"aligned": _abs(a.aligned), "reference": _abs(a.reference),
+                   "dtype": a.dtype, "device": a.device, "max_seq_len": a.max_seq_len,
+                   "max_batch_size": a.batch_size * per_prompt}
+        # the generate calls of cmd_generate: with the continuous scheduler (cli's
+        # CONTINUOUS_CHUNK) a per-token rule takes several batches' worth of prompts per call
+        searched = isinstance(rule, (af.BeamAAD, af.BestOfN))
+        per_call = a.batch_size * (1 if searched else getattr(cli, "CONTINUOUS_CHUNK", 1))
+        groups = [[{"_pos": i, "prompt": rows[i]["prompt"]} for i in todo[j:j + per_call]]
+                  for j in range(0, len(todo), per_call)]
+
+        def record_of(row, rec):
+            return {"id": row["id"], "prompt": row["prompt"], "completion": rec["completion"],
+                    "tokens": [int(t) for t in rec["tokens"]],
+                    "finish_reason": rec["finish_reason"], "rule": a.rule}
+        if todo:
+            _, got = _run(rd, a, rows, out, groups, record_of, decoder=decoder, rule=rule,
+                          max_new_tokens=a.max_new_tokens, chat=a.chat, stop=a.stop or None)
+            if out is None:
+                got = rd.in_order(got, rows)
+                for rec in got:
+                    print(rec["completion"] if len(rows) == 1 else
+                          json.dumps(rec))
+        if out is not None:
+            result = rd.sort_file(out, rows)
+            if a.parquet:
+                rd.write_parquet(a.parquet, result)
+    return 0
+
+
+def pairs_settings(a) -> dict:
+    """The sidecar settings of ``make-pairs`` (``toy.evaluate.make_pairs``: keep in step)."""
+    from pathlib import Path
+    return {"command": "make-pairs", "aligned": a.aligned and str(Path(a.aligned).resolve()),
+            "reference": a.reference and str(Path(a.reference).resolve()),
+            "alpha": a.alpha, "max_new_tokens": a.max_new_tokens, "seed": a.seed,
+            "batch_size": a.batch_size}
+
+
+def run_make_pairs(a) -> int:
+    """``make-pairs --ray``: chosen = AAD, rejected = nucleus sample, as ``make-pairs``."""
+    from .cli import check_resume, prompts_identity, read_prompts_file
+    from .outfile import ResultsFile
+    from .toy import task
+    rd = _ray()
+    if a.batch_size < 1 or a.max_new_tokens < 1:
+        raise ValueError(f"--batch-size and --max-new-tokens must be >= 1, got "
+                         f"{a.batch_size} and {a.max_new_tokens}")
+    _check(a)
+    if a.prompts:
+        rows = read_prompts_file(a.prompts, "--prompts", text_lines=True)
+        ident = prompts_identity(a.prompts)
+    else:
+        rows = [{"id": i, "prompt": p.prompt} for i, p in enumerate(task.split_problems()[0])]
+        ident = {"toy": "train split"}
+    with ResultsFile(a.out, pairs_settings(a), ident) as out:
+        check_resume(out, rows, lambda row: row["prompt"][0]["content"])
+        # batches cut from the whole list, seeded by their start, as make-pairs does
+        groups = [[{"_pos": i, "prompt": rows[i]["prompt"], "seed": a.seed + j}
+                   for i in range(j, min(j + a.batch_size, len(rows)))
+                   if not out.is_done(rows[i]["id"])] for j in range(0, len(rows), a.batch_size)]
+        todo = sum(len(g) for g in groups)
+        print(f"make-pairs: {todo} prompt(s) to do, {len(out.done)} already in {a.out}",
+              file=sys.stderr)
+
+        def record_of(row, rec):
+            return {"id": row["id"], "prompt": [{"role": "user", "content": row["prompt"]}],
+                    "chosen": [{"role": "assistant", "content": rec["chosen"]}],
+                    "rejected": [{"role": "assistant", "content": rec["rejected"]}]}
+        if todo:
+            decoder = functools.partial(rd.pairs_decoder, _abs(a.aligned), _abs(a.reference))
+            _run(rd, a, rows, out, [g for g in groups if g], record_of, worker=rd.MakePairs,
+                 decoder=decoder, alpha=a.alpha, max_new_tokens=a.max_new_tokens,
+                 count=lambda r: len(r["chosen_tokens"]) + len(r["rejected_tokens"]))
+        result = rd.sort_file(out, rows)
+        if a.parquet:
+            rd.write_parquet(a.parquet, result)
+    return 0
