@@ -40,6 +40,7 @@ METHODS = {
     "greedy_compiled": ("engine greedy, 1 model, torch.compile", "plain"),
     "greedy_bf16": ("engine greedy, 1 model, bf16 weights", "plain"),
     "aad_lora_compiled": ("engine AAD, LoRA pair, torch.compile", "lora"),
+    "aad_two_compiled": ("engine AAD, two models, torch.compile", "plain"),
 }
 # A baseline and the engine method that must choose the same tokens in exact arithmetic (with
 # random weights near-ties can flip under different kernels, e.g. in bf16).
@@ -65,6 +66,7 @@ ENGINE_RULES = {  # method: (rule, models: "one" | "two" | "lora")
     "greedy_compiled": (Greedy("a"), "one+compiled"),
     "greedy_bf16": (Greedy("a"), "bf16"),
     "aad_lora_compiled": (AAD(0.1), "lora+compiled"),
+    "aad_two_compiled": (AAD(0.1), "two+compiled"),
 }
 
 
