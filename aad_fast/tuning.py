@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +43,9 @@ from torch import nn
 from .cpu_linear import few_row_linear
 
 MARGIN = 0.05          # the alternative must be this much faster than plain to be chosen
-ROUNDS = 7             # timed rounds per candidate (interleaved), after one warm-up
+ROUNDS = 9             # timed rounds per candidate at most (interleaved), after one warm-up
+MIN_ROUNDS = 5         # ... and at least
+STABLE = 1.5           # median round / best round above this: the machine is busy, keep nothing
 BUDGET_S = 0.25        # stop adding rounds past this much time per shape
 MAX_BYTES = 256 << 20  # weights of one shape timed per round (a subset beyond that)
 LINEAR_MODES = ("auto", "plain", "few_row")
@@ -115,13 +118,13 @@ def cached(entry: str) -> dict | None:
     return rec
 
 
-def store(entry: str, record: dict) -> None:
-    """Keep ``record`` for this machine (in memory, and in the cache file when there is one;
-    an unwritable cache directory only costs a measurement next time)."""
+def store(entry: str, record: dict, persist: bool = True) -> None:
+    """Keep ``record`` for this machine (in memory, and in the cache file when there is one and
+    ``persist``; an unwritable cache directory only costs a measurement next time)."""
     key = machine_key()
     _MEMORY[(key, entry)] = record
     path = cache_path()
-    if path is None:
+    if path is None or not persist:
         return
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,28 +149,43 @@ def forget() -> None:
 
 
 # ---------------------------------------------------------------------------- timing
-def time_candidates(fns: dict, rounds: int = ROUNDS, budget_s: float = BUDGET_S) -> dict:
-    """Best time in ms of each zero-argument function, run interleaved (one warm-up each, then
-    rounds in rotated order so drift on a shared machine hits every candidate alike)."""
+def time_rounds(fns: dict, rounds: int = ROUNDS, budget_s: float = BUDGET_S) -> dict:
+    """ms of each zero-argument function per round, run interleaved (one warm-up each, then
+    rounds in rotated order so drift on a shared machine hits every candidate alike; at least
+    ``MIN_ROUNDS``, more while under ``budget_s``)."""
     names = list(fns)
     for name in names:
         fns[name]()
-    best = dict.fromkeys(names, float("inf"))
+    times = {name: [] for name in names}
     start = time.perf_counter()
     for i in range(rounds):
         for name in names[i % len(names):] + names[: i % len(names)]:
             t0 = time.perf_counter()
             fns[name]()
-            best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
-        if i >= 2 and time.perf_counter() - start > budget_s:
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        if i + 1 >= MIN_ROUNDS and time.perf_counter() - start > budget_s:
             break
-    return best
+    return times
+
+
+def time_candidates(fns: dict, rounds: int = ROUNDS, budget_s: float = BUDGET_S) -> dict:
+    """Best time in ms of each candidate (``time_rounds``), plus ``"stable"``: whether every
+    candidate's median round is within ``STABLE`` of its best (a machine busy with other work
+    gives rounds that scatter; such a measurement is used, with the plain path, but not kept)."""
+    times = time_rounds(fns, rounds, budget_s)
+    out = {name: min(ts) for name, ts in times.items()}
+    out["stable"] = all(statistics.median(ts) <= STABLE * min(ts) for ts in times.values())
+    return out
 
 
 def decide(times: dict, plain: str = "plain") -> str:
-    """The plain candidate unless another is faster than it by more than ``MARGIN``."""
-    best = min(times, key=times.get)
-    return best if times[best] < times[plain] * (1 - MARGIN) else plain
+    """The plain candidate unless another is faster than it by more than ``MARGIN`` in a stable
+    measurement (``time_candidates``; a timer without ``"stable"`` counts as stable)."""
+    if not times.get("stable", True):
+        return plain
+    ms = {k: v for k, v in times.items() if k != "stable"}
+    best = min(ms, key=ms.get)
+    return best if ms[best] < ms[plain] * (1 - MARGIN) else plain
 
 
 def measure_linear(weights: list, rows: int) -> dict:
@@ -230,8 +248,9 @@ def plan_linears(model: nn.Module, rows: int, mode: str | None = None,
         if rec is None:
             times = measure(weights, rows)
             rec = {"choice": decide(times), "plain_ms": times["plain"],
-                   "few_row_ms": times["few_row"], "weights_timed": len(weights)}
-            store(entry, rec)
+                   "few_row_ms": times["few_row"], "weights_timed": len(weights),
+                   "stable": times.get("stable", True)}
+            store(entry, rec, persist=rec["stable"])
             rec = dict(rec, source="measured")
         else:
             rec = dict(rec, source="cache")
@@ -245,8 +264,9 @@ def summarize(plan: dict) -> dict:
     for (n, k), rec in plan.items():
         text = rec["choice"]
         if "plain_ms" in rec:
+            busy = "" if rec.get("stable", True) else ", machine busy: plain kept, not cached"
             text += (f" ({rec['source']}: plain {rec['plain_ms']:.3f} ms, few_row "
-                     f"{rec['few_row_ms']:.3f} ms)")
+                     f"{rec['few_row_ms']:.3f} ms{busy})")
         else:
             text += f" ({rec['source']})"
         out[f"{n}x{k}"] = text
@@ -302,6 +322,8 @@ def fastest_backend(device: torch.device, candidates: list, measure=measure_back
     if rec is None:
         times = measure(device, candidates)
         plain = "torch" if "torch" in times else candidates[0]
-        rec = {"choice": decide(times, plain), "ms": times}
-        store(entry, rec)
+        rec = {"choice": decide(times, plain),
+               "ms": {k: v for k, v in times.items() if k != "stable"},
+               "stable": times.get("stable", True)}
+        store(entry, rec, persist=rec["stable"])
     return rec["choice"]

@@ -163,3 +163,32 @@ def test_default_backend_is_the_measured_fastest():
         assert backends.pick_backend(cpu, None) in ("cpp", "torch")
         assert tuning.cached("backend/cpu/cpp+torch")["ms"].keys() == {"cpp", "torch"}
     assert backends.pick_backend(cpu, "torch") == "torch"  # forced: no measurement needed
+
+
+def test_a_busy_machine_keeps_plain_and_caches_nothing():
+    """Rounds that scatter (other work on the machine) say nothing about the layouts: the plain
+    path is used and the measurement is not written to the cache file."""
+    net = nn.Sequential(nn.Linear(8, 16))
+    seen = []
+
+    def busy(weights, rows):
+        seen.append(rows)
+        return {"plain": 1.0, "few_row": 0.1, "stable": False}
+    rec = tuning.plan_linears(net, 2, measure=busy)[(16, 8)]
+    assert rec["choice"] == "plain" and not rec["stable"]
+    tuning.plan_linears(net, 2, measure=busy)
+    assert seen == [2]  # remembered for this process
+    tuning.forget()     # a new process measures again: nothing was cached
+    tuning.plan_linears(net, 2, measure=busy)
+    assert seen == [2, 2]
+    times = tuning.time_rounds({"a": lambda: None, "b": lambda: None}, rounds=7, budget_s=0)
+    assert set(times) == {"a", "b"} and all(len(t) == tuning.MIN_ROUNDS for t in times.values())
+
+
+def test_time_candidates_flags_scattered_rounds(monkeypatch):
+    fake = {"a": [1.0, 1.0, 1.1, 1.0, 1.0], "b": [1.0, 3.0, 3.0, 3.0, 1.0]}
+    monkeypatch.setattr(tuning, "time_rounds", lambda fns, *a, **k: fake)
+    out = tuning.time_candidates({"a": None, "b": None})
+    assert out == {"a": 1.0, "b": 1.0, "stable": False}
+    fake["b"] = [1.2, 1.0, 1.1, 1.3, 1.0]
+    assert tuning.time_candidates({"a": None, "b": None})["stable"] is True
