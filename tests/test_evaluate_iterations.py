@@ -113,24 +113,27 @@ def test_completion_logprob_matches_per_token_loop():
             with torch.no_grad():
                 logits = sft(input_ids=torch.tensor([full[:t]])).logits[0, -1].double()
             want += float(torch.log_softmax(logits, -1)[full[t]])
-        assert g == pytest.approx(want, abs=1e-6)
+        # float32 forwards of different shapes (padded batch vs one prefix): ~1e-6 apart; an
+        # off-by-one token (a missing <eos>, the prompt's last token) moves the sum by > 0.01
+        assert g == pytest.approx(want, abs=1e-4)
 
 
 def test_pair_accuracy_counts_kinds_and_ties():
     reward = [2.0, -1.0, 3.0, 3.0]
     parts = [{"correct": 2.0}, {"correct": -1.0}, {"correct": 2.0}, {"correct": 2.0}]
-    score = [0.0, 1.0, 5.0, 0.0]  # wrong on (0, 1); right on (2, 0), (2, 1); tie on (3, 0)
+    score = [0.0, 1.0, 5.0, 0.0]
     acc = iterations._pair_accuracy(score, reward, parts)
-    # pairs with different rewards: (0,1) corr, (0,2) style, (0,3) style, (1,2) corr, (1,3) corr
+    # pairs with different rewards (2, 3 have equal ones): correctness (0,1) miss, (1,2) hit,
+    # (1,3) miss; style (0,2) hit, (0,3) a tie in score: one half
     assert acc["correctness"] == [0.0 + 1.0 + 0.0, 3]
     assert acc["style"] == [1.0 + 0.5, 2]
-    assert acc["all"] == [4.5, 5]
+    assert acc["all"] == [2.5, 5]
 
 
-@pytest.mark.slow
 def test_iterate_recipe_smoke(tmp_path):
-    """The iterative recipe on a handful of prompts and a few DPO steps: three adapters over
-    ../sft, pair files in TRL's format with chosen = AAD of iteration 0 / iteration 1."""
+    """The iterative recipe on a handful of prompts and a few DPO steps (~15 s): three adapters
+    over ../sft, pair files in TRL's format with chosen = AAD of iteration 0, round 2 keeping
+    round 1's rejected samples."""
     pytest.importorskip("trl")
     from aad_fast import AAD, Decoder
     from aad_fast.toy import iterate
@@ -159,3 +162,8 @@ def test_iterate_recipe_smoke(tmp_path):
     rej1 = {r["prompt"][0]["content"]: r["rejected"] for r in rows1}
     assert all(r["rejected"] == rej1[r["prompt"][0]["content"]] for r in rows2
                if r["prompt"][0]["content"] in rej1)
+    # the output directory is a whole pair for `evaluate --iterations --dir`
+    res = tmp_path / "res.json"
+    assert main(["evaluate", "--iterations", "--dir", str(tmp_path), "--limit", "2",
+                 "--max-new-tokens", "8", "--no-diagnose", "--json", str(res)]) == 0
+    assert json.loads(res.read_text())["dir"] == str(tmp_path)

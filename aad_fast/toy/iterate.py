@@ -19,9 +19,12 @@ Starting from a trained pair (default: the shipped one, ``aad_fast/default_pair`
 
 DPO settings (beta, learning rate, epochs, batch, LoRA rank) are those of ``toy.train``
 (overridable here). ``DIR`` receives the three adapters (base recorded as ``../sft``), both
-pair files and ``iterate_meta.json`` (pair statistics against the oracle, training logs, wall
-time). ``aad-fast evaluate --iterations --dir DIR`` scores them; copying the three adapter
-directories into ``aad_fast/default_pair/`` ships them. About 5 minutes on 2 cores.
+pair files, ``iterate_meta.json`` (pair statistics against the oracle, training logs, wall
+time) and links to ``PAIR_DIR``'s ``sft``, ``picker`` and ``dpo``, so that ``aad-fast evaluate
+--iterations --dir DIR`` scores them; copying the adapter directories into
+``aad_fast/default_pair/`` ships them. ``--ablations`` (or ``--only-ablations`` after a run)
+adds two diagnostic variants of iteration 1. About 5 minutes on 2 idle cores (14 on a loaded
+one), the ablations 1-4 more.
 
 Needs the ``[train]`` extra (``trl``, ``datasets``).
 """
@@ -85,6 +88,11 @@ def pair_rows(prompts, chosen, rejected):
     return rows
 
 
+def _ok(question, completion) -> bool:
+    """The oracle's correctness term is +2: only the right answer word is stated."""
+    return task.reward_breakdown(question, completion)["correct"] == 2.0
+
+
 def pair_stats(prompts, chosen, rejected, rows) -> dict:
     """How good the synthetic pairs are by the oracle: mean rewards, and the share of prompts
     where chosen is better / equal / worse than rejected (the last: mislabeled pairs)."""
@@ -96,6 +104,11 @@ def pair_stats(prompts, chosen, rejected, rows) -> dict:
             "chosen_better": sum(a > b for a, b in zip(rc, rr)) / n,
             "tie": sum(a == b for a, b in zip(rc, rr)) / n,
             "chosen_worse": sum(a < b for a, b in zip(rc, rr)) / n,
+            # the pairs that can teach the answer word's credit: correctness differs
+            "correctness_contrast_right": sum(_ok(q, c) and not _ok(q, r) for q, c, r in
+                                              zip(prompts, chosen, rejected)) / n,
+            "correctness_contrast_inverted": sum(_ok(q, r) and not _ok(q, c) for q, c, r in
+                                                 zip(prompts, chosen, rejected)) / n,
             "chosen_wrong_answer": sum(task.reward_breakdown(q, c)["correct"] < 2
                                        for q, c in zip(prompts, chosen)) / n,
             "rejected_wrong_answer": sum(task.reward_breakdown(q, r)["correct"] < 2
@@ -131,6 +144,9 @@ def run(a) -> dict:
                         "--dpo-lr", str(a.dpo_lr), "--dpo-epochs", str(a.dpo_epochs),
                         "--dpo-batch", str(a.dpo_batch), "--lora-r", str(a.lora_r)])
     tok = AutoTokenizer.from_pretrained(root / "sft", local_files_only=True)
+    for name in ("sft", "picker", "dpo"):  # OUT then is a whole pair for evaluate --dir
+        if not (out / name).exists():
+            (out / name).symlink_to((root / name).resolve(), target_is_directory=True)
     with open(root / "dpo_pairs.jsonl") as f:
         prompts = list(dict.fromkeys(json.loads(line)["prompt"][0]["content"] for line in f))
     if a.limit:
@@ -171,8 +187,65 @@ def run(a) -> dict:
     meta["pairs2"] = dict(pair_stats(prompts, chosen2, rejected, rows2),
                           seconds=round(time.time() - t0, 1))
     train("dpo_iter2", rows2, None)
+    if a.ablations:
+        ablations(a, targs, tok, root, out, rows1, meta)
     meta["wall_seconds"] = round(time.time() - t_all, 1)
     (out / "iterate_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def oracle_relabelled(rows):
+    """``rows`` with chosen/rejected set by the oracle (the better one chosen), ties dropped:
+    the same completions with the label noise of "AAD beats a sample" removed."""
+    out = []
+    for r in rows:
+        if r["chosen_reward"] == r["rejected_reward"]:
+            continue
+        if r["chosen_reward"] < r["rejected_reward"]:
+            r = dict(r, chosen=r["rejected"], rejected=r["chosen"],
+                     chosen_reward=r["rejected_reward"], rejected_reward=r["chosen_reward"])
+        out.append(r)
+    return out
+
+
+def ablations(a, targs, tok, root, out, rows1, meta):
+    """Two diagnostic variants of iteration 1 (DPO from SFT): on the round-1 pairs relabelled
+    by the oracle (``dpo_iter1_oracle``), and with half the DPO steps (``dpo_iter1_weak``)."""
+    import copy
+    import shutil
+
+    from .train import train_dpo
+    relabelled = oracle_relabelled(rows1)
+    weak = copy.copy(targs)
+    weak.dpo_epochs = targs.dpo_epochs / 2
+    for name, rows, args in (("dpo_iter1_oracle", relabelled, targs),
+                             ("dpo_iter1_weak", rows1, weak)):
+        t = time.time()
+        log = train_dpo(args, tok, rows, root / "sft", out / name, None)
+        shutil.rmtree(out / name / "_trainer", ignore_errors=True)
+        meta[name] = {"init": "sft, reference = sft", "pairs": len(rows),
+                      "dpo_epochs": args.dpo_epochs, "final": log[-1],
+                      "seconds": round(time.time() - t, 1)}
+
+
+def run_only_ablations(a) -> dict:
+    """``ablations`` on ``OUT/iter_pairs1.jsonl``; merges into ``OUT/iterate_meta.json``."""
+    from transformers import AutoTokenizer
+
+    from .assets import default_pair_dir
+    from .train import parse_args as train_args
+    root = Path(a.root) if a.root else default_pair_dir()
+    out = Path(a.out)
+    meta_path = out / "iterate_meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    targs = train_args(["--out", str(out), "--seed", str(a.seed), "--dpo-beta", str(a.dpo_beta),
+                        "--dpo-lr", str(a.dpo_lr), "--dpo-epochs", str(a.dpo_epochs),
+                        "--dpo-batch", str(a.dpo_batch), "--lora-r", str(a.lora_r)])
+    tok = AutoTokenizer.from_pretrained(root / "sft", local_files_only=True)
+    with open(out / "iter_pairs1.jsonl") as f:
+        rows1 = [json.loads(line) for line in f if line.strip()]
+    ablations(a, targs, tok, root, out, rows1, meta)
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
 
@@ -187,6 +260,11 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ablations", action="store_true",
+                   help="also train two diagnostic variants of iteration 1: oracle-relabelled "
+                        "pairs (dpo_iter1_oracle) and half the DPO steps (dpo_iter1_weak)")
+    p.add_argument("--only-ablations", action="store_true",
+                   help="train only the ablations, from OUT/iter_pairs1.jsonl of an earlier run")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--dpo-beta", type=float, default=0.1)
     p.add_argument("--dpo-lr", type=float, default=5e-4)
@@ -199,7 +277,10 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    meta = run(a)
+    if a.only_ablations:
+        meta = run_only_ablations(a)
+    else:
+        meta = run(a)
     print(json.dumps({k: v for k, v in meta.items() if k != "args"}, indent=1))
 
 

@@ -25,6 +25,9 @@ from .tokenizer import render_prompt, stop_ids
 
 ITERATIONS = (("iteration 0", "dpo"), ("iteration 1", "dpo_iter1"),
               ("iteration 1'", "dpo_iter1p"), ("iteration 2", "dpo_iter2"))
+#: diagnostic variants of iteration 1, scored when present (``iterate --ablations``)
+ABLATIONS = (("iteration 1, oracle-relabelled pairs", "dpo_iter1_oracle"),
+             ("iteration 1, half the DPO steps", "dpo_iter1_weak"))
 ALPHA = 0.1
 COMPONENTS = ("correct", "complete", "polite", "rude", "filler", "repetition", "rambling")
 
@@ -36,10 +39,13 @@ def _models(root: Path):
     missing = [d for _, d in ITERATIONS if not (root / d / "adapter_config.json").is_file()]
     if missing:
         raise ValueError(f"--dir {root}: no adapter {', '.join(missing)} (train them with "
-                         f"`python -m aad_fast.toy.iterate --out {root}`)")
+                         f"`python -m aad_fast.toy.iterate --out {root}`, which also links "
+                         "sft/, picker/ and dpo/ there)")
     sft, _, tok, picker, picker_tok = load_default_pair("cpu", root=root)
+    present = ITERATIONS + tuple((label, d) for label, d in ABLATIONS
+                                 if (root / d / "adapter_config.json").is_file())
     return sft, tok, picker, picker_tok, {label: load_adapter_model(root, root / d)
-                                          for label, d in ITERATIONS}
+                                          for label, d in present}
 
 
 def _merged(peft_model):
@@ -75,7 +81,8 @@ def table(root: Path, problems, *, max_new_tokens=32, batch_size=32):
     prompts = [p.prompt for p in problems]
     texts = {}
     for label, model in models.items():
-        with Decoder(model, tokenizer=tok, max_batch_size=batch_size, max_seq_len=128) as dec:
+        with Decoder(model, tokenizer=tok, max_batch_size=2 * batch_size,  # best-of-2: 2 rows each
+                     max_seq_len=128) as dec:
             for name, rule in decoders(picker, picker_tok):
                 texts[(label, name, "sft")] = _decode(dec, rule, prompts, max_new_tokens,
                                                       batch_size)
@@ -183,13 +190,15 @@ def log_ratio_ranking(sft, tok, models, problems, *, samples=8, seed=0):
 def answer_filter(sft, tok, models, problems, *, alpha=ALPHA):
     """At the answer word of the oracle's best completion (context ``sure ! the capital of peru
     is``) and of a terse answer (the first completion token): how often the alpha filter of
-    each model admits a wrong answer word, and whether AAD (against SFT) and greedy pick the
-    correct answer. Returns shares per context and model."""
+    each model admits a wrong answer word, whether AAD (against SFT) and greedy pick the
+    correct answer, the model's probability of the correct word, and the log-ratio against SFT
+    of the correct word and (mean) of the wrong ones. Returns means per context and model."""
     from .. import aad_select
     vocab = len(tok)
     res = {}
     for ctx in ("full", "terse"):
-        stats = {m: {"wrong_admitted": 0, "aad_correct": 0, "aad_wrong": 0, "greedy_correct": 0}
+        stats = {m: {"wrong_admitted": 0, "aad_correct": 0, "aad_wrong": 0, "greedy_correct": 0,
+                     "p_correct": 0.0, "log_ratio_correct": 0.0, "log_ratio_wrong_mean": 0.0}
                  for m in models}
         for p in problems:
             prefix = "" if ctx == "terse" else \
@@ -200,9 +209,11 @@ def answer_filter(sft, tok, models, problems, *, alpha=ALPHA):
             wrong_ids = [tok.convert_tokens_to_ids(w) for w in wrong]
             answer_id = tok.convert_tokens_to_ids(p.answer)
             r = sft(input_ids=ids).logits[:, -1].float()
+            lp_r = torch.log_softmax(r[0, :vocab].double(), -1)
             for m, mod in models.items():
                 a = mod(input_ids=ids).logits[:, -1].float()
                 lp = torch.log_softmax(a[0, :vocab], -1)
+                ratio = torch.log_softmax(a[0, :vocab].double(), -1) - lp_r
                 admitted = lp >= lp.max() + torch.log(torch.tensor(alpha))
                 pick = int(aad_select(a, r, alpha, vocab_size=vocab)[0])
                 st = stats[m]
@@ -210,6 +221,9 @@ def answer_filter(sft, tok, models, problems, *, alpha=ALPHA):
                 st["aad_correct"] += pick == answer_id
                 st["aad_wrong"] += pick in wrong_ids
                 st["greedy_correct"] += int(lp.argmax()) == answer_id
+                st["p_correct"] += float(lp[answer_id].exp())
+                st["log_ratio_correct"] += float(ratio[answer_id])
+                st["log_ratio_wrong_mean"] += float(ratio[wrong_ids].mean())
         res[ctx] = {m: {k: v / len(problems) for k, v in st.items()} for m, st in stats.items()}
     return res
 
@@ -245,7 +259,7 @@ def markdown(result: dict) -> str:
         w = r["win_rate_vs_iter0"]
         return f"{r['mean_reward']:+.3f}" + ("" if w is None else f" ({100 * w:.1f}%)")
 
-    for label, _ in ITERATIONS:
+    for label in dict.fromkeys(r["model"] for r in result["rows"]):
         lines.append(f"| {label} | {cell(cells[(label, 'greedy', None)])} | "
                      f"{cell(cells[(label, 'best-of-2', None)])} | "
                      f"{cell(cells[(label, f'AAD ({ALPHA})', 'sft')])} | "
