@@ -8,10 +8,15 @@ Layout of the directory::
                       and the word-level tokenizer with its chat template: the one copy, which
                       the adapters (found through their base) and the picker share
     dpo/              PEFT LoRA adapter on q_proj/k_proj/v_proj; base recorded as "../sft"
-    dpo_iter1/        a second-round adapter (trained on `make-pairs` output), same base
+    dpo_iter1/        iterative DPO (``python -m aad_fast.toy.iterate``), same base: iteration 1
+                      (from SFT on chosen = AAD of dpo, rejected = nucleus sample of dpo),
+    dpo_iter1p/       iteration 1' (the same pairs, dpo's adapter trained on, reference dpo),
+    dpo_iter2/        iteration 2 (from SFT; chosen = AAD of dpo_iter1, rejected kept),
+    dpo_iter1_oracle/ diagnostics of iteration 1: its pairs relabelled by the oracle, and
+    dpo_iter1_weak/   half the DPO steps (``aad-fast evaluate --iterations`` scores them all)
     picker/           LlamaForSequenceClassification (num_labels=1), sft/'s tokenizer
-    dpo_pairs.jsonl   the 10% of oracle-ranked pairs DPO and the picker were trained on (read
-                      by ``quick_eval --pairs-out``)
+    dpo_pairs.jsonl   the 10% of oracle-ranked pairs DPO and the picker were trained on (its
+                      prompts are read by ``quick_eval --pairs-out`` and ``toy.iterate``)
     train_meta.json   training arguments, sizes, losses, versions, wall time
 """
 from __future__ import annotations

@@ -28,7 +28,8 @@ def _pair(a):
     sft, dpo, tok, picker, picker_tok = load_default_pair("cpu")
     dec = Decoder(dpo, tokenizer=tok, max_batch_size=64, max_seq_len=128)
     root = default_pair_dir()
-    extra = {p.name: p for p in sorted(root.glob("dpo_iter*")) if (p / "adapter_config.json").exists()}
+    # the main table keeps its one iterative row pair; `--iterations` scores every round
+    extra = {p.name: p for p in [root / "dpo_iter1"] if (p / "adapter_config.json").exists()}
     return dec, picker, picker_tok, extra
 
 
@@ -103,14 +104,29 @@ def add_arguments_evaluate(p):
     p.add_argument("--json", default=None, help="also write the result as JSON here")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--iterations", action="store_true",
+                   help="instead: the paper's Table 9 in miniature (iterative DPO: iterations "
+                        "0, 1, 1', 2 under greedy, best-of-2 and AAD) and its diagnostics")
+    p.add_argument("--dir", default=None,
+                   help="with --iterations: directory with sft/, picker/ and the adapters dpo, "
+                        "dpo_iter1, dpo_iter1p, dpo_iter2 (default: the embedded pair)")
+    p.add_argument("--no-diagnose", action="store_true",
+                   help="with --iterations: the table only (no log-ratio ranking / filter check)")
 
 
 def run_evaluate(a) -> int:
     from ..outfile import check_writable, write_atomic
     if a.json:  # checked before the run, which is long, not after it
         check_writable(a.json, "--json")
-    result = evaluate(a)
-    print(markdown(result))
+    if a.dir and not a.iterations:
+        raise ValueError(f"--dir {a.dir}: only used with --iterations; add --iterations")
+    if a.iterations:
+        from . import iterations
+        result = iterations.evaluate_iterations(a)
+        print(iterations.markdown(result))
+    else:
+        result = evaluate(a)
+        print(markdown(result))
     if a.json:
         write_atomic(a.json, json.dumps(result, indent=2) + "\n")
     return 0

@@ -195,6 +195,10 @@ def train_dpo(args, tok, rows, sft_dir: Path, adapter_dir: Path, init_adapter: P
     cfg = DPOConfig(beta=args.dpo_beta, **_common_args(args, adapter_dir / "_trainer"))
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=_trl_rows(rows, tok),
                          processing_class=tok, peft_config=peft_config)
+    if init_adapter is not None and "ref" not in trainer.model.peft_config:
+        # TRL copies a pre-trained adapter to "ref" and uses it as the reference; without that
+        # copy the reference would silently be the base (SFT), not the model we continue from
+        raise RuntimeError(f"DPO from {init_adapter}: TRL made no 'ref' adapter copy")
     trainer.train()
     trainer.model.save_pretrained(adapter_dir, selected_adapters=["default"])
     _point_adapter_at_package_base(adapter_dir)
