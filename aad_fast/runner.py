@@ -57,10 +57,18 @@ def engine_view(model: nn.Module, n_rows: int, lora=None, lora_rows: int = 0,
             base = view.get_submodule(name).base_layer
             _set_module(view, name, RowLoRALinear(base, a_w, b_w, scale, view.aad_rows))
     plan = tuning.plan_linears(view, n_rows, cpu_linear)
+    few = sorted(shape for shape, rec in plan.items() if rec["choice"] == "few_row")
+    if not few:
+        return view.eval(), plan
+    plain = copy.deepcopy(view, shared) if tuning.linear_mode(cpu_linear) == "auto" else None
     for name, mod in list(view.named_modules()):
-        if type(mod) is nn.Linear and plan.get(tuple(mod.weight.shape), {}).get(
-                "choice") == "few_row":
+        if type(mod) is nn.Linear and tuple(mod.weight.shape) in few:
             _set_module(view, name, FewRowLinear(mod, n_rows))
+    if plain is not None and not tuning.plan_pays(view.eval(), plain.eval(), n_rows, few):
+        # per-shape timings said few-row, the whole step says no: plain everywhere
+        for shape in few:
+            plan[shape] = dict(plan[shape], choice="plain", source="whole-step check")
+        return plain, plan
     return view.eval(), plan
 
 

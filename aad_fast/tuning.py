@@ -226,13 +226,14 @@ def linear_mode(mode: str | None = None) -> str:
 
 
 def plan_linears(model: nn.Module, rows: int, mode: str | None = None,
-                 measure=measure_linear) -> dict:
+                 measure=None) -> dict:
     """Layout of each weight shape of ``model``'s plain ``nn.Linear`` layers for a decode step
     of ``rows`` rows: ``{(N, K): {"choice": "plain" | "few_row", "source": ..., times}}``.
 
     Only fp32 weights on CPU have a choice (everything else is ``plain``). ``measure(weights,
     rows) -> {"plain": ms, "few_row": ms}`` is the timer (tests inject fake timings)."""
     mode = linear_mode(mode)
+    measure = measure or measure_linear
     groups: dict = {}
     for mod in model.modules():
         if type(mod) is nn.Linear and mod.weight.device.type == "cpu" \
@@ -256,6 +257,35 @@ def plan_linears(model: nn.Module, rows: int, mode: str | None = None,
             rec = dict(rec, source="cache")
         plan[shape] = rec
     return plan
+
+
+def measure_forward(view_plan: nn.Module, view_plain: nn.Module, rows: int) -> dict:
+    """ms of one token per row through each whole view (no cache: the linears dominate, as in
+    a decode step)."""
+    vocab = view_plain.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (rows, 1), generator=g)
+
+    def run(view):
+        return lambda: view(input_ids=ids, use_cache=False, logits_to_keep=1)
+    with torch.inference_mode():
+        return time_candidates({"few_row": run(view_plan), "plain": run(view_plain)})
+
+
+def plan_pays(view_plan: nn.Module, view_plain: nn.Module, rows: int, few: list,
+              measure=None) -> bool:
+    """Whether the model with the few-row layout on the ``few`` shapes beats plain ``F.linear``
+    everywhere, timed on the whole forward (per-shape timings can mislead: cache reuse inside
+    one shape's loop, neighbouring layers). Cached like the per-shape choices."""
+    model = type(view_plain).__name__
+    entry = f"step/{model}/rows{rows}/few_row:" + ",".join(f"{n}x{k}" for n, k in few)
+    rec = cached(entry)
+    if rec is None:
+        times = (measure or measure_forward)(view_plan, view_plain, rows)
+        rec = {"choice": decide(times), "plain_ms": times["plain"],
+               "few_row_ms": times["few_row"], "stable": times.get("stable", True)}
+        store(entry, rec, persist=rec["stable"])
+    return rec["choice"] == "few_row"
 
 
 def summarize(plan: dict) -> dict:
@@ -314,13 +344,13 @@ def measure_backends(device: torch.device, candidates: list) -> dict:
         return time_candidates({name: run(name) for name in candidates})
 
 
-def fastest_backend(device: torch.device, candidates: list, measure=measure_backends) -> str:
+def fastest_backend(device: torch.device, candidates: list, measure=None) -> str:
     """The default selection backend among ``candidates`` (preference order) on ``device``: the
     measured fastest, unless it beats the PyTorch reference by no more than noise."""
     entry = f"backend/{device.type}/{'+'.join(candidates)}"
     rec = cached(entry)
     if rec is None:
-        times = measure(device, candidates)
+        times = (measure or measure_backends)(device, candidates)
         plain = "torch" if "torch" in times else candidates[0]
         rec = {"choice": decide(times, plain),
                "ms": {k: v for k, v in times.items() if k != "stable"},

@@ -156,7 +156,7 @@ def test_default_backend_is_the_measured_fastest():
     assert tuning.fastest_backend(cpu, ["cpp", "torch"], fake({"cpp": 2.0, "torch": 1.0})) == \
         "torch"  # the plain path wins when the other is slower
     # cached: another measurement is not made
-    assert tuning.fastest_backend(cpu, ["cpp", "torch"], None) == "torch"
+    assert tuning.fastest_backend(cpu, ["cpp", "torch"], lambda *a: 1 / 0) == "torch"
     tuning.forget()
     (tuning.cache_path()).unlink()
     if "cpp" in backends.available_backends("cpu"):  # the real measurement on this machine
@@ -192,3 +192,27 @@ def test_time_candidates_flags_scattered_rounds(monkeypatch):
     assert out == {"a": 1.0, "b": 1.0, "stable": False}
     fake["b"] = [1.2, 1.0, 1.1, 1.3, 1.0]
     assert tuning.time_candidates({"a": None, "b": None})["stable"] is True
+
+
+@pytest.mark.parametrize("whole_step_plain,want_few", [(1.0, False), (10.0, True)])
+def test_the_whole_step_confirms_a_per_shape_plan(monkeypatch, whole_step_plain, want_few):
+    """Per-shape timings that say few-row are checked on the whole forward; the plain view is
+    kept unless the planned one is faster there too."""
+    from aad_fast.runner import engine_view
+    monkeypatch.setattr(tuning, "measure_linear", lambda w, rows: {"plain": 1.0, "few_row": 0.5})
+    seen = []
+
+    def whole(view_plan, view_plain, rows):
+        seen.append(rows)
+        assert any(isinstance(m, FewRowLinear) for m in view_plan.modules())
+        assert not any(isinstance(m, FewRowLinear) for m in view_plain.modules())
+        return {"plain": whole_step_plain, "few_row": 2.0, "stable": True}
+    monkeypatch.setattr(tuning, "measure_forward", whole)
+    view, plan = engine_view(tiny_model(), 2)
+    assert seen == [2]
+    assert any(isinstance(m, FewRowLinear) for m in view.modules()) == want_few
+    assert {r["choice"] for r in plan.values()} == {"few_row" if want_few else "plain"}
+    if not want_few:
+        assert {r["source"] for r in plan.values()} == {"whole-step check"}
+    engine_view(tiny_model(), 2)
+    assert seen == [2]  # cached
