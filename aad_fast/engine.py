@@ -49,9 +49,11 @@ class DecodeState:
             self.lim = torch.full_like(self.t, self.out.shape[1])
 
     @classmethod
-    def new(cls, n_rows: int, max_new: int, stop_ids, device) -> "DecodeState":
+    def new(cls, n_rows: int, max_new: int, device) -> "DecodeState":
+        """Fresh buffers for ``n_rows`` rows of at most ``max_new`` tokens; no stop ids yet
+        (the caller writes ``stop``)."""
         z = dict(device=device)
-        stop = torch.tensor(sorted(set(stop_ids)) or [-2], dtype=torch.int64, **z)
+        stop = torch.full((1,), -2, dtype=torch.int64, **z)
         return cls(tok=torch.zeros(n_rows, dtype=torch.int64, **z),
                    out=torch.full((n_rows, max_new), -1, dtype=torch.int64, **z),
                    done=torch.zeros(n_rows, dtype=torch.bool, **z),
@@ -214,7 +216,7 @@ def try_capture(pair, selector, st: DecodeState, name: str, step=None):
 
 
 def decode_n(pair, selector, st: DecodeState, n_steps: int, step=None,
-             check_every: int = 8, on_check=None) -> tuple[int, bool]:
+             check_every: int = 8) -> tuple[int, bool]:
     """Run up to ``n_steps`` steps, stopping early once every row is done (checked every
     ``check_every`` steps, the only host syncs). ``step``: a zero-argument replacement of
     ``decode_one`` for this (pair, selector, state): a ``StepGraph`` or a ``CompiledStep``.
@@ -227,16 +229,14 @@ def decode_n(pair, selector, st: DecodeState, n_steps: int, step=None,
         for _ in range(burst):
             step()
         done_steps += burst
-        all_done, _ = check(st)
-        if on_check is not None:
-            on_check(done_steps)
+        all_done = check(st)
         if all_done:
             break
     return done_steps, all_done
 
 
-def check(st: DecodeState, rows=None):
-    """One host sync: (all rows done, raise if a live row got no candidate). A reference
+def check(st: DecodeState, rows=None) -> bool:
+    """One host sync: whether all rows are done; raises if a live row got no candidate. A reference
     stream with all -inf/NaN logits is reported first (it also empties the candidates of rules
     that weigh it into the mask, which would otherwise blame the aligned stream). ``rows``:
     what to call slot ``i`` in a message (``rows[i]``; default ``i``)."""
@@ -255,4 +255,4 @@ def check(st: DecodeState, rows=None):
             f"row(s) {named(st.bad)}: the {st.names[0]} model's logits were all -inf/NaN at "
             "some step, so no token could be chosen (check the model's dtype/weights or the "
             "logits processors)")
-    return flags[0], flags[1]
+    return bool(flags[0])

@@ -283,6 +283,6 @@ class Scheduler:
 def new_state(n_rows: int, max_new: int, max_stop: int, device) -> engine.DecodeState:
     """A ``DecodeState`` for a ``Scheduler``: ``n_rows`` rows, outputs up to ``max_new`` ids,
     per-row stop ids (up to ``max_stop``)."""
-    st = engine.DecodeState.new(n_rows, max_new, [], device)
+    st = engine.DecodeState.new(n_rows, max_new, device)
     st.stop = torch.full((n_rows, max_stop), -2, dtype=torch.int64, device=device)
     return st
