@@ -200,6 +200,14 @@ class StepGraph:
 _warned: set = set()
 
 
+def _fell_back(what: str, name: str, exc: Exception) -> None:
+    """Warn once per (what, model name) that ``what`` failed and the step runs eagerly."""
+    if (what, name) not in _warned:
+        _warned.add((what, name))
+        warnings.warn(f"aad_fast: {what} failed for {name} ({type(exc).__name__}: "
+                      f"{str(exc)[:300]}); running the same step eagerly", stacklevel=4)
+
+
 def try_capture(pair, selector, st: DecodeState, name: str, step=None):
     """Capture ``step`` (default ``decode_one``); on failure warn once per model name and
     return ``None``."""
@@ -207,11 +215,16 @@ def try_capture(pair, selector, st: DecodeState, name: str, step=None):
         return StepGraph(pair, selector, st, step)
     except Exception as exc:  # an architecture that cannot be captured
         torch.cuda.synchronize()
-        if name not in _warned:
-            _warned.add(name)
-            warnings.warn(f"aad_fast: CUDA-graph capture failed for {name} "
-                          f"({type(exc).__name__}: {exc}); running the same step eagerly",
-                          stacklevel=3)
+        _fell_back("CUDA-graph capture", name, exc)
+        return None
+
+
+def try_compile(pair, selector, st: DecodeState, name: str):
+    """``CompiledStep``; on failure warn once per model name and return ``None``."""
+    try:
+        return CompiledStep(pair, selector, st)
+    except Exception as exc:  # an architecture or op torch.compile cannot trace
+        _fell_back("torch.compile of the decode step", name, exc)
         return None
 
 

@@ -413,7 +413,7 @@ class Decoder:
             t1 = time.perf_counter()
             compile_s = None
             if compiled and "compiled" not in ent:
-                ent["compiled"] = self._compile_step(pair, sel, st)
+                ent["compiled"] = engine.try_compile(pair, sel, st, type(self.base).__name__)
                 compile_s = getattr(ent["compiled"], "compile_s", None)
             step = ent.get("compiled") if compiled else None
             graph = None
@@ -462,23 +462,8 @@ class Decoder:
             return None
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
-    def _compile_step(self, pair, sel, st):
-        """``engine.CompiledStep``, or ``None`` (with one warning) where the model cannot be
-        compiled: the same step then runs eagerly."""
-        try:
-            return engine.CompiledStep(pair, sel, st)
-        except Exception as exc:  # an architecture or op torch.compile cannot trace
-            name = type(self.base).__name__
-            if name not in _compile_warned:
-                _compile_warned.add(name)
-                warnings.warn(f"aad_fast: torch.compile of the decode step failed for {name} "
-                              f"({type(exc).__name__}: {str(exc)[:300]}); running it eagerly",
-                              stacklevel=4)
-            return None
-
 
 MAX_STATIC = 4  # kept static runner sets (each holds a KV cache and maybe compiled code)
-_compile_warned: set = set()
 
 
 def _length_bucket(needed: int, cap: int) -> int:

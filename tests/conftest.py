@@ -29,6 +29,18 @@ def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = VOCAB):
     return model.float().eval()
 
 
+def random_lora(base, seed=0):
+    """A rank-4 LoRA (q/k/v) over ``base`` whose ``lora_B`` is random (not a no-op)."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8,
+                                         target_modules=["q_proj", "k_proj", "v_proj"]))
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.4)
+    return pm.eval()
+
+
 @pytest.fixture
 def pair():
     return tiny_model("llama", 0), tiny_model("llama", 1)

@@ -8,23 +8,12 @@ import copy
 import pytest
 import torch
 from _capture import CaptureChecker
-from conftest import PROMPTS, tiny_model
+from conftest import PROMPTS, random_lora, tiny_model
 
 from aad_fast import (AAD, CFG, EFT, OPAD, BeamAAD, BestOfN, Contrastive, Decoder, Greedy, Mix,
                       engine, ops, search, selectors)
 
 PRINCIPLE = [30, 31, 32]
-
-
-def _lora(base, seed=0):
-    from peft import LoraConfig, get_peft_model
-    torch.manual_seed(seed)
-    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8,
-                                         target_modules=["q_proj", "k_proj", "v_proj"]))
-    for name, p in pm.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.4)
-    return pm.eval()
 
 
 def tiny_picker():
@@ -39,7 +28,7 @@ def tiny_picker():
 def decoders():
     ma, mr = tiny_model("llama", 0), tiny_model("llama", 1)
     kw = dict(max_batch_size=8, max_seq_len=48)
-    return {"two": (ma, mr), "lora": (_lora(copy.deepcopy(ma)),), "prompt": (ma,), "kw": kw}
+    return {"two": (ma, mr), "lora": (random_lora(copy.deepcopy(ma)),), "prompt": (ma,), "kw": kw}
 
 
 SAMPLED = dict(temperature=0.7, seed=3)

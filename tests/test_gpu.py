@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import PROMPTS, tiny_model
+from conftest import PROMPTS, random_lora, tiny_model
 
 from aad_fast import (AAD, CFG, EFT, OPAD, BeamAAD, Contrastive, Decoder, Greedy, Mix, engine)
 
@@ -22,21 +22,10 @@ KINDS = {"two": [AAD(0.1), Contrastive(0.1, 0.5), SAMPLED, CFG(1.5)],
          "single": [Greedy("a"), Mix(1.0, 0.0, temperature=1.0, top_p=0.9, seed=5)]}
 
 
-def _lora(base, seed=0):
-    from peft import LoraConfig, get_peft_model
-    torch.manual_seed(seed)
-    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8,
-                                         target_modules=["q_proj", "k_proj", "v_proj"]))
-    for name, p in pm.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.4)
-    return pm.eval()
-
-
 def models_for(arch, kind):
     ma, mr = tiny_model(arch, 0).cuda(), tiny_model(arch, 1).cuda()
     if kind == "lora":
-        return (_lora(copy.deepcopy(ma)).cuda(),)
+        return (random_lora(copy.deepcopy(ma)).cuda(),)
     if kind == "prompt":
         return (ma,)
     return (ma, mr)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import EOS, aad_pick, naive_decode, tiny_model
+from conftest import EOS, aad_pick, naive_decode, random_lora, tiny_model
 from test_rules import mix_pick, opad_pick
 
 from aad_fast import AAD, CFG, EFT, OPAD, BeamAAD, Decoder, Greedy, Mix, engine
@@ -23,17 +23,6 @@ PRINCIPLE = [30, 31, 32]
 @pytest.fixture(scope="module")
 def models():
     return tiny_model("llama", 0), tiny_model("llama", 1)
-
-
-def _lora(base, seed=0):
-    from peft import LoraConfig, get_peft_model
-    torch.manual_seed(seed)
-    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8,
-                                         target_modules=["q_proj", "k_proj", "v_proj"]))
-    for name, p in pm.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.4)
-    return pm.eval()
 
 
 def _alone(dec, prompts, **kw):
@@ -115,7 +104,7 @@ def test_sampled_mix_per_row_seeds_reproducible_whenever_admitted(models):
 def test_lora_pair_refill_equals_merged_pair_alone():
     base = tiny_model("llama", 0)
     sft = copy.deepcopy(base)
-    pm = _lora(base)
+    pm = random_lora(base)
     merged = copy.deepcopy(pm).merge_and_unload().eval()
     with Decoder(pm, max_batch_size=2, max_seq_len=48) as dec:
         got = dec.generate(input_ids=PROMPTS7, rule=AAD(0.1), max_new_tokens=10)
