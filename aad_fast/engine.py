@@ -64,11 +64,11 @@ class DecodeState:
         return (self.tok, self.out, self.done, self.bad, self.bad_r, self.t)
 
 
-def flag_reference(st: DecodeState, lr: Tensor | None) -> None:
-    """Mark live rows whose reference logits ``lr`` ``[N, V]`` have no value above -inf (all
+def flag_reference(st: DecodeState, logits_r: Tensor | None) -> None:
+    """Mark live rows whose reference logits ``logits_r`` ``[N, V]`` have no value above -inf (all
     -inf or NaN: ``NaN > -inf`` is False). On device, no host sync; ``check`` reports them."""
-    if lr is not None:
-        st.bad_r.logical_or_(~(lr > -math.inf).any(dim=1) & ~st.done)
+    if logits_r is not None:
+        st.bad_r.logical_or_(~(logits_r > -math.inf).any(dim=1) & ~st.done)
 
 
 def _stopped(st: DecodeState, y: Tensor, stop: Tensor) -> Tensor:
@@ -92,9 +92,9 @@ def record(st: DecodeState, y: Tensor) -> None:
 
 def prefill(pair, selector, st: DecodeState, ids_a, real_a, ids_r, real_r) -> None:
     """Encode the prompts of both streams and choose the first token."""
-    la, lr = pair.prefill(ids_a, real_a, ids_r, real_r)
-    flag_reference(st, lr)
-    record(st, selector.first(la, lr, st.t))
+    logits_a, logits_r = pair.prefill(ids_a, real_a, ids_r, real_r)
+    flag_reference(st, logits_r)
+    record(st, selector.first(logits_a, logits_r, st.t))
 
 
 def admit(pair, selector, st: DecodeState, dst: Tensor, ids_a, real_a, ids_r, real_r,
@@ -106,13 +106,13 @@ def admit(pair, selector, st: DecodeState, dst: Tensor, ids_a, real_a, ids_r, re
     also resets a rule's own per-row state, OPAD's previous logits). The selector's values of
     the rows must already be set (``set_rows``). Host indices, not graph-safe: it runs between
     steps and changes only buffer contents."""
-    la, lr = pair.admit(dst, ids_a, real_a, ids_r, real_r)
+    logits_a, logits_r = pair.admit(dst, ids_a, real_a, ids_r, real_r)
     u = dst.shape[0]
     t0 = st.t.new_zeros(u)
-    y = selector.first(la, lr, t0, rows=dst)
+    y = selector.first(logits_a, logits_r, t0, rows=dst)
     dead = y.lt(0)
     st.bad.index_copy_(0, dst, dead)
-    bad_r = ~(lr > -math.inf).any(dim=1) if lr is not None else torch.zeros_like(dead)
+    bad_r = ~(logits_r > -math.inf).any(dim=1) if logits_r is not None else torch.zeros_like(dead)
     st.bad_r.index_copy_(0, dst, bad_r)
     st.out.index_fill_(0, dst, -1)
     st.out[:, 0].index_copy_(0, dst, y)
@@ -127,9 +127,9 @@ def admit(pair, selector, st: DecodeState, dst: Tensor, ids_a, real_a, ids_r, re
 
 def decode_one(pair, selector, st: DecodeState) -> None:
     """One token for every row: forward both streams, select, record. Graph-safe."""
-    la, lr = pair.step(st.tok)
-    flag_reference(st, lr)
-    record(st, selector(la, lr, st.t))
+    logits_a, logits_r = pair.step(st.tok)
+    flag_reference(st, logits_r)
+    record(st, selector(logits_a, logits_r, st.t))
 
 
 def beam_step(pair, search, lo: int, hi: int) -> None:
@@ -139,8 +139,8 @@ def beam_step(pair, search, lo: int, hi: int) -> None:
     continuations. ``lo``/``hi`` are host ints (no sync); a captured step would pass the fixed
     ``hi = lo + max_new - 1`` (the unwritten slots it also moves are masked)."""
     pair.reorder(search.src, lo, hi)
-    la, lr = pair.step(search.tok)
-    search.select(la, lr)
+    logits_a, logits_r = pair.step(search.tok)
+    search.select(logits_a, logits_r)
 
 
 class CompiledStep:

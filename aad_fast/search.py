@@ -46,10 +46,10 @@ def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
     sync()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        la, lr = pair.prefill(ids, real, ids, real, rows=which)
+        logits_a, logits_r = pair.prefill(ids, real, ids, real, rows=which)
         sync()
         t1 = time.perf_counter()
-        bs.select(la, lr)
+        bs.select(logits_a, logits_r)
         done = 1  # selections made; the next step writes cache slot width + done - 1
         while done < max_new and not bs.check():
             for _ in range(min(dec.check_every, max_new - done)):
@@ -112,10 +112,11 @@ class BeamSearch:
         self.base = torch.arange(b, **i64)[:, None] * k  # first row of each prompt
         self.rank = torch.arange(k * self.c, **i64)[None, :]
 
-    def select(self, la, lr) -> None:
+    def select(self, logits_a, logits_r) -> None:
         """One step's bookkeeping from the logits ``[n_rows, V]`` of every row; graph-safe."""
         k, b, c, n = self.k, self.b, self.c, self.b * self.k
-        s, cand, *_ = aad_beam_topk(la[:n], lr[:n], self.rule.alpha, c, tau=self.rule.tau,
+        s, cand, *_ = aad_beam_topk(logits_a[:n], logits_r[:n], self.rule.alpha, c,
+                                    tau=self.rule.tau,
                                     vocab_size=self.vocab, backend=self.backend)
         total, order = _rank(self.score, s.double().view(b, k, c))
         tot = total.gather(1, order)

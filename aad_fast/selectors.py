@@ -122,14 +122,14 @@ class CoreSelector:
         """Per-row seeds (int64 ``[n_rows]``), e.g. ``seed + i`` for best-of-n samples."""
         self.seed.copy_(seeds)
 
-    def first(self, la: Tensor, lr: Tensor | None, step: Tensor,
+    def first(self, logits_a: Tensor, logits_r: Tensor | None, step: Tensor,
               rows: Tensor | None = None) -> Tensor:
-        return self(la, lr, step, rows)
+        return self(logits_a, logits_r, step, rows)
 
-    def __call__(self, la: Tensor, lr: Tensor | None, step: Tensor,
+    def __call__(self, logits_a: Tensor, logits_r: Tensor | None, step: Tensor,
                  rows: Tensor | None = None) -> Tensor:
-        """Chosen ids int64 ``[n]`` of logits ``la``/``lr`` ``[n, V]``; ``step`` int64 ``[n]``
-        (or ``[1]``) the rows' step counters. ``rows`` (int64 ``[U]``): the logits are those of
+        """Chosen ids int64 ``[n]`` of logits ``logits_a``/``logits_r`` ``[n, V]``; ``step``
+        int64 ``[n]`` (or ``[1]``) the rows' step counters. ``rows`` (int64 ``[U]``): the logits are those of
         these rows only (admission), which use their own values; not graph-safe then."""
         v = self.vocab
 
@@ -137,20 +137,20 @@ class CoreSelector:
             return t if rows is None else t.index_select(0, rows)
         log_rel, beta, ca, cr = mine(self.log_rel), mine(self.beta), mine(self.ca), mine(self.cr)
         floor = self.floor if rows is None else torch.full_like(log_rel, -math.inf)
-        if lr is None:  # single stream: r is a dummy with zero weight
-            lr = la
-        a, r = la, lr
+        if logits_r is None:  # single stream: r is a dummy with zero weight
+            logits_r = logits_a
+        a, r = logits_a, logits_r
         if self.kind[0] == "contrastive":
-            rb = lr[:, :v].float() * beta
+            rb = logits_r[:, :v].float() * beta
             r = torch.where(beta == 0.0, torch.zeros_like(rb), rb)
         elif self.kind[0] == "mix":
             streams = self.kind[1]
             if streams == "a":
-                z = la[:, :v].float() * ca
+                z = logits_a[:, :v].float() * ca
             elif streams == "r":  # the single pair's one stream is the reference model
-                z = la[:, :v].float() * cr
+                z = logits_a[:, :v].float() * cr
             else:
-                z = la[:, :v].float() * ca + lr[:, :v].float() * cr
+                z = logits_a[:, :v].float() * ca + logits_r[:, :v].float() * cr
             a = r = z
             if self.filtered:
                 floor.copy_(topk_topp_floor(z, mine(self.top_k), mine(self.top_p)))
@@ -231,18 +231,19 @@ class OPADSelector:
     def _remember(self, a: Tensor, r: Tensor) -> None:
         self.prev.copy_(a - r)
 
-    def first(self, la: Tensor, lr: Tensor, step: Tensor, rows: Tensor | None = None) -> Tensor:
-        """``rows`` (int64 ``[U]``): ``la``/``lr`` are those rows' logits (admission); only
-        their previous logits are reset."""
-        a, r = la[:, : self.vocab].float(), lr[:, : self.vocab].float()
+    def first(self, logits_a: Tensor, logits_r: Tensor, step: Tensor,
+              rows: Tensor | None = None) -> Tensor:
+        """``rows`` (int64 ``[U]``): ``logits_a``/``logits_r`` are those rows' logits
+        (admission); only their previous logits are reset."""
+        a, r = logits_a[:, : self.vocab].float(), logits_r[:, : self.vocab].float()
         if rows is None:
             self._remember(a, r)
         else:
             self.prev.index_copy_(0, rows, a - r)
         return _argmax(a)
 
-    def __call__(self, la: Tensor, lr: Tensor, step: Tensor) -> Tensor:
-        a, r = la[:, : self.vocab].float(), lr[:, : self.vocab].float()
+    def __call__(self, logits_a: Tensor, logits_r: Tensor, step: Tensor) -> Tensor:
+        a, r = logits_a[:, : self.vocab].float(), logits_r[:, : self.vocab].float()
         z = self.k1 * a - self.k * r + self.k * self.prev
         self._remember(a, r)
         return _argmax(z)

@@ -182,18 +182,18 @@ def _workspace(ws_ptr, n_total):
 
 
 @triton.jit
-def _row_threshold(cmax_ptr, ws, n_chunks, fl, lr, NCH: tl.constexpr):
+def _row_threshold(cmax_ptr, ws, n_chunks, fl, lrel, NCH: tl.constexpr):
     """``t`` of a row from its chunk maxima."""
     cidx = tl.arange(0, NCH)
     big = tl.full((), _NINF, tl.float32)
     for c0 in range(0, n_chunks, NCH):
         cm = tl.load(cmax_ptr + ws + c0 + cidx, mask=c0 + cidx < n_chunks, other=_NINF)
         big = tl.maximum(big, tl.max(cm, 0))
-    return _threshold(fl, big, lr)
+    return _threshold(fl, big, lrel)
 
 
 @triton.jit
-def _chunk_one_pass(a_row, sac, r_row, src, cols, valid, full, ma, mr, sa, sr, key, fl, lr,
+def _chunk_one_pass(a_row, sac, r_row, src, cols, valid, full, ma, mr, sa, sr, key, fl, lrel,
                     KMA: tl.constexpr, KMR: tl.constexpr, KSA: tl.constexpr, KSR: tl.constexpr,
                     NOISE: tl.constexpr, PRECISE_LOG: tl.constexpr, WIDE: tl.constexpr):
     """Chunk max and the best local candidate (``m >= max(floor, chunk_max + log_rel)``) with
@@ -205,14 +205,14 @@ def _chunk_one_pass(a_row, sac, r_row, src, cols, valid, full, ma, mr, sa, sr, k
         m, s = _tile_ms(a_row, sac, r_row, src, cols, valid, ma, mr, sa, sr, key, KMA, KMR,
                         KSA, KSR, NOISE, PRECISE_LOG, True, WIDE)
     cmax = tl.max(m, 0)
-    bs, bid = _best(m, s, cols, _threshold(fl, cmax, lr))
+    bs, bid = _best(m, s, cols, _threshold(fl, cmax, lrel))
     bm = tl.max(tl.where(cols == bid, m, _NINF), 0)
     return cmax, bs, bid, bm
 
 
 @triton.jit
 def _select_chunk_kernel(a_ptr, sar, sac, r_ptr, srr, src, vocab, ma, mr, sa, sr,
-                         lr_ptr, lr_stride, fl_ptr, fl_stride, seed_ptr, seed_stride, step_ptr,
+                         lrel_ptr, lrel_stride, fl_ptr, fl_stride, seed_ptr, seed_stride, step_ptr,
                          ws_ptr, n_total, n_chunks,
                          BLOCK: tl.constexpr, NCH: tl.constexpr, KMA: tl.constexpr,
                          KMR: tl.constexpr, KSA: tl.constexpr, KSR: tl.constexpr,
@@ -226,15 +226,15 @@ def _select_chunk_kernel(a_ptr, sar, sac, r_ptr, srr, src, vocab, ma, mr, sa, sr
     r_row = r_ptr + row64 * srr
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     valid = cols < vocab
-    lr = tl.load(lr_ptr + row * lr_stride)
+    lrel = tl.load(lrel_ptr + row * lrel_stride)
     fl = tl.load(fl_ptr + row * fl_stride)
     key = 0
     if NOISE:
         key = _row_key(seed_ptr, seed_stride, step_ptr, row)
     full = (chunk + 1) * BLOCK <= vocab  # unmasked loads vectorise whatever vocab is
-    if (lr == _NINF) | ONE_PASS:  # t known (= floor), or the score's streams are read anyway
+    if (lrel == _NINF) | ONE_PASS:  # t known (= floor), or the score's streams are read anyway
         cmax, bs, bid, bm = _chunk_one_pass(a_row, sac, r_row, src, cols, valid, full, ma, mr,
-                                            sa, sr, key, fl, lr, KMA, KMR, KSA, KSR, NOISE,
+                                            sa, sr, key, fl, lrel, KMA, KMR, KSA, KSR, NOISE,
                                             PRECISE_LOG, WIDE)
     else:
         if full:
@@ -254,7 +254,7 @@ def _select_chunk_kernel(a_ptr, sar, sac, r_ptr, srr, src, vocab, ma, mr, sa, sr
 
 @triton.jit
 def _select_fixup_kernel(a_ptr, sar, sac, r_ptr, srr, src, vocab, ma, mr, sa, sr,
-                         lr_ptr, lr_stride, fl_ptr, fl_stride, seed_ptr, seed_stride, step_ptr,
+                         lrel_ptr, lrel_stride, fl_ptr, fl_stride, seed_ptr, seed_stride, step_ptr,
                          ws_ptr, n_total, n_chunks,
                          BLOCK: tl.constexpr, NCH: tl.constexpr, KMA: tl.constexpr,
                          KMR: tl.constexpr, KSA: tl.constexpr, KSR: tl.constexpr,
@@ -269,7 +269,7 @@ def _select_fixup_kernel(a_ptr, sar, sac, r_ptr, srr, src, vocab, ma, mr, sa, sr
     cm = tl.load(cmax_ptr + w)
     bm = tl.load(bm_ptr + w)
     t = _row_threshold(cmax_ptr, ws, n_chunks, tl.load(fl_ptr + row * fl_stride),
-                       tl.load(lr_ptr + row * lr_stride), NCH)
+                       tl.load(lrel_ptr + row * lrel_stride), NCH)
     if (cm > _NINF) & (cm >= t) & ~(bm >= t):
         key = 0
         if NOISE:
@@ -290,13 +290,13 @@ def _select_fixup_kernel(a_ptr, sar, sac, r_ptr, srr, src, vocab, ma, mr, sa, sr
 
 
 @triton.jit
-def _select_combine_kernel(ws_ptr, n_total, n_chunks, lr_ptr, lr_stride, fl_ptr, fl_stride,
+def _select_combine_kernel(ws_ptr, n_total, n_chunks, lrel_ptr, lrel_stride, fl_ptr, fl_stride,
                            out_ptr, NCH: tl.constexpr):
     row = tl.program_id(0)
     cmax_ptr, bs_ptr, bm_ptr, bid_ptr = _workspace(ws_ptr, n_total)
     ws = row.to(tl.int64) * n_chunks
     t = _row_threshold(cmax_ptr, ws, n_chunks, tl.load(fl_ptr + row * fl_stride),
-                       tl.load(lr_ptr + row * lr_stride), NCH)
+                       tl.load(lrel_ptr + row * lrel_stride), NCH)
     cidx = tl.arange(0, NCH)
     best = tl.full((), _NINF, tl.float32)
     best_id = tl.full((), _NO_ID, tl.int32)
@@ -414,14 +414,14 @@ def launch(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed=None, step=None, *,
     out = torch.empty((batch,), dtype=torch.int64, device=dev)
     if batch == 0:
         return out
-    lr, lr_s = _per_row(log_rel, torch.float32)
+    lrel, lrel_s = _per_row(log_rel, torch.float32)
     fl, fl_s = _per_row(floor, torch.float32)
     noise = seed is not None
     if noise:
         sd, sd_s = _per_row(seed, torch.int64)
         st = step.to(torch.int64)
     else:
-        sd, sd_s, st = lr, 0, lr  # never read: NOISE is off
+        sd, sd_s, st = lrel, 0, lrel  # never read: NOISE is off
     blk, n_chunks, num_warps = plan(batch, vocab, dev, block)
     nch = min(_pow2(n_chunks), _MAX_NCH)
     n_total = batch * n_chunks
@@ -433,13 +433,13 @@ def launch(a, r, vocab, ma, mr, sa, sr, log_rel, floor, seed=None, step=None, *,
     flags = dict(KMA=kinds[0], KMR=kinds[1], KSA=kinds[2], KSR=kinds[3], NOISE=noise,
                  PRECISE_LOG=not interp, WIDE=wide, ONE_PASS=one_pass)
     args = (a, a.stride(0), a.stride(1), r, r.stride(0), r.stride(1), vocab,
-            float(ma), float(mr), float(sa), float(sr), lr, lr_s, fl, fl_s, sd, sd_s, st,
+            float(ma), float(mr), float(sa), float(sr), lrel, lrel_s, fl, fl_s, sd, sd_s, st,
             ws, n_total, n_chunks)
     opts = dict(_compile_options(interp))
     grid = (batch, n_chunks)
     _select_chunk_kernel[grid](*args, BLOCK=blk, NCH=nch, num_warps=num_warps, **flags, **opts)
     _select_fixup_kernel[grid](*args, BLOCK=blk, NCH=nch, num_warps=num_warps, **flags, **opts)
-    _select_combine_kernel[(batch,)](ws, n_total, n_chunks, lr, lr_s, fl, fl_s, out, NCH=nch,
+    _select_combine_kernel[(batch,)](ws, n_total, n_chunks, lrel, lrel_s, fl, fl_s, out, NCH=nch,
                                      num_warps=4, **opts)
     return out
 

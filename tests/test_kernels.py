@@ -332,7 +332,7 @@ D = [["tt.divisibility", 16]]
 def sig(dt):
     return {"a_ptr": "*" + dt, "sar": "i32", "sac": "constexpr", "r_ptr": "*" + dt, "srr": "i32",
             "src": "constexpr", "vocab": "i32", "ma": "fp32", "mr": "fp32", "sa": "fp32",
-            "sr": "fp32", "lr_ptr": "*fp32", "lr_stride": "i32", "fl_ptr": "*fp32",
+            "sr": "fp32", "lrel_ptr": "*fp32", "lrel_stride": "i32", "fl_ptr": "*fp32",
             "fl_stride": "i32", "seed_ptr": "*i64", "seed_stride": "i32", "step_ptr": "*i64",
             "ws_ptr": "*fp32", "n_total": "i32", "n_chunks": "i32"}
 opts = dict(S._compile_options(False))  # what the launcher passes
@@ -352,8 +352,8 @@ for arch in (80, 90):
             if not noise:  # libdevice logf brings its own fma; ours must not be contracted
                 assert not re.search(r"\bfma\.", ptx), "FMA contraction"
             print(arch, dt, kern.__name__, "ok")
-    csig = {"ws_ptr": "*fp32", "n_total": "i32", "n_chunks": "i32", "lr_ptr": "*fp32",
-            "lr_stride": "i32", "fl_ptr": "*fp32", "fl_stride": "i32", "out_ptr": "*i64"}
+    csig = {"ws_ptr": "*fp32", "n_total": "i32", "n_chunks": "i32", "lrel_ptr": "*fp32",
+            "lrel_stride": "i32", "fl_ptr": "*fp32", "fl_stride": "i32", "out_ptr": "*i64"}
     triton.compile(ASTSource(S._select_combine_kernel, csig, {"NCH": 64}), target=target,
                    options=dict(opts, num_warps=4))
     print(arch, "combine ok")
