@@ -148,13 +148,9 @@ def check_resume(out, rows, prompt_of, arg: str = "--out") -> None:
 CONTINUOUS_CHUNK = 16  # batches' worth of prompts per Decoder.generate call
 
 
-def cmd_generate(a) -> int:
-    import torch
-    from tqdm import tqdm
-
-    import aad_fast as af
-
-    from .outfile import ResultsFile
+def generate_inputs(a):
+    """``(rule, rows)`` of a ``generate`` command line, checked: one prompt source, positive
+    sizes, no whitespace-only prompt (it encodes to no tokens)."""
     if (a.prompt is None) == (a.prompts_file is None):
         raise SystemExit("give exactly one of --prompt TEXT or --prompts-file FILE.jsonl")
     for name in ("max_new_tokens", "batch_size", "max_seq_len"):
@@ -167,6 +163,17 @@ def cmd_generate(a) -> int:
             if not r["prompt"].strip():
                 raise ValueError(f"prompt id {r['id']!r} is only whitespace, which encodes to "
                                  "no tokens; give some text (or --chat)")
+    return rule, rows
+
+
+def cmd_generate(a) -> int:
+    import torch
+    from tqdm import tqdm
+
+    import aad_fast as af
+
+    from .outfile import ResultsFile
+    rule, rows = generate_inputs(a)
     with contextlib.ExitStack() as stack:
         out = None
         todo = rows

@@ -91,23 +91,11 @@ def run_generate(a) -> int:
     import aad_fast as af
 
     from . import cli
-    from .cli import _generate_settings, _read_prompts, check_resume, prompts_identity
-    from .cli import rule_from_args
+    from .cli import _generate_settings, check_resume, generate_inputs, prompts_identity
     from .outfile import ResultsFile
     rd = _ray()
-    if (a.prompt is None) == (a.prompts_file is None):
-        raise SystemExit("give exactly one of --prompt TEXT or --prompts-file FILE.jsonl")
-    for name in ("max_new_tokens", "batch_size", "max_seq_len"):
-        if getattr(a, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     _check(a)
-    rule = rule_from_args(a)
-    rows = _read_prompts(a)
-    if not a.chat:
-        for r in rows:
-            if not r["prompt"].strip():
-                raise ValueError(f"prompt id {r['id']!r} is only whitespace, which encodes to "
-                                 "no tokens; give some text (or --chat)")
+    rule, rows = generate_inputs(a)
     with contextlib.ExitStack() as stack:
         out = None
         todo = list(range(len(rows)))
@@ -149,31 +137,17 @@ def run_generate(a) -> int:
     return 0
 
 
-def pairs_settings(a) -> dict:
-    """The sidecar settings of ``make-pairs`` (``toy.evaluate.make_pairs``: keep in step)."""
-    from pathlib import Path
-    return {"command": "make-pairs", "aligned": a.aligned and str(Path(a.aligned).resolve()),
-            "reference": a.reference and str(Path(a.reference).resolve()),
-            "alpha": a.alpha, "max_new_tokens": a.max_new_tokens, "seed": a.seed,
-            "batch_size": a.batch_size}
-
-
 def run_make_pairs(a) -> int:
     """``make-pairs --ray``: chosen = AAD, rejected = nucleus sample, as ``make-pairs``."""
-    from .cli import check_resume, prompts_identity, read_prompts_file
+    from .cli import check_resume
     from .outfile import ResultsFile
-    from .toy import task
+    from .toy.evaluate import pair_prompts, pairs_settings
     rd = _ray()
     if a.batch_size < 1 or a.max_new_tokens < 1:
         raise ValueError(f"--batch-size and --max-new-tokens must be >= 1, got "
                          f"{a.batch_size} and {a.max_new_tokens}")
     _check(a)
-    if a.prompts:
-        rows = read_prompts_file(a.prompts, "--prompts", text_lines=True)
-        ident = prompts_identity(a.prompts)
-    else:
-        rows = [{"id": i, "prompt": p.prompt} for i, p in enumerate(task.split_problems()[0])]
-        ident = {"toy": "train split"}
+    rows, ident = pair_prompts(a)
     with ResultsFile(a.out, pairs_settings(a), ident) as out:
         check_resume(out, rows, lambda row: row["prompt"][0]["content"])
         # batches cut from the whole list, seeded by their start, as make-pairs does

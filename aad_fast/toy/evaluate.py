@@ -133,25 +133,36 @@ def run_evaluate(a) -> int:
 
 
 # ----------------------------------------------------------------------------- make-pairs
+def pair_prompts(a):
+    """``(rows, identity)`` of make-pairs' prompts: ``--prompts`` FILE, else the toy task's
+    training split."""
+    from ..cli import prompts_identity, read_prompts_file
+    if a.prompts:
+        return read_prompts_file(a.prompts, "--prompts", text_lines=True), prompts_identity(
+            a.prompts)
+    rows = [{"id": i, "prompt": p.prompt} for i, p in enumerate(task.split_problems()[0])]
+    return rows, {"toy": "train split"}
+
+
+def pairs_settings(a) -> dict:
+    """What a make-pairs output depends on (its resume sidecar); a batch's rejected samples
+    share its seed, so the batch size is part of it."""
+    return {"command": "make-pairs", "aligned": a.aligned and str(Path(a.aligned).resolve()),
+            "reference": a.reference and str(Path(a.reference).resolve()),
+            "alpha": a.alpha, "max_new_tokens": a.max_new_tokens, "seed": a.seed,
+            "batch_size": a.batch_size}
+
+
 def make_pairs(a) -> int:
     """chosen = AAD completion, rejected = nucleus sample (p = 0.9) of the aligned model; TRL
     conversational preference rows, appended as they are made (``outfile.ResultsFile``: one
     durable line per row, a torn last row repaired, a resume with other settings refused, one
     writer at a time); a rerun skips done ids."""
     from .. import AAD, Mix
-    from ..cli import check_resume, prompts_identity, read_prompts_file
+    from ..cli import check_resume
     from ..outfile import ResultsFile
-    if a.prompts:
-        rows = read_prompts_file(a.prompts, "--prompts", text_lines=True)
-        ident = prompts_identity(a.prompts)
-    else:
-        rows = [{"id": i, "prompt": p.prompt} for i, p in enumerate(task.split_problems()[0])]
-        ident = {"toy": "train split"}
-    settings = {"command": "make-pairs", "aligned": a.aligned and str(Path(a.aligned).resolve()),
-                "reference": a.reference and str(Path(a.reference).resolve()),
-                "alpha": a.alpha, "max_new_tokens": a.max_new_tokens, "seed": a.seed,
-                "batch_size": a.batch_size}  # a batch's rejected samples share its seed
-    with ResultsFile(a.out, settings, ident) as out:
+    rows, ident = pair_prompts(a)
+    with ResultsFile(a.out, pairs_settings(a), ident) as out:
         check_resume(out, rows, lambda row: row["prompt"][0]["content"])
         todo = [r for r in rows if not out.is_done(r["id"])]
         print(f"make-pairs: {len(todo)} prompt(s) to do, {len(out.done)} already in {a.out}",
