@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -41,12 +42,15 @@ class DecodeState:
     bad_r: Tensor = None
     lim: Tensor = None
     names: tuple = ("aligned", "reference")
+    ref_head: dict = None  # host counts of decode_one_split: steps "sparse"/"full", "candidates"
 
     def __post_init__(self):
         if self.bad_r is None:
             self.bad_r = torch.zeros_like(self.bad)
         if self.lim is None:
             self.lim = torch.full_like(self.t, self.out.shape[1])
+        if self.ref_head is None:
+            self.ref_head = dict(sparse=0, full=0, candidates=0)
 
     @classmethod
     def new(cls, n_rows: int, max_new: int, device) -> "DecodeState":
@@ -132,6 +136,78 @@ def decode_one(pair, selector, st: DecodeState) -> None:
     record(st, selector(logits_a, logits_r, st.t))
 
 
+# A step computes the reference's logits on the candidates only while they number at most
+# 1/SPARSE_SHARE of the vocabulary (all rows together): below that the rows of the projection it
+# gathers are far fewer bytes than the whole projection it skips; above it the full projection.
+SPARSE_SHARE = 8
+REF_HEAD_MODES = ("auto", "full")
+
+
+def ref_head_mode() -> str:
+    """``$AAD_FAST_REF_HEAD``: ``auto`` (default: the reference's logits on the candidates where
+    the rule allows) or ``full`` (always the whole vocabulary)."""
+    mode = os.environ.get("AAD_FAST_REF_HEAD", "auto").strip().lower() or "auto"
+    if mode not in REF_HEAD_MODES:
+        raise ValueError(f"AAD_FAST_REF_HEAD must be one of {REF_HEAD_MODES}, got {mode!r}")
+    return mode
+
+
+def splits_reference(pair, selector) -> bool:
+    """Whether a step of ``pair`` with ``selector`` may use ``decode_one_split``: a rule that
+    reads the reference only on the aligned stream's candidates (AAD, Contrastive: the
+    candidates come from ``a`` alone and the choice is ``argmax a_v - beta r_v`` over them),
+    a reference whose projection can be split off (``runner.SplitHead``), on CPU (the
+    candidate count is read on the host each step: free on CPU, a sync on CUDA)."""
+    return (getattr(pair, "ref_split", None) is not None and pair.device.type == "cpu"
+            and getattr(selector, "kind", ("",))[0] in ("aad", "contrastive")
+            and ref_head_mode() == "auto")
+
+
+def decode_one_split(pair, selector, st: DecodeState, forward=None) -> None:
+    """``decode_one`` for ``splits_reference`` pairs: stream r's logits only where the rule
+    reads them (``reference_logits``). ``forward``: a compiled ``pair.step_split``."""
+    logits_a, hidden_r = (forward or pair.step_split)(st.tok)
+    logits_r = reference_logits(pair.ref_split, selector, st, logits_a, hidden_r)
+    record(st, selector(logits_a, logits_r, st.t))
+
+
+def reference_logits(split, selector, st: DecodeState, logits_a: Tensor, hidden_r: Tensor):
+    """Stream r's logits ``[N, V]`` for a rule that reads them on the candidates only: those
+    are ``split``'s projection of ``hidden_r`` ``[N, H]`` on the candidate ids
+    (``selector.candidates(logits_a)``), every other entry 0 (never read). With more than
+    ``vocab / SPARSE_SHARE`` candidates, the whole projection. Flags the rows whose candidates'
+    reference logits are all -inf/NaN (``flag_reference`` on what the rule reads). Host sync
+    (the count): CPU only."""
+    cand = selector.candidates(logits_a)
+    rows, ids = cand.nonzero(as_tuple=True)
+    count = rows.numel()
+    if count * SPARSE_SHARE > selector.vocab:
+        st.ref_head["full"] += 1
+        logits_r = split.base_logits(hidden_r)
+        flag_reference(st, logits_r)
+        return logits_r
+    st.ref_head["sparse"] += 1
+    st.ref_head["candidates"] += count
+    val = (split.weight.index_select(0, ids).float()
+           * hidden_r.index_select(0, rows).float()).sum(1)
+    if split.bias is not None:
+        val = val + split.bias.index_select(0, ids).float()
+    val = val.to(hidden_r.dtype)  # what the full projection returns
+    n = hidden_r.shape[0]
+    logits_r = hidden_r.new_zeros((n, selector.vocab))
+    logits_r.index_put_((rows, ids), val)
+    finite = torch.zeros(n, dtype=torch.int64).index_add_(0, rows, (val > -math.inf).long())
+    st.bad_r.logical_or_(cand.any(dim=1) & (finite == 0) & ~st.done)
+    return logits_r
+
+
+def default_step(pair, selector, st: DecodeState):
+    """The eager one-token step of (pair, selector, state): ``decode_one_split`` where
+    ``splits_reference``, else ``decode_one``."""
+    fn = decode_one_split if splits_reference(pair, selector) else decode_one
+    return functools.partial(fn, pair, selector, st)
+
+
 def beam_step(pair, search, lo: int, hi: int) -> None:
     """One BeamAAD step (``search.BeamSearch``), graph-safe like ``decode_one``: every row takes
     the cache of row ``search.src[i]`` in slots ``[lo, hi)`` (the slots written since the
@@ -149,8 +225,12 @@ class CompiledStep:
     ``compile_s`` times; on CUDA, ``StepGraph`` then captures the compiled step."""
 
     def __init__(self, pair, selector, st: DecodeState):
-        self.fn = torch.compile(functools.partial(decode_one, pair, selector, st),
-                                fullgraph=True, dynamic=False)
+        if splits_reference(pair, selector):  # the forward compiled, the host count eager
+            forward = torch.compile(pair.step_split, fullgraph=True, dynamic=False)
+            self.fn = functools.partial(decode_one_split, pair, selector, st, forward)
+        else:
+            self.fn = torch.compile(functools.partial(decode_one, pair, selector, st),
+                                    fullgraph=True, dynamic=False)
         t0 = time.perf_counter()
         undone(pair, selector, st, self.fn)  # compile now, not inside a timed decode
         self.compile_s = time.perf_counter() - t0
@@ -235,7 +315,7 @@ def decode_n(pair, selector, st: DecodeState, n_steps: int, step=None,
     ``decode_one`` for this (pair, selector, state): a ``StepGraph`` or a ``CompiledStep``.
     Raises ``RuntimeError`` naming the rows whose aligned logits had no candidate. Returns
     (steps run, whether every row is done)."""
-    step = step or functools.partial(decode_one, pair, selector, st)
+    step = step or default_step(pair, selector, st)
     done_steps, all_done = 0, False
     while done_steps < n_steps:
         burst = min(check_every, n_steps - done_steps)

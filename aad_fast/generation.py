@@ -395,6 +395,7 @@ class Decoder:
         pair = self._pair(n, streams, longest + max_new, static=self.use_graphs or compiled)
         ent = self._entry(pair, n, rule)
         sel, st = ent["sel"], ent["st"]
+        st.ref_head.update(sparse=0, full=0, candidates=0)
         st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
         stream_rows = {"ar": (rows.a, rows.r), "a": (rows.a, rows.a), "r": (rows.r, rows.r)}
         ra, rr = stream_rows[streams]
@@ -451,6 +452,7 @@ class Decoder:
             "rows": n,
             "device": str(self.device),
             "linear": _linear_stats(pair),
+            "reference_head": _ref_head_stats(st.ref_head),
         }
         if steps > 8 and b <= n:  # enough steps to say what the step costs, for compile="auto"
             tuning.observe_step(ckey, out.stats["compiled"], out.stats["ms_per_token"],
@@ -479,6 +481,16 @@ def _linear_stats(pair) -> dict:
     for runner in pair.runners:
         out.update(tuning.summarize(runner.plan))
     return out
+
+
+def _ref_head_stats(counts: dict) -> dict:
+    """How the decode steps computed stream r's logits (``engine.reference_logits``):
+    ``sparse_steps`` on the aligned stream's candidates only (``candidates_per_step``: their
+    mean count over the batch), ``full_steps`` over the whole vocabulary by that path (steps
+    of rules that need the whole reference are in neither)."""
+    s = counts["sparse"]
+    return {"sparse_steps": s, "full_steps": counts["full"],
+            "candidates_per_step": counts["candidates"] / s if s else None}
 
 
 def _sliding_window(model):

@@ -9,6 +9,10 @@ returns the next logits of both streams (``[B, V]`` each, model dtype).
   streams differ only in their prompts).
 - ``SinglePair``: one stream only (``Greedy``): one runner, ``r`` is ``None``.
 
+``step_split`` (pairs with a ``ref_split``, a ``runner.SplitHead`` of stream r) is ``step``
+with stream r's last hidden state in place of its logits, for rules that need the reference's
+logits on the aligned stream's candidates only (``engine.decode_one_split``).
+
 ``admit(dst, ids_a, real_a, ids_r, real_r)`` refills rows ``dst`` (int64 ``[U]``) of a running
 batch with ``U`` new prompts (``Runner.admit``) and returns their first logits ``[U, V]`` per
 stream; the other rows go on untouched.
@@ -32,6 +36,8 @@ class TwoModelPair:
         self.a = Runner(model_a, n_rows, max_len, cpu_linear=cpu_linear)
         self.r = Runner(model_r, n_rows, max_len, cpu_linear=cpu_linear)
         self.runners = (self.a, self.r)
+        self.device = self.a.device
+        self.ref_split = self.r.split
 
     def prefill(self, ids_a, real_a, ids_r, real_r, rows=None):
         return self.a.prefill(ids_a, real_a, rows), self.r.prefill(ids_r, real_r, rows)
@@ -41,6 +47,11 @@ class TwoModelPair:
 
     def step(self, tokens: Tensor):
         return self.a.step(tokens), self.r.step(tokens)
+
+    def step_split(self, tokens: Tensor):
+        """``step`` with stream r's last hidden state ``[B, H]`` in place of its logits (its
+        projection: ``ref_split``)."""
+        return self.a.step(tokens), self.r.step_hidden(tokens)
 
     def reorder(self, index: Tensor, start: int = 0, stop: int | None = None) -> None:
         self.a.reorder(index, start, stop)
@@ -58,6 +69,8 @@ class SharedPair:
         self.runner = Runner(model, 2 * n_rows, max_len, lora, n_rows if lora else 0, cpu_linear)
         self.runners = (self.runner,)
         self._tok2 = torch.zeros((2 * n_rows,), dtype=torch.int64, device=self.runner.device)
+        self.device = self.runner.device
+        self.ref_split = self.runner.split
 
     def prefill(self, ids_a, real_a, ids_r, real_r, rows=None):
         """``rows`` (int64 ``[B]``, optional): the ``U`` prompts of ``ids_*`` are encoded once
@@ -87,6 +100,15 @@ class SharedPair:
         logits = self.runner.step(self._tok2)
         return logits[: self.n], logits[self.n:]
 
+    def step_split(self, tokens: Tensor):
+        """``step`` with the r rows' last hidden state ``[B, H]`` in place of their logits:
+        the vocabulary projection runs on the a rows only (with the adapter, if the head has
+        one); the r rows' projection is ``ref_split``'s base weight."""
+        self._tok2[: self.n].copy_(tokens)
+        self._tok2[self.n:].copy_(tokens)
+        hidden = self.runner.step_hidden(self._tok2)
+        return self.runner.split.head(hidden[: self.n]), hidden[self.n:]
+
     def reorder(self, index: Tensor, start: int = 0, stop: int | None = None) -> None:
         self.runner.reorder(torch.cat([index, index + self.n]), start, stop)
 
@@ -101,6 +123,8 @@ class SinglePair:
                  lora_rows: int = 0, cpu_linear=None):
         self.runner = Runner(model, n_rows, max_len, lora, lora_rows, cpu_linear)
         self.runners = (self.runner,)
+        self.device = self.runner.device
+        self.ref_split = None
 
     def prefill(self, ids, real, ids_r=None, real_r=None, rows=None):
         return self.runner.prefill(ids, real, rows), None

@@ -72,6 +72,37 @@ def engine_view(model: nn.Module, n_rows: int, lora=None, lora_rows: int = 0,
     return view.eval(), plan
 
 
+# Causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)`` (no softcap,
+# logit scale or other post-processing; tests/test_ref_head.py checks each)
+SPLIT_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
+
+
+class SplitHead:
+    """A view's decoder and vocabulary projection apart, for steps that need some streams'
+    logits on a few ids only (``engine.reference_logits``). ``head``: the view's own output
+    layer (what the full forward runs); ``weight``/``bias``: the base projection (without a
+    LoRA adapter on the head), whose rows give single logits."""
+
+    def __init__(self, decoder, head, weight, bias):
+        self.decoder, self.head, self.weight, self.bias = decoder, head, weight, bias
+
+    @classmethod
+    def of(cls, view) -> "SplitHead | None":
+        if getattr(view.config, "model_type", None) not in SPLIT_TYPES:
+            return None
+        head = view.get_output_embeddings()
+        base = head.base if isinstance(head, RowLoRALinear) else head
+        decoder = getattr(view, "model", None)
+        if not isinstance(base, (nn.Linear, FewRowLinear)) or decoder is None:
+            return None
+        return cls(decoder, head, base.weight, base.bias)
+
+    def base_logits(self, hidden: Tensor) -> Tensor:
+        """The base projection of every id, ``[R, V]`` (``head`` without its adapter)."""
+        head = self.head.base if isinstance(self.head, RowLoRALinear) else self.head
+        return head(hidden)
+
+
 @functools.cache
 def cache_kwarg(cls) -> str:
     """The name the model's forward takes its cache under: ``cache`` (transformers >= 5.24,
@@ -101,6 +132,7 @@ class Runner:
         self.pos = torch.zeros((n_rows, 1), dtype=torch.int64, device=dev)
         self.slot = torch.zeros((n_rows,), dtype=torch.int64, device=dev)
         self.mask = torch.full((n_rows, 1, 1, max_len), self.neg, dtype=self.dtype, device=dev)
+        self.split = SplitHead.of(self.model)
 
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache=None) -> Tensor:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
@@ -193,15 +225,29 @@ class Runner:
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per row (int64 ``[n_rows]``, valid ids) and return the next logits
         ``[n_rows, V]``. Graph-safe: only in-place updates of the runner's own buffers."""
+        return self._step(tokens, self._forward)
+
+    def step_hidden(self, tokens: Tensor) -> Tensor:
+        """``step`` without the vocabulary projection: the last hidden state ``[n_rows, H]``
+        (what ``head`` turns into ``step``'s logits). Only where ``split`` is set."""
+        return self._step(tokens, self._hidden)
+
+    def _step(self, tokens: Tensor, forward) -> Tensor:
         self.ids.copy_(tokens.view(-1, 1))
         self.mask.scatter_(3, self.slot.view(-1, 1, 1, 1), 0.0)
-        logits = self._forward(self.ids, self.mask, self.pos)
+        out = forward(self.ids, self.mask, self.pos)
         # a finished or idle row keeps stepping until it is refilled: keep it in the cache
         # (a live row never gets there: prompt + max_new fits max_len)
         last = self.max_len - 1
         self.pos.add_(1).clamp_(max=last)
         self.slot.add_(1).clamp_(max=last)
-        return logits
+        return out
+
+    def _hidden(self, ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+        decoder = self.split.decoder
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                      **{cache_kwarg(type(decoder)): self.cache})
+        return out.last_hidden_state[:, -1, :]
 
     def reorder(self, index: Tensor, start: int = 0, stop: int | None = None) -> None:
         """Row ``i`` continues from row ``index[i]`` (beam search): cache slots

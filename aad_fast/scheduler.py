@@ -17,7 +17,6 @@ a sampled rule is keyed by the row's own step (``selectors.row_seeds``).
 """
 from __future__ import annotations
 
-import functools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -206,7 +205,7 @@ class Scheduler:
         # that ends at a stop id waits for the burst's end)
         left = min(res.request.max_new_tokens - res.steps for res in self.live.values())
         burst = min(self.check_every, left)
-        step = self.step or functools.partial(engine.decode_one, self.pair, self.sel, self.st)
+        step = self.step or engine.default_step(self.pair, self.sel, self.st)
         with torch.inference_mode():
             if burst > 0:
                 for _ in range(burst):

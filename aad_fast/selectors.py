@@ -118,6 +118,19 @@ class CoreSelector:
         """Tensors that carry state from one step to the next (none: ``floor`` is rewritten)."""
         return []
 
+    def candidates(self, logits_a: Tensor) -> Tensor:
+        """The candidate set ``K`` of each row, bool ``[n, vocab]``, for the kinds whose mask
+        reads ``a`` alone (``aad``, ``contrastive``: ``m = a``): exactly the core's
+        ``(m > -inf) & (m >= max(floor, M + log_rel))`` in float32 (reference.select_ref)."""
+        if self.kind[0] not in ("aad", "contrastive"):
+            raise ValueError(f"candidates() is for the aad/contrastive kinds, not {self.kind}")
+        a = logits_a[:, : self.vocab].float()
+        ninf = a.new_full((), -math.inf)
+        big = torch.where(torch.isnan(a), ninf, a).amax(dim=1)
+        rel = torch.where(self.log_rel == -math.inf, ninf, big + self.log_rel)
+        t = torch.maximum(self.floor, rel)
+        return (a > -math.inf) & (a >= t[:, None])
+
     def set_seeds(self, seeds: Tensor) -> None:
         """Per-row seeds (int64 ``[n_rows]``), e.g. ``seed + i`` for best-of-n samples."""
         self.seed.copy_(seeds)

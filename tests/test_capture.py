@@ -42,6 +42,13 @@ CASES = [(kind, r) for kind in ("two", "lora") for r in PAIR_RULES] + \
         [("prompt", r) for r in PROMPT_RULES] + [("two", "best-of-n"), ("prompt", "best-of-n")]
 
 
+@pytest.fixture(autouse=True)
+def _cuda_step(monkeypatch):
+    """Check the step a CUDA graph captures: the CPU-only sparse reference projection
+    (``engine.decode_one_split``, which reads a count on the host) is off, as on CUDA."""
+    monkeypatch.setenv("AAD_FAST_REF_HEAD", "full")
+
+
 def _inline_reference(monkeypatch):
     """Run the selection core as plain PyTorch ops the checker can see."""
     monkeypatch.setattr(selectors, "select_core",

@@ -23,9 +23,11 @@ def _lora(base):
 
 def _case(kind):
     if kind == "two":
-        return (tiny_model("llama", 0), tiny_model("llama", 1)), AAD(0.1)
+        # 512 ids: few enough candidates for the sparse reference projection, whose forward
+        # is what gets compiled (engine.CompiledStep)
+        return (tiny_model("llama", 0, 512), tiny_model("llama", 1, 512)), AAD(0.1)
     if kind == "lora":
-        return (_lora(tiny_model("qwen2", 2)),), AAD(0.2)
+        return (_lora(tiny_model("qwen2", 2, 512)),), AAD(0.2)
     if kind == "prompt":
         return (tiny_model("qwen3", 3),), OPAD(1.0, principle_ids=[30, 31, 32])
     return (tiny_model("olmo2", 4),), Greedy()
@@ -39,6 +41,8 @@ def test_compiled_step_gives_the_eager_tokens(kind):
     dec = Decoder(*models, max_batch_size=2, max_seq_len=48, compile=True)
     got = dec.generate(input_ids=PROMPTS, rule=rule, max_new_tokens=12)
     assert got.stats["compiled"] and not want.stats["compiled"]
+    if kind in ("two", "lora"):
+        assert got.stats["reference_head"]["sparse_steps"] > 0
     assert got.tokens == want.tokens and got.finish_reason == want.finish_reason
     # a second call reuses the compiled step (no compile time) and still matches
     again = dec.generate(input_ids=PROMPTS[::-1], rule=rule, max_new_tokens=12)

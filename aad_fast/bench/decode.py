@@ -160,7 +160,7 @@ def engine_run(dec, rule, ids, n, device, info: dict):
         raise RuntimeError(f"the engine made {[len(t) for t in out.tokens]} tokens, not {n}")
     info.update(backend=out.stats.get("backend"), cuda_graphs=out.stats.get("cuda_graphs"),
                 pair=out.stats.get("pair"), compiled=out.stats.get("compiled"),
-                linear=out.stats.get("linear"))
+                linear=out.stats.get("linear"), reference_head=out.stats.get("reference_head"))
     return out.stats["prefill_ms"], out.stats["ms_per_token"], out.tokens
 
 

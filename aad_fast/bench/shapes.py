@@ -34,12 +34,28 @@ def make_config(shape: dict):
     return AutoConfig.for_model(shape["model_type"], **fields)
 
 
-def random_model(config, dtype, device, seed: int):
-    """A causal LM with seeded random weights built directly on ``device``, without an EOS."""
+# The spread of a bench model's next-token logits. A plain random init (std 0.02) gives logits of
+# std ~0.5, i.e. a near-uniform next-token distribution in which alpha = 0.1 keeps ~70% of the
+# vocabulary; a trained LM keeps a handful (the shipped trained toy pair: ~3 per row). Scaling
+# the output projection to logit std 4 gives ~10 of 49152 ids: the choice of every rule, and
+# the work of AAD's reference stream (engine.reference_logits), then look like a trained
+# model's. Nothing else about the timing depends on the weights' values.
+LOGIT_STD = 4.0
+
+
+def random_model(config, dtype, device, seed: int, logit_std: float | None = LOGIT_STD):
+    """A causal LM with seeded random weights built directly on ``device``, without an EOS;
+    its output projection scaled so the logits have std ~``logit_std`` (``None``: as
+    initialised). A tied embedding is scaled with it (its rows then start the residual stream
+    larger; every layer reads that stream through a norm)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if logit_std is not None:
+        std = getattr(config, "initializer_range", 0.02) * config.hidden_size ** 0.5
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(logit_std / std)
     model.generation_config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0,
                                                bos_token_id=None)
     return model.eval().requires_grad_(False)
