@@ -117,7 +117,7 @@ def _read_prompts(a) -> list:
     return read_prompts_file(a.prompts_file)
 
 
-def _generate_settings(a, rule) -> dict:
+def generate_settings(a, rule) -> dict:
     """What the rows of ``generate --out`` depend on (the sidecar's ``settings``)."""
     def path(x):
         return None if x is None else os.path.abspath(x)
@@ -179,7 +179,7 @@ def cmd_generate(a) -> int:
         todo = rows
         if a.out:
             ident = prompts_identity(a.prompts_file) if a.prompts_file else {"prompt": a.prompt}
-            out = stack.enter_context(ResultsFile(a.out, _generate_settings(a, rule), ident))
+            out = stack.enter_context(ResultsFile(a.out, generate_settings(a, rule), ident))
             check_resume(out, rows, lambda row: row.get("prompt"))
             todo = [r for r in rows if not out.is_done(r["id"])]
             if out.done:

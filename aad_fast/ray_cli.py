@@ -91,7 +91,7 @@ def run_generate(a) -> int:
     import aad_fast as af
 
     from . import cli
-    from .cli import _generate_settings, check_resume, generate_inputs, prompts_identity
+    from .cli import generate_settings, check_resume, generate_inputs, prompts_identity
     from .outfile import ResultsFile
     rd = _ray()
     _check(a)
@@ -101,7 +101,7 @@ def run_generate(a) -> int:
         todo = list(range(len(rows)))
         if a.out:
             ident = prompts_identity(a.prompts_file) if a.prompts_file else {"prompt": a.prompt}
-            out = stack.enter_context(ResultsFile(a.out, _generate_settings(a, rule), ident))
+            out = stack.enter_context(ResultsFile(a.out, generate_settings(a, rule), ident))
             check_resume(out, rows, lambda row: row.get("prompt"))
             todo = [i for i in todo if not out.is_done(rows[i]["id"])]
             if out.done:

@@ -135,8 +135,8 @@ def pairs_decoder(aligned=None, reference=None):
     """The Decoder of ``make-pairs``: the given pair, or the embedded one."""
     from types import SimpleNamespace
 
-    from .toy.evaluate import _pair
-    return _pair(SimpleNamespace(aligned=aligned, reference=reference))[0]
+    from .toy.evaluate import open_pair
+    return open_pair(SimpleNamespace(aligned=aligned, reference=reference))[0]
 
 
 class _Worker:

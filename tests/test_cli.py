@@ -157,12 +157,12 @@ def test_resume_with_a_changed_prompt_is_refused(model_dirs, full_run, tmp_path,
 
 
 def test_two_runs_on_one_out_cannot_both_write(model_dirs, full_run, tmp_path, capsys):
-    from aad_fast.cli import _generate_settings, build_parser
+    from aad_fast.cli import generate_settings, build_parser
     from aad_fast.outfile import ResultsFile
     prompts, _, _ = full_run
     out = tmp_path / "out.jsonl"
     args = _gen_args(model_dirs, prompts, out)
-    with ResultsFile(out, _generate_settings(build_parser().parse_args(args), None), {}):
+    with ResultsFile(out, generate_settings(build_parser().parse_args(args), None), {}):
         assert main(args) == 2
     assert "being written by another run" in capsys.readouterr().err
     assert main(args) == 0  # once the first run is gone

@@ -18,7 +18,7 @@ from .tokenizer import stop_ids
 ALPHAS = (0.05, 0.1, 0.2, 0.5)
 
 
-def _pair(a):
+def open_pair(a):
     """``(decoder, picker, picker_tokenizer, adapters)`` for the embedded pair or given paths."""
     from .. import Decoder
     from .assets import default_pair_dir, load_default_pair
@@ -55,7 +55,7 @@ def _decode_all(dec, rule, prompts, max_new, batch):
 
 def evaluate(a) -> dict:
     """Decode the held-out prompts with every method; return rewards and win rates."""
-    dec, picker, picker_tok, extra = _pair(a)
+    dec, picker, picker_tok, extra = open_pair(a)
     problems = task.split_problems()[1]
     if a.limit:
         problems = problems[: a.limit]
@@ -169,7 +169,7 @@ def make_pairs(a) -> int:
               file=sys.stderr)
         if not todo:
             return 0
-        dec, _, _, _ = _pair(a)
+        dec, _, _, _ = open_pair(a)
         made = 0
         with dec:
             # Batches are cut from the whole prompt list, not from what is left to do, and the
