@@ -190,3 +190,25 @@ def test_bf16_reference_on_candidates_matches_the_full_projection():
     assert ran_sparse(sparse)
     assert sparse.tokens == full.tokens
     assert not math.isnan(sparse.stats["reference_head"]["candidates_per_step"])
+
+
+def test_tied_embeddings_loaded_from_a_path_take_the_sparse_path(tmp_path):
+    """A saved checkpoint with tied input/output embeddings (SmolLM2, Qwen2.5-0.5B, Llama-3.2
+    do this) and GQA, loaded by path: the gathered rows are the tied embedding's."""
+    from transformers import AutoModelForCausalLM
+    from conftest import tiny_config
+    paths = []
+    for seed in (0, 1):
+        cfg = tiny_config("qwen2", V)
+        cfg.tie_word_embeddings = True
+        torch.manual_seed(seed)
+        m = AutoModelForCausalLM.from_config(cfg).float().eval()
+        assert m.lm_head.weight is m.model.embed_tokens.weight
+        m.save_pretrained(tmp_path / f"m{seed}")
+        paths.append(tmp_path / f"m{seed}")
+    a, r = (AutoModelForCausalLM.from_pretrained(p).eval() for p in paths)
+    with Decoder(str(paths[0]), str(paths[1]), device="cpu", max_batch_size=4,
+                 max_seq_len=48) as dec:
+        got = dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=10)
+    assert ran_sparse(got)
+    assert got.tokens == naive_decode(aad_pick(0.1), (a, r), PROMPTS, 10)
