@@ -7,6 +7,8 @@ CUDA) the captured step graph, which serves every value of the kind (at most
 whose prompts fit ``max_batch_size`` is one static batch, a larger one is batched continuously
 (a finished row is refilled with the next prompt); ``Decoder.scheduler``/``Decoder.request``
 give a scheduler of its own to a caller that submits requests over time (a server).
+Beam search and best-of-n call into ``search`` (never the other way): beam search is driven on
+this Decoder's runners by ``search.beam_aad``, best-of-n's samples are ordinary scheduler rows.
 """
 from __future__ import annotations
 
