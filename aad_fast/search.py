@@ -62,7 +62,7 @@ def beam_aad(pair, rule: BeamAAD, prompts: list, max_new: int, stop_ids, *, voca
         sync()
         t1 = time.perf_counter()
         bs.select(logits_a, logits_r)
-        done = _search(pair, bs, width, max_new, check_every)
+        done = _beam_bursts(pair, bs, width, max_new, check_every)
         sync()
     decode_s = time.perf_counter() - t1
     tokens, reasons, scores, steps = bs.result()
@@ -77,7 +77,7 @@ def beam_aad(pair, rule: BeamAAD, prompts: list, max_new: int, stop_ids, *, voca
     return dict(tokens=tokens, finish_reason=reasons, scores=scores, stats=stats)
 
 
-def _search(pair, bs: "BeamSearch", width: int, max_new: int, check_every: int) -> int:
+def _beam_bursts(pair, bs: "BeamSearch", width: int, max_new: int, check_every: int) -> int:
     """The beam loop after the first selection: bursts of up to ``check_every``
     ``engine.beam_step`` calls (the next step writes cache slot ``width + done - 1``), one host
     look (``bs.check``) after each, until every prompt is finished or ``max_new`` selections
