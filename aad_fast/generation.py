@@ -7,6 +7,8 @@ CUDA) the captured step graph, which serves every value of the kind (at most
 whose prompts fit ``max_batch_size`` is one static batch, a larger one is batched continuously
 (a finished row is refilled with the next prompt); ``Decoder.scheduler``/``Decoder.request``
 give a scheduler of its own to a caller that submits requests over time (a server).
+Beam search and best-of-n call into ``search`` (never the other way): beam search is driven on
+this Decoder's runners by ``search.beam_aad``, best-of-n's samples are ordinary scheduler rows.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import engine
+from . import engine, search
 from .hf import load_pair
 from . import tuning
 from .lora_rows import RowLoRA
@@ -371,20 +373,43 @@ class Decoder:
         rows = self._rows(rule, prompts, input_ids, attention_mask, chat)
         stop_ids = self.stop_ids(stop)
         if isinstance(rule, BeamAAD):
-            from .search import beam_aad
-            yield beam_aad(self, rule, rows, max_new_tokens, stop_ids)
+            yield self._beam(rule, rows, max_new_tokens, stop_ids)
             return
         if isinstance(rule, BestOfN):
-            from .search import best_of_n
-            yield best_of_n(self, rule, rows, max_new_tokens, stop_ids)
+            yield self._best_of_n(rule, rows, max_new_tokens, stop_ids)
             return
         yield from self._decode(rule, rows, max_new_tokens, stop_ids, partial=partial)
+
+    def _beam(self, rule: BeamAAD, rows: Rows, max_new, stop_ids) -> Generation:
+        """BeamAAD on this Decoder's kept runners: the ``k`` beams of each prompt are rows of
+        one batch (``len(rows.a) * k`` of them, at most ``max_batch_size``, bucketed like every
+        decode), which ``search.beam_aad`` drives."""
+        n = len(rows.a) * rule.num_beams
+        self._check_lengths(rows, max_new, n)
+        longest = max(len(r) for r in rows.a)
+        pair = self._pair(self._bucket(n), "ar", longest + max_new)
+        found = search.beam_aad(pair, rule, rows.a, max_new, stop_ids, vocab=self.vocab,
+                                backend=self.backend, check_every=self.check_every)
+        found["stats"].update(pair=self.kind, device=str(self.device))
+        return Generation(text=self._text(found["tokens"]), **found)
+
+    def _best_of_n(self, rule: BestOfN, rows: Rows, max_new, stop_ids) -> Generation:
+        """BestOfN: ``rule.n`` samples per prompt (``search.samples``: each an ordinary
+        request with its own seed) through the one decode loop (``_decode``, continuous batching
+        past ``max_batch_size``), then the picker's choice (``search.pick_best``)."""
+        sample, rep, seeds = search.samples(rule, rows.a)
+        for got in self._decode(sample, Rows(rep, rep), max_new, stop_ids, seeds=seeds):
+            pass
+        model, ptok = search.load_picker(rule.picker, self.device, self._pickers)
+        best = search.pick_best(rule.n, rep, got, model, ptok or self.tokenizer, self.tokenizer)
+        return Generation(text=self._text(best["tokens"]), stats=dict(got.stats, n=rule.n),
+                          **best)
 
     def _decode(self, rule, rows: Rows, max_new, stop_ids, seeds=None, partial=False):
         """Every row of ``rows`` through a ``Scheduler``: all admitted at once when they fit
         ``max_batch_size`` (a static batch), else the rows that fit first and each freed row
-        refilled with the next prompt (continuous batching). ``seeds``: per-row seeds
-        (int64, at least ``len(rows.a)``) for best-of-n samples."""
+        refilled with the next prompt (continuous batching). ``seeds``: one int per row, its
+        request's seed (best-of-n's samples); ``None``: the rule's."""
         b = len(rows.a)
         self._check_lengths(rows, max_new, b, refill=True)
         n = self._bucket(min(b, self.max_batch_size))
@@ -398,7 +423,6 @@ class Decoder:
         st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
         stream_rows = {"ar": (rows.a, rows.r), "a": (rows.a, rows.a), "r": (rows.r, rows.r)}
         ra, rr = stream_rows[streams]
-        seeds = None if seeds is None else [int(x) for x in seeds.tolist()[:b]]
         sched = Scheduler(pair, sel, st, rule, check_every=self.check_every)
         handles = [sched.submit(Request(ids_a=ra[i], ids_r=rr[i], max_new_tokens=max_new,
                                         stop_ids=tuple(stop_ids), tag=i,

@@ -285,3 +285,9 @@ def new_state(n_rows: int, max_new: int, max_stop: int, device) -> engine.Decode
     st = engine.DecodeState.new(n_rows, max_new, device)
     st.stop = torch.full((n_rows, max_stop), -2, dtype=torch.int64, device=device)
     return st
+
+
+def pair_rows(pair) -> int:
+    """Rows per stream of a ``pairs`` pair (a shared pair's one runner holds both streams' rows,
+    ``2 * pair.n``)."""
+    return pair.n if getattr(pair, "shared", False) else pair.runners[0].n_rows

@@ -1,6 +1,16 @@
 """Rules that search over several continuations: beam AAD and best-of-n with a picker.
 
-Both run on the same runners as the per-token rules: beams (or samples) are rows of one batch.
+Both run on the Decoder's runners and know nothing of the ``Decoder`` itself (it calls them):
+
+- ``beam_aad(pair, ...)`` drives a beam search on a ``pairs`` pair it is given: the beams are
+  rows of one batch, each prompt is encoded once, and each step (``engine.beam_step``) reorders
+  the caches on device before the one-token forward. Its bookkeeping is ``BeamSearch``.
+- Best-of-n is no loop of its own: ``samples`` says which rows to decode (``n`` per prompt,
+  each an ordinary request with its own seed, decoded by the scheduler like any per-token rule)
+  and ``pick_best`` keeps the picker's favourite of each prompt's samples.
+
+Results come back as the fields of a ``generation.Generation`` (a dict), which the Decoder
+completes with the text.
 """
 from __future__ import annotations
 
@@ -11,37 +21,39 @@ import time
 import torch
 
 from . import backends, engine
+from .hf import check_dir, load_tokenizer
 from .ops import aad_beam_topk
-from .prompts import left_pad, Rows
+from .prompts import left_pad
 from .rules import BeamAAD, BestOfN, Mix
+from .scheduler import pair_rows
 
 
-def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
-    """docs/rules.md BeamAAD. Each prompt gets ``k = num_beams`` rows; per step every live beam proposes
-    its best candidates by the AAD token score (``ops.aad_beam_topk`` on the Decoder's backend),
-    the ``k`` best continuations by summed score survive (a candidate that is a stop id ends its
-    beam when it ranks among the ``k`` best), caches are reordered on device. A prompt is
-    finished once it has ``k`` ended beams or no live one, or after ``max_new`` tokens; the
-    result is the ended beam with the best ``sum(s) / len**length_penalty`` (``len`` counts the
-    stop token), else the best live beam. The bookkeeping lives on the device
-    (``BeamSearch``): a step (``engine.beam_step``) has no host sync, and the host looks only
-    every ``check_every`` steps (all prompts finished? a prompt with no candidate?).
+def beam_aad(pair, rule: BeamAAD, prompts: list, max_new: int, stop_ids, *, vocab: int,
+             backend: str | None = None, check_every: int = 8) -> dict:
+    """docs/rules.md BeamAAD of ``prompts`` (``b`` id lists) on ``pair`` (a two-stream pair of
+    ``pairs`` with at least ``b * k`` rows per stream, ``k = rule.num_beams``, and cache for
+    the longest prompt plus ``max_new``; rows beyond ``b * k`` are bucket padding). Prompt
+    ``p``'s beams are rows ``p*k .. p*k + k - 1``. Per step every live beam proposes its best
+    candidates by the AAD token score (``ops.aad_beam_topk`` on ``backend``, ``None`` = the
+    fastest), the ``k`` best continuations by summed score survive (a candidate that is a stop
+    id ends its beam when it ranks among the ``k`` best), caches are reordered on device. A
+    prompt is finished once it has ``k`` ended beams or no live one, or after ``max_new``
+    tokens; the result is the ended beam with the best ``sum(s) / len**length_penalty``
+    (``len`` counts the stop token), else the best live beam. The bookkeeping lives on the
+    device (``BeamSearch``): a step has no host sync, and the host looks only every
+    ``check_every`` steps (all prompts finished? a prompt with no candidate?).
+
+    Returns ``tokens``, ``finish_reason``, ``scores`` and ``stats`` (a dict).
     """
-    from .generation import Generation
-
-    k, b = rule.num_beams, len(rows.a)
-    n = b * k
-    dec._check_lengths(rows, max_new, n)
-    longest = max(len(r) for r in rows.a)
-    pair = dec._pair(dec._bucket(n) if dec.use_graphs else n, "ar", longest + max_new)
-    n_rows = pair.runners[0].n_rows if not pair.shared else pair.n
+    k, b = rule.num_beams, len(prompts)
+    n_rows = pair_rows(pair)
+    dev = pair.runners[0].device
     # each prompt is encoded once; its k beams (and any bucket padding rows) copy its cache
-    ids, real = left_pad(rows.a, b, dec.device)
+    ids, real = left_pad(prompts, b, dev)
     width = ids.shape[1]
-    which = torch.arange(n_rows, device=dec.device).div(k, rounding_mode="floor").clamp(max=b - 1)
-    be = backends.pick_backend(dec.device, dec.backend)
-    bs = BeamSearch(rule, b, n_rows, max_new, stop_ids, dec.vocab, be, dec.device)
-    dev = dec.device
+    which = torch.arange(n_rows, device=dev).div(k, rounding_mode="floor").clamp(max=b - 1)
+    be = backends.pick_backend(dev, backend)
+    bs = BeamSearch(rule, b, n_rows, max_new, stop_ids, vocab, be, dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -50,16 +62,10 @@ def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
         sync()
         t1 = time.perf_counter()
         bs.select(logits_a, logits_r)
-        done = 1  # selections made; the next step writes cache slot width + done - 1
-        while done < max_new and not bs.check():
-            for _ in range(min(dec.check_every, max_new - done)):
-                engine.beam_step(pair, bs, width, width + done - 1)
-                done += 1
-        bs.check()
+        done = _beam_bursts(pair, bs, width, max_new, check_every)
         sync()
     decode_s = time.perf_counter() - t1
     tokens, reasons, scores, steps = bs.result()
-    text = dec.tokenizer.batch_decode(tokens, skip_special_tokens=True) if dec.tokenizer else None
     stats = {"prefill_ms": (t1 - t0) * 1e3, "steps": steps,
              # every step after the first is one forward of all b*k beams plus the bookkeeping
              "ms_per_token": decode_s * 1e3 / max(done - 1, 1),
@@ -67,10 +73,22 @@ def beam_aad(dec, rule: BeamAAD, rows, max_new: int, stop_ids):
                               else float("nan")),
              # aad_beam_topk has a fused C++ step; every other backend runs the reference
              "backend": "cpp" if be == "cpp" else "torch",
-             "cuda_graphs": False, "pair": dec.kind, "batch": b, "num_beams": k,
-             "device": str(dev)}
-    return Generation(tokens=tokens, text=text, finish_reason=reasons, scores=scores,
-                      stats=stats)
+             "cuda_graphs": False, "batch": b, "num_beams": k}
+    return dict(tokens=tokens, finish_reason=reasons, scores=scores, stats=stats)
+
+
+def _beam_bursts(pair, bs: "BeamSearch", width: int, max_new: int, check_every: int) -> int:
+    """The beam loop after the first selection: bursts of up to ``check_every``
+    ``engine.beam_step`` calls (the next step writes cache slot ``width + done - 1``), one host
+    look (``bs.check``) after each, until every prompt is finished or ``max_new`` selections
+    are made. Returns the selections made."""
+    done = 1
+    while done < max_new and not bs.check():
+        for _ in range(min(check_every, max_new - done)):
+            engine.beam_step(pair, bs, width, width + done - 1)
+            done += 1
+    bs.check()
+    return done
 
 
 class BeamSearch:
@@ -224,9 +242,7 @@ def load_picker(picker, device, cache: dict | None = None):
         key = os.path.realpath(os.fspath(picker))
         if cache is not None and key in cache:
             return cache[key]
-        from transformers import AutoModelForSequenceClassification
-
-        from .hf import check_dir, load_tokenizer
+        from transformers import AutoModelForSequenceClassification  # loaded on first use
         p = check_dir(picker, "picker")
         try:
             model = AutoModelForSequenceClassification.from_pretrained(str(p), local_files_only=True)
@@ -254,35 +270,36 @@ def _check_picker(model) -> None:
         raise ValueError(f"picker must have one output (a reward model), it has {n_out}")
 
 
-def best_of_n(dec, rule: BestOfN, rows, max_new: int, stop_ids):
-    """docs/rules.md BestOfN: ``n`` samples per prompt from stream ``a`` (nucleus ``top_p`` at
-    ``temperature``, seeds ``rule.seed + j``) as one batch; the picker scores prompt +
-    completion, batched; the highest score wins, ties to the first sample."""
-    b, n = len(rows.a), rule.n
+def samples(rule: BestOfN, prompts: list) -> tuple[Mix, list, list]:
+    """What docs/rules.md BestOfN decodes: ``(sample, rows, seeds)``, the single-stream rule
+    (stream ``a``, nucleus ``top_p`` at ``temperature``) and per sample row its prompt and seed:
+    row ``p*n + j`` is prompt ``p``'s sample ``j``, seeded ``rule.seed + j``. Each row is an
+    ordinary request (its tokens equal that prompt decoded alone with that seed)."""
+    n = rule.n
     sample = Mix(w_a=1.0, w_r=0.0, temperature=rule.temperature, top_p=rule.top_p, seed=rule.seed)
-    rep = [r for r in rows.a for _ in range(n)]
-    seeds = torch.tensor([rule.seed + j for _ in range(b) for j in range(n)], dtype=torch.int64)
-    n_rows = dec._bucket(b * n)
-    seeds = torch.cat([seeds, seeds.new_zeros(n_rows - b * n)]).to(dec.device)
-    for gen in dec._decode(sample, Rows(rep, rep), max_new, stop_ids, seeds=seeds):
-        pass
-    model, ptok = load_picker(rule.picker, dec.device, dec._pickers)
-    scores = score_with_picker(model, ptok or dec.tokenizer, dec.tokenizer, rep, gen.tokens)
+    rows = [r for r in prompts for _ in range(n)]
+    seeds = [rule.seed + j for _ in prompts for j in range(n)]
+    return sample, rows, seeds
+
+
+def pick_best(n: int, rows: list, got, model, picker_tok, dec_tok) -> dict:
+    """BestOfN's choice among the samples ``got`` (a ``Generation`` of ``samples``'s rows,
+    prompt ``p``'s ``n`` samples at ``p*n .. p*n + n - 1``): the picker ``model`` scores prompt +
+    completion, batched (``score_with_picker``); the highest score wins, ties to the first
+    sample. Returns ``tokens``, ``finish_reason``, ``scores`` (the winners') and
+    ``candidates`` (per prompt every sample's tokens, score, text and finish reason)."""
+    scores = score_with_picker(model, picker_tok, dec_tok, rows, got.tokens)
     tokens, reasons, best_scores, cands = [], [], [], []
-    for p in range(b):
+    for p in range(len(rows) // n):
         sc = scores[p * n:(p + 1) * n]
         j = max(range(n), key=lambda i: (sc[i], -i))
-        tokens.append(gen.tokens[p * n + j])
-        reasons.append(gen.finish_reason[p * n + j])
+        tokens.append(got.tokens[p * n + j])
+        reasons.append(got.finish_reason[p * n + j])
         best_scores.append(sc[j])
-        cands.append([{"tokens": gen.tokens[p * n + i], "score": sc[i],
-                       "text": gen.text[p * n + i] if gen.text else None,
-                       "finish_reason": gen.finish_reason[p * n + i]} for i in range(n)])
-    text = dec.tokenizer.batch_decode(tokens, skip_special_tokens=True) if dec.tokenizer else None
-    stats = dict(gen.stats, n=n)
-    from .generation import Generation
-    return Generation(tokens=tokens, text=text, finish_reason=reasons, stats=stats,
-                      scores=best_scores, candidates=cands)
+        cands.append([{"tokens": got.tokens[p * n + i], "score": sc[i],
+                       "text": got.text[p * n + i] if got.text else None,
+                       "finish_reason": got.finish_reason[p * n + i]} for i in range(n)])
+    return dict(tokens=tokens, finish_reason=reasons, scores=best_scores, candidates=cands)
 
 
 def score_with_picker(model, picker_tok, dec_tok, prompts_ids, completions):

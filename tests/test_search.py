@@ -107,3 +107,62 @@ def test_a_picker_on_another_device_is_refused_not_moved(models):
     with pytest.raises(ValueError, match=r"picker is on meta .* does not move"):
         dec.generate(input_ids=PROMPTS[:1], rule=BestOfN(2, picker=picker), max_new_tokens=3)
     assert next(picker.parameters()).device.type == "meta"
+
+
+def test_best_of_n_past_max_batch_size_is_each_seed_decoded_alone(models):
+    """3 prompts x 4 samples through 4 rows: the samples are ordinary requests that the
+    scheduler refills rows with, and each equals its prompt decoded alone with seed + j."""
+    from aad_fast import Mix
+    picker = tiny_picker()
+    dec = Decoder(*models, max_batch_size=4, max_seq_len=40)
+    rule = BestOfN(4, top_p=0.8, picker=picker, seed=7)
+    got = dec.generate(input_ids=PROMPTS, rule=rule, max_new_tokens=7, stop=[5])
+    assert got.stats["n"] == 4 and got.stats["batch"] == 12 and got.stats["rows"] == 4
+    for p, prompt in enumerate(PROMPTS):
+        cands = got.candidates[p]
+        for j, c in enumerate(cands):
+            alone = dec.generate(input_ids=[prompt], max_new_tokens=7, stop=[5],
+                                 rule=Mix(1.0, 0.0, temperature=1.0, top_p=0.8, seed=7 + j))
+            assert (c["tokens"], c["finish_reason"]) == (alone.tokens[0],
+                                                         alone.finish_reason[0])
+        best = max(range(4), key=lambda j: (cands[j]["score"], -j))
+        assert got.tokens[p] == cands[best]["tokens"]
+        assert got.finish_reason[p] == cands[best]["finish_reason"]
+        assert got.scores[p] == cands[best]["score"]
+
+
+def test_beam_aad_on_a_bare_pair_with_padding_rows_matches_brute_force(models):
+    """``search.beam_aad`` needs only a pair (no Decoder): 2 prompts x 3 beams on a pair of 8
+    rows, the 2 spare rows being bucket padding as under CUDA graphs."""
+    from test_rules import brute_beam
+
+    from aad_fast import search
+    from aad_fast.pairs import TwoModelPair
+    pair = TwoModelPair(*models, 8, 48)
+    rule = BeamAAD(3, 0.2, length_penalty=1.0)
+    found = search.beam_aad(pair, rule, PROMPTS[:2], 6, [3], vocab=VOCAB, check_every=4)
+    assert found["tokens"] == [brute_beam(models, p, 3, 0.2, None, 6, 1.0) for p in PROMPTS[:2]]
+    assert found["stats"]["batch"] == 2 and found["stats"]["num_beams"] == 3
+
+
+def test_search_never_imports_generation():
+    """No generation <-> search import circle: search.py's imports, those inside functions
+    included, never reach generation.py (the Decoder calls search, not the other way)."""
+    import ast
+    import pathlib
+
+    import aad_fast
+    root = pathlib.Path(aad_fast.__file__).parent
+    seen, todo = set(), ["search"]
+    while todo:
+        mod = todo.pop()
+        tree = ast.parse((root / f"{mod}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module.split(".")[0]] if node.module else \
+                    [a.name for a in node.names]
+                for name in names:
+                    if name not in seen and (root / f"{name}.py").exists():
+                        seen.add(name)
+                        todo.append(name)
+    assert "generation" not in seen, sorted(seen)
