@@ -308,26 +308,6 @@ def try_compile(pair, selector, st: DecodeState, name: str):
         return None
 
 
-def decode_n(pair, selector, st: DecodeState, n_steps: int, step=None,
-             check_every: int = 8) -> tuple[int, bool]:
-    """Run up to ``n_steps`` steps, stopping early once every row is done (checked every
-    ``check_every`` steps, the only host syncs). ``step``: a zero-argument replacement of
-    ``decode_one`` for this (pair, selector, state): a ``StepGraph`` or a ``CompiledStep``.
-    Raises ``RuntimeError`` naming the rows whose aligned logits had no candidate. Returns
-    (steps run, whether every row is done)."""
-    step = step or default_step(pair, selector, st)
-    done_steps, all_done = 0, False
-    while done_steps < n_steps:
-        burst = min(check_every, n_steps - done_steps)
-        for _ in range(burst):
-            step()
-        done_steps += burst
-        all_done = check(st)
-        if all_done:
-            break
-    return done_steps, all_done
-
-
 def check(st: DecodeState, rows=None) -> bool:
     """One host sync: whether all rows are done; raises if a live row got no candidate. A reference
     stream with all -inf/NaN logits is reported first (it also empties the candidates of rules
