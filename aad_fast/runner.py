@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from . import tuning
 from .cache import StaticKVCache
 from .cpu_linear import FewRowLinear
+from .fast_decoder import FastDecoder
 from .lora_rows import RowCount, RowLoRALinear
 
 
@@ -133,6 +134,8 @@ class Runner:
         self.slot = torch.zeros((n_rows,), dtype=torch.int64, device=dev)
         self.mask = torch.full((n_rows, 1, 1, max_len), self.neg, dtype=self.dtype, device=dev)
         self.split = SplitHead.of(self.model)
+        fast = FastDecoder.of(self.model)
+        self.fast = fast if tuning.decoder_pays(self.model, fast, n_rows) else None
 
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache=None) -> Tensor:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
@@ -225,7 +228,12 @@ class Runner:
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per row (int64 ``[n_rows]``, valid ids) and return the next logits
         ``[n_rows, V]``. Graph-safe: only in-place updates of the runner's own buffers."""
+        if self.fast is not None:
+            return self._step(tokens, self._fast_logits)
         return self._step(tokens, self._forward)
+
+    def _fast_logits(self, ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+        return self.model.get_output_embeddings()(self.fast(ids, mask, pos, self.cache))
 
     def step_hidden(self, tokens: Tensor) -> Tensor:
         """``step`` without the vocabulary projection: the last hidden state ``[n_rows, H]``
@@ -244,6 +252,8 @@ class Runner:
         return out
 
     def _hidden(self, ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+        if self.fast is not None:
+            return self.fast(ids, mask, pos, self.cache)
         decoder = self.split.decoder
         out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                       **{cache_kwarg(type(decoder)): self.cache})

@@ -12,6 +12,9 @@ Choices:
   ``few_row`` (``cpu_linear.few_row_linear``), for fp32 ``nn.Linear`` on CPU.
 - ``backend``: the default selection backend where more than one is available (CPU: ``cpp``
   or ``torch``; CUDA: ``triton``, ``cuda`` or ``torch``), timed on AAD at B=1, V=131072.
+- ``decoder``: per model shape, dtype and decode row count on CPU, the model's own forward
+  (``plain``) or the engine's one-token forward (``fast_decoder.FastDecoder``), timed on one
+  step (``decoder_pays``).
 - ``compile``: per model shape, pair kind, rows and device, whether the ``torch.compile``-d
   decode step is worth its compile time for a call of a given length (``compile_pays``), from
   the ms/token and compile times that decodes on this machine observed (``observe_step``).
@@ -19,6 +22,7 @@ Choices:
 Switches (environment, or ``Decoder(cpu_linear=...)``):
 - ``AAD_FAST_CPU_LINEAR=auto|plain|few_row``: measure (default) or force a layout everywhere
   (``AAD_FAST_CPU_FEW_ROW_LINEAR=0``, the older switch, means ``plain``).
+- ``AAD_FAST_DECODER=auto|hf|fast``: measure (default) or force the one-token forward.
 - ``AAD_FAST_TUNE_CACHE=PATH``: the cache file (default
   ``$XDG_CACHE_HOME/aad_fast/tuning.json``, i.e. ``~/.cache/aad_fast/tuning.json``);
   ``off`` keeps choices in memory only.
@@ -286,6 +290,69 @@ def plan_pays(view_plan: nn.Module, view_plain: nn.Module, rows: int, few: list,
                "few_row_ms": times["few_row"], "stable": times.get("stable", True)}
         store(entry, rec, persist=rec["stable"])
     return rec["choice"] == "few_row"
+
+
+DECODER_MODES = ("auto", "hf", "fast")
+
+
+def decoder_mode() -> str:
+    """``$AAD_FAST_DECODER``: ``auto`` (default: measure), ``hf`` (the model's own forward)
+    or ``fast`` (``fast_decoder.FastDecoder`` where the architecture has one)."""
+    mode = os.environ.get("AAD_FAST_DECODER", "auto").strip().lower() or "auto"
+    if mode not in DECODER_MODES:
+        raise ValueError(f"AAD_FAST_DECODER must be one of {DECODER_MODES}, got {mode!r}")
+    return mode
+
+
+def measure_decoder(view: nn.Module, fast, rows: int) -> dict:
+    """ms of one one-token step of ``rows`` rows (over a 16-slot cache) through the model's own
+    forward (``plain``) and through ``fast`` plus the model's head (``fast``)."""
+    from .cache import StaticKVCache
+    from .runner import cache_kwarg
+    vocab = view.get_output_embeddings().weight.shape[0]
+    p = next(view.parameters())
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (rows, 1), generator=g).to(p.device)
+    pos = torch.zeros((rows, 1), dtype=torch.int64, device=p.device)
+    mask = torch.zeros((rows, 1, 1, 16), dtype=p.dtype, device=p.device)
+    cache = StaticKVCache(16)
+    cache.row_pos = torch.zeros((rows,), dtype=torch.int64, device=p.device)
+    head, kw = view.get_output_embeddings(), cache_kwarg(type(view))
+
+    def plain():
+        view(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+             logits_to_keep=1, **{kw: cache})
+
+    def engine():
+        head(fast(ids, mask, pos, cache))
+    with torch.inference_mode():
+        plain()  # the cache's storage, before either is timed
+        return time_candidates({"plain": plain, "fast": engine})
+
+
+def decoder_pays(view: nn.Module, fast, rows: int, measure=None) -> bool:
+    """Whether decode steps of ``rows`` rows run ``fast`` (a ``FastDecoder``) instead of the
+    model's forward: forced by ``$AAD_FAST_DECODER``, else measured on CPU (``measure_decoder``;
+    cached per model shape, rows and dtype) and kept only if faster beyond noise. Other devices
+    keep the model's forward (a captured CUDA graph has no per-op overhead to save)."""
+    mode = decoder_mode()
+    if fast is None or mode == "hf":
+        return False
+    if mode == "fast":
+        return True
+    p = next(view.parameters())
+    if p.device.type != "cpu":
+        return False
+    cfg = view.config
+    entry = (f"decoder/{type(view).__name__}/h{cfg.hidden_size}/l{cfg.num_hidden_layers}/"
+             f"{str(p.dtype).replace('torch.', '')}/rows{rows}")
+    rec = cached(entry)
+    if rec is None:
+        times = (measure or measure_decoder)(view, fast, rows)
+        rec = {"choice": decide(times), "plain_ms": times["plain"], "fast_ms": times["fast"],
+               "stable": times.get("stable", True)}
+        store(entry, rec, persist=rec["stable"])
+    return rec["choice"] == "fast"
 
 
 def summarize(plan: dict) -> dict:

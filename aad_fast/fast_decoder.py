@@ -1,0 +1,102 @@
+"""The engine's own one-token forward of a decoder-only model (gpt-fast style).
+
+At small batch a decode step is a few hundred small ops; Hugging Face's forward adds module
+calls, keyword plumbing and a few ops per layer that the one-token case does not need (the
+RMSNorm as five ops, ``repeat_kv`` for grouped-query attention, mask preparation). On a
+30-layer model at batch 1 on a 2-core CPU that is ~10 of ~33 ms per token. ``FastDecoder``
+runs the same modules (so the engine view's LoRA rows and linear layouts apply unchanged) with
+fewer ops: ``F.rms_norm`` in float32 (the norm module itself in other dtypes, whose rounding
+order HF fixes), rotary embedding from the model's own ``rotary_emb`` (any rope scaling), one
+``scaled_dot_product_attention`` with ``enable_gqa``, and the same cache ``update`` the model
+calls (``cache.StaticKVCache``). Same maths, another float32 summation order in the norms.
+
+Only for the architectures written here (``TYPES``: Llama/SmolLM, Mistral, Qwen2, Qwen3 with its
+per-head q/k norms, OLMo-2 with its q/k norms over the whole projection and post-norms); the
+prefill stays Hugging Face's. Whether it is used is measured, not assumed
+(``tuning.decoder_pays``): it must beat the model's own forward on this machine.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
+
+
+def _norm(x: Tensor, norm: nn.Module) -> Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+    return norm(x)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """HF's ``apply_rotary_pos_emb`` for one tensor: ``x cos + rotate_half(x) sin``, in the
+    dtype of ``cos`` (OLMo-2's are float32 for any model dtype), returned in ``x``'s."""
+    half = x.shape[-1] // 2
+    y = x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+class FastDecoder:
+    """``view``'s decoder (``view.model``) as one-token forward ``(ids [N, 1], mask
+    [N, 1, 1, S], pos [N, 1], cache) -> last hidden state [N, H]`` (after the final norm).
+    ``of(view)`` returns ``None`` for a model it does not cover."""
+
+    def __init__(self, view):
+        cfg = view.config
+        self.kind = cfg.model_type
+        self.model = view.model
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        first = self.model.layers[0].self_attn
+        self.head_dim = getattr(first, "head_dim", None) or cfg.hidden_size // self.heads
+        self.scaling = getattr(first, "scaling", self.head_dim ** -0.5)
+
+    @classmethod
+    def of(cls, view) -> "FastDecoder | None":
+        m = getattr(view, "model", None)
+        if getattr(view.config, "model_type", None) not in TYPES or m is None:
+            return None
+        if not all(hasattr(m, a) for a in ("embed_tokens", "layers", "rotary_emb", "norm")):
+            return None  # an older transformers layout (rotary per attention module)
+        attn = m.layers[0].self_attn
+        if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            return None
+        return cls(view)
+
+    def __call__(self, ids: Tensor, mask: Tensor, pos: Tensor, cache) -> Tensor:
+        m = self.model
+        n = ids.shape[0]
+        h = m.embed_tokens(ids)  # [N, 1, H]
+        cos, sin = m.rotary_emb(h, pos)  # [N, 1, D]
+        cos, sin = cos[:, None], sin[:, None]  # [N, 1, 1, D]: broadcast over heads
+        olmo2, qwen3 = self.kind == "olmo2", self.kind == "qwen3"
+        nh, nkv, d = self.heads, self.kv_heads, self.head_dim
+        for i, layer in enumerate(m.layers):
+            at = layer.self_attn
+            x = h if olmo2 else _norm(h, layer.input_layernorm)
+            q, k, v = at.q_proj(x), at.k_proj(x), at.v_proj(x)
+            if olmo2:  # q/k norms over the whole projection, before the heads split
+                q, k = _norm(q, at.q_norm), _norm(k, at.k_norm)
+            q = q.view(n, 1, nh, d).transpose(1, 2)
+            k = k.view(n, 1, nkv, d).transpose(1, 2)
+            v = v.view(n, 1, nkv, d).transpose(1, 2)
+            if qwen3:  # per-head q/k norms
+                q, k = _norm(q, at.q_norm), _norm(k, at.k_norm)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            k, v = cache.update(k, v, i)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[..., : k.shape[2]],
+                                               scale=self.scaling, enable_gqa=nkv != nh)
+            o = at.o_proj(o.transpose(1, 2).reshape(n, 1, nh * d))
+            if olmo2:
+                h = h + _norm(o, layer.post_attention_layernorm)
+                mlp = layer.mlp
+                y = mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+                h = h + _norm(y, layer.post_feedforward_layernorm)
+            else:
+                h = h + o
+                x = _norm(h, layer.post_attention_layernorm)
+                mlp = layer.mlp
+                h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return _norm(h, m.norm)[:, -1, :]
