@@ -6,22 +6,23 @@ The server talks to a ``Backend`` through ``submit(DecodeRequest, sink) -> Ticke
 ``("error", exception)`` or ``("cancelled",)`` events through the ticket's sink (called from the
 decode thread; the server hands them to its event loop, which never waits on decoding).
 
-The decode thread owns every call into the Decoder. Per-token rules (AAD, Contrastive,
-Mix/EFT/DeRa/CFG, OPAD, Greedy) run on one ``Decoder.scheduler`` per rule kind
-(``selectors.rule_kind``) of ``max_batch_size`` rows: requests of any values of that kind
-(alpha, beta, seed, stop ids, max_new_tokens, ...) share its rows; a request is admitted into a
-free row at the next burst, so streams and non-streamed requests run in one batch; a streamed
-request gets its new text after its admission and after every burst (``Scheduler.partial``); a
-cancelled request (a client gone) frees its row before the next burst (``Scheduler.cancel``).
-The schedulers of the kinds in use take turns, one burst each. Each request's tokens equal
+The decode thread owns every call into the Decoder (holding its lock per burst, so a
+``generate`` from another thread waits for the burst's end, never for a whole request).
+Per-token rules (AAD, Contrastive, Mix/EFT/DeRa/CFG, OPAD, Greedy) run on ``Decoder.scheduler``s,
+one per rule kind (``selectors.rule_kind``) in use, of at most ``max_batch_size`` rows: requests
+of any values of that kind (alpha, beta, k, seed, stop ids, max_new_tokens, ...) share its rows;
+a request is admitted into a free row at the next burst, so streams and non-streamed requests run
+in one batch; a stream gets its new text after its admission and after every burst
+(``Scheduler.partial``); a cancelled request (a client gone) frees its row before the next burst
+(``Scheduler.cancel``). The kinds in use take turns, one burst each. Every request's tokens equal
 decoding it alone (the scheduler's contract: per-row caches, limits, values and noise keys).
 
 Beam search and best-of-n rank whole continuations and are not per-token rules: they run as
-before through ``Decoder.generate``, between bursts, compatible waiting requests (same rule,
-stop ids and ``max_new_tokens``) sharing one call. A burst that raises takes no request down with
-it: its scheduler is dropped and each of its requests is decoded again alone through
-``Decoder.generate`` (the same tokens; a stream goes on from the text it already has), so only
-the request at fault fails.
+before through ``Decoder.generate`` between bursts (the batches wait meanwhile), compatible
+waiting requests (same rule, stop ids and ``max_new_tokens``) sharing one call. A burst that
+raises takes no request down with it: its scheduler is dropped, the requests it had admitted are
+decoded again one by one through ``Decoder.generate`` (the same tokens; a stream goes on from
+the text it has) and those it had not go to a new scheduler, so only the request at fault fails.
 """
 from __future__ import annotations
 
