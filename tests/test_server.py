@@ -619,6 +619,57 @@ def test_closed_backend_answers_503(guarded, models):
 
 
 @needs_serve
+def test_disconnect_frees_its_row_while_the_batch_goes_on(guarded, models):
+    """A stream and a non-streamed request share a batch; the stream's client goes away after
+    its first burst: its row is freed (one row in use at the next burst), the other request
+    decodes on, exact."""
+    p_gone, p_kept = models[4][6], models[4][3]
+    want = guarded.dec.generate(p_kept, rule=af.Greedy(), max_new_tokens=30,
+                                stop=list(guarded.stop_ids))
+    assert len(want.tokens[0]) >= 4
+    backend = guarded.backend
+    rows = []
+
+    def hold(ticket):
+        if ticket.request.text == p_gone:
+            rows.append(backend.stats()["rows_in_use"]["greedy-a"])
+            assert ticket.cancelled.wait(20)
+
+    before = dict(backend.counts)
+    out = {}
+
+    def kept():
+        out["kept"] = guarded.post("/v1/completions", {"model": "m", "prompt": p_kept,
+                                                       "max_tokens": 30, "rule": "greedy"},
+                                   headers=guarded.auth)
+
+    guarded.hooks.append(hold)
+    backend.pause()
+    t = threading.Thread(target=kept)
+    try:
+        t.start()
+        with httpx.Client(trust_env=False, timeout=30) as c:
+            with c.stream("POST", guarded.url + "/v1/completions", headers=guarded.auth,
+                          json={"model": "m", "prompt": p_gone, "max_tokens": 40,
+                                "rule": "greedy", "stream": True}) as r:
+                deadline = time.time() + 20
+                while backend.waiting() < 2 and time.time() < deadline:
+                    time.sleep(0.02)
+                backend.resume()
+                assert r.status_code == 200 and next(r.iter_lines()).startswith("data: ")
+        t.join(30)
+    finally:
+        backend.resume()
+        guarded.hooks.remove(hold)
+    assert rows == [2]  # both in the batch when the stream's client left
+    assert backend.counts["cancelled"] == before["cancelled"] + 1
+    assert backend.counts["batches"] - before["batches"] == 1
+    assert out["kept"].status_code == 200
+    assert out["kept"].json()["choices"][0]["token_ids"] == want.tokens[0]
+    assert backend.stats()["rows_in_use"]["greedy-a"] == 0
+
+
+@needs_serve
 def test_a_failing_request_does_not_fail_the_others(guarded, models, monkeypatch):
     """A burst fails while the "BOOM" request is in the batch (after its admission, mid-decode,
     in the server's scheduler and in any ``Decoder.generate``): only that request fails."""
