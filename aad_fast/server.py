@@ -3,13 +3,15 @@
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` as
 server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``. The rule
 and its parameters ride in the body beside the OpenAI fields (``openai_api``); decoding is done
-by a ``serving.Backend`` (one worker thread, a bounded queue, compatible requests batched).
+by a ``serving.Backend``: one decode thread running a continuous-batching scheduler per rule
+kind, so concurrent requests (streamed or not, of any values of a kind) share its rows.
 
 Safety: binds 127.0.0.1 unless told; with an API key every endpoint but ``/health`` wants
 ``Authorization: Bearer KEY`` (401 otherwise, compared in constant time); bodies, prompt
 lengths, ``max_tokens``, ``n``, ``num_beams`` and ``best_of`` are capped by ``Limits``; a full
-queue answers 429; an error in one request answers that request only (400 for bad input, 500
-otherwise, OpenAI-style error body).
+queue answers 429, a server shutting down 503; an error in one request answers that request only
+(400 for bad input, 500 otherwise, OpenAI-style error body). The event loop never waits on
+decoding: the decode thread hands each request's events to it (``call_soon_threadsafe``).
 
 Needs the ``serve`` extra: ``pip install 'aad_fast[serve]'`` (fastapi, uvicorn).
 """
@@ -22,7 +24,7 @@ import time
 
 from .openai_api import (APIError, Limits, chunk, completion_body, new_id, parse_request,
                          usage)
-from .serving import Backend, QueueFull
+from .serving import Backend, QueueFull, Unavailable
 
 INSTALL_HINT = "aad-fast serve needs fastapi and uvicorn: pip install 'aad_fast[serve]'"
 
@@ -43,8 +45,9 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
 
     Args:
         api_key: if set, required as ``Authorization: Bearer KEY`` except on ``/health``.
-        max_batch_size: rows per decode call (default: the Decoder's ``max_batch_size``).
-        max_queue: waiting requests beyond which a request gets 429.
+        max_batch_size: rows of each rule kind's scheduler (default: the Decoder's
+            ``max_batch_size``).
+        max_queue: requests waiting for a row beyond which a request gets 429.
         limits: per-request caps (``openai_api.Limits``).
         default_stop: stop ids/strings added to every request (e.g. a chat turn marker).
         picker: the reward model of ``rule=best-of-n`` (a path or model), or ``None``.
@@ -74,7 +77,7 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
     app.state.default_stop = default_stop
 
     def error(exc: APIError):
-        headers = {"Retry-After": "1"} if exc.status == 429 else None
+        headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
         return responses.JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(APIError)
@@ -129,10 +132,16 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
                 t.cancel()
             raise APIError(429, f"the server is busy: {exc}; retry later",
                            type_="rate_limit_error", code="queue_full") from None
+        except Unavailable as exc:
+            for t in tickets:
+                t.cancel()
+            raise APIError(503, f"{exc}; retry later", code="unavailable") from None
         return tickets, queues
 
     def failure(ev) -> APIError:
         exc = ev[1]
+        if isinstance(exc, Unavailable):
+            return APIError(503, f"{exc}; retry later", code="unavailable")
         if isinstance(exc, ValueError):
             return APIError(400, str(exc))
         return APIError(500, f"decoding failed: {type(exc).__name__}: {exc}")
@@ -194,7 +203,7 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
                 yield "data: [DONE]\n\n"
                 return
         finally:
-            ticket.cancel()  # a client gone mid-stream frees the Decoder at the next burst
+            ticket.cancel()  # a client gone mid-stream frees its row before the next burst
 
     @app.post("/v1/completions")
     async def completions(request: fastapi.Request):
@@ -213,7 +222,8 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "waiting": backend.waiting(), **backend.counts}
+        """Open (no key): queue length, rows in use per rule kind and counters."""
+        return {"status": "ok", **backend.stats()}
 
     return app
 
@@ -228,9 +238,10 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $AAD_FAST_API_KEY)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="rows per decode call")
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="rows of the running batch (of each rule kind in use)")
     p.add_argument("--max-queue", type=int, default=64,
-                   help="waiting requests beyond which requests get 429")
+                   help="requests waiting for a row beyond which requests get 429")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="context: prompt + new tokens (default 2048; 128 for the embedded pair)")
     p.add_argument("--max-tokens", type=int, default=None,

@@ -1,23 +1,33 @@
-"""The decode backend behind ``aad-fast serve``: a bounded queue drained by one worker thread.
+"""The decode backend behind ``aad-fast serve``: a bounded queue and one decode thread that runs
+continuous-batching schedulers (``scheduler.Scheduler``).
 
-The server talks to a ``Backend`` through two calls only, ``submit(DecodeRequest) -> Ticket``
-and ``Ticket.cancel()``, and receives ``("delta", text)``, ``("done", Completion)`` or
-``("error", exception)`` events through the ticket's sink. A continuous-batching scheduler can
-replace this class behind the same interface.
+The server talks to a ``Backend`` through ``submit(DecodeRequest, sink) -> Ticket`` and
+``Ticket.cancel()`` only, and receives ``("delta", text)``, ``("done", Completion)``,
+``("error", exception)`` or ``("cancelled",)`` events through the ticket's sink (called from the
+decode thread; the server hands them to its event loop, which never waits on decoding).
 
-This backend batches *static*: the worker takes the oldest waiting request and every other
-waiting non-streamed request with the same key (rule, stop ids, chat flag, input form; for the
-search rules also ``max_new_tokens``) into one ``Decoder.generate`` call of at most
-``max_batch_size`` rows, decoded to the group's largest ``max_new_tokens`` and cut back per
-request. The rows of a batch are independent (SPEC "Stopping and output"; sampled rules draw
-noise from ``(seed, step, id)``, never the row), so each request's tokens equal decoding it alone;
-cutting a longer greedy/sampled decode at ``m`` tokens gives the ``m``-token decode. Beam search
-and best-of-n rank whole continuations, so their groups also share ``max_new_tokens``.
-A streamed request runs alone (``Decoder.stream`` is one prompt), and its cancel flag is checked
-after every burst, so a client that goes away frees the Decoder at the next burst.
+The decode thread owns every call into the Decoder (holding its lock per burst, so a
+``generate`` from another thread waits for the burst's end, never for a whole request).
+Per-token rules (AAD, Contrastive, Mix/EFT/DeRa/CFG, OPAD, Greedy) run on ``Decoder.scheduler``s,
+one per rule kind (``selectors.rule_kind``) in use, of at most ``max_batch_size`` rows: requests
+of any values of that kind (alpha, beta, k, seed, stop ids, max_new_tokens, ...) share its rows;
+a request is admitted into a free row at the next burst, so streams and non-streamed requests run
+in one batch; a stream gets its new text after its admission and after every burst
+(``Scheduler.partial``); a cancelled request (a client gone) frees its row before the next burst
+(``Scheduler.cancel``). The kinds in use take turns, one burst each. Every request's tokens equal
+decoding it alone (the scheduler's contract: per-row caches, limits, values and noise keys).
+
+Beam search and best-of-n rank whole continuations and are not per-token rules: they run as
+before through ``Decoder.generate`` between bursts (the batches wait meanwhile), compatible
+waiting requests (same rule, stop ids and ``max_new_tokens``) sharing one call. A burst that
+raises takes no request down with it: its scheduler is dropped, the requests it had admitted are
+decoded again one by one through ``Decoder.generate`` (the same tokens; a stream goes on from
+the text it has) and those it had not go to a new scheduler, so only the request at fault fails.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,13 +36,17 @@ from .rules import BeamAAD, BestOfN
 
 
 class QueueFull(Exception):
-    """The backend's queue holds ``max_queue`` waiting requests."""
+    """The backend holds ``max_queue`` requests that wait for a row."""
+
+
+class Unavailable(RuntimeError):
+    """The backend is closed (the server is shutting down)."""
 
 
 @dataclass
 class DecodeRequest:
     """One prompt to decode. Exactly one of ``text`` (tokenised by the Decoder, with the chat
-    template when ``chat``) or ``ids`` (a list of ints, used as is) is set."""
+    template when ``chat``) or ``ids`` (a list of ints, used as is) is set. ``stop``: stop ids."""
 
     rule: object
     max_new_tokens: int
@@ -42,14 +56,17 @@ class DecodeRequest:
     stop: tuple = ()
     stream: bool = False
 
+    @property
+    def search(self) -> bool:
+        """Beam search or best-of-n: decoded through ``Decoder.generate``, not a scheduler."""
+        return isinstance(self.rule, (BeamAAD, BestOfN))
+
     def key(self):
-        """Requests with equal keys may share one ``Decoder.generate`` call."""
-        search = isinstance(self.rule, (BeamAAD, BestOfN))
-        return (self.rule, self.stop, self.chat, self.text is None,
-                self.max_new_tokens if search else None)
+        """Search requests with equal keys may share one ``Decoder.generate`` call."""
+        return (self.rule, self.stop, self.chat, self.text is None, self.max_new_tokens)
 
     def rows(self) -> int:
-        """Decoder rows this request takes (beams or samples per prompt)."""
+        """Decoder rows a search request takes (beams or samples per prompt)."""
         if isinstance(self.rule, BeamAAD):
             return self.rule.num_beams
         if isinstance(self.rule, BestOfN):
@@ -66,69 +83,117 @@ class Completion:
     finish_reason: str
 
 
-@dataclass
+@dataclass(eq=False)  # a handle: identity, not value
 class Ticket:
-    """Handle of a submitted request. ``sink(event)`` is called from the worker thread."""
+    """Handle of a submitted request. ``sink(event)`` is called from the decode thread."""
 
     request: DecodeRequest
     sink: object
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: bool = False
+    started: bool = False  # admitted into a row or taken by a generate call
+    res: object = field(default=None, repr=False)  # its scheduler.Result while in a scheduler
+    shown: str = ""  # text already sent (streams)
 
     def cancel(self) -> None:
-        """Stop decoding this request (a waiting one is dropped, a streamed one ends at its
-        next burst)."""
+        """Stop decoding this request: a waiting one is dropped, a running one frees its row
+        before the next burst."""
         self.cancelled.set()
 
 
+@dataclass(eq=False)
+class _Batch:
+    """A scheduler of one rule kind (``key``) and its tickets (waiting for a row or live)."""
+
+    key: tuple
+    sched: object
+    members: list = field(default_factory=list)
+
+    def room(self) -> int:
+        """Rows that the requests already given to it leave free at the next admission."""
+        return len(self.sched.free) - len(self.sched.waiting)
+
+
 class Backend:
-    """One worker thread that owns every call into ``decoder``.
+    """One decode thread that owns every call into ``decoder`` (see the module docstring).
+
+    Rows: a rule kind's scheduler starts with the rows its first requests need (a power of
+    two, at most ``max_batch_size``), so one request at a time runs in a one-row batch; when
+    more requests come than it has rows, a scheduler of ``max_batch_size`` rows takes over the
+    kind and the smaller one finishes what it runs. Idle schedulers are kept for reuse (each
+    holds a KV cache and, on CUDA, a captured step), at most ``keep_idle``, least recently used
+    dropped first.
 
     Args:
         decoder: an ``aad_fast.Decoder``.
-        max_batch_size: rows per ``generate`` call (at most the Decoder's ``max_batch_size``).
-        max_queue: waiting requests beyond which ``submit`` raises ``QueueFull``.
-        on_piece: optional test hook, called with the ticket after each streamed burst.
+        max_batch_size: the most rows of a rule kind's scheduler, and of one ``generate`` call
+            of beam search / best-of-n (at most the Decoder's ``max_batch_size``).
+        max_queue: requests waiting for a row beyond which ``submit`` raises ``QueueFull``.
+        keep_idle: idle schedulers kept.
+        on_piece: optional test hook, called with the ticket after each burst of a stream.
     """
 
-    def __init__(self, decoder, *, max_batch_size: int, max_queue: int, on_piece=None):
-        for name, val in (("max_batch_size", max_batch_size), ("max_queue", max_queue)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+    def __init__(self, decoder, *, max_batch_size: int, max_queue: int, keep_idle: int = 3,
+                 on_piece=None):
+        for name, val, low in (("max_batch_size", max_batch_size, 1),
+                               ("max_queue", max_queue, 1), ("keep_idle", keep_idle, 0)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {val!r}")
         self.decoder = decoder
         self.max_batch_size = min(max_batch_size, decoder.max_batch_size)
-        self.max_queue = max_queue
-        self.on_piece = on_piece
-        self._waiting: deque = deque()
+        self.max_queue, self.keep_idle, self.on_piece = max_queue, keep_idle, on_piece
+        self._inbox: deque = deque()  # submitted, not yet taken by the decode thread
+        self._waiting = 0  # submitted, neither started nor finished
         self._cond = threading.Condition()
-        self._paused = False
-        self._closed = False
-        self.counts = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0, "batches": 0,
-                       "running": 0}
+        self._paused = self._closed = False
+        # decode thread only: every scheduler (busy or kept idle, least recently used first),
+        # the one of each kind that takes new requests, and the generate queue (search
+        # requests, and requests of a failed burst decoded again alone)
+        self._batches: list = []
+        self._current: dict = {}
+        self._generate: deque = deque()
+        self._tags = itertools.count()
+        self._rows_in_use: dict = {}  # rule kind's name -> rows in use (read by ``stats``)
+        self._schedulers: list = []
+        self.counts = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0,
+                       "batches": 0,  # admissions (one prefill round) and generate calls
+                       "bursts": 0, "running": 0,  # rows in use after the last burst
+                       "rows_peak": 0, "retried": 0}
         self._thread = threading.Thread(target=self._work, name="aad-fast-backend", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ interface
     def submit(self, request: DecodeRequest, sink) -> Ticket:
-        """Queue ``request``; ``sink`` receives its events. Raises ``QueueFull``."""
+        """Queue ``request``; ``sink`` receives its events. Raises ``QueueFull`` or
+        ``Unavailable``."""
         ticket = Ticket(request, sink)
         with self._cond:
             if self._closed:
-                raise RuntimeError("the backend is closed")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting "
+                raise Unavailable("the server is shutting down")
+            if self._waiting >= self.max_queue:
+                raise QueueFull(f"{self._waiting} requests are waiting "
                                 f"(--max-queue {self.max_queue})")
-            self._waiting.append(ticket)
+            self._inbox.append(ticket)
+            self._waiting += 1
             self.counts["submitted"] += 1
             self._cond.notify()
         return ticket
 
     def waiting(self) -> int:
+        """Requests submitted and not yet admitted into a row (nor finished)."""
         with self._cond:
-            return len(self._waiting)
+            return self._waiting
+
+    def stats(self) -> dict:
+        """``counts``, ``waiting``, the rows in use per rule kind and the schedulers (kind,
+        rows, rows in use) as of the last burst (``/health``)."""
+        with self._cond:
+            return {"waiting": self._waiting, "max_batch_size": self.max_batch_size,
+                    **self.counts, "rows_in_use": dict(self._rows_in_use),
+                    "schedulers": [dict(x) for x in self._schedulers]}
 
     def pause(self) -> None:
-        """Hold the worker before it takes the next request (tests, maintenance)."""
+        """Take no new request until ``resume`` (running ones go on; tests, maintenance)."""
         with self._cond:
             self._paused = True
 
@@ -138,80 +203,226 @@ class Backend:
             self._cond.notify()
 
     def close(self, timeout: float = 30.0) -> None:
+        """Stop the decode thread; what has not finished is answered with ``Unavailable``."""
         with self._cond:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout)
 
-    # ------------------------------------------------------------------ worker
-    def _take(self) -> list | None:
-        """The next group of tickets, or ``None`` when closed."""
-        with self._cond:
-            while True:
-                while self._waiting and self._waiting[0].cancelled.is_set():
-                    self._waiting.popleft()
-                    self.counts["cancelled"] += 1
-                if self._closed:
-                    while self._waiting:  # answer, don't strand, what still waits
-                        self._finish(self._waiting.popleft(),
-                                     ("error", RuntimeError("the server is shutting down")))
-                    return None
-                if self._waiting and not self._paused:
-                    break
-                self._cond.wait()
-            first = self._waiting.popleft()
-            group = [first]
-            if not first.request.stream:
-                rows = first.request.rows()
-                key = first.request.key()
-                for t in list(self._waiting):
-                    r = t.request
-                    if not r.stream and not t.cancelled.is_set() and r.key() == key and \
-                            rows + r.rows() <= self.max_batch_size:
-                        self._waiting.remove(t)
-                        group.append(t)
-                        rows += r.rows()
-            self.counts["running"] = len(group)
-            return group
-
+    # ------------------------------------------------------------------ decode thread
     def _work(self) -> None:
         while True:
-            group = self._take()
-            if group is None:
-                return
-            try:
-                if group[0].request.stream:
-                    self._run_stream(group[0])
-                else:
-                    self._run_batch(group)
-            except Exception as exc:  # never let one group stop the worker
-                for t in group:
-                    self._finish(t, ("error", exc))
-            finally:
-                with self._cond:
-                    self.counts["running"] = 0
+            new = self._next()
+            if new is None:
+                return self._shutdown()
+            self._route(new)
+            self._drop_cancelled()
+            for b in [b for b in self._batches if b.sched.busy]:
+                self._burst(b)
+            if self._generate:
+                self._run_group(self._take_group())
 
-    def _finish(self, ticket, event) -> None:
-        if ticket.finished:
-            return
-        ticket.finished = True
-        kind = event[0]
+    def _next(self) -> list | None:
+        """The newly submitted tickets (none while paused), once there is anything to do;
+        ``None`` when closed."""
         with self._cond:
-            self.counts[{"done": "done", "error": "failed"}.get(kind, "cancelled")] += 1
-        _send(ticket, event)
+            while not self._closed:
+                busy = self._generate or any(b.sched.busy for b in self._batches)
+                if busy or (self._inbox and not self._paused):
+                    break
+                self._cond.wait()
+            else:
+                return None
+            if self._paused:
+                return []
+            new = list(self._inbox)
+            self._inbox.clear()
+            return new
 
-    def _run_batch(self, group: list) -> None:
-        for t in group:
+    def _route(self, tickets: list) -> None:
+        """Hand each ticket to its kind's scheduler or to the generate queue."""
+        from .selectors import rule_kind
+        keys = {}
+        for t in tickets:
+            if not t.request.search:
+                keys[t] = (t.request.rule.streams, rule_kind(t.request.rule))
+        for t in tickets:
+            req = t.request
             if t.cancelled.is_set():
                 self._finish(t, ("cancelled",))
-        group = [t for t in group if not t.cancelled.is_set()]
-        if not group:
-            return
+            elif req.search:
+                self._generate.append(t)
+            else:
+                try:
+                    r = self.decoder.request(req.text, input_ids=req.ids, rule=req.rule,
+                                             max_new_tokens=req.max_new_tokens,
+                                             stop=list(req.stop), chat=req.chat,
+                                             tag=f"request {next(self._tags)}")
+                    b = self._place(keys[t], req.rule, sum(k == keys[t] for k in keys.values()))
+                    t.res = b.sched.submit(r)
+                except Exception as exc:  # this request's input only: the others go on
+                    self._finish(t, ("error", exc))
+                    continue
+                b.members.append(t)
+
+    def _place(self, key, rule, arriving: int) -> _Batch:
+        """The batch of ``key``'s kind that takes a new request (``arriving``: how many of that
+        kind came at once, to size a new one)."""
+        cur = self._current.get(key)
+        if cur is not None and cur.sched.busy:
+            if cur.room() > 0 or cur.sched.n >= self.max_batch_size:
+                return self._used(cur)
+            want = self.max_batch_size  # more than it has rows: the full batch takes over
+        else:
+            want = min(_pow2(arriving), self.max_batch_size)
+        same = [b for b in self._batches if b.key == key and b.sched.n == want]
+        if same and not same[-1].sched.busy:
+            self._current[key] = same[-1]
+            return self._used(same[-1])
+        if cur is not None and not cur.sched.busy and cur.sched.n >= want:
+            return self._used(cur)  # larger than needed, but ready
+        idle = [b for b in self._batches if not b.sched.busy]
+        for b in idle[:max(0, len(idle) - self.keep_idle)]:
+            self._drop(b)  # frees its KV cache
+        with self._lock():
+            b = _Batch(key, self.decoder.scheduler(rule, rows=want))
+        self._batches.append(b)
+        self._current[key] = b
+        return b
+
+    def _used(self, b: _Batch) -> _Batch:
+        self._batches.remove(b)
+        self._batches.append(b)
+        return b
+
+    def _drop(self, b: _Batch) -> None:
+        self._batches.remove(b)
+        if self._current.get(b.key) is b:
+            del self._current[b.key]
+
+    def _lock(self):
+        """The Decoder's lock, held per burst (a ``generate`` from another thread waits)."""
+        locked = getattr(self.decoder, "_locked", None)
+        return locked() if locked is not None else contextlib.nullcontext()
+
+    def _drop_cancelled(self) -> None:
+        for b in self._batches:
+            for t in [t for t in b.members if t.cancelled.is_set()]:
+                b.sched.cancel(t.res)
+                b.members.remove(t)
+                self._finish(t, ("cancelled",))
+        for t in [t for t in self._generate if t.cancelled.is_set()]:
+            self._generate.remove(t)
+            self._finish(t, ("cancelled",))
+        self._publish()
+
+    def _burst(self, b: _Batch) -> None:
+        """Admit what fits into ``b``'s scheduler, send streams their first text, run one
+        burst, then send new text and finish what ended. A failure: see the module docstring."""
+        sched, members = b.sched, b.members
+        try:
+            with self._lock():
+                if sched.admit():
+                    with self._cond:
+                        self.counts["batches"] += 1
+                        self.counts["rows_peak"] = max(self.counts["rows_peak"],
+                                                       sum(len(x.sched.live)
+                                                           for x in self._batches))
+                new = [t for t in members if t.res.row is not None and not t.started]
+                for t in new:
+                    self._start(t)
+                self._stream(sched, new)  # the prefill's token, before the burst's
+                sched.step_burst()
+                with self._cond:
+                    self.counts["bursts"] += 1
+                self._publish()  # before the answers: a client that then asks sees them gone
+                ended = [t for t in members if t.res.done]
+                texts = self.decoder.tokenizer.batch_decode(
+                    [t.res.tokens for t in ended], skip_special_tokens=True) if ended else []
+                self._stream(sched, [t for t in members if not t.res.done], hook=True)
+        except Exception as exc:
+            self._failed(b, exc)
+            return self._publish()
+        for t, text in zip(ended, texts):
+            members.remove(t)
+            if t.request.stream:
+                self._delta(t, text)
+            self._finish(t, ("done", Completion(t.res.tokens, text, t.res.finish_reason)))
+
+    def _stream(self, sched, members, hook=False) -> None:
+        """Send each live stream of ``members`` the text it has gained."""
+        for t in members:
+            if t.request.stream and t.res.row is not None:
+                toks = sched.partial(t.res)
+                self._delta(t, self.decoder.tokenizer.decode(toks, skip_special_tokens=True))
+                if hook and self.on_piece is not None:
+                    self.on_piece(t)
+
+    def _delta(self, t: Ticket, text: str) -> None:
+        # hold back a trailing partial character (U+FFFD) until it is complete
+        stable = text.rstrip("\ufffd")
+        if stable.startswith(t.shown) and len(stable) > len(t.shown):
+            _send(t, ("delta", stable[len(t.shown):]))
+            t.shown = stable
+
+    def _failed(self, b: _Batch, exc) -> None:
+        """A burst of ``b`` raised: drop its scheduler (its buffers may be mid-step). The
+        requests it had not admitted go to another; each of the others is decoded again alone,
+        or fails if it was the only one."""
+        self._drop(b)
+        queued = [t for t in b.members if t.res in b.sched.waiting]
+        suspects = [t for t in b.members if t.res not in b.sched.waiting]
+        if len(suspects) == 1:
+            self._finish(suspects[0], ("error", exc))
+        else:
+            with self._cond:
+                self.counts["retried"] += len(suspects)
+            for t in suspects:
+                t.res = None
+            self._generate.extendleft(reversed(suspects))
+        for t in queued:
+            try:
+                nb = self._place(b.key, t.request.rule, len(queued))
+                t.res = nb.sched.submit(t.res.request)
+            except Exception as exc2:
+                self._finish(t, ("error", exc2))
+                continue
+            nb.members.append(t)
+
+    def _publish(self) -> None:
+        """Rows in use per rule kind and each scheduler's size, for ``stats``."""
+        rows, scheds = {}, []
+        for b in self._batches:
+            name = "-".join(map(str, b.key[1]))
+            rows[name] = rows.get(name, 0) + len(b.sched.live)
+            scheds.append({"kind": name, "rows": b.sched.n, "in_use": len(b.sched.live)})
+        with self._cond:
+            self._rows_in_use, self._schedulers = rows, scheds
+            self.counts["running"] = sum(rows.values())
+
+    def _take_group(self) -> list:
+        """The oldest generate ticket and the waiting ones that may share its call."""
+        first = self._generate.popleft()
+        group, rows = [first], first.request.rows()
+        if first.request.search and not first.request.stream:
+            for t in list(self._generate):
+                r = t.request
+                if r.search and not r.stream and r.key() == first.request.key() and \
+                        rows + r.rows() <= self.max_batch_size:
+                    self._generate.remove(t)
+                    group.append(t)
+                    rows += r.rows()
+        return group
+
+    def _run_group(self, group: list) -> None:
+        """One ``Decoder.generate`` call for ``group`` (its requests share rule, stop ids, chat
+        flag, input form and ``max_new_tokens``); on failure each runs alone."""
+        for t in group:
+            self._start(t)
         with self._cond:
             self.counts["batches"] += 1
         req = group[0].request
-        max_new = max(t.request.max_new_tokens for t in group)
-        kw = dict(rule=req.rule, max_new_tokens=max_new, stop=list(req.stop) or None,
+        kw = dict(rule=req.rule, max_new_tokens=req.max_new_tokens, stop=list(req.stop) or None,
                   chat=req.chat)
         try:
             if req.text is not None:
@@ -223,43 +434,47 @@ class Backend:
                 self._finish(group[0], ("error", exc))
             else:  # find the request at fault: the others must not fail with it
                 for t in group:
-                    self._run_batch([t])
+                    self._run_group([t])
             return
         for i, t in enumerate(group):
-            toks, reason = gen.tokens[i], gen.finish_reason[i]
-            m = t.request.max_new_tokens
-            if len(toks) >= m:  # the group decoded further than this request asked for
-                toks, reason = toks[:m], "length"
-            text = gen.text[i] if len(toks) == len(gen.tokens[i]) else \
-                self.decoder.tokenizer.decode(toks, skip_special_tokens=True)
-            self._finish(t, ("done", Completion(toks, text, reason)))
+            if t.request.stream:
+                self._delta(t, gen.text[i])
+            self._finish(t, ("done", Completion(gen.tokens[i], gen.text[i],
+                                                gen.finish_reason[i])))
 
-    def _run_stream(self, ticket: Ticket) -> None:
-        req = ticket.request
-        shown = ""
-        try:
-            for piece in stream_generation(self.decoder, req):
-                if isinstance(piece, str):
-                    # hold back a trailing partial character (U+FFFD) until it is complete
-                    stable = piece.rstrip("\ufffd")
-                    if stable.startswith(shown) and len(stable) > len(shown):
-                        _send(ticket, ("delta", stable[len(shown):]))
-                        shown = stable
-                    if self.on_piece is not None:
-                        self.on_piece(ticket)
-                    if ticket.cancelled.is_set():
-                        break  # closes the generator: the Decoder is free again
-                else:
-                    text = piece.text[0]
-                    if text.startswith(shown) and len(text) > len(shown):
-                        _send(ticket, ("delta", text[len(shown):]))
-                    self._finish(ticket, ("done", Completion(piece.tokens[0], text,
-                                                             piece.finish_reason[0])))
-                    return
-        except Exception as exc:
-            self._finish(ticket, ("error", exc))
+    def _start(self, t: Ticket) -> None:
+        if not t.started:
+            t.started = True
+            with self._cond:
+                self._waiting -= 1
+
+    def _finish(self, ticket, event) -> None:
+        if ticket.finished:
             return
-        self._finish(ticket, ("cancelled",))
+        self._start(ticket)
+        ticket.finished = True
+        with self._cond:
+            self.counts[{"done": "done", "error": "failed"}.get(event[0], "cancelled")] += 1
+        _send(ticket, event)
+
+    def _shutdown(self) -> None:
+        """Answer, don't strand, what has not finished."""
+        with self._cond:
+            left = list(self._inbox)
+            self._inbox.clear()
+        left += [t for b in self._batches for t in b.members] + list(self._generate)
+        self._batches.clear()
+        self._current.clear()
+        self._generate.clear()
+        for t in left:
+            self._finish(t, ("error", Unavailable("the server is shutting down")))
+
+
+def _pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
 
 
 def _send(ticket: Ticket, event) -> None:
@@ -268,27 +483,3 @@ def _send(ticket: Ticket, event) -> None:
         ticket.sink(event)
     except Exception:
         ticket.cancel()
-
-
-def stream_generation(decoder, req: DecodeRequest):
-    """Yield the full text of ``req``'s row after each burst, then its ``Generation``.
-
-    ``Decoder.stream`` yields text deltas only, without the tokens and finish reason the
-    OpenAI response needs, so this runs the same decode through ``Decoder._run(partial=True)``
-    under the Decoder's lock (what ``stream`` itself does). A Decoder without ``_run`` is
-    streamed with ``stream`` and then decoded once more with ``generate`` for the tokens."""
-    kw = dict(rule=req.rule, max_new_tokens=req.max_new_tokens, stop=list(req.stop) or None,
-              chat=req.chat)
-    prompt = dict(prompts=req.text) if req.text is not None else dict(input_ids=[req.ids])
-    run = getattr(decoder, "_run", None)
-    if run is not None:
-        with decoder._locked():
-            yield from run(prompt.get("prompts"), prompt.get("input_ids"), None, kw["rule"],
-                           kw["max_new_tokens"], kw["stop"], kw["chat"], partial=True)
-        return
-    one = dict(prompt=req.text) if req.text is not None else dict(input_ids=[req.ids])
-    text = ""
-    for delta in decoder.stream(**one, **kw):
-        text += delta
-        yield text
-    yield decoder.generate(**prompt, **kw)

@@ -1,7 +1,8 @@
 """``aad-fast serve`` over loopback: the official ``openai`` client against a server started here
 on 127.0.0.1 (a free port, uvicorn in a thread), every answer compared token for token with
-``Decoder.generate`` on that prompt alone; concurrency, limits, keys, queue overflow,
-disconnects and a failing request."""
+``Decoder.generate`` on that prompt alone; concurrency (requests of mixed values sharing one
+scheduler batch, concurrent streams), limits, keys, queue overflow, disconnects, a failing
+request and a closed backend."""
 import importlib.util
 import socket
 import sys
@@ -278,6 +279,56 @@ def test_32_concurrent_clients_exact(served, models):
 
 
 @needs_serve
+def test_mixed_alphas_and_max_tokens_share_one_batch_exact(served, models):
+    """Six AAD requests with their own alpha and max_tokens (one streamed) are admitted together
+    into one scheduler batch (one admission, six rows in use) and each equals decoding it alone."""
+    prompts = models[4]
+    jobs = [(prompts[i], alpha, mt) for i, (alpha, mt) in
+            enumerate(((0.05, 3), (0.1, 12), (0.3, 5), (0.5, 20), (0.8, 8), (1.0, 16)))]
+    backend = served.app.state.backend
+    client = served.client()
+    results = [None] * len(jobs)
+
+    def call(i):
+        prompt, alpha, mt = jobs[i]
+        if i == 3:
+            chunks = list(client.completions.create(model="toy", prompt=prompt, max_tokens=mt,
+                                                    stream=True, extra_body={"alpha": alpha}))
+            last = [c for c in chunks if c.choices][-1].choices[0]
+            results[i] = (last.token_ids, "".join(c.choices[0].text for c in chunks
+                                                  if c.choices), last.finish_reason)
+        else:
+            ch = client.completions.create(model="toy", prompt=prompt, max_tokens=mt,
+                                           extra_body={"alpha": alpha}).choices[0]
+            results[i] = (ch.token_ids, ch.text, ch.finish_reason)
+
+    before = dict(backend.counts)
+    backend.pause()
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(jobs))]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while backend.waiting() < len(jobs) and time.time() < deadline:
+            time.sleep(0.02)
+        assert backend.waiting() == len(jobs)
+    finally:
+        backend.resume()
+    for t in threads:
+        t.join(60)
+    counts = backend.counts
+    assert counts["done"] - before["done"] == len(jobs)
+    assert counts["batches"] - before["batches"] == 1  # one admission: one batch of six rows
+    assert counts["rows_peak"] >= len(jobs)
+    for i, (prompt, alpha, mt) in enumerate(jobs):
+        assert results[i] == alone(served, prompt, rule=af.AAD(alpha), max_new=mt), jobs[i]
+    with httpx.Client(trust_env=False) as c:
+        health = c.get(served.url + "/health").json()
+    assert health["waiting"] == 0 and health["rows_in_use"]["aad"] == 0
+    assert health["max_batch_size"] == 8
+
+
+@needs_serve
 def test_bad_requests_name_the_field(served, models):
     p = models[4][0]
     cases = [
@@ -428,16 +479,214 @@ def test_disconnect_mid_stream_frees_the_decoder(guarded, models):
 
 
 @needs_serve
+def test_two_streams_run_in_one_batch(guarded, models):
+    """Two streams admitted together decode concurrently: the second one's first text reaches
+    its client while the first is still decoding (the first stream's decode waits after its
+    first burst until that text has arrived; streams decoded one at a time would never get
+    there). Both equal decoding alone."""
+    p_long, p_short = models[4][3], models[4][1]
+    want_long = guarded.dec.generate(p_long, rule=af.Greedy(), max_new_tokens=40,
+                                     stop=list(guarded.stop_ids))
+    assert len(want_long.tokens[0]) >= 4  # several bursts at check_every=1
+    short_first = threading.Event()
+    seen = {}
+
+    def hold(ticket):
+        if ticket.request.text == p_long:
+            seen["long"] = seen.get("long", 0) + 1
+            if seen["long"] == 1:
+                seen["waited"] = short_first.wait(10)
+
+    client = guarded.client("sekret")
+    got = {}
+
+    def call(name, prompt, mt):
+        text, times = "", []
+        for c in client.completions.create(model="m", prompt=prompt, max_tokens=mt,
+                                           stream=True, extra_body={"rule": "greedy"}):
+            if c.choices and c.choices[0].text:
+                text += c.choices[0].text
+                times.append(time.perf_counter())
+                if name == "short":
+                    short_first.set()
+            if c.choices and c.choices[0].finish_reason is not None:
+                last = c.choices[0]
+        got[name] = (text, last.token_ids, last.finish_reason, times)
+
+    backend = guarded.backend
+    before = dict(backend.counts)
+    guarded.hooks.append(hold)
+    backend.pause()
+    threads = [threading.Thread(target=call, args=a) for a in (("long", p_long, 40),
+                                                                ("short", p_short, 3))]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.time() + 20
+        while backend.waiting() < 2 and time.time() < deadline:
+            time.sleep(0.02)
+        assert backend.waiting() == 2
+        backend.resume()
+        for t in threads:
+            t.join(60)
+    finally:
+        backend.resume()
+        guarded.hooks.remove(hold)
+    assert seen["waited"] is True  # the short stream's text came while the long one decoded
+    assert got["short"][3][0] < got["long"][3][-1]
+    assert backend.counts["batches"] - before["batches"] == 1  # admitted together
+    assert got["long"][:3] == (want_long.text[0], want_long.tokens[0], want_long.finish_reason[0])
+    short = guarded.dec.generate(p_short, rule=af.Greedy(), max_new_tokens=3,
+                                 stop=list(guarded.stop_ids))
+    assert got["short"][:3] == (short.text[0], short.tokens[0], short.finish_reason[0])
+
+
+@needs_serve
+def test_lone_request_runs_in_one_row_and_a_full_batch_takes_over(guarded, models):
+    """A stream that comes alone decodes in a one-row scheduler; a request that comes while it
+    runs gets a scheduler of max_batch_size rows and finishes first (3 tokens against the
+    stream's longer completion), while the stream goes on in its row. Both exact."""
+    p_long, p_short = models[4][3], models[4][2]
+    want_long = guarded.dec.generate(p_long, rule=af.Greedy(), max_new_tokens=40,
+                                     stop=list(guarded.stop_ids))
+    assert len(want_long.tokens[0]) >= 6
+    backend, client = guarded.backend, guarded.client("sekret")
+    seen = {"schedulers": []}
+
+    def hold(ticket):  # the long stream: after its first burst, wait for the second request
+        if ticket.request.text == p_long:
+            if not seen.get("second"):
+                seen["second"] = True
+                deadline = time.time() + 10
+                while backend.waiting() < 1 and time.time() < deadline:
+                    time.sleep(0.005)
+            seen["schedulers"].append(backend.stats()["schedulers"])
+            time.sleep(0.02)  # so the short request's answer clearly comes first
+
+    order, got = [], {}
+
+    def long_stream():
+        text = ""
+        for c in client.completions.create(model="m", prompt=p_long, max_tokens=40,
+                                           stream=True, extra_body={"rule": "greedy"}):
+            if c.choices:
+                text += c.choices[0].text
+                if text and "first" not in got:
+                    got["first"] = True
+                    short.start()
+                if c.choices[0].finish_reason is not None:
+                    got["long"] = (c.choices[0].token_ids, text, c.choices[0].finish_reason)
+        order.append("long")
+
+    def short_call():
+        ch = client.completions.create(model="m", prompt=p_short, max_tokens=3,
+                                       extra_body={"rule": "greedy"}).choices[0]
+        got["short"] = (ch.token_ids, ch.text, ch.finish_reason)
+        order.append("short")
+
+    short = threading.Thread(target=short_call)
+    guarded.hooks.append(hold)
+    try:
+        long_t = threading.Thread(target=long_stream)
+        long_t.start()
+        long_t.join(60)
+        short.join(60)
+    finally:
+        guarded.hooks.remove(hold)
+    assert order == ["short", "long"]
+    alone_in = [x for x in seen["schedulers"][0] if x["kind"] == "greedy-a" and x["in_use"]]
+    assert len(alone_in) == 1 and alone_in[0]["rows"] < 4  # not a full batch for one request
+    assert any({"kind": "greedy-a", "rows": 4, "in_use": 1} in s for s in seen["schedulers"])
+    assert got["long"] == (want_long.tokens[0], want_long.text[0], want_long.finish_reason[0])
+    short_want = guarded.dec.generate(p_short, rule=af.Greedy(), max_new_tokens=3,
+                                      stop=list(guarded.stop_ids))
+    assert got["short"] == (short_want.tokens[0], short_want.text[0],
+                            short_want.finish_reason[0])
+
+
+@needs_serve
+def test_closed_backend_answers_503(guarded, models):
+    backend = Backend(guarded.dec, max_batch_size=2, max_queue=2)
+    backend.close()
+    srv = Served(server.create_app(guarded.dec, backend=backend))
+    try:
+        r = srv.post("/v1/completions", {"model": "m", "prompt": models[4][0], "max_tokens": 2,
+                                         "rule": "greedy"})
+    finally:
+        srv.stop()
+    assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+    assert r.headers["retry-after"] == "1"
+
+
+@needs_serve
+def test_disconnect_frees_its_row_while_the_batch_goes_on(guarded, models):
+    """A stream and a non-streamed request share a batch; the stream's client goes away after
+    its first burst: its row is freed (one row in use at the next burst), the other request
+    decodes on, exact."""
+    p_gone, p_kept = models[4][6], models[4][3]
+    want = guarded.dec.generate(p_kept, rule=af.Greedy(), max_new_tokens=30,
+                                stop=list(guarded.stop_ids))
+    assert len(want.tokens[0]) >= 4
+    backend = guarded.backend
+    rows = []
+
+    def hold(ticket):
+        if ticket.request.text == p_gone:
+            rows.append(backend.stats()["rows_in_use"]["greedy-a"])
+            assert ticket.cancelled.wait(20)
+
+    before = dict(backend.counts)
+    out = {}
+
+    def kept():
+        out["kept"] = guarded.post("/v1/completions", {"model": "m", "prompt": p_kept,
+                                                       "max_tokens": 30, "rule": "greedy"},
+                                   headers=guarded.auth)
+
+    guarded.hooks.append(hold)
+    backend.pause()
+    t = threading.Thread(target=kept)
+    try:
+        t.start()
+        with httpx.Client(trust_env=False, timeout=30) as c:
+            with c.stream("POST", guarded.url + "/v1/completions", headers=guarded.auth,
+                          json={"model": "m", "prompt": p_gone, "max_tokens": 40,
+                                "rule": "greedy", "stream": True}) as r:
+                deadline = time.time() + 20
+                while backend.waiting() < 2 and time.time() < deadline:
+                    time.sleep(0.02)
+                backend.resume()
+                assert r.status_code == 200 and next(r.iter_lines()).startswith("data: ")
+        t.join(30)
+    finally:
+        backend.resume()
+        guarded.hooks.remove(hold)
+    assert rows == [2]  # both in the batch when the stream's client left
+    assert backend.counts["cancelled"] == before["cancelled"] + 1
+    assert backend.counts["batches"] - before["batches"] == 1
+    assert out["kept"].status_code == 200
+    assert out["kept"].json()["choices"][0]["token_ids"] == want.tokens[0]
+    assert backend.stats()["rows_in_use"]["greedy-a"] == 0
+
+
+@needs_serve
 def test_a_failing_request_does_not_fail_the_others(guarded, models, monkeypatch):
+    """A burst fails while the "BOOM" request is in the batch (after its admission, mid-decode,
+    in the server's scheduler and in any ``Decoder.generate``): only that request fails."""
+    from aad_fast.scheduler import Scheduler
     real = guarded.dec.generate
-
-    def flaky(prompts=None, **kw):
-        if prompts is not None and any("BOOM" in p for p in prompts):
-            raise RuntimeError("injected failure")
-        return real(prompts, **kw)
-
-    monkeypatch.setattr(guarded.dec, "generate", flaky)
     p = models[4][7]
+    boom = guarded.dec.request("BOOM " + p, rule=af.Greedy()).ids_a
+    burst = Scheduler.step_burst
+
+    def flaky(sched):
+        ran = burst(sched)
+        if any(res.request.ids_a == boom for res in sched.live.values()):
+            raise RuntimeError("injected failure")
+        return ran
+
+    monkeypatch.setattr(Scheduler, "step_burst", flaky)
+    before = dict(guarded.backend.counts)
     out = {}
     guarded.backend.pause()
     try:
@@ -458,3 +707,4 @@ def test_a_failing_request_does_not_fail_the_others(guarded, models, monkeypatch
     assert "injected failure" in out[1].json()["error"]["message"]
     want = real(p, rule=af.Greedy(), max_new_tokens=5, stop=list(guarded.stop_ids)).tokens[0]
     assert out[0].status_code == 200 and out[0].json()["choices"][0]["token_ids"] == want
+    assert guarded.backend.counts["retried"] == before["retried"] + 2  # both, each alone
