@@ -2,7 +2,8 @@
 engine's own view of the model.
 
 The runner owns every buffer a decode step touches, sized once: the KV cache
-(``cache.StaticKVCache``), the token input ``[N, 1]``, the per-row positions ``[N, 1]``, the per-row
+(``cache.StaticKVCache``, a view of a ``cache.KVPool`` it may share with the other runners of
+the same weights), the token input ``[N, 1]``, the per-row positions ``[N, 1]``, the per-row
 cache write slots ``[N]`` and an additive attention mask ``[N, 1, 1, max_len]``. Rows are slots:
 each row has its own length, write slot and positions, so between decode steps one row can be
 refilled with a new prompt (``admit``: a prefill of just that prompt, copied into the row, and the
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import tuning
-from .cache import StaticKVCache
+from .cache import KVPool, StaticKVCache
 from .cpu_linear import FewRowLinear
 from .lora_rows import RowCount, RowLoRALinear
 
@@ -83,10 +84,13 @@ def cache_kwarg(cls) -> str:
 class Runner:
     """One causal LM over ``n_rows`` rows with static buffers (see module docstring).
 
-    ``lora``/``lora_rows``/``cpu_linear``: as ``engine_view``."""
+    ``lora``/``lora_rows``/``cpu_linear``: as ``engine_view``. ``pool``: the ``cache.KVPool``
+    (of at least ``n_rows`` rows x ``max_len`` slots) whose views are this runner's KV cache;
+    runners of one set of weights that are never live at the same time share one (a
+    ``Decoder``'s buckets). Default: a pool of its own."""
 
     def __init__(self, model, n_rows: int, max_len: int, lora=None, lora_rows: int = 0,
-                 cpu_linear: str | None = None):
+                 cpu_linear: str | None = None, pool: KVPool | None = None):
         self.model, self.plan = engine_view(model, n_rows, lora, lora_rows, cpu_linear)
         self.lora, self.lora_rows = lora, lora_rows
         self.n_rows = n_rows
@@ -94,7 +98,8 @@ class Runner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.neg = torch.finfo(self.dtype).min
-        self.cache = StaticKVCache(max_len)
+        self.pool = KVPool(n_rows, max_len) if pool is None else pool
+        self.cache = StaticKVCache(max_len, self.pool, n_rows)
         self._cache_kw = cache_kwarg(type(self.model))
         dev = self.device
         self.ids = torch.zeros((n_rows, 1), dtype=torch.int64, device=dev)
