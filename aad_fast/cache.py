@@ -141,6 +141,65 @@ def check_fits(needed: int | None, device, max_batch_size: int, max_seq_len: int
             f"{rows_name} or max_seq_len")
 
 
+class ReadBound:
+    """How many cache slots a runner's next decode step must attend over, known on the host
+    (no device sync): one past the largest slot a live row writes in that step, rounded up to a
+    multiple of ``granule`` (at most ``max_len``; few distinct shapes, and on CPU the attention
+    kernels then sum the same blocks as over the whole cache: the masked tail adds exact zeros).
+
+    Row ``i``'s next write slot is ``min(base[i] + steps, max_len - 1)``; ``fill`` sets
+    ``base`` at a prefill or admission, ``step`` counts the steps, ``idle`` drops rows whose
+    output no longer matters (a retired row keeps stepping, but what it reads is never used).
+    ``length()`` is ``None`` (read every slot) while nothing is known or after ``off()``: a
+    captured graph or compiled step replays a fixed shape without running this bookkeeping, so
+    a runner that was captured or compiled reads its whole cache from then on."""
+
+    def __init__(self, n_rows: int, max_len: int, granule: int = 64):
+        self.n_rows, self.max_len, self.granule = n_rows, max_len, granule
+        self.on = True
+        self.steps = 0
+        self.base: list = [None] * n_rows  # None: idle (or never filled)
+        self.hi: int | None = None         # max of the live bases
+
+    def _update(self) -> None:
+        self.hi = max((b for b in self.base if b is not None), default=None)
+
+    def fill(self, rows, length: int) -> None:
+        """Rows ``rows`` (host ints; ``None`` = every row) write slot ``length`` next."""
+        for i in (range(self.n_rows) if rows is None else rows):
+            self.base[i] = length - self.steps
+        self._update()
+
+    def idle(self, rows) -> None:
+        for i in rows:
+            self.base[i] = None
+        self._update()
+
+    def merge(self) -> None:
+        """Rows took other rows' caches (beam search): each may now be at any live row's slot."""
+        if self.hi is not None:
+            self.base = [self.hi] * self.n_rows
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def off(self) -> None:
+        self.on = False
+
+    def length(self) -> int | None:
+        if not self.on or self.hi is None:
+            return None
+        g = self.granule
+        return min(self.max_len, -(-(self.hi + self.steps + 1) // g) * g)
+
+    def state(self):
+        return self.steps, list(self.base), self.hi
+
+    def set_state(self, saved) -> None:
+        self.steps, base, self.hi = saved
+        self.base = list(base)
+
+
 class StaticKVCache:
     """Duck-typed stand-in for a transformers ``Cache``: the model calls ``update`` per layer.
 
@@ -150,7 +209,9 @@ class StaticKVCache:
     static slot buffer, so a captured graph keeps writing through the same tensor. Storage is
     made on the first update (dtype, heads and head size come from the model's own key states),
     or by ``adopt``/``admit``: views of ``pool`` (``KVPool``) for ``rows`` rows when given,
-    else its own zeroed buffers (a prefill's temporary cache).
+    else its own zeroed buffers (a prefill's temporary cache). ``read_len`` (host int or
+    ``None``): ``update`` writes into the whole cache but returns only slots ``[0, read_len)``,
+    the slots the forward attends over (its mask must have as many columns).
     """
 
     is_compileable = True
@@ -162,6 +223,7 @@ class StaticKVCache:
         self.values: list[Tensor] = []
         self.write_pos: Tensor | None = None
         self.row_pos: Tensor | None = None
+        self.read_len: int | None = None
 
     def _layer(self, i: int, like_k: Tensor, like_v: Tensor, n: int):
         """Layer ``i``'s ``(k, v)`` storage, made for ``n`` rows (or ``rows``) on first use."""
@@ -187,7 +249,8 @@ class StaticKVCache:
             at = self.row_pos.view(n, 1, 1, 1)
             k.scatter_(2, at.expand(n, h, 1, k.shape[3]), key_states)
             v.scatter_(2, at.expand(n, h, 1, v.shape[3]), value_states)
-        return k, v
+        n = self.read_len
+        return (k, v) if n is None else (k[:, :, :n], v[:, :, :n])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         raise RuntimeError("aad_fast's StaticKVCache needs explicit position_ids")
