@@ -218,7 +218,15 @@ class Runner:
         stacks streams of ``period`` rows (a shared pair's ``B``); row ``j`` of every stream is
         idled."""
         period = period or self.n_rows
-        self.bound.idle([j + m for j in rows for m in range(0, self.n_rows, period)])
+        rows = [j + m for j in rows for m in range(0, self.n_rows, period)]
+        self.bound.idle(rows)
+        if self.bound.on and rows:
+            # an idle row's own slots may all lie past what a step reads: open slot 0 to it, so
+            # its attention is never fully masked (kernels that give NaN there would write NaN
+            # keys that a later occupant of the row reads under its mask); admit rebuilds it
+            with torch.inference_mode():  # (the mask may have been made in inference mode)
+                idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
+                self.mask[:, 0, 0, 0].index_fill_(0, idx, 0.0)
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per row (int64 ``[n_rows]``, valid ids) and return the next logits

@@ -90,13 +90,33 @@ def test_admission_and_idle_rows_move_the_bound_and_live_rows_stay_exact(model):
     assert seen == [3, 64, 64, 128, 128, 64, 64, 64, 64]  # (admission: its own cache)
 
 
+def test_an_idle_row_is_never_fully_masked_within_what_a_step_reads(model):
+    """A short prompt admitted beside a long one sits at the group's last slots; once both
+    retire and only a short row is live, the step reads 64 slots: the idle rows still see
+    one (slot 0), so no kernel meets a fully masked row."""
+    runner = Runner(model, 3, MAX_LEN)
+    ids, real = left_pad([[1, 5, 6], [1, 9], [1, 4]], 3, "cpu")
+    grp_ids, grp_real = left_pad([LONG, [1, 9]], 2, "cpu")
+    with torch.inference_mode():
+        runner.prefill(ids, real)
+        runner.admit(grp_ids, grp_real, torch.tensor([1, 2]))
+        runner.idle([1, 2])
+        n = runner.read_len()
+        assert n == 64
+        seen = runner.mask[:, 0, 0, :n] == 0
+        assert bool(seen.any(dim=1).all()) and bool(seen[2, 0])
+        logits = runner.step(torch.tensor([5, 6, 7]))
+    assert bool(torch.isfinite(logits).all())
+
+
 def test_the_bound_of_stacked_streams_reorders_and_snapshots():
     b = ReadBound(4, 300)  # a shared pair: 2 rows per stream
     b.fill(None, 5)
     b.fill([1, 3], 90)
     assert b.length() == 128
     r = Runner.__new__(Runner)
-    r.n_rows, r.bound = 4, b
+    r.n_rows, r.bound, r.device = 4, b, torch.device("cpu")
+    r.mask = torch.zeros((4, 1, 1, 300))
     r.idle([1], period=2)  # scheduler row 1 is runner rows 1 and 3
     assert b.base == [5, None, 5, None] and b.length() == 64
     b.step()
