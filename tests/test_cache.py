@@ -157,11 +157,14 @@ def test_a_pool_that_does_not_fit_is_refused_up_front(models, monkeypatch):
 
 
 def test_available_bytes_reads_meminfo_on_cpu():
-    got = cache.available_bytes("cpu")
-    assert got is None or got > 0
+    import os
+    if not os.path.exists("/proc/meminfo"):
+        assert cache.available_bytes("cpu") is None
+        return
     with open("/proc/meminfo") as f:
         line = next(line for line in f if line.startswith("MemAvailable:"))
-    assert got is not None and abs(got - int(line.split()[1]) * 1024) < 2**31
+    got = cache.available_bytes("cpu")
+    assert abs(got - int(line.split()[1]) * 1024) < 2**30  # (it moves between the two reads)
 
 
 def test_pool_views_share_storage_and_start_zeroed():
