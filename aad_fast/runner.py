@@ -228,6 +228,21 @@ class Runner:
                 idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
                 self.mask[:, 0, 0, 0].index_fill_(0, idx, 0.0)
 
+    def _bounded(self, forward, ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+        """``forward(ids, mask, pos)`` of a one-token step, attending over the first
+        ``read_len()`` slots only (the mask's and the cache's views; all of them when
+        ``None``)."""
+        n = self.read_len()
+        if n is None:
+            return forward(ids, mask, pos)
+        self.cache.read_len = n
+        try:
+            out = forward(ids, mask[:, :, :, :n], pos)
+        finally:
+            self.cache.read_len = None
+        self.bound.step()
+        return out
+
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per row (int64 ``[n_rows]``, valid ids) and return the next logits
         ``[n_rows, V]``. Graph-safe: only in-place updates of the runner's own buffers. Run
@@ -235,16 +250,7 @@ class Runner:
         cache's views), which hold everything a live row has written."""
         self.ids.copy_(tokens.view(-1, 1))
         self.mask.scatter_(3, self.slot.view(-1, 1, 1, 1), 0.0)
-        n = self.read_len()
-        if n is None:
-            logits = self._forward(self.ids, self.mask, self.pos)
-        else:
-            self.cache.read_len = n
-            try:
-                logits = self._forward(self.ids, self.mask[:, :, :, :n], self.pos)
-            finally:
-                self.cache.read_len = None
-            self.bound.step()
+        logits = self._bounded(self._forward, self.ids, self.mask, self.pos)
         # a finished or idle row keeps stepping until it is refilled: keep it in the cache
         # (a live row never gets there: prompt + max_new fits max_len)
         last = self.max_len - 1
