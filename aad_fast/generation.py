@@ -165,16 +165,19 @@ class Decoder:
             n *= 2
         return min(n, self.max_batch_size)
 
-    def _make_pools(self, rows: int) -> dict:
-        """KV pools (``cache.KVPool``) for ``rows`` rows of every stream set, one per set of
-        weights: ``{"a", "r"}`` (``rows`` each) for two models, else ``{"base"}`` with ``2 *
-        rows`` (a shared pair runs both streams as rows of one batch; a single stream, beams and
-        samples use the first rows). Nothing is allocated until a runner's first forward."""
+    def _make_pools(self, rows: int, streams: str = "ar") -> dict:
+        """KV pools (``cache.KVPool``) for ``rows`` rows of ``streams`` (default: every stream
+        set), one per set of weights: ``{"a", "r"}`` (``rows`` each) for two models, else
+        ``{"base"}`` with ``2 * rows`` (a shared pair runs both streams as rows of one batch; a
+        single stream, beams and samples use the first rows). Nothing is allocated until a
+        runner's first forward."""
         L = self.max_seq_len
         if self.kind == "two":
-            return {"a": KVPool(rows, L, kv_bytes(self.base, rows, L)),
-                    "r": KVPool(rows, L, kv_bytes(self.model_r, rows, L))}
-        return {"base": KVPool(2 * rows, L, kv_bytes(self.base, 2 * rows, L))}
+            models = {"a": self.base, "r": self.model_r}
+            return {s: KVPool(rows, L, kv_bytes(models[s], rows, L))
+                    for s in ("a", "r") if s in streams}
+        n = 2 * rows if streams == "ar" else rows
+        return {"base": KVPool(n, L, kv_bytes(self.base, n, L))}
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -315,7 +318,7 @@ class Decoder:
         if self.lora is not None:
             self.lora.check_unmerged()
         streams = rule.streams
-        pools = self._make_pools(n)  # its own: its rows stay live between other calls
+        pools = self._make_pools(n, streams)  # its own: its rows stay live between other calls
         check_fits(sum(p.nbytes for p in pools.values()), self.device, n, self.max_seq_len,
                    "a scheduler's KV cache", "rows")
         pair = self._new_pair(n, streams, self.max_seq_len, pools)

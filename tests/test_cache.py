@@ -151,9 +151,14 @@ def test_a_pool_that_does_not_fit_is_refused_up_front(models, monkeypatch):
         Decoder(*models, max_batch_size=4, max_seq_len=64)
     monkeypatch.setattr(cache, "available_bytes", lambda device: need)
     dec = Decoder(*models, max_batch_size=4, max_seq_len=64)  # exactly fits
-    monkeypatch.setattr(cache, "available_bytes", lambda device: need // 4 - 1)
-    with pytest.raises(ValueError, match=r"scheduler's KV cache for rows=2 and max_seq_len=64"):
-        dec.scheduler(AAD(0.1), rows=2)
+    monkeypatch.setattr(cache, "available_bytes", lambda device: need // 4)
+    with pytest.raises(ValueError, match=rf"scheduler's KV cache for rows=2 and max_seq_len=64 "
+                                         rf"needs {need // 2} bytes"):
+        dec.scheduler(AAD(0.1), rows=2)  # two models x 2 rows: half the Decoder's pools
+    greedy = dec.scheduler(Greedy("r"), rows=2)  # one model's pool of 2 rows: a quarter, fits
+    (runner,) = greedy.pair.runners
+    assert runner.pool.rows == 2 and runner.pool.nbytes == need // 4
+    assert runner.pool is not dec._pools["r"]  # its own: its rows stay live between calls
 
 
 def test_available_bytes_reads_meminfo_on_cpu():
