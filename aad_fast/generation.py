@@ -1,7 +1,9 @@
 """``Decoder`` (load once, generate many) and the one-shot ``generate()``.
 
-A ``Decoder`` holds the two streams' weights, and per batch-size bucket the runners (static
-caches), and per rule kind (``selectors.rule_kind``) the selector, the decode state and (on
+A ``Decoder`` holds the two streams' weights, one KV pool per set of weights
+(``cache.KVPool``, ``max_batch_size`` rows, twice that for a shared pair, x ``max_seq_len``
+slots, allocated once), per batch-size bucket the runners (whose caches are views of the
+pool), and per rule kind (``selectors.rule_kind``) the selector, the decode state and (on
 CUDA) the captured step graph, which serves every value of the kind (at most
 ``Decoder.MAX_ENTRIES`` kept). Per-token rules decode through a ``scheduler.Scheduler``: a call
 whose prompts fit ``max_batch_size`` is one static batch, a larger one is batched continuously
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import engine, search
+from .cache import KVPool, check_fits, kv_bytes
 from .hf import load_pair
 from . import tuning
 from .lora_rows import RowLoRA
@@ -116,6 +119,9 @@ class Decoder:
                               f"generate(). Pass max_seq_len<={window} to rule this out.",
                               stacklevel=2)
         self._slots: dict = {}
+        # every runner of this Decoder works on views of these (one decode at a time: below)
+        self._pools = self._make_pools(max_batch_size)
+        check_fits(self.kv_cache_bytes, self.device, max_batch_size, max_seq_len)
         self._entries: OrderedDict = OrderedDict()
         self._pickers: dict = {}  # best-of-n picker models loaded from paths
         # A decode reuses this Decoder's static buffers (caches, state, captured graphs), so
@@ -138,6 +144,8 @@ class Decoder:
         """Free the caches and captured graphs (the models are never modified)."""
         with self._locked():
             self._slots.clear()
+            for pool in self._pools.values():
+                pool.free()
             self._entries.clear()
             self._pickers.clear()
 
@@ -159,11 +167,35 @@ class Decoder:
             n *= 2
         return min(n, self.max_batch_size)
 
+    def _make_pools(self, rows: int, streams: str = "ar") -> dict:
+        """KV pools (``cache.KVPool``) for ``rows`` rows of ``streams`` (default: every stream
+        set), one per set of weights: ``{"a", "r"}`` (``rows`` each) for two models, else
+        ``{"base"}`` with ``2 * rows`` (a shared pair runs both streams as rows of one batch; a
+        single stream, beams and samples use the first rows). Nothing is allocated until a
+        runner's first forward."""
+        L = self.max_seq_len
+        if self.kind == "two":
+            models = {"a": self.base, "r": self.model_r}
+            return {s: KVPool(rows, L, kv_bytes(models[s], rows, L))
+                    for s in ("a", "r") if s in streams}
+        n = 2 * rows if streams == "ar" else rows
+        return {"base": KVPool(n, L, kv_bytes(self.base, n, L))}
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of this Decoder's KV pools: ``2 * layers * rows * kv_heads * max_seq_len *
+        head_dim * itemsize`` per set of weights (``cache.kv_bytes``), whatever the buckets and
+        rule kinds used. A ``scheduler(...)`` holds a pool of its own besides."""
+        return sum(pool.nbytes for pool in self._pools.values())
+
     def _pair(self, n: int, streams: str, needed: int, static: bool | None = None):
-        """Runners for ``n`` rows. Static runners (CUDA graphs, a compiled step) are kept: the
-        graph or the compiled code holds their buffers; with graphs they have ``max_seq_len``
-        slots, compiled on CPU the power of two >= ``needed`` (at most ``MAX_STATIC`` kept).
-        Eager runners are sized to this call's need, so attention never reads unused slots."""
+        """Runners for ``n`` rows, their caches views of the Decoder's KV pools (so keeping
+        several costs no KV memory: one decode runs at a time, and each prefill/admission
+        rewrites what its rows read). Static runners (CUDA graphs, a compiled step) are kept:
+        the graph or the compiled code holds their buffers; with graphs they have
+        ``max_seq_len`` slots, compiled on CPU the power of two >= ``needed`` (at most
+        ``MAX_STATIC`` kept). Eager runners are sized to this call's need, so attention never
+        reads unused slots."""
         static = self.use_graphs if static is None else static
         if static:
             L = self.max_seq_len if self.use_graphs else _length_bucket(needed, self.max_seq_len)
@@ -179,17 +211,22 @@ class Decoder:
             self._slots[key] = self._new_pair(n, streams, L)
         return self._slots[key]
 
-    def _new_pair(self, n: int, streams: str, L: int):
-        """Runners of ``n`` rows and ``L`` cache slots for ``streams`` on this Decoder's pair."""
+    def _new_pair(self, n: int, streams: str, L: int, pools: dict | None = None):
+        """Runners of ``n`` rows and ``L`` cache slots for ``streams`` on this Decoder's pair,
+        over ``pools`` (``_make_pools``; default the Decoder's own)."""
         lin = self.cpu_linear
+        pools = self._pools if pools is None else pools
         if streams == "ar":
             if self.kind == "two":
-                return TwoModelPair(self.model_a, self.model_r, n, L, lin)
-            return SharedPair(self.base, n, L, self.lora, lin)  # LoRA pair or prompt pair
+                return TwoModelPair(self.model_a, self.model_r, n, L, lin,
+                                    (pools["a"], pools["r"]))
+            # LoRA pair or prompt pair
+            return SharedPair(self.base, n, L, self.lora, lin, pools["base"])
+        pool = pools[streams] if self.kind == "two" else pools["base"]
         if streams == "a":
-            return SinglePair(self.base, n, L, self.lora, n, lin)
+            return SinglePair(self.base, n, L, self.lora, n, lin, pool)
         model = self.model_r if self.kind == "two" else self.base
-        return SinglePair(model, n, L, self.lora if self.kind == "lora" else None, 0, lin)
+        return SinglePair(model, n, L, self.lora if self.kind == "lora" else None, 0, lin, pool)
 
     def _drop(self, key) -> None:
         pair = self._slots.pop(key)
@@ -283,7 +320,10 @@ class Decoder:
         if self.lora is not None:
             self.lora.check_unmerged()
         streams = rule.streams
-        pair = self._new_pair(n, streams, self.max_seq_len)
+        pools = self._make_pools(n, streams)  # its own: its rows stay live between other calls
+        check_fits(sum(p.nbytes for p in pools.values()), self.device, n, self.max_seq_len,
+                   "a scheduler's KV cache", "rows")
+        pair = self._new_pair(n, streams, self.max_seq_len, pools)
         sel = make_selector(rule, n, self.vocab, self.device, self.backend)
         st = new_state(n, self.max_seq_len, MAX_STOP_IDS, self.device)
         st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
@@ -477,6 +517,7 @@ class Decoder:
             "device": str(self.device),
             "linear": _linear_stats(pair),
             "reference_head": _ref_head_stats(st.ref_head),
+            "kv_cache_bytes": self.kv_cache_bytes,
         }
         if steps > 8 and b <= n:  # enough steps to say what the step costs, for compile="auto"
             tuning.observe_step(ckey, out.stats["compiled"], out.stats["ms_per_token"],

@@ -28,13 +28,18 @@ from .runner import Runner
 
 
 class TwoModelPair:
-    """Two separate models, each with its own runner over the same ``B`` rows."""
+    """Two separate models, each with its own runner over the same ``B`` rows. ``pools``:
+    the two runners' ``cache.KVPool``s (never one pool: both runners are live at once)."""
 
     shared = False
 
-    def __init__(self, model_a, model_r, n_rows: int, max_len: int, cpu_linear=None):
-        self.a = Runner(model_a, n_rows, max_len, cpu_linear=cpu_linear)
-        self.r = Runner(model_r, n_rows, max_len, cpu_linear=cpu_linear)
+    def __init__(self, model_a, model_r, n_rows: int, max_len: int, cpu_linear=None,
+                 pools=(None, None)):
+        if pools[0] is not None and pools[0] is pools[1]:
+            raise ValueError("TwoModelPair's runners are live at the same time: give each "
+                             "its own KV pool")
+        self.a = Runner(model_a, n_rows, max_len, cpu_linear=cpu_linear, pool=pools[0])
+        self.r = Runner(model_r, n_rows, max_len, cpu_linear=cpu_linear, pool=pools[1])
         self.runners = (self.a, self.r)
         self.device = self.a.device
         self.ref_split = self.r.split
@@ -59,14 +64,16 @@ class TwoModelPair:
 
 
 class SharedPair:
-    """One model, both streams as one batch of ``2B`` rows (LoRA pair or prompt pair)."""
+    """One model, both streams as one batch of ``2B`` rows (LoRA pair or prompt pair);
+    ``pool``: its runner's ``cache.KVPool`` (``2B`` rows)."""
 
     shared = True
 
     def __init__(self, model, n_rows: int, max_len: int, lora: RowLoRA | None = None,
-                 cpu_linear=None):
+                 cpu_linear=None, pool=None):
         self.n, self.lora = n_rows, lora
-        self.runner = Runner(model, 2 * n_rows, max_len, lora, n_rows if lora else 0, cpu_linear)
+        self.runner = Runner(model, 2 * n_rows, max_len, lora, n_rows if lora else 0, cpu_linear,
+                             pool)
         self.runners = (self.runner,)
         self._tok2 = torch.zeros((2 * n_rows,), dtype=torch.int64, device=self.runner.device)
         self.device = self.runner.device
@@ -115,13 +122,13 @@ class SharedPair:
 
 class SinglePair:
     """One stream (``Greedy``): ``lora_rows`` is ``n_rows`` to run a LoRA model with its
-    adapter on, ``0`` to run its base."""
+    adapter on, ``0`` to run its base; ``pool``: its runner's ``cache.KVPool``."""
 
     shared = False
 
     def __init__(self, model, n_rows: int, max_len: int, lora: RowLoRA | None = None,
-                 lora_rows: int = 0, cpu_linear=None):
-        self.runner = Runner(model, n_rows, max_len, lora, lora_rows, cpu_linear)
+                 lora_rows: int = 0, cpu_linear=None, pool=None):
+        self.runner = Runner(model, n_rows, max_len, lora, lora_rows, cpu_linear, pool)
         self.runners = (self.runner,)
         self.device = self.runner.device
         self.ref_split = None

@@ -2,7 +2,8 @@
 engine's own view of the model.
 
 The runner owns every buffer a decode step touches, sized once: the KV cache
-(``cache.StaticKVCache``), the token input ``[N, 1]``, the per-row positions ``[N, 1]``, the per-row
+(``cache.StaticKVCache``, a view of a ``cache.KVPool`` it may share with the other runners of
+the same weights), the token input ``[N, 1]``, the per-row positions ``[N, 1]``, the per-row
 cache write slots ``[N]`` and an additive attention mask ``[N, 1, 1, max_len]``. Rows are slots:
 each row has its own length, write slot and positions, so between decode steps one row can be
 refilled with a new prompt (``admit``: a prefill of just that prompt, copied into the row, and the
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import tuning
-from .cache import StaticKVCache
+from .cache import KVPool, ReadBound, StaticKVCache
 from .cpu_linear import FewRowLinear
 from .fast_decoder import FastDecoder
 from .lora_rows import RowCount, RowLoRALinear
@@ -115,10 +116,13 @@ def cache_kwarg(cls) -> str:
 class Runner:
     """One causal LM over ``n_rows`` rows with static buffers (see module docstring).
 
-    ``lora``/``lora_rows``/``cpu_linear``: as ``engine_view``."""
+    ``lora``/``lora_rows``/``cpu_linear``: as ``engine_view``. ``pool``: the ``cache.KVPool``
+    (of at least ``n_rows`` rows x ``max_len`` slots) whose views are this runner's KV cache;
+    runners of one set of weights that are never live at the same time share one (a
+    ``Decoder``'s buckets). Default: a pool of its own."""
 
     def __init__(self, model, n_rows: int, max_len: int, lora=None, lora_rows: int = 0,
-                 cpu_linear: str | None = None):
+                 cpu_linear: str | None = None, pool: KVPool | None = None):
         self.model, self.plan = engine_view(model, n_rows, lora, lora_rows, cpu_linear)
         self.lora, self.lora_rows = lora, lora_rows
         self.n_rows = n_rows
@@ -126,13 +130,16 @@ class Runner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.neg = torch.finfo(self.dtype).min
-        self.cache = StaticKVCache(max_len)
+        self.pool = KVPool(n_rows, max_len) if pool is None else pool
+        self.cache = StaticKVCache(max_len, self.pool, n_rows)
         self._cache_kw = cache_kwarg(type(self.model))
         dev = self.device
         self.ids = torch.zeros((n_rows, 1), dtype=torch.int64, device=dev)
         self.pos = torch.zeros((n_rows, 1), dtype=torch.int64, device=dev)
         self.slot = torch.zeros((n_rows,), dtype=torch.int64, device=dev)
         self.mask = torch.full((n_rows, 1, 1, max_len), self.neg, dtype=self.dtype, device=dev)
+        # host mirror of the live rows' slots: an eager step attends over the written ones only
+        self.bound = ReadBound(n_rows, max_len)
         self.split = SplitHead.of(self.model)
         fast = FastDecoder.of(self.model)
         self.fast = fast if tuning.decoder_pays(self.model, fast, n_rows) else None
@@ -146,11 +153,11 @@ class Runner:
     def _encode(self, ids: Tensor, real: Tensor, cache: StaticKVCache,
                 lora_rows: int | None) -> Tensor:
         """Forward left-padded prompts ``ids``/``real`` ``[U, L]`` (on the device) into the
-        first ``L`` slots of ``cache`` (one slot per position, shared by the rows); the last
-        position's logits ``[U, V]``."""
+        first ``L`` slots of ``cache`` (one slot per position, shared by the rows), attending
+        over those ``L`` slots only; the last position's logits ``[U, V]``."""
         dev = self.device
         u, length = ids.shape
-        slots = cache.max_len
+        slots = length
         keys = torch.zeros((u, slots), dtype=torch.bool, device=dev)
         keys[:, :length] = real
         causal = torch.ones((length, slots), dtype=torch.bool, device=dev).tril()
@@ -159,13 +166,14 @@ class Runner:
         mask4.masked_fill_(allowed[:, None], 0.0)
         pos = (real.long().cumsum(1) - 1).clamp(min=0)
         cache.write_pos = torch.arange(length, device=dev)
-        cache.row_pos = None
+        cache.row_pos, cache.read_len = None, length
         counts = self.model.aad_rows
         counts.n = self.lora_rows if lora_rows is None else lora_rows
         try:
             return self._forward(ids, mask4, pos, cache)
         finally:
             counts.n = self.lora_rows
+            cache.read_len = None
 
     def _check_width(self, length: int) -> None:
         if length > self.max_len:
@@ -200,6 +208,7 @@ class Runner:
         self.pos.copy_(real.long().sum(1, keepdim=True))
         self.slot.fill_(length)
         self.cache.row_pos = self.slot
+        self.bound.fill(None, length)
         return logits
 
     def admit(self, ids: Tensor, real: Tensor, dst: Tensor, lora_rows: int | None = None) -> Tensor:
@@ -223,11 +232,57 @@ class Runner:
         self.pos.index_copy_(0, dst, real.long().sum(1, keepdim=True))
         self.slot.index_fill_(0, dst, length)
         self.cache.row_pos = self.slot
+        if self.bound.on:  # (a host read of dst: admission is not graph-safe anyway)
+            self.bound.fill(dst.tolist(), length)
         return logits
+
+    def read_len(self) -> int | None:
+        """Cache slots the next step attends over: ``None`` (all ``max_len``) inside a CUDA-graph
+        capture or a ``torch.compile`` trace, whose fixed shapes are replayed without this host
+        bookkeeping (so the runner reads its whole cache from then on: ``ReadBound.off``), else
+        one past the largest slot a live row writes in it (``ReadBound``), when known."""
+        if torch.compiler.is_compiling() or (
+                self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            self.bound.off()
+            return None
+        return self.bound.length()
+
+    def idle(self, rows, period: int | None = None) -> None:
+        """Rows ``rows`` (host ints) are idle until refilled (``admit``): their outputs are not
+        read, so the step's attention need not cover their slots. ``period``: this runner
+        stacks streams of ``period`` rows (a shared pair's ``B``); row ``j`` of every stream is
+        idled."""
+        period = period or self.n_rows
+        rows = [j + m for j in rows for m in range(0, self.n_rows, period)]
+        self.bound.idle(rows)
+        if self.bound.on and rows:
+            # an idle row's own slots may all lie past what a step reads: open slot 0 to it, so
+            # its attention is never fully masked (kernels that give NaN there would write NaN
+            # keys that a later occupant of the row reads under its mask); admit rebuilds it
+            with torch.inference_mode():  # (the mask may have been made in inference mode)
+                idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
+                self.mask[:, 0, 0, 0].index_fill_(0, idx, 0.0)
+
+    def _bounded(self, forward, ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+        """``forward(ids, mask, pos)`` of a one-token step, attending over the first
+        ``read_len()`` slots only (the mask's and the cache's views; all of them when
+        ``None``)."""
+        n = self.read_len()
+        if n is None:
+            return forward(ids, mask, pos)
+        self.cache.read_len = n
+        try:
+            out = forward(ids, mask[:, :, :, :n], pos)
+        finally:
+            self.cache.read_len = None
+        self.bound.step()
+        return out
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per row (int64 ``[n_rows]``, valid ids) and return the next logits
-        ``[n_rows, V]``. Graph-safe: only in-place updates of the runner's own buffers."""
+        ``[n_rows, V]``. Graph-safe: only in-place updates of the runner's own buffers. Run
+        eagerly, attention reads only the first ``read_len()`` slots (the mask's and the
+        cache's views), which hold everything a live row has written."""
         if self.fast is not None:
             return self._step(tokens, self._fast_logits)
         return self._step(tokens, self._forward)
@@ -243,7 +298,7 @@ class Runner:
     def _step(self, tokens: Tensor, forward) -> Tensor:
         self.ids.copy_(tokens.view(-1, 1))
         self.mask.scatter_(3, self.slot.view(-1, 1, 1, 1), 0.0)
-        out = forward(self.ids, self.mask, self.pos)
+        out = self._bounded(forward, self.ids, self.mask, self.pos)
         # a finished or idle row keeps stepping until it is refilled: keep it in the cache
         # (a live row never gets there: prompt + max_new fits max_len)
         last = self.max_len - 1
@@ -263,14 +318,17 @@ class Runner:
         """Row ``i`` continues from row ``index[i]`` (beam search): cache slots
         ``[start, stop)`` (default all), positions and mask."""
         self.cache.reorder(index, start, stop)
+        self.bound.merge()
         self.pos.copy_(self.pos.index_select(0, index))
         self.slot.copy_(self.slot.index_select(0, index))
         self.mask.copy_(self.mask.index_select(0, index))
 
-    def snapshot(self) -> list[Tensor]:
-        """Copies of the small decode buffers (graph warm-up must not change the decode)."""
-        return [t.clone() for t in (self.pos, self.slot, self.mask)]
+    def snapshot(self) -> list:
+        """Copies of the small decode buffers and the host bound (graph warm-up must not change
+        the decode)."""
+        return [t.clone() for t in (self.pos, self.slot, self.mask)] + [self.bound.state()]
 
-    def restore(self, saved: list[Tensor]) -> None:
-        for t, s in zip((self.pos, self.slot, self.mask), saved):
+    def restore(self, saved: list) -> None:
+        for t, s in zip((self.pos, self.slot, self.mask), saved[:3]):
             t.copy_(s)
+        self.bound.set_state(saved[3])

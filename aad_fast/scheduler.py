@@ -106,6 +106,7 @@ class Scheduler:
                 t.zero_()
             st.lim.fill_(1)
             st.stop.fill_(-2)
+        self._idle(range(self.n))
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: Request) -> Result:
@@ -248,6 +249,13 @@ class Scheduler:
             res.done, res.finished, res.steps = True, now, len(toks)
             self.free.append(row)
         self.free.sort()
+        self._idle(ended)
+
+    def _idle(self, rows) -> None:
+        """Freed rows: the runners' eager steps need not attend over their slots
+        (``Runner.idle``)."""
+        for runner in self.pair.runners:
+            runner.idle(list(rows), self.n)
 
     def cancel(self, res: Result) -> None:
         """Drop a request (a client gone): a waiting one leaves the queue, a live one frees its
@@ -266,6 +274,7 @@ class Scheduler:
                 self.st.done[row] = True
             self.free.append(row)
             self.free.sort()
+            self._idle([row])
         res.tokens, res.finish_reason, res.done = toks, "cancelled", True
         res.finished = time.perf_counter()
 
