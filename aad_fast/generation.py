@@ -78,6 +78,11 @@ class Decoder:
             (``tuning.compile_pays``). Every decode records its ms/token (and a compile its
             time) for that choice. The compile itself is not part of ``ms_per_token``
             (``stats["capture_ms"]``).
+        forward: the one-token forward of the decode steps on CPU: ``"auto"`` (default, or
+            ``$AAD_FAST_DECODER``) times the model's own forward against the engine's
+            (``fast_decoder.FastDecoder``, for Llama/Mistral/Qwen2/Qwen3/OLMo-2) per model shape
+            and row count and keeps the faster (cached); ``"hf"`` / ``"fast"`` force one.
+            ``stats["forward"]`` says which ran.
     """
 
     MAX_ENTRIES = 16  # captured steps kept (per batch bucket and rule kind), LRU
@@ -85,12 +90,13 @@ class Decoder:
     def __init__(self, aligned, reference=None, *, tokenizer=None, dtype=None, device=None,
                  max_batch_size: int = 8, max_seq_len: int = 2048, cuda_graphs="auto",
                  backend: str | None = None, check_every: int = 8,
-                 cpu_linear: str | None = None, compile="auto"):
+                 cpu_linear: str | None = None, compile="auto", forward: str | None = None):
         for name, val in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
                           ("check_every", check_every)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {val!r}")
         self.cpu_linear = tuning.linear_mode(cpu_linear)
+        self.forward = tuning.decoder_mode(forward)
         if compile not in ("auto", True, False):
             raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
         self.compile = compile
@@ -214,19 +220,20 @@ class Decoder:
     def _new_pair(self, n: int, streams: str, L: int, pools: dict | None = None):
         """Runners of ``n`` rows and ``L`` cache slots for ``streams`` on this Decoder's pair,
         over ``pools`` (``_make_pools``; default the Decoder's own)."""
-        lin = self.cpu_linear
+        lin, fwd = self.cpu_linear, self.forward
         pools = self._pools if pools is None else pools
         if streams == "ar":
             if self.kind == "two":
                 return TwoModelPair(self.model_a, self.model_r, n, L, lin,
-                                    (pools["a"], pools["r"]))
+                                    (pools["a"], pools["r"]), fwd)
             # LoRA pair or prompt pair
-            return SharedPair(self.base, n, L, self.lora, lin, pools["base"])
+            return SharedPair(self.base, n, L, self.lora, lin, pools["base"], fwd)
         pool = pools[streams] if self.kind == "two" else pools["base"]
         if streams == "a":
-            return SinglePair(self.base, n, L, self.lora, n, lin, pool)
+            return SinglePair(self.base, n, L, self.lora, n, lin, pool, fwd)
         model = self.model_r if self.kind == "two" else self.base
-        return SinglePair(model, n, L, self.lora if self.kind == "lora" else None, 0, lin, pool)
+        return SinglePair(model, n, L, self.lora if self.kind == "lora" else None, 0, lin, pool,
+                          fwd)
 
     def _drop(self, key) -> None:
         pair = self._slots.pop(key)
@@ -516,6 +523,7 @@ class Decoder:
             "rows": n,
             "device": str(self.device),
             "linear": _linear_stats(pair),
+            "forward": _forward_stats(pair),
             "reference_head": _ref_head_stats(st.ref_head),
             "kv_cache_bytes": self.kv_cache_bytes,
         }
@@ -548,6 +556,12 @@ def _linear_stats(pair) -> dict:
     return out
 
 
+def _forward_stats(pair) -> str:
+    """``"fast"`` (every runner on ``FastDecoder``), ``"hf"`` (none) or ``"mixed"``."""
+    fast = {r.fast is not None for r in pair.runners}
+    return "mixed" if len(fast) == 2 else "fast" if fast.pop() else "hf"
+
+
 def _ref_head_stats(counts: dict) -> dict:
     """How the decode steps computed stream r's logits (``engine.reference_logits``):
     ``sparse_steps`` on the aligned stream's candidates only (``candidates_per_step``: their
@@ -571,7 +585,7 @@ def generate(aligned, reference=None, prompts=None, **kwargs) -> Generation:
     (``tokenizer, dtype, device, max_batch_size, max_seq_len, cuda_graphs, backend``) and
     ``generate`` options are both accepted."""
     dec_keys = ("tokenizer", "dtype", "device", "max_batch_size", "max_seq_len", "cuda_graphs",
-                "backend", "check_every", "cpu_linear", "compile")
+                "backend", "check_every", "cpu_linear", "compile", "forward")
     dec_kw = {k: kwargs.pop(k) for k in dec_keys if k in kwargs}
     n = len(prompts) if isinstance(prompts, list) else 1
     if "input_ids" in kwargs and kwargs["input_ids"] is not None:

@@ -34,12 +34,14 @@ class TwoModelPair:
     shared = False
 
     def __init__(self, model_a, model_r, n_rows: int, max_len: int, cpu_linear=None,
-                 pools=(None, None)):
+                 pools=(None, None), forward=None):
         if pools[0] is not None and pools[0] is pools[1]:
             raise ValueError("TwoModelPair's runners are live at the same time: give each "
                              "its own KV pool")
-        self.a = Runner(model_a, n_rows, max_len, cpu_linear=cpu_linear, pool=pools[0])
-        self.r = Runner(model_r, n_rows, max_len, cpu_linear=cpu_linear, pool=pools[1])
+        self.a = Runner(model_a, n_rows, max_len, cpu_linear=cpu_linear, pool=pools[0],
+                        forward=forward)
+        self.r = Runner(model_r, n_rows, max_len, cpu_linear=cpu_linear, pool=pools[1],
+                        forward=forward)
         self.runners = (self.a, self.r)
         self.device = self.a.device
         self.ref_split = self.r.split
@@ -70,10 +72,10 @@ class SharedPair:
     shared = True
 
     def __init__(self, model, n_rows: int, max_len: int, lora: RowLoRA | None = None,
-                 cpu_linear=None, pool=None):
+                 cpu_linear=None, pool=None, forward=None):
         self.n, self.lora = n_rows, lora
         self.runner = Runner(model, 2 * n_rows, max_len, lora, n_rows if lora else 0, cpu_linear,
-                             pool)
+                             pool, forward)
         self.runners = (self.runner,)
         self._tok2 = torch.zeros((2 * n_rows,), dtype=torch.int64, device=self.runner.device)
         self.device = self.runner.device
@@ -127,8 +129,8 @@ class SinglePair:
     shared = False
 
     def __init__(self, model, n_rows: int, max_len: int, lora: RowLoRA | None = None,
-                 lora_rows: int = 0, cpu_linear=None, pool=None):
-        self.runner = Runner(model, n_rows, max_len, lora, lora_rows, cpu_linear, pool)
+                 lora_rows: int = 0, cpu_linear=None, pool=None, forward=None):
+        self.runner = Runner(model, n_rows, max_len, lora, lora_rows, cpu_linear, pool, forward)
         self.runners = (self.runner,)
         self.device = self.runner.device
         self.ref_split = None

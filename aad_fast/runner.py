@@ -122,7 +122,8 @@ class Runner:
     ``Decoder``'s buckets). Default: a pool of its own."""
 
     def __init__(self, model, n_rows: int, max_len: int, lora=None, lora_rows: int = 0,
-                 cpu_linear: str | None = None, pool: KVPool | None = None):
+                 cpu_linear: str | None = None, pool: KVPool | None = None,
+                 forward: str | None = None):
         self.model, self.plan = engine_view(model, n_rows, lora, lora_rows, cpu_linear)
         self.lora, self.lora_rows = lora, lora_rows
         self.n_rows = n_rows
@@ -142,7 +143,7 @@ class Runner:
         self.bound = ReadBound(n_rows, max_len)
         self.split = SplitHead.of(self.model)
         fast = FastDecoder.of(self.model)
-        self.fast = fast if tuning.decoder_pays(self.model, fast, n_rows) else None
+        self.fast = fast if tuning.decoder_pays(self.model, fast, n_rows, mode=forward) else None
 
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache=None) -> Tensor:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,

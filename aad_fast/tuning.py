@@ -295,12 +295,15 @@ def plan_pays(view_plan: nn.Module, view_plain: nn.Module, rows: int, few: list,
 DECODER_MODES = ("auto", "hf", "fast")
 
 
-def decoder_mode() -> str:
-    """``$AAD_FAST_DECODER``: ``auto`` (default: measure), ``hf`` (the model's own forward)
-    or ``fast`` (``fast_decoder.FastDecoder`` where the architecture has one)."""
-    mode = os.environ.get("AAD_FAST_DECODER", "auto").strip().lower() or "auto"
+def decoder_mode(mode: str | None = None) -> str:
+    """The one-token forward switch: ``mode`` if given (``Decoder(forward=...)``), else
+    ``$AAD_FAST_DECODER``, else ``auto`` (measure); ``hf``: the model's own forward; ``fast``:
+    ``fast_decoder.FastDecoder`` where the architecture has one."""
+    if mode is None:
+        mode = os.environ.get("AAD_FAST_DECODER", "auto").strip().lower() or "auto"
     if mode not in DECODER_MODES:
-        raise ValueError(f"AAD_FAST_DECODER must be one of {DECODER_MODES}, got {mode!r}")
+        raise ValueError(f"forward (or AAD_FAST_DECODER) must be one of {DECODER_MODES}, "
+                         f"got {mode!r}")
     return mode
 
 
@@ -330,12 +333,12 @@ def measure_decoder(view: nn.Module, fast, rows: int) -> dict:
         return time_candidates({"plain": plain, "fast": engine})
 
 
-def decoder_pays(view: nn.Module, fast, rows: int, measure=None) -> bool:
+def decoder_pays(view: nn.Module, fast, rows: int, measure=None, mode: str | None = None) -> bool:
     """Whether decode steps of ``rows`` rows run ``fast`` (a ``FastDecoder``) instead of the
     model's forward: forced by ``$AAD_FAST_DECODER``, else measured on CPU (``measure_decoder``;
     cached per model shape, rows and dtype) and kept only if faster beyond noise. Other devices
     keep the model's forward (a captured CUDA graph has no per-op overhead to save)."""
-    mode = decoder_mode()
+    mode = decoder_mode(mode)
     if fast is None or mode == "hf":
         return False
     if mode == "fast":

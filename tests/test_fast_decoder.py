@@ -55,9 +55,7 @@ def test_prompt_pair_and_single_stream_with_the_engine_forward(fast):
                             max_new_tokens=8).tokens
         greedy = dec.generate(input_ids=PROMPTS, rule=Greedy(), max_new_tokens=8).tokens
         assert _uses_fast(dec, 3) and _uses_fast(dec, 3, "a")
-    with Decoder(model, max_batch_size=4, max_seq_len=48) as dec:
-        import os
-        os.environ["AAD_FAST_DECODER"] = "hf"
+    with Decoder(model, max_batch_size=4, max_seq_len=48, forward="hf") as dec:
         want_opad = dec.generate(input_ids=PROMPTS, rule=OPAD(1.0, principle_ids=principle),
                                  max_new_tokens=8).tokens
         assert not _uses_fast(dec, 3)
@@ -132,3 +130,15 @@ def test_compiled_step_over_the_engine_forward_gives_the_eager_tokens(fast):
     got = dec.generate(input_ids=PROMPTS[:2], rule=AAD(0.1), max_new_tokens=10)
     assert got.stats["compiled"] and _uses_fast(dec, 2)
     assert got.tokens == want.tokens
+
+
+def test_decoder_forward_argument_forces_each_path_and_is_reported():
+    a, r = tiny_model("qwen2", 0), tiny_model("qwen2", 1)
+    outs = {}
+    for mode in ("hf", "fast"):
+        with Decoder(a, r, max_batch_size=4, max_seq_len=48, forward=mode) as dec:
+            outs[mode] = dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=8)
+    assert outs["hf"].stats["forward"] == "hf" and outs["fast"].stats["forward"] == "fast"
+    assert outs["hf"].tokens == outs["fast"].tokens
+    with pytest.raises(ValueError, match="forward"):
+        Decoder(a, r, forward="engine")

@@ -35,8 +35,8 @@ METHODS = {
     "aad_lora": ("engine AAD, LoRA pair (r=64 q/k/v)", "lora"),
     "beam4_lora": ("engine BeamAAD(4), LoRA pair", "lora"),
     # the same engine with every machine-dependent choice forced: plain F.linear, or compiled
-    "greedy_plain": ("engine greedy, 1 model, plain F.linear", "plain"),
-    "aad_lora_plain": ("engine AAD, LoRA pair, plain F.linear", "lora"),
+    "greedy_plain": ("engine greedy, 1 model, plain F.linear + HF forward", "plain"),
+    "aad_lora_plain": ("engine AAD, LoRA pair, plain F.linear + HF forward", "lora"),
     "greedy_compiled": ("engine greedy, 1 model, torch.compile", "plain"),
     "greedy_bf16": ("engine greedy, 1 model, bf16 weights", "plain"),
     "aad_lora_compiled": ("engine AAD, LoRA pair, torch.compile", "lora"),
@@ -160,7 +160,8 @@ def engine_run(dec, rule, ids, n, device, info: dict):
         raise RuntimeError(f"the engine made {[len(t) for t in out.tokens]} tokens, not {n}")
     info.update(backend=out.stats.get("backend"), cuda_graphs=out.stats.get("cuda_graphs"),
                 pair=out.stats.get("pair"), compiled=out.stats.get("compiled"),
-                linear=out.stats.get("linear"), reference_head=out.stats.get("reference_head"))
+                linear=out.stats.get("linear"), forward=out.stats.get("forward"),
+                reference_head=out.stats.get("reference_head"))
     return out.stats["prefill_ms"], out.stats["ms_per_token"], out.tokens
 
 
@@ -174,8 +175,8 @@ class Decoders:
         self.open: dict = {}
 
     def get(self, kind: str):
-        """``kind``: ``one`` | ``two`` | ``lora``, optionally ``+plain`` (plain ``F.linear``
-        forced) or ``+compiled`` (``compile=True``); otherwise every choice is the default's."""
+        """``kind``: ``one`` | ``two`` | ``lora``, optionally ``+plain`` (plain ``F.linear`` and
+        the model's own forward forced) or ``+compiled`` (``compile=True``); otherwise every choice is the default's."""
         if kind not in self.open:
             from ..generation import Decoder
             m = self.models
@@ -186,6 +187,7 @@ class Decoders:
                                       max_seq_len=self.max_len, backend=self.args.backend,
                                       cuda_graphs=False if self.args.no_graphs else "auto",
                                       cpu_linear="plain" if variant == "plain" else None,
+                                      forward="hf" if variant == "plain" else None,
                                       compile=True if variant == "compiled" else "auto")
         return self.open[kind]
 
