@@ -30,11 +30,18 @@ def _norm(x: Tensor, norm: nn.Module) -> Tensor:
     return norm(x)
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """HF's ``apply_rotary_pos_emb`` for one tensor: ``x cos + rotate_half(x) sin``, in the
-    dtype of ``cos`` (OLMo-2's are float32 for any model dtype), returned in ``x``'s."""
-    half = x.shape[-1] // 2
-    y = x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _signed_sin(sin: Tensor) -> Tensor:
+    """``sin`` with its first half negated: ``rotate_half(x) * sin`` is then
+    ``roll(x, D/2) * signed`` (``(-x2) * s1 == -(x2 * s1)`` exactly), one op fewer per tensor."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _rotate(x: Tensor, cos: Tensor, signed: Tensor) -> Tensor:
+    """HF's ``apply_rotary_pos_emb`` for one tensor, ``x cos + rotate_half(x) sin`` (``signed``:
+    ``_signed_sin(sin)``), in the dtype of ``cos`` (OLMo-2's are float32 for any model dtype),
+    returned in ``x``'s."""
+    y = x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -70,7 +77,7 @@ class FastDecoder:
         n = ids.shape[0]
         h = m.embed_tokens(ids)  # [N, 1, H]
         cos, sin = m.rotary_emb(h, pos)  # [N, 1, D]
-        cos, sin = cos[:, None], sin[:, None]  # [N, 1, 1, D]: broadcast over heads
+        cos, sin = cos[:, None], _signed_sin(sin[:, None])  # [N, 1, 1, D]: over heads
         olmo2, qwen3 = self.kind == "olmo2", self.kind == "qwen3"
         nh, nkv, d = self.heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(m.layers):
@@ -79,16 +86,16 @@ class FastDecoder:
             q, k, v = at.q_proj(x), at.k_proj(x), at.v_proj(x)
             if olmo2:  # q/k norms over the whole projection, before the heads split
                 q, k = _norm(q, at.q_norm), _norm(k, at.k_norm)
-            q = q.view(n, 1, nh, d).transpose(1, 2)
-            k = k.view(n, 1, nkv, d).transpose(1, 2)
-            v = v.view(n, 1, nkv, d).transpose(1, 2)
+            # [N, 1, heads * D] -> [N, heads, 1, D]: with one token per row, HF's
+            # view-then-transpose is this view (the same elements in the same order)
+            q, k, v = q.view(n, nh, 1, d), k.view(n, nkv, 1, d), v.view(n, nkv, 1, d)
             if qwen3:  # per-head q/k norms
                 q, k = _norm(q, at.q_norm), _norm(k, at.k_norm)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             k, v = cache.update(k, v, i)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[..., : k.shape[2]],
                                                scale=self.scaling, enable_gqa=nkv != nh)
-            o = at.o_proj(o.transpose(1, 2).reshape(n, 1, nh * d))
+            o = at.o_proj(o.reshape(n, 1, nh * d))  # [N, heads, 1, D]: one token per row
             if olmo2:
                 h = h + _norm(o, layer.post_attention_layernorm)
                 mlp = layer.mlp
