@@ -34,6 +34,26 @@ def prompts_of(n: int) -> list:
     return [held_out[i % len(held_out)].prompt for i in range(n)]
 
 
+def shape_pair(name: str, folder: Path) -> tuple:
+    """A random-weight pair of config ``name`` (``aad_fast/bench/configs``) with the embedded
+    pair's tokenizer and vocabulary, saved under ``folder`` so workers load it by path as users
+    load theirs: (aligned path, reference path)."""
+    import torch
+
+    from aad_fast.bench.shapes import default_config_dir, load_shape, make_config, random_model
+    from aad_fast.toy.tokenizer import build_tokenizer
+    tok = build_tokenizer()
+    shape = dict(load_shape(name, default_config_dir()), vocab_size=len(tok))
+    paths = []
+    for seed, role in ((0, "aligned"), (1, "reference")):
+        model = random_model(make_config(shape), torch.float32, "cpu", seed)
+        model.config.eos_token_id = tok.eos_token_id
+        model.save_pretrained(folder / role)
+        tok.save_pretrained(folder / role)
+        paths.append(str(folder / role))
+    return tuple(paths)
+
+
 def decoder_spec(a) -> dict:
     if a.aligned:
         return {"aligned": os.path.abspath(a.aligned), "max_batch_size": a.batch_size,
@@ -97,8 +117,15 @@ def run_ray(a, prompts, spec, rule) -> dict:
             "batches": len(blocks), "wall_s": wall, "startup_s": first,
             "busy_s": sorted(busy.values()), "tokens": n, "tokens_per_s": n / wall,
             "steady_tokens_per_s": n / steady if steady > 0 else None,
+            # what Ray adds per batch once running; below the timer's resolution when negative
             "overhead_per_batch_ms": 1000 * (steady - max(busy.values())) / per_worker,
             "rows": [rows[i] for i in range(len(prompts))]}
+
+
+def _device() -> str:
+    from aad_fast.bench.machine import device_name
+    import torch
+    return device_name(torch.device("cpu"))
 
 
 def main(argv=None) -> int:
@@ -112,20 +139,31 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ray-address", default=None)
+    p.add_argument("--shape", default=None,
+                   help="a random pair of this config (e.g. cpu-60m) with the embedded "
+                        "tokenizer, instead of the embedded pair")
     a = p.parse_args(argv)
     from aad_fast import AAD
+    tmp = None
+    if a.shape and not a.aligned:
+        import tempfile
+        tmp = tempfile.TemporaryDirectory(prefix="aad_bench_ray_")
+        a.aligned, a.reference = shape_pair(a.shape, Path(tmp.name))
     prompts, spec, rule = prompts_of(a.prompts), decoder_spec(a), AAD(0.1)
     ray_res = run_ray(a, prompts, spec, rule)  # first: its workers start from a cold cache too
     single = run_single(a, prompts, spec, rule)
     same = ray_res.pop("rows") == single.pop("rows")
+    if tmp is not None:
+        tmp.cleanup()
     result = {"when": datetime.datetime.now().isoformat(timespec="seconds"),
-              "prompts": a.prompts, "max_new_tokens": a.max_new_tokens,
+              "model": a.shape or (a.aligned and "paths") or "embedded pair",
+              "device": _device(), "prompts": a.prompts, "max_new_tokens": a.max_new_tokens,
               "batch_size": a.batch_size, "rule": repr(rule), "same_tokens": same,
               "single": single, "ray": ray_res,
               "ray_over_single": ray_res["tokens_per_s"] / single["tokens_per_s"]}
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "bench_ray.json"
+    path = out / f"ray-cpu-{a.shape or 'embedded'}-{datetime.date.today()}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("single", "ray")}))
     print(f"single {single['tokens_per_s']:.1f} tok/s; ray {ray_res['tokens_per_s']:.1f} tok/s "
