@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from . import tuning
 from .cache import KVPool, ReadBound, StaticKVCache
 from .cpu_linear import FewRowLinear
-from .fast_decoder import FastDecoder
+from .fast_decoder import TYPES as FAST_TYPES, FastDecoder
 from .lora_rows import RowCount, RowLoRALinear
 
 
@@ -74,35 +74,29 @@ def engine_view(model: nn.Module, n_rows: int, lora=None, lora_rows: int = 0,
     return view.eval(), plan
 
 
-# Causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)`` (no softcap,
-# logit scale or other post-processing; tests/test_ref_head.py checks each)
-SPLIT_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
-
-
 class SplitHead:
-    """A view's decoder and vocabulary projection apart, for steps that need some streams'
-    logits on a few ids only (``engine.reference_logits``). ``head``: the view's own output
-    layer (what the full forward runs); ``weight``/``bias``: the base projection (without a
-    LoRA adapter on the head), whose rows give single logits."""
+    """A view's decoder and vocabulary projection apart, for a step that needs a stream's logits
+    on a few ids only (``engine.reference_logits``): ``head`` is the view's own output layer
+    (what the full forward runs), ``weight``/``bias`` its parameters, whose rows give single
+    logits. Only for the architectures ``fast_decoder.TYPES`` writes out (their logits are
+    exactly ``lm_head(decoder(x))``: no softcap or logit scale; tests/test_ref_head.py checks
+    each) and a plain (not LoRA) head."""
 
-    def __init__(self, decoder, head, weight, bias):
-        self.decoder, self.head, self.weight, self.bias = decoder, head, weight, bias
+    def __init__(self, decoder, head):
+        self.decoder, self.head, self.weight, self.bias = decoder, head, head.weight, head.bias
 
     @classmethod
     def of(cls, view) -> "SplitHead | None":
-        if getattr(view.config, "model_type", None) not in SPLIT_TYPES:
+        if getattr(view.config, "model_type", None) not in FAST_TYPES:
             return None
-        head = view.get_output_embeddings()
-        base = head.base if isinstance(head, RowLoRALinear) else head
-        decoder = getattr(view, "model", None)
-        if not isinstance(base, (nn.Linear, FewRowLinear)) or decoder is None:
+        head, decoder = view.get_output_embeddings(), getattr(view, "model", None)
+        if not isinstance(head, (nn.Linear, FewRowLinear)) or decoder is None:
             return None
-        return cls(decoder, head, base.weight, base.bias)
+        return cls(decoder, head)
 
     def base_logits(self, hidden: Tensor) -> Tensor:
-        """The base projection of every id, ``[R, V]`` (``head`` without its adapter)."""
-        head = self.head.base if isinstance(self.head, RowLoRALinear) else self.head
-        return head(hidden)
+        """The projection of every id, ``[R, V]``."""
+        return self.head(hidden)
 
 
 @functools.cache

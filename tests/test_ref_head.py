@@ -15,7 +15,8 @@ import torch
 
 from aad_fast import AAD, Contrastive, Decoder, EFT, Greedy
 from aad_fast import engine
-from aad_fast.runner import SPLIT_TYPES, SplitHead, engine_view
+from aad_fast.fast_decoder import TYPES as SPLIT_TYPES
+from aad_fast.runner import SplitHead, engine_view
 from aad_fast.scheduler import Request
 from conftest import PROMPTS, aad_pick, naive_decode, random_lora, tiny_model
 

@@ -134,15 +134,12 @@ def run(a) -> dict:
     from transformers import AutoTokenizer
 
     from .assets import default_pair_dir
-    from .train import parse_args as train_args
     from .train import train_dpo
 
     root = Path(a.root) if a.root else default_pair_dir()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    targs = train_args(["--out", str(out), "--seed", str(a.seed), "--dpo-beta", str(a.dpo_beta),
-                        "--dpo-lr", str(a.dpo_lr), "--dpo-epochs", str(a.dpo_epochs),
-                        "--dpo-batch", str(a.dpo_batch), "--lora-r", str(a.lora_r)])
+    targs = _train_args(a, out)
     tok = AutoTokenizer.from_pretrained(root / "sft", local_files_only=True)
     for name in ("sft", "picker", "dpo"):  # OUT then is a whole pair for evaluate --dir
         if not (out / name).exists():
@@ -156,15 +153,22 @@ def run(a) -> dict:
             "root": str(root), "versions": {"torch": torch.__version__}}
     t_all = time.time()
 
-    t0 = time.time()
-    it0 = load_adapter_model(root, root / "dpo")
-    chosen1 = aad_chosen(it0, tok, prompts, alpha=a.alpha, **kw)
-    rejected = nucleus_rejected(it0, tok, prompts, seed=a.seed, **kw)
-    del it0
-    rows1 = pair_rows(prompts, chosen1, rejected)
-    _write_jsonl(out / "iter_pairs1.jsonl", rows1)
-    meta["pairs1"] = dict(pair_stats(prompts, chosen1, rejected, rows1),
+    def aad_pairs(name, adapter, rejected=None):
+        """Pairs of ``adapter``'s AAD completions (chosen) against ``rejected`` (default: its
+        own nucleus samples), written to ``iter_<name>.jsonl``; (rows, rejected)."""
+        t0 = time.time()
+        model = load_adapter_model(root, adapter)
+        chosen = aad_chosen(model, tok, prompts, alpha=a.alpha, **kw)
+        if rejected is None:
+            rejected = nucleus_rejected(model, tok, prompts, seed=a.seed, **kw)
+        del model
+        rows = pair_rows(prompts, chosen, rejected)
+        _write_jsonl(out / f"iter_{name}.jsonl", rows)
+        meta[name] = dict(pair_stats(prompts, chosen, rejected, rows),
                           seconds=round(time.time() - t0, 1))
+        return rows, rejected
+
+    rows1, rejected = aad_pairs("pairs1", root / "dpo")
 
     def train(name, rows, init):
         t = time.time()
@@ -178,14 +182,7 @@ def run(a) -> dict:
     train("dpo_iter1", rows1, None)
     train("dpo_iter1p", rows1, root / "dpo")
 
-    t0 = time.time()
-    it1 = load_adapter_model(root, out / "dpo_iter1")
-    chosen2 = aad_chosen(it1, tok, prompts, alpha=a.alpha, **kw)
-    del it1
-    rows2 = pair_rows(prompts, chosen2, rejected)
-    _write_jsonl(out / "iter_pairs2.jsonl", rows2)
-    meta["pairs2"] = dict(pair_stats(prompts, chosen2, rejected, rows2),
-                          seconds=round(time.time() - t0, 1))
+    rows2, _ = aad_pairs("pairs2", out / "dpo_iter1", rejected)
     train("dpo_iter2", rows2, None)
     if a.ablations:
         ablations(a, targs, tok, root, out, rows1, meta)
@@ -233,14 +230,11 @@ def run_only_ablations(a) -> dict:
     from transformers import AutoTokenizer
 
     from .assets import default_pair_dir
-    from .train import parse_args as train_args
     root = Path(a.root) if a.root else default_pair_dir()
     out = Path(a.out)
     meta_path = out / "iterate_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    targs = train_args(["--out", str(out), "--seed", str(a.seed), "--dpo-beta", str(a.dpo_beta),
-                        "--dpo-lr", str(a.dpo_lr), "--dpo-epochs", str(a.dpo_epochs),
-                        "--dpo-batch", str(a.dpo_batch), "--lora-r", str(a.lora_r)])
+    targs = _train_args(a, out)
     tok = AutoTokenizer.from_pretrained(root / "sft", local_files_only=True)
     with open(out / "iter_pairs1.jsonl") as f:
         rows1 = [json.loads(line) for line in f if line.strip()]
@@ -249,7 +243,17 @@ def run_only_ablations(a) -> dict:
     return meta
 
 
+def _train_args(a, out: Path):
+    """``toy.train``'s settings for this run's DPO rounds (its defaults, our DPO values)."""
+    from .train import DPO_ARGS, parse_args as train_args
+    argv = ["--out", str(out), "--seed", str(a.seed)]
+    for name in DPO_ARGS:
+        argv += ["--" + name.replace("_", "-"), str(getattr(a, name))]
+    return train_args(argv)
+
+
 def parse_args(argv=None):
+    from .train import add_dpo_arguments
     p = argparse.ArgumentParser(prog="python -m aad_fast.toy.iterate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output directory")
@@ -266,11 +270,7 @@ def parse_args(argv=None):
     p.add_argument("--only-ablations", action="store_true",
                    help="train only the ablations, from OUT/iter_pairs1.jsonl of an earlier run")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--dpo-beta", type=float, default=0.1)
-    p.add_argument("--dpo-lr", type=float, default=5e-4)
-    p.add_argument("--dpo-epochs", type=float, default=2)
-    p.add_argument("--dpo-batch", type=int, default=16)
-    p.add_argument("--lora-r", type=int, default=8)
+    add_dpo_arguments(p)
     return p.parse_args(argv)
 
 

@@ -317,6 +317,18 @@ def run_iterative(args, out: Path, meta: dict):
     _cleanup(out / args.name / "_trainer")
 
 
+DPO_ARGS = ("dpo_beta", "dpo_lr", "dpo_epochs", "dpo_batch", "lora_r")
+
+
+def add_dpo_arguments(g) -> None:
+    """The DPO/LoRA settings (``DPO_ARGS``), shared with ``toy.iterate``."""
+    g.add_argument("--dpo-beta", type=float, default=0.1)
+    g.add_argument("--dpo-lr", type=float, default=5e-4)
+    g.add_argument("--dpo-epochs", type=float, default=2)
+    g.add_argument("--dpo-batch", type=int, default=16)
+    g.add_argument("--lora-r", type=int, default=8)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m aad_fast.toy.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -346,11 +358,7 @@ def parse_args(argv=None):
     g.add_argument("--pair-group", type=int, default=4, help="SFT samples ranked per pair")
     g.add_argument("--pair-groups", type=int, default=8, help="pairs tried per prompt")
     g.add_argument("--pair-fraction", type=float, default=0.1, help="share of pairs used")
-    g.add_argument("--dpo-beta", type=float, default=0.1)
-    g.add_argument("--dpo-lr", type=float, default=5e-4)
-    g.add_argument("--dpo-epochs", type=float, default=2)
-    g.add_argument("--dpo-batch", type=int, default=16)
-    g.add_argument("--lora-r", type=int, default=8)
+    add_dpo_arguments(g)
     g.add_argument("--picker-lr", type=float, default=2e-4)
     g.add_argument("--picker-epochs", type=float, default=2)
     return p.parse_args(argv)
