@@ -67,9 +67,10 @@ class Decoder:
         backend: selection-op backend (``None`` = fastest available).
         check_every: steps between host checks for finished rows.
         cpu_linear: layout of the decode step's fp32 linears on CPU: ``"auto"`` (default, or
-            ``$AAD_FAST_CPU_LINEAR``) times ``F.linear`` against the few-row layout per weight
-            shape on this machine and keeps the faster (cached, see ``tuning``); ``"plain"`` /
-            ``"few_row"`` force one. ``stats["linear"]`` says what each shape took.
+            ``$AAD_FAST_CPU_LINEAR``) times ``F.linear`` against the few-row layout and
+            oneDNN-packed weights per weight shape on this machine and keeps the fastest
+            (cached, see ``tuning``; a packed copy only where it fits in memory); ``"plain"`` /
+            ``"few_row"`` / ``"packed"`` force one. ``stats["linear"]`` says what each shape took.
         compile: run the one-token step through ``torch.compile`` (full graph, static shapes;
             on CUDA the compiled step is what the graph captures). ``True``/``False`` force it;
             ``"auto"`` (default) compiles only where a run on this machine measured the

@@ -15,8 +15,8 @@ Qwen2/3, Mistral, OLMo2 and other standard decoder-only models.
 ``engine_view`` is the model the runner calls: a copy of the module tree that shares every
 parameter and buffer (no weight is copied) with the decode-path layers replaced once, for the
 runner's life: LoRA layers by ``lora_rows.RowLoRALinear`` (adapter on the aligned rows only), and
-on CPU each plain fp32 ``nn.Linear`` by ``cpu_linear.FewRowLinear`` where ``tuning`` measured that
-layout faster for the runner's row count. Nothing is swapped around a forward, so two runners
+on CPU each plain fp32 ``nn.Linear`` by ``cpu_linear.FewRowLinear`` or ``cpu_linear.PackedLinear``
+where ``tuning`` measured that layout faster for the runner's row count. Nothing is swapped around a forward, so two runners
 (or two threads) never see each other's layers, and ``torch.compile`` can trace the step.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from . import tuning
 from .cache import KVPool, ReadBound, StaticKVCache
-from .cpu_linear import FewRowLinear
+from .cpu_linear import FewRowLinear, PackedLinear, fits_in_memory, packed_bytes
 from .fast_decoder import TYPES as FAST_TYPES, FastDecoder
 from .lora_rows import RowCount, RowLoRALinear
 
@@ -59,16 +59,25 @@ def engine_view(model: nn.Module, n_rows: int, lora=None, lora_rows: int = 0,
             base = view.get_submodule(name).base_layer
             _set_module(view, name, RowLoRALinear(base, a_w, b_w, scale, view.aad_rows))
     plan = tuning.plan_linears(view, n_rows, cpu_linear)
-    few = sorted(shape for shape, rec in plan.items() if rec["choice"] == "few_row")
-    if not few:
+    linears = [(name, mod) for name, mod in view.named_modules() if type(mod) is nn.Linear]
+    packs = [mod.weight for _, mod in linears
+             if plan.get(tuple(mod.weight.shape), {}).get("choice") == "packed"]
+    if packs and not fits_in_memory(packed_bytes(packs)):
+        for shape, rec in plan.items():  # a second copy of these weights would not fit
+            if rec["choice"] == "packed":
+                plan[shape] = dict(rec, choice="plain", source="memory: no room for packed copies")
+    layouts = {shape: rec["choice"] for shape, rec in plan.items() if rec["choice"] != "plain"}
+    if not layouts:
         return view.eval(), plan
     plain = copy.deepcopy(view, shared) if tuning.linear_mode(cpu_linear) == "auto" else None
-    for name, mod in list(view.named_modules()):
-        if type(mod) is nn.Linear and tuple(mod.weight.shape) in few:
-            _set_module(view, name, FewRowLinear(mod, n_rows))
-    if plain is not None and not tuning.plan_pays(view.eval(), plain.eval(), n_rows, few):
-        # per-shape timings said few-row, the whole step says no: plain everywhere
-        for shape in few:
+    kinds = {"few_row": FewRowLinear, "packed": PackedLinear}
+    for name, mod in linears:
+        layout = layouts.get(tuple(mod.weight.shape))
+        if layout is not None:
+            _set_module(view, name, kinds[layout](mod, n_rows))
+    if plain is not None and not tuning.plan_pays(view.eval(), plain.eval(), n_rows, layouts):
+        # per-shape timings chose a layout, the whole step says no: plain everywhere
+        for shape in layouts:
             plan[shape] = dict(plan[shape], choice="plain", source="whole-step check")
         return plain, plan
     return view.eval(), plan
@@ -90,7 +99,7 @@ class SplitHead:
         if getattr(view.config, "model_type", None) not in FAST_TYPES:
             return None
         head, decoder = view.get_output_embeddings(), getattr(view, "model", None)
-        if not isinstance(head, (nn.Linear, FewRowLinear)) or decoder is None:
+        if not isinstance(head, (nn.Linear, FewRowLinear, PackedLinear)) or decoder is None:
             return None
         return cls(decoder, head)
 

@@ -8,8 +8,9 @@ answer is cached in a JSON file keyed by the machine (CPU model and flags, BLAS,
 library versions), so the second ``Decoder`` on a machine measures nothing.
 
 Choices:
-- ``linear``: per weight shape ``N x K`` and decode row count, ``plain`` (``F.linear``) or
-  ``few_row`` (``cpu_linear.few_row_linear``), for fp32 ``nn.Linear`` on CPU.
+- ``linear``: per weight shape ``N x K`` and decode row count, ``plain`` (``F.linear``),
+  ``few_row`` (``cpu_linear.few_row_linear``) or ``packed`` (oneDNN's packed weights,
+  ``cpu_linear.packed_linear``, where the build has them), for fp32 ``nn.Linear`` on CPU.
 - ``backend``: the default selection backend where more than one is available (CPU: ``cpp``
   or ``torch``; CUDA: ``triton``, ``cuda`` or ``torch``), timed on AAD at B=1, V=131072.
 - ``decoder``: per model shape, dtype and decode row count on CPU, the model's own forward
@@ -20,7 +21,7 @@ Choices:
   the ms/token and compile times that decodes on this machine observed (``observe_step``).
 
 Switches (environment, or ``Decoder(cpu_linear=...)``):
-- ``AAD_FAST_CPU_LINEAR=auto|plain|few_row``: measure (default) or force a layout everywhere
+- ``AAD_FAST_CPU_LINEAR=auto|plain|few_row|packed``: measure (default) or force a layout everywhere
   (``AAD_FAST_CPU_FEW_ROW_LINEAR=0``, the older switch, means ``plain``).
 - ``AAD_FAST_DECODER=auto|hf|fast``: measure (default) or force the one-token forward.
 - ``AAD_FAST_TUNE_CACHE=PATH``: the cache file (default
@@ -44,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_linear import few_row_linear
+from .cpu_linear import PACK_HINT, few_row_linear, packed_supported
 
 MARGIN = 0.05          # the alternative must be this much faster than plain to be chosen
 ROUNDS = 9             # timed rounds per candidate at most (interleaved), after one warm-up
@@ -52,7 +53,8 @@ MIN_ROUNDS = 5         # ... and at least
 STABLE = 1.5           # median round / best round above this: the machine is busy, keep nothing
 BUDGET_S = 0.25        # stop adding rounds past this much time per shape
 MAX_BYTES = 256 << 20  # weights of one shape timed per round (a subset beyond that)
-LINEAR_MODES = ("auto", "plain", "few_row")
+LINEAR_MODES = ("auto", "plain", "few_row", "packed")
+LAYOUTS = ("few_row", "packed")  # the alternatives to plain F.linear
 _FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "neon", "sve")
 
 
@@ -211,9 +213,16 @@ def measure_linear(weights: list, rows: int) -> dict:
     def few_row():
         for w in chosen:
             few_row_linear(x, w)
-
+    fns = {"plain": plain, "few_row": few_row}
     with torch.inference_mode():
-        return time_candidates({"plain": plain, "few_row": few_row})
+        if packed_supported():  # temporary copies of the timed weights, not kept
+            packs = [torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT) for w in chosen]
+
+            def packed():
+                for pk in packs:
+                    torch.ops.mkldnn._linear_pointwise(x, pk, None, "none", [], "")
+            fns["packed"] = packed
+        return time_candidates(fns)
 
 
 def linear_mode(mode: str | None = None) -> str:
@@ -232,10 +241,11 @@ def linear_mode(mode: str | None = None) -> str:
 def plan_linears(model: nn.Module, rows: int, mode: str | None = None,
                  measure=None) -> dict:
     """Layout of each weight shape of ``model``'s plain ``nn.Linear`` layers for a decode step
-    of ``rows`` rows: ``{(N, K): {"choice": "plain" | "few_row", "source": ..., times}}``.
+    of ``rows`` rows: ``{(N, K): {"choice": "plain" | "few_row" | "packed", "source": ...,
+    "<layout>_ms": ...}}``.
 
     Only fp32 weights on CPU have a choice (everything else is ``plain``). ``measure(weights,
-    rows) -> {"plain": ms, "few_row": ms}`` is the timer (tests inject fake timings)."""
+    rows) -> {"plain": ms, "few_row": ms, ...}`` is the timer (tests inject fake timings)."""
     mode = linear_mode(mode)
     measure = measure or measure_linear
     groups: dict = {}
@@ -246,15 +256,18 @@ def plan_linears(model: nn.Module, rows: int, mode: str | None = None,
     plan = {}
     for shape, weights in groups.items():
         if mode != "auto":
-            plan[shape] = {"choice": mode, "source": "forced"}
+            plan[shape] = {"choice": mode, "source": "forced"} \
+                if mode != "packed" or packed_supported() else \
+                {"choice": "plain", "source": "forced packed: this torch build has no oneDNN"}
             continue
-        entry = f"linear/{shape[0]}x{shape[1]}/float32/rows{rows}"
+        entry = f"linear/{shape[0]}x{shape[1]}/float32/rows{rows}/" + \
+            ",".join(("plain",) + LAYOUTS[: 2 if packed_supported() else 1])
         rec = cached(entry)
         if rec is None:
             times = measure(weights, rows)
-            rec = {"choice": decide(times), "plain_ms": times["plain"],
-                   "few_row_ms": times["few_row"], "weights_timed": len(weights),
-                   "stable": times.get("stable", True)}
+            rec = {"choice": decide(times), "weights_timed": len(weights),
+                   "stable": times.get("stable", True),
+                   **{f"{k}_ms": v for k, v in times.items() if k != "stable"}}
             store(entry, rec, persist=rec["stable"])
             rec = dict(rec, source="measured")
         else:
@@ -265,7 +278,7 @@ def plan_linears(model: nn.Module, rows: int, mode: str | None = None,
 
 def measure_forward(view_plan: nn.Module, view_plain: nn.Module, rows: int) -> dict:
     """ms of one token per row through each whole view (no cache: the linears dominate, as in
-    a decode step)."""
+    a decode step): ``{"planned": ms, "plain": ms}``."""
     vocab = view_plain.get_output_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (rows, 1), generator=g)
@@ -273,23 +286,24 @@ def measure_forward(view_plan: nn.Module, view_plain: nn.Module, rows: int) -> d
     def run(view):
         return lambda: view(input_ids=ids, use_cache=False, logits_to_keep=1)
     with torch.inference_mode():
-        return time_candidates({"few_row": run(view_plan), "plain": run(view_plain)})
+        return time_candidates({"planned": run(view_plan), "plain": run(view_plain)})
 
 
-def plan_pays(view_plan: nn.Module, view_plain: nn.Module, rows: int, few: list,
+def plan_pays(view_plan: nn.Module, view_plain: nn.Module, rows: int, layouts: dict,
               measure=None) -> bool:
-    """Whether the model with the few-row layout on the ``few`` shapes beats plain ``F.linear``
-    everywhere, timed on the whole forward (per-shape timings can mislead: cache reuse inside
-    one shape's loop, neighbouring layers). Cached like the per-shape choices."""
+    """Whether the model with ``layouts`` (``{(N, K): "few_row" | "packed"}``) beats plain
+    ``F.linear`` everywhere, timed on the whole forward (per-shape timings can mislead: cache
+    reuse inside one shape's loop, neighbouring layers). Cached like the per-shape choices."""
     model = type(view_plain).__name__
-    entry = f"step/{model}/rows{rows}/few_row:" + ",".join(f"{n}x{k}" for n, k in few)
+    entry = f"step/{model}/rows{rows}/" + ",".join(
+        f"{n}x{k}:{layouts[(n, k)]}" for n, k in sorted(layouts))
     rec = cached(entry)
     if rec is None:
         times = (measure or measure_forward)(view_plan, view_plain, rows)
         rec = {"choice": decide(times), "plain_ms": times["plain"],
-               "few_row_ms": times["few_row"], "stable": times.get("stable", True)}
+               "planned_ms": times["planned"], "stable": times.get("stable", True)}
         store(entry, rec, persist=rec["stable"])
-    return rec["choice"] == "few_row"
+    return rec["choice"] == "planned"
 
 
 DECODER_MODES = ("auto", "hf", "fast")
@@ -359,14 +373,15 @@ def decoder_pays(view: nn.Module, fast, rows: int, measure=None, mode: str | Non
 
 
 def summarize(plan: dict) -> dict:
-    """``{"NxK": "few_row (measured: 0.31 vs plain 0.52 ms)"}`` for stats."""
+    """``{"NxK": "few_row (measured: plain 0.52 ms, few_row 0.31 ms)"}`` for stats."""
     out = {}
     for (n, k), rec in plan.items():
         text = rec["choice"]
         if "plain_ms" in rec:
             busy = "" if rec.get("stable", True) else ", machine busy: plain kept, not cached"
-            text += (f" ({rec['source']}: plain {rec['plain_ms']:.3f} ms, few_row "
-                     f"{rec['few_row_ms']:.3f} ms{busy})")
+            times = ", ".join(f"{name} {rec[f'{name}_ms']:.3f} ms"
+                              for name in ("plain",) + LAYOUTS if f"{name}_ms" in rec)
+            text += f" ({rec['source']}: {times}{busy})"
         else:
             text += f" ({rec['source']})"
         out[f"{n}x{k}"] = text

@@ -10,7 +10,7 @@ from torch import nn
 
 from aad_fast import AAD, Decoder, Greedy, tuning
 from aad_fast import cpu_linear
-from aad_fast.cpu_linear import FewRowLinear, few_row_linear
+from aad_fast.cpu_linear import FewRowLinear, PackedLinear, few_row_linear, packed_linear
 from conftest import aad_pick, naive_decode, tiny_model
 
 PROMPTS = [[5, 9, 2], [7, 7, 30, 4, 11]]
@@ -102,7 +102,7 @@ def test_a_corrupt_cache_file_is_measured_again(tmp_path):
 def test_switch_forces_each_path_without_measuring(monkeypatch):
     net = nn.Sequential(nn.Linear(8, 16))
     boom, seen = _fake(1.0, 1.0)
-    for mode in ("plain", "few_row"):
+    for mode in ("plain", "few_row") + (("packed",) if cpu_linear.packed_supported() else ()):
         assert tuning.plan_linears(net, 2, mode, measure=boom)[(16, 8)] == {
             "choice": mode, "source": "forced"}
     monkeypatch.setenv("AAD_FAST_CPU_FEW_ROW_LINEAR", "0")  # the older switch
@@ -124,7 +124,7 @@ def test_only_fp32_cpu_plain_linears_have_a_choice():
     assert list(tuning.plan_linears(net, 2, measure=measure)) == [(12, 8)]
 
 
-@pytest.mark.parametrize("layout", ["plain", "few_row", "auto"])
+@pytest.mark.parametrize("layout", ["plain", "few_row", "packed", "auto"])
 def test_decoder_tokens_equal_the_naive_loop_with_each_layout(layout):
     from peft import LoraConfig, get_peft_model
     ma, mr = tiny_model("llama", 0), tiny_model("llama", 1)
@@ -206,7 +206,7 @@ def test_the_whole_step_confirms_a_per_shape_plan(monkeypatch, whole_step_plain,
         seen.append(rows)
         assert any(isinstance(m, FewRowLinear) for m in view_plan.modules())
         assert not any(isinstance(m, FewRowLinear) for m in view_plain.modules())
-        return {"plain": whole_step_plain, "few_row": 2.0, "stable": True}
+        return {"plain": whole_step_plain, "planned": 2.0, "stable": True}
     monkeypatch.setattr(tuning, "measure_forward", whole)
     view, plan = engine_view(tiny_model(), 2)
     assert seen == [2]
@@ -216,3 +216,112 @@ def test_the_whole_step_confirms_a_per_shape_plan(monkeypatch, whole_step_plain,
         assert {r["source"] for r in plan.values()} == {"whole-step check"}
     engine_view(tiny_model(), 2)
     assert seen == [2]  # cached
+
+
+# ---------------------------------------------------------------------------- packed (oneDNN)
+needs_packed = pytest.mark.skipif(not cpu_linear.packed_supported(),
+                                  reason="this torch build has no oneDNN packed linear")
+
+
+@needs_packed
+@pytest.mark.parametrize("shape", [(1, 192), (1, 1, 192), (2, 1, 192), (8, 1, 192), (16, 192),
+                                   (33, 192), (5, 40, 192)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_same_product_as_f_linear(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(320, 192, generator=g), torch.randn(320, generator=g) if bias else None
+    x = torch.randn(shape, generator=g)
+    with torch.inference_mode():
+        got = packed_linear(x, w, b)
+        assert got.shape == shape[:-1] + (320,) and got.is_contiguous()
+        # fp32 with another summation order: a few ulps of sums of ~200 terms of size ~1
+        torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        xs = torch.randn(shape[:-1] + (384,), generator=g)[..., ::2]  # a strided input
+        torch.testing.assert_close(packed_linear(xs, w, b), F.linear(xs, w, b),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@needs_packed
+def test_packed_copy_is_made_once_per_weight_renewed_on_write_and_dropped_with_it():
+    import gc
+    lin = nn.Linear(16, 8)
+    a, b = PackedLinear(lin, 4), PackedLinear(lin, 8)  # two views of one weight: one copy
+    assert a.weight is lin.weight and b.weight is lin.weight
+    first = cpu_linear.packed(lin.weight)
+    assert cpu_linear.packed(lin.weight) is first
+    assert cpu_linear.packed_bytes([lin.weight]) == 0  # nothing more to pack
+    x = torch.randn(3, 1, 16)
+    with torch.no_grad():
+        lin.weight.mul_(2)  # written in place: the copy would be stale
+    with torch.inference_mode():
+        torch.testing.assert_close(a(x), lin(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b(x), lin(x), rtol=1e-5, atol=1e-5)
+    assert cpu_linear.packed(lin.weight) is not first
+    key = (lin.weight.data_ptr(), tuple(lin.weight.shape))
+    other = nn.Linear(16, 8)
+    assert cpu_linear.packed_bytes([other.weight, other.weight]) == 16 * 8 * 4  # counted once
+    del a, b, lin, first
+    gc.collect()
+    assert key not in cpu_linear._PACKS
+
+
+@needs_packed
+def test_packed_module_takes_its_path_up_to_max_rows_only(monkeypatch):
+    calls = []
+    real = cpu_linear.packed_linear
+    monkeypatch.setattr(cpu_linear, "packed_linear",
+                        lambda *a: calls.append(a[0].shape) or real(*a))
+    lin = nn.Linear(16, 8)
+    mod = PackedLinear(lin, max_rows=4)
+    for rows, took in ((1, True), (4, True), (5, False), (2 * 3, False)):
+        x = torch.randn(rows, 1, 16)
+        with torch.inference_mode():
+            torch.testing.assert_close(mod(x), lin(x), rtol=1e-5, atol=1e-5)
+        assert (len(calls) == 1) == took, rows
+        calls.clear()
+
+
+def test_measurement_can_choose_packed_and_the_view_gets_it(monkeypatch):
+    from aad_fast.runner import engine_view
+    monkeypatch.setattr(cpu_linear, "packed_supported", lambda: True)
+    monkeypatch.setattr(tuning, "packed_supported", lambda: True)
+    monkeypatch.setattr(tuning, "measure_linear",
+                        lambda w, rows: {"plain": 1.0, "few_row": 0.9, "packed": 0.5})
+    monkeypatch.setattr(tuning, "measure_forward",
+                        lambda *a: {"plain": 1.0, "planned": 0.5, "stable": True})
+    view, plan = engine_view(tiny_model(), 2)
+    assert {r["choice"] for r in plan.values()} == {"packed"}
+    assert all("packed 0.500 ms" in v for v in tuning.summarize(plan).values())
+    assert any(isinstance(m, PackedLinear) for m in view.modules())
+
+
+def test_packed_copies_that_do_not_fit_in_memory_are_refused(monkeypatch):
+    from aad_fast.runner import engine_view
+    monkeypatch.setattr(tuning, "packed_supported", lambda: True)
+    monkeypatch.setattr(tuning, "measure_linear", lambda w, rows: {"plain": 1.0, "packed": 0.5})
+    import aad_fast.runner as runner
+    asked = []
+    monkeypatch.setattr(runner, "fits_in_memory", lambda extra: asked.append(extra) or False)
+    model = tiny_model()
+    view, plan = engine_view(model, 2)
+    linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if type(m) is nn.Linear)
+    assert asked == [linear_bytes]  # every packed weight, each once
+    assert {r["choice"] for r in plan.values()} == {"plain"}
+    assert {r["source"] for r in plan.values()} == {"memory: no room for packed copies"}
+    assert not any(isinstance(m, PackedLinear) for m in view.modules())
+
+
+@needs_packed
+def test_compiled_step_multiplies_like_the_eager_packed_step():
+    """Inductor cannot lower oneDNN's packed tensors: the compiled step calls the same packed
+    product through the ``aad_fast::packed_linear`` op, so compiled tokens equal eager ones."""
+    ma, mr = tiny_model("llama", 0), tiny_model("llama", 1)
+    outs = []
+    for comp in (False, True):
+        dec = Decoder(ma, mr, max_batch_size=2, max_seq_len=40, cpu_linear="packed", compile=comp)
+        out = dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=8)
+        assert out.stats["compiled"] == comp
+        assert all(v.startswith("packed") for v in out.stats["linear"].values())
+        outs.append(out.tokens)
+        dec.close()
+    assert outs[0] == outs[1] == naive_decode(aad_pick(0.1), (ma, mr), PROMPTS, 8)

@@ -86,11 +86,13 @@ def test_lora_adapters_the_shared_pair_cannot_compute_are_refused(extra, match):
         Decoder(pm, max_batch_size=1, max_seq_len=40)
 
 
-@pytest.mark.parametrize("layout", ["plain", "few_row"])
+@pytest.mark.parametrize("layout", ["plain", "few_row", "packed"])
 def test_engine_view_shares_weights_and_leaves_the_model_alone(layout):
     from peft.tuners.lora import LoraLayer
 
-    from aad_fast.cpu_linear import FewRowLinear
+    from aad_fast.cpu_linear import FewRowLinear, PackedLinear, packed_supported
+    if layout == "packed" and not packed_supported():
+        pytest.skip("this torch build has no oneDNN packed linear")
     from aad_fast.lora_rows import RowLoRA, RowLoRALinear
     from aad_fast.runner import engine_view
     pm = _lora(tiny_model("llama", 0))
@@ -104,6 +106,7 @@ def test_engine_view_shares_weights_and_leaves_the_model_alone(layout):
     kinds = {type(m) for m in view.modules()}
     assert RowLoRALinear in kinds and not any(issubclass(k, LoraLayer) for k in kinds)
     assert (FewRowLinear in kinds) == (layout == "few_row")
+    assert (PackedLinear in kinds) == (layout == "packed")
     assert {r["choice"] for r in plan.values()} == {layout}
     # row 0 gets the adapter, row 1 does not: the merged model and the base model
     x = torch.tensor([[5, 9, 2, 7], [5, 9, 2, 7]])
