@@ -106,14 +106,17 @@ def fits_in_memory(extra: int, share: float = 0.5) -> bool:
     return extra <= share * avail
 
 
-def packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)`` through ``weight``'s packed copy. ``x`` float32
-    ``[..., K]`` (CPU), ``weight`` ``[N, K]``, ``bias`` ``[N]``."""
+def packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                  pk: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` through ``weight``'s packed copy ``pk`` (default
+    ``packed(weight)``). ``x`` float32 ``[..., K]`` (CPU), ``weight`` ``[N, K]``, ``bias``
+    ``[N]``."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    y = torch.ops.mkldnn._linear_pointwise(x2, packed(weight), bias, "none", [], "")
+    pk = packed(weight) if pk is None else pk
+    y = torch.ops.mkldnn._linear_pointwise(x2, pk, bias, "none", [], "")
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -138,14 +141,16 @@ class PackedLinear(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.max_rows = max_rows
-        packed(self.weight)  # the copy is made now, not inside the first timed step
+        self._packed, self._version = packed(self.weight), self.weight._version  # made now
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.numel() // x.shape[-1] <= self.max_rows:
-            if torch.compiler.is_compiling():
-                return packed_linear_op(x, self.weight, self.bias)
-            return packed_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        if x.numel() // x.shape[-1] > self.max_rows:
+            return F.linear(x, self.weight, self.bias)
+        if torch.compiler.is_compiling():
+            return packed_linear_op(x, self.weight, self.bias)
+        if self.weight._version != self._version:  # written in place since: pack again
+            self._packed, self._version = packed(self.weight), self.weight._version
+        return packed_linear(x, self.weight, self.bias, self._packed)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, packed up to {self.max_rows} rows"
