@@ -316,11 +316,16 @@ class Decoder:
         ``rows`` slots (default ``max_batch_size``), each holding up to ``max_seq_len`` prompt
         + new tokens. Make its requests with ``request``. It owns its runners (a KV cache of
         ``rows x max_seq_len``), selector and state, sharing only the weights, and on CUDA
-        captures its step after the first admission; drive it from one thread. Per-token
-        rules only (not beam search or best-of-n)."""
-        if isinstance(rule, (BeamAAD, BestOfN)):
-            raise ValueError(f"{type(rule).__name__} is not a per-token rule; the scheduler "
-                             "runs AAD, Contrastive, Mix/EFT/DeRa/CFG, OPAD and Greedy")
+        captures its step after the first admission; drive it from one thread.
+
+        ``BeamAAD``: each request takes ``num_beams`` of the rows (``rows // num_beams``
+        requests at a time; ``num_beams`` and ``tau`` are the scheduler's, alpha,
+        length_penalty, stop ids and ``max_new_tokens`` each request's own); its ``Result``
+        carries the beam's ``score``. Not best-of-n (its samples are ordinary requests of a
+        ``Mix`` scheduler: ``search.samples``)."""
+        if isinstance(rule, BestOfN):
+            raise ValueError("BestOfN is not a per-token rule; the scheduler runs AAD, "
+                             "Contrastive, Mix/EFT/DeRa/CFG, OPAD, Greedy and BeamAAD")
         self._validate(rule, 1)
         n = self.max_batch_size if rows is None else rows
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_batch_size:
@@ -333,6 +338,13 @@ class Decoder:
         check_fits(sum(p.nbytes for p in pools.values()), self.device, n, self.max_seq_len,
                    "a scheduler's KV cache", "rows")
         pair = self._new_pair(n, streams, self.max_seq_len, pools)
+        if isinstance(rule, BeamAAD):
+            if rule.num_beams > n:
+                raise ValueError(f"num_beams={rule.num_beams} exceeds rows={n}: a request's "
+                                 "beams are rows of the scheduler; give it more rows")
+            bs = search.BeamSearch(rule, n, self.max_seq_len, MAX_STOP_IDS, self.vocab,
+                                   self.backend, self.device)
+            return Scheduler(pair, bs, None, rule, check_every=self.check_every)
         sel = make_selector(rule, n, self.vocab, self.device, self.backend)
         st = new_state(n, self.max_seq_len, MAX_STOP_IDS, self.device)
         st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
@@ -356,6 +368,8 @@ class Decoder:
             raise ValueError(f"request() takes one prompt, got {len(rows.a)}")
         a, r = {"ar": (rows.a[0], rows.r[0]), "a": (rows.a[0], rows.a[0]),
                 "r": (rows.r[0], rows.r[0])}[rule.streams]
+        if isinstance(rule, BeamAAD):  # both streams score the one prompt
+            r = a
         return Request(ids_a=a, ids_r=r, rule=rule, max_new_tokens=max_new_tokens,
                        stop_ids=tuple(self.stop_ids(stop)), seed=seed, tag=tag)
 
