@@ -152,9 +152,11 @@ def test_cancelling_a_beam_request_frees_its_slot_and_spares_the_others(two):
     assert hs[2].admitted > hs[1].admitted  # it took the cancelled request's slot
 
 
-def test_beam_step_after_a_mid_decode_admission_is_capture_safe(two):
+@pytest.mark.parametrize("backend", [None, "torch"])  # torch: the reference's ops inspected
+def test_beam_step_after_a_mid_decode_admission_is_capture_safe(two, backend):
     from _capture import CaptureChecker
-    dec = Decoder(*two["models"], max_batch_size=4, max_seq_len=48, check_every=2)
+    dec = Decoder(*two["models"], max_batch_size=4, max_seq_len=48, check_every=2,
+                  backend=backend)
     sched = dec.scheduler(BeamAAD(2, 0.2))
     rule = BeamAAD(2, 0.2)
     for p, m in zip(PROMPTS7[:3], (2, 9, 9)):  # the third is admitted into the first's slot
@@ -186,3 +188,46 @@ def test_bad_beam_input_names_the_argument(two):
         sched.submit(dec.request(input_ids=[1, 2], rule=AAD(0.1), max_new_tokens=4))
     with pytest.raises(ValueError, match="max_new_tokens=47 exceeds"):
         sched.submit(dec.request(input_ids=[1, 2], rule=BeamAAD(2, 0.1), max_new_tokens=47))
+
+
+def test_server_backend_runs_beam_requests_on_one_beam_scheduler(two):
+    """``serving.Backend``: beam requests with their own alpha, length_penalty, stop ids and
+    max_new_tokens share one beam scheduler (more of them than it has slots: they queue and
+    refill), and each answer equals that request searched alone."""
+    import threading
+
+    from test_search import word_tokenizer
+
+    from aad_fast.serving import Backend, DecodeRequest
+    dec = Decoder(*two["models"], tokenizer=word_tokenizer(), max_batch_size=4, max_seq_len=48,
+                  check_every=2)
+    backend = Backend(dec, max_batch_size=4, max_queue=16)
+    specs = [(PROMPTS7[i], BeamAAD(2, a, length_penalty=lp), m, s) for i, (a, lp, m, s) in
+             enumerate([(0.1, 0.0, 9, ()), (0.5, 1.0, 3, (5,)), (0.0, 0.0, 12, (17, 9)),
+                        (0.3, 2.0, 10, (42,)), (0.2, 0.0, 6, ())])]
+    events = [[] for _ in specs]
+    done = threading.Semaphore(0)
+
+    def sink(i):
+        def put(ev):
+            events[i].append(ev)
+            if ev[0] != "delta":
+                done.release()
+        return put
+    backend.pause()  # all five arrive together: one scheduler of 4 rows (2 slots)
+    for i, (p, r, m, s) in enumerate(specs):
+        backend.submit(DecodeRequest(rule=r, max_new_tokens=m, ids=p, stop=s), sink(i))
+    backend.resume()
+    try:
+        for _ in specs:
+            assert done.acquire(timeout=60)
+        stats = backend.stats()
+    finally:
+        backend.close()
+    assert [x["kind"] for x in stats["schedulers"]] == ["beam-aad-2-None"]
+    assert stats["schedulers"][0]["rows"] == 4 and stats["rows_peak"] == 4
+    for ev, (p, r, m, s) in zip(events, specs):
+        assert ev[-1][0] == "done", ev
+        want = dec.generate(input_ids=[p], rule=r, max_new_tokens=m, stop=list(s))
+        assert (ev[-1][1].tokens, ev[-1][1].finish_reason) == (want.tokens[0],
+                                                               want.finish_reason[0])
