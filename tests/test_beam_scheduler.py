@@ -231,3 +231,47 @@ def test_server_backend_runs_beam_requests_on_one_beam_scheduler(two):
         want = dec.generate(input_ids=[p], rule=r, max_new_tokens=m, stop=list(s))
         assert (ev[-1][1].tokens, ev[-1][1].finish_reason) == (want.tokens[0],
                                                                want.finish_reason[0])
+
+
+def test_generate_prompts_file_refills_beam_slots_in_one_call(tmp_path, monkeypatch):
+    """``aad-fast generate --prompts-file`` with beam-aad: ``--batch-size 1`` (one prompt's
+    beams at a time) hands all prompts to one ``Decoder.generate``, whose slot is refilled;
+    every row equals that prompt searched alone."""
+    import json
+
+    from aad_fast.cli import main
+    root = _saved_pair(tmp_path)
+    prompts = ["what is 2 plus 3 ?", "hello", "please , what is 8 plus 8 ?", "a b c", "why ?"]
+    pf = tmp_path / "p.jsonl"
+    pf.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n"
+                          for i, p in enumerate(prompts)))
+    calls = []
+    real = Decoder.generate
+
+    def counting(self, *a, **kw):
+        calls.append(len(a[0]) if a else None)
+        return real(self, *a, **kw)
+    monkeypatch.setattr(Decoder, "generate", counting)
+    out = tmp_path / "o.jsonl"
+    assert main(["generate", "--aligned", str(root / "dpo"), "--reference", str(root / "sft"),
+                 "--prompts-file", str(pf), "--max-new-tokens", "6", "--rule", "beam-aad",
+                 "--num-beams", "2", "--batch-size", "1", "--out", str(out)]) == 0
+    assert calls == [len(prompts)]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    dec = Decoder(str(root / "dpo"), str(root / "sft"), max_batch_size=2)
+    for row, p in zip(rows, prompts):
+        want = real(dec, [p], rule=BeamAAD(2, 0.1), max_new_tokens=6)
+        assert (row["tokens"], row["finish_reason"]) == (want.tokens[0], want.finish_reason[0])
+
+
+def _saved_pair(tmp_path):
+    """The toy pair saved as model directories (as tests/test_cli.py saves it)."""
+    from aad_fast.toy.tokenizer import build_tokenizer
+    tok = build_tokenizer()
+    for name, seed in (("dpo", 0), ("sft", 1)):
+        m = tiny_model("llama", seed, vocab=len(tok))
+        m.config.eos_token_id = tok.eos_token_id
+        m.generation_config.eos_token_id = tok.eos_token_id
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    return tmp_path
