@@ -9,9 +9,9 @@ CUDA) the captured step graph, which serves every value of the kind (at most
 whose prompts fit ``max_batch_size`` is one static batch, a larger one is batched continuously
 (a finished row is refilled with the next prompt); ``Decoder.scheduler``/``Decoder.request``
 give a scheduler of its own to a caller that submits requests over time (a server).
-Beam search and best-of-n run on the scheduler too, with ``search``'s pieces (which never import
-this module): a beam request is a slot of ``num_beams`` rows (``search.BeamSearch`` ranks), refilled
-like any row past ``max_batch_size``; best-of-n's samples are ordinary scheduler rows.
+Beam search and best-of-n run on the scheduler too, with ``search``'s pieces (which never
+import this module): a beam request is a slot of ``num_beams`` rows (``search.BeamSearch``
+ranks), refilled like any row past ``max_batch_size``; best-of-n's samples are ordinary rows.
 """
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ Beam search runs on schedulers too (``Decoder.scheduler(BeamAAD(...))``, one per
 ``(num_beams, tau)``): a request takes ``num_beams`` rows, with its own alpha,
 length_penalty, stop ids and ``max_new_tokens``; a stream gets its text when its search ends.
 Best-of-n runs through ``Decoder.generate`` between bursts (the batches wait meanwhile),
-compatible waiting requests (same rule, stop ids and ``max_new_tokens``) sharing one call. A burst that
-raises takes no request down with it: its scheduler is dropped, the requests it had admitted are
+compatible waiting requests (same rule, stop ids and ``max_new_tokens``) sharing one call.
+A burst that raises takes no request down with it: its scheduler is dropped, the requests it had admitted are
 decoded again one by one through ``Decoder.generate`` (the same tokens; a stream goes on from
 the text it has) and those it had not go to a new scheduler, so only the request at fault fails.
 """
