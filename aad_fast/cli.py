@@ -195,10 +195,10 @@ def cmd_generate(a) -> int:
                                              max_seq_len=a.max_seq_len))
         bar = stack.enter_context(tqdm(total=len(todo), desc="generate", unit="prompt",
                                        disable=out is None))
-        # per-token rules: Decoder.generate batches continuously (a finished row is refilled
-        # with the next prompt), so give it many prompts per call; results are still written
-        # every chunk (resumable)
-        searched = isinstance(rule, (af.BeamAAD, af.BestOfN))
+        # per-token rules and beam search: Decoder.generate batches continuously (a finished
+        # row, or a prompt's slot of beams, is refilled with the next prompt), so give it many
+        # prompts per call; results are still written every chunk (resumable)
+        searched = isinstance(rule, af.BestOfN)
         per_call = a.batch_size if searched else a.batch_size * CONTINUOUS_CHUNK
         for i in range(0, len(todo), per_call):
             chunk = todo[i:i + per_call]

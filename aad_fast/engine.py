@@ -209,14 +209,33 @@ def default_step(pair, selector, st: DecodeState):
 
 
 def beam_step(pair, search, lo: int, hi: int) -> None:
-    """One BeamAAD step (``search.BeamSearch``), graph-safe like ``decode_one``: every row takes
-    the cache of row ``search.src[i]`` in slots ``[lo, hi)`` (the slots written since the
-    prompt) with its positions and mask, on device; forward ``search.tok``; rank the
-    continuations. ``lo``/``hi`` are host ints (no sync); a captured step would pass the fixed
-    ``hi = lo + max_new - 1`` (the unwritten slots it also moves are masked)."""
+    """One BeamAAD step of every group (``search.BeamSearch``), graph-safe like ``decode_one``:
+    every row takes the cache of row ``search.src[i]`` (a row of its own group) in slots
+    ``[lo, hi)`` with its positions and mask, on device; forward ``search.tok``; rank the
+    continuations. ``lo``/``hi`` are host ints (no sync) covering the slots every live group
+    wrote since its prompt (the scheduler's host counts); the prompt slots of a group's rows
+    are equal and the unwritten ones masked, so moving more is harmless."""
     pair.reorder(search.src, lo, hi)
     logits_a, logits_r = pair.step(search.tok)
     search.select(logits_a, logits_r)
+
+
+def beam_admit(pair, search, groups: list, ids_a, real_a, ids_r, real_r, rules: list,
+               stop: Tensor, lim: Tensor) -> None:
+    """Start beam searches in groups ``groups`` (host ints) of a running batch: each prompt
+    (left-padded ``ids_*``/``real_*`` ``[U, L]``) is encoded once into its group's first row
+    (``pair.admit``), copied to the group's other rows (``pair.reorder`` of slots ``[0, L)``,
+    the other rows continuing themselves), and ``search.start`` makes the first selection.
+    Host indices, not graph-safe: it runs between steps."""
+    k, dev = search.k, pair.device
+    first = torch.tensor([g * k for g in groups], dtype=torch.int64, device=dev)
+    logits_a, logits_r = pair.admit(first, ids_a, real_a, ids_r, real_r)
+    index = list(range(search.n_rows))
+    for g in groups:
+        index[g * k:(g + 1) * k] = [g * k] * k
+    pair.reorder(torch.tensor(index, dtype=torch.int64, device=dev), 0,
+                 max(ids_a.shape[1], ids_r.shape[1]))
+    search.start(groups, logits_a, logits_r, rules, stop, lim)
 
 
 class CompiledStep:

@@ -9,8 +9,9 @@ CUDA) the captured step graph, which serves every value of the kind (at most
 whose prompts fit ``max_batch_size`` is one static batch, a larger one is batched continuously
 (a finished row is refilled with the next prompt); ``Decoder.scheduler``/``Decoder.request``
 give a scheduler of its own to a caller that submits requests over time (a server).
-Beam search and best-of-n call into ``search`` (never the other way): beam search is driven on
-this Decoder's runners by ``search.beam_aad``, best-of-n's samples are ordinary scheduler rows.
+Beam search and best-of-n run on the scheduler too, with ``search``'s pieces (which never
+import this module): a beam request is a slot of ``num_beams`` rows (``search.BeamSearch``
+ranks), refilled like any row past ``max_batch_size``; best-of-n's samples are ordinary rows.
 """
 from __future__ import annotations
 
@@ -315,11 +316,16 @@ class Decoder:
         ``rows`` slots (default ``max_batch_size``), each holding up to ``max_seq_len`` prompt
         + new tokens. Make its requests with ``request``. It owns its runners (a KV cache of
         ``rows x max_seq_len``), selector and state, sharing only the weights, and on CUDA
-        captures its step after the first admission; drive it from one thread. Per-token
-        rules only (not beam search or best-of-n)."""
-        if isinstance(rule, (BeamAAD, BestOfN)):
-            raise ValueError(f"{type(rule).__name__} is not a per-token rule; the scheduler "
-                             "runs AAD, Contrastive, Mix/EFT/DeRa/CFG, OPAD and Greedy")
+        captures its step after the first admission; drive it from one thread.
+
+        ``BeamAAD``: each request takes ``num_beams`` of the rows (``rows // num_beams``
+        requests at a time; ``num_beams`` and ``tau`` are the scheduler's, alpha,
+        length_penalty, stop ids and ``max_new_tokens`` each request's own); its ``Result``
+        carries the beam's ``score``. Not best-of-n (its samples are ordinary requests of a
+        ``Mix`` scheduler: ``search.samples``)."""
+        if isinstance(rule, BestOfN):
+            raise ValueError("BestOfN is not a per-token rule; the scheduler runs AAD, "
+                             "Contrastive, Mix/EFT/DeRa/CFG, OPAD, Greedy and BeamAAD")
         self._validate(rule, 1)
         n = self.max_batch_size if rows is None else rows
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_batch_size:
@@ -332,6 +338,13 @@ class Decoder:
         check_fits(sum(p.nbytes for p in pools.values()), self.device, n, self.max_seq_len,
                    "a scheduler's KV cache", "rows")
         pair = self._new_pair(n, streams, self.max_seq_len, pools)
+        if isinstance(rule, BeamAAD):
+            if rule.num_beams > n:
+                raise ValueError(f"num_beams={rule.num_beams} exceeds rows={n}: a request's "
+                                 "beams are rows of the scheduler; give it more rows")
+            bs = search.BeamSearch(rule, n, self.max_seq_len, MAX_STOP_IDS, self.vocab,
+                                   self.backend, self.device)
+            return Scheduler(pair, bs, None, rule, check_every=self.check_every)
         sel = make_selector(rule, n, self.vocab, self.device, self.backend)
         st = new_state(n, self.max_seq_len, MAX_STOP_IDS, self.device)
         st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
@@ -355,6 +368,8 @@ class Decoder:
             raise ValueError(f"request() takes one prompt, got {len(rows.a)}")
         a, r = {"ar": (rows.a[0], rows.r[0]), "a": (rows.a[0], rows.a[0]),
                 "r": (rows.r[0], rows.r[0])}[rule.streams]
+        if isinstance(rule, BeamAAD):  # both streams score the one prompt
+            r = a
         return Request(ids_a=a, ids_r=r, rule=rule, max_new_tokens=max_new_tokens,
                        stop_ids=tuple(self.stop_ids(stop)), seed=seed, tag=tag)
 
@@ -429,17 +444,53 @@ class Decoder:
         yield from self._decode(rule, rows, max_new_tokens, stop_ids, partial=partial)
 
     def _beam(self, rule: BeamAAD, rows: Rows, max_new, stop_ids) -> Generation:
-        """BeamAAD on this Decoder's kept runners: the ``k`` beams of each prompt are rows of
-        one batch (``len(rows.a) * k`` of them, at most ``max_batch_size``, bucketed like every
-        decode), which ``search.beam_aad`` drives."""
-        n = len(rows.a) * rule.num_beams
-        self._check_lengths(rows, max_new, n)
+        """BeamAAD through a ``Scheduler`` of beam slots (``search.BeamSearch``): each prompt
+        takes ``k = num_beams`` rows of this Decoder's kept runners; all prompts at once when
+        their beams fit ``max_batch_size``, else as many as fit, each finished slot refilled
+        with the next prompt."""
+        k, b = rule.num_beams, len(rows.a)
+        self._check_beams(k)
+        self._check_lengths(rows, max_new, b * k, refill=True)
+        n = self._bucket(min(b, self.max_batch_size // k) * k)
         longest = max(len(r) for r in rows.a)
-        pair = self._pair(self._bucket(n), "ar", longest + max_new)
-        found = search.beam_aad(pair, rule, rows.a, max_new, stop_ids, vocab=self.vocab,
-                                backend=self.backend, check_every=self.check_every)
-        found["stats"].update(pair=self.kind, device=str(self.device))
-        return Generation(text=self._text(found["tokens"]), **found)
+        pair = self._pair(n, "ar", longest + max_new)
+        bs = search.BeamSearch(rule, n, max_new, max(len(set(stop_ids)), 1), self.vocab,
+                               self.backend, self.device)
+        sched = Scheduler(pair, bs, None, rule, check_every=self.check_every)
+        handles = [sched.submit(Request(ids_a=rows.a[i], ids_r=rows.a[i], rule=rule,
+                                        max_new_tokens=max_new, stop_ids=tuple(stop_ids), tag=i))
+                   for i in range(b)]
+        sync = sched.sync
+        sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            sched.admit()
+            sync()
+            t1 = time.perf_counter()
+            while sched.step_burst():
+                pass
+            sync()
+        decode_s = time.perf_counter() - t1
+        tokens = [h.tokens for h in handles]
+        steps = sched.steps + 1  # the first selection, then one forward of every row per step
+        stats = {"prefill_ms": (t1 - t0) * 1e3, "steps": steps,
+                 "ms_per_token": decode_s * 1e3 / max(steps - 1, 1),
+                 "tokens_per_s": (sum(h.steps - 1 for h in handles) / decode_s
+                                  if steps > 1 and decode_s > 0 else float("nan")),
+                 # aad_beam_topk has a fused C++ step; every other backend runs the reference
+                 "backend": "cpp" if bs.backend == "cpp" else "torch",
+                 "cuda_graphs": False, "batch": b, "num_beams": k, "rows": n,
+                 "pair": self.kind, "device": str(self.device),
+                 "kv_cache_bytes": self.kv_cache_bytes}
+        return Generation(tokens=tokens, text=self._text(tokens),
+                          finish_reason=[h.finish_reason for h in handles], stats=stats,
+                          scores=[h.score for h in handles])
+
+    def _check_beams(self, k: int) -> None:
+        if k > self.max_batch_size:
+            raise ValueError(f"num_beams={k} exceeds max_batch_size={self.max_batch_size}: a "
+                             "prompt's beams are rows of one batch; pass a larger "
+                             "Decoder(max_batch_size=...) or fewer beams")
 
     def _best_of_n(self, rule: BestOfN, rows: Rows, max_new, stop_ids) -> Generation:
         """BestOfN: ``rule.n`` samples per prompt (``search.samples``: each an ordinary

@@ -10,6 +10,14 @@ then looks once at the device state (the only host sync of a burst besides admis
 retires the finished rows, which the next burst refills. ``run_until_idle`` loops until every
 request is done. A static batch is the special case "admit all, refill none".
 
+Beam search runs here too, with a ``search.BeamSearch`` in place of the selector (and no
+``DecodeState``): a request then takes a *slot* of ``num_beams`` rows (slot ``g`` = rows
+``g*k .. g*k + k - 1``), admitted together (its prompt encoded once and copied to the slot's
+rows: ``engine.beam_admit``), stepped with the other slots (``engine.beam_step``: each row
+takes the cache of a row of its own slot, then the one-token forward and the ranking, all on
+device) and retired as a whole once its search is finished, when waiting requests refill it.
+For per-token rules a slot is one row.
+
 Every request's tokens equal decoding its prompt alone (tested, fp32): each row has its own
 cache slots, positions, mask, step counter, limits and stop ids (``runner.Runner``,
 ``engine.DecodeState``) and its own rule values in the selector's per-row tensors; the noise of
@@ -62,7 +70,9 @@ class Result:
     admitted: float | None = None
     first_token: float | None = None
     finished: float | None = None
+    score: float | None = None  # beam search: the returned beam's summed score
     steps: int = field(default=0, repr=False)  # tokens chosen so far (host count)
+    width: int = field(default=0, repr=False)  # beam search: the slots its prompt took
 
 
 class Scheduler:
@@ -76,37 +86,57 @@ class Scheduler:
     ``scheduler.step``; or ``prepare``, called once after the first admission (the buffers then
     exist) to return that step. ``rule``: the values a request without its own ``rule`` gets (of the
     selector's kind). ``rows``: how many of the rows to use (default all).
+
+    Beam search: ``selector`` is a ``search.BeamSearch`` of the pair's rows and ``state`` is
+    ``None`` (the search holds its own per-slot stop ids and limits); ``free``/``live`` then
+    count slots of ``num_beams`` rows, and ``Result.row`` is the slot.
     """
 
     def __init__(self, pair, selector, state: engine.DecodeState, rule, *, check_every: int = 8,
                  step=None, rows: int | None = None, prepare=None):
-        if rule_kind(rule) != selector.kind:
-            raise ValueError(f"rule {rule!r} is of kind {rule_kind(rule)}, the selector serves "
-                             f"{selector.kind}")
+        self.kind_of = getattr(selector, "kind_of", rule_kind)
+        if self.kind_of(rule) != selector.kind:
+            raise ValueError(f"rule {rule!r} is of kind {self.kind_of(rule)}, the selector "
+                             f"serves {selector.kind}")
         self.pair, self.sel, self.st, self.rule = pair, selector, state, rule
         runner = pair.runners[0]
-        self.n = runner.n_rows if not getattr(pair, "shared", False) else pair.n
+        self.n = pair_rows(pair)
         self.max_len = runner.max_len
         self.device = runner.device
         self.check_every = check_every
         self.step, self.prepare = step, prepare
-        if state.stop.dim() != 2 or state.stop.shape[0] != self.n:
-            raise ValueError(f"state.stop must be per row [{self.n}, S], got "
-                             f"{tuple(state.stop.shape)}")
-        self.free = list(range(self.n if rows is None else min(rows, self.n)))
+        self.beam = hasattr(selector, "rows_per_request")  # a search.BeamSearch
+        self.width = selector.rows_per_request if self.beam else 1  # rows per slot
+        if self.beam:
+            if selector.n_rows != self.n:
+                raise ValueError(f"the BeamSearch is for {selector.n_rows} rows, the pair "
+                                 f"has {self.n}")
+            self.max_new, self.max_stop = selector.max_new, selector.max_stop
+        else:
+            if state.stop.dim() != 2 or state.stop.shape[0] != self.n:
+                raise ValueError(f"state.stop must be per row [{self.n}, S], got "
+                                 f"{tuple(state.stop.shape)}")
+            self.max_new, self.max_stop = state.out.shape[1], state.stop.shape[1]
+        use = self.n if rows is None else min(rows, self.n)
+        if use < self.width:
+            raise ValueError(f"rows={use} cannot hold one request of num_beams={self.width}; "
+                             "give the scheduler at least num_beams rows")
+        self.free = list(range(use // self.width))
         self.live: dict = {}  # row -> Result
         self.waiting: deque = deque()
         self.steps = 0  # one-token steps run (all rows at once)
         self.prefill_s = 0.0
         self.sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         st = state
-        with torch.inference_mode():  # every row starts idle
-            st.done.fill_(True)
-            for t in (st.bad, st.bad_r, st.t, st.tok):
-                t.zero_()
-            st.lim.fill_(1)
-            st.stop.fill_(-2)
-        self._idle(range(self.n))
+        if st is not None:
+            with torch.inference_mode():  # every row starts idle
+                st.done.fill_(True)
+                for t in (st.bad, st.bad_r, st.t, st.tok):
+                    t.zero_()
+                st.lim.fill_(1)
+                st.stop.fill_(-2)
+        for runner in pair.runners:
+            runner.idle(list(range(self.n)), self.n)
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: Request) -> Result:
@@ -121,17 +151,17 @@ class Scheduler:
         if isinstance(r.max_new_tokens, bool) or not isinstance(r.max_new_tokens, int) \
                 or r.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {r.max_new_tokens!r}")
-        if r.max_new_tokens > self.st.out.shape[1] or longest + r.max_new_tokens > self.max_len:
+        if r.max_new_tokens > self.max_new or longest + r.max_new_tokens > self.max_len:
             raise ValueError(f"request {r.tag!r}: a prompt of {longest} tokens plus "
                              f"max_new_tokens={r.max_new_tokens} exceeds this scheduler's "
                              f"{self.max_len} cache slots; give fewer new tokens or build it "
                              "with a larger max_seq_len")
-        if len(set(r.stop_ids)) > self.st.stop.shape[1]:
-            raise ValueError(f"at most {self.st.stop.shape[1]} stop ids per request, got "
+        if len(set(r.stop_ids)) > self.max_stop:
+            raise ValueError(f"at most {self.max_stop} stop ids per request, got "
                              f"{len(set(r.stop_ids))}")
-        if r.rule is not None and rule_kind(r.rule) != self.sel.kind:
+        if r.rule is not None and self.kind_of(r.rule) != self.sel.kind:
             raise ValueError(f"request {r.tag!r}: rule {r.rule!r} is of kind "
-                             f"{rule_kind(r.rule)}, this scheduler runs {self.sel.kind}")
+                             f"{self.kind_of(r.rule)}, this scheduler runs {self.sel.kind}")
         res = Result(request=r, submitted=time.perf_counter())
         self.waiting.append(res)
         return res
@@ -172,26 +202,33 @@ class Scheduler:
         t0 = time.perf_counter()
         rows = [row for row, _ in members]
         reqs = [res.request for _, res in members]
-        dst = torch.tensor(rows, dtype=torch.int64, device=dev)
-        for row, r in zip(rows, reqs):
-            one = torch.tensor([row], dtype=torch.int64, device=dev)
-            self.sel.set_rows(one, self.rule if r.rule is None else r.rule, r.seed)
+        if not self.beam:
+            dst = torch.tensor(rows, dtype=torch.int64, device=dev)
+            for row, r in zip(rows, reqs):
+                one = torch.tensor([row], dtype=torch.int64, device=dev)
+                self.sel.set_rows(one, self.rule if r.rule is None else r.rule, r.seed)
         u = len(reqs)
         ids_a, real_a = left_pad([list(r.ids_a) for r in reqs], u, dev)
         ids_r, real_r = left_pad([list(r.ids_r) for r in reqs], u, dev)
-        s = st.stop.shape[1]
+        s = self.max_stop
         stop = torch.full((u, s), -2, dtype=torch.int64)
         for i, r in enumerate(reqs):
             ids = sorted(set(r.stop_ids))
             if ids:
                 stop[i, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
         lim = torch.tensor([r.max_new_tokens for r in reqs], dtype=torch.int64)
-        engine.admit(self.pair, self.sel, st, dst, ids_a, real_a, ids_r, real_r, stop, lim)
+        if self.beam:
+            engine.beam_admit(self.pair, self.sel, rows, ids_a, real_a, ids_r, real_r,
+                              [self.rule if r.rule is None else r.rule for r in reqs], stop, lim)
+        else:
+            engine.admit(self.pair, self.sel, st, dst, ids_a, real_a, ids_r, real_r, stop, lim)
         self.sync()
         t1 = time.perf_counter()
         self.prefill_s += t1 - t0
+        width = max(ids_a.shape[1], ids_r.shape[1])
         for row, res in members:
             res.row, res.admitted, res.first_token, res.steps = row, t0, t1, 1
+            res.width = width
             self.live[row] = res
 
     # ------------------------------------------------------------------ decoding
@@ -206,15 +243,24 @@ class Scheduler:
         # that ends at a stop id waits for the burst's end)
         left = min(res.request.max_new_tokens - res.steps for res in self.live.values())
         burst = min(self.check_every, left)
-        step = self.step or engine.default_step(self.pair, self.sel, self.st)
         with torch.inference_mode():
-            if burst > 0:
+            if burst > 0 and self.beam:
+                for _ in range(burst):
+                    # the slots every live search wrote since its prompt (host counts)
+                    lo = min(res.width for res in self.live.values())
+                    hi = max(res.width + res.steps - 1 for res in self.live.values())
+                    engine.beam_step(self.pair, self.sel, lo, min(hi, self.max_len))
+                    for res in self.live.values():
+                        res.steps += 1
+                self.steps += burst
+            elif burst > 0:
+                step = self.step or engine.default_step(self.pair, self.sel, self.st)
                 for _ in range(burst):
                     step()
                 self.steps += burst
                 for res in self.live.values():
                     res.steps += burst
-            self._retire()
+            self._retire_beams() if self.beam else self._retire()
         return True
 
     def run_until_idle(self) -> None:
@@ -251,11 +297,32 @@ class Scheduler:
         self.free.sort()
         self._idle(ended)
 
-    def _idle(self, rows) -> None:
-        """Freed rows: the runners' eager steps need not attend over their slots
+    def _retire_beams(self) -> None:
+        """``_retire`` for beam slots: one look at the searches' flags (raise for a search
+        with no candidate, naming its request's tag), then each finished slot's result."""
+        fin, bad = self.sel.flags()
+        for slot, res in self.live.items():
+            if bad[slot]:
+                tag = res.request.tag if res.request.tag is not None else slot
+                raise RuntimeError(f"row {tag}: no AAD candidate (all aligned logits -inf/NaN)")
+        ended = [slot for slot in self.live if fin[slot]]
+        now = time.perf_counter()
+        for slot in ended:
+            res = self.live.pop(slot)
+            res.tokens, res.finish_reason, res.score, res.steps = self.sel.result(slot)
+            res.done, res.finished = True, now
+            self.free.append(slot)
+        if ended:
+            self.free.sort()
+            self._idle(ended)
+
+    def _idle(self, slots) -> None:
+        """Freed slots: the runners' eager steps need not attend over their rows' cache
         (``Runner.idle``)."""
+        k = self.width
+        rows = [s * k + j for s in slots for j in range(k)]
         for runner in self.pair.runners:
-            runner.idle(list(rows), self.n)
+            runner.idle(rows, self.n)
 
     def cancel(self, res: Result) -> None:
         """Drop a request (a client gone): a waiting one leaves the queue, a live one frees its
@@ -271,7 +338,10 @@ class Scheduler:
             row = res.row
             del self.live[row]
             with torch.inference_mode():  # an idle row: never flagged, never read
-                self.st.done[row] = True
+                if self.beam:
+                    self.sel.stop_group(row)
+                else:
+                    self.st.done[row] = True
             self.free.append(row)
             self.free.sort()
             self._idle([row])
@@ -279,8 +349,9 @@ class Scheduler:
         res.finished = time.perf_counter()
 
     def partial(self, res: Result) -> list:
-        """The tokens a live request has so far (a host sync; its final ``tokens`` once done)."""
-        if res.done or res.row is None:
+        """The tokens a live request has so far (a host sync; its final ``tokens`` once done).
+        A beam search has none before it is finished (its best beam may still change)."""
+        if res.done or res.row is None or self.beam:
             return list(res.tokens or [])
         toks = self.st.out[res.row, :min(res.steps, res.request.max_new_tokens)].tolist()
         stops = set(res.request.stop_ids)

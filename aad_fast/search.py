@@ -1,217 +1,230 @@
 """Rules that search over several continuations: beam AAD and best-of-n with a picker.
 
-Both run on the Decoder's runners and know nothing of the ``Decoder`` itself (it calls them):
+Neither has a decode loop of its own: both run on ``scheduler.Scheduler`` and know nothing of
+the ``Decoder`` (it calls them):
 
-- ``beam_aad(pair, ...)`` drives a beam search on a ``pairs`` pair it is given: the beams are
-  rows of one batch, each prompt is encoded once, and each step (``engine.beam_step``) reorders
-  the caches on device before the one-token forward. Its bookkeeping is ``BeamSearch``.
-- Best-of-n is no loop of its own: ``samples`` says which rows to decode (``n`` per prompt,
-  each an ordinary request with its own seed, decoded by the scheduler like any per-token rule)
-  and ``pick_best`` keeps the picker's favourite of each prompt's samples.
-
-Results come back as the fields of a ``generation.Generation`` (a dict), which the Decoder
-completes with the text.
+- ``BeamSearch`` is beam AAD's bookkeeping and ranking, on the device: a beam request takes a
+  group of ``num_beams`` rows of a scheduler, admitted together (its prompt encoded once and
+  copied to the group's rows: ``engine.beam_admit``), stepped with every other group
+  (``engine.beam_step`` reorders the caches within each group, on device, before the
+  one-token forward) and retired as a whole when its search is finished.
+- Best-of-n: ``samples`` says which rows to decode (``n`` per prompt, each an ordinary request
+  with its own seed, decoded by the scheduler like any per-token rule) and ``pick_best`` keeps
+  the picker's favourite of each prompt's samples.
 """
 from __future__ import annotations
 
 import math
 import os
-import time
 
 import torch
 
-from . import backends, engine
+from . import backends
 from .hf import check_dir, load_tokenizer
-from .ops import aad_beam_topk
-from .prompts import left_pad
+from .ops import _no_f64
+from .reference import aad_topk_ref
 from .rules import BeamAAD, BestOfN, Mix
-from .scheduler import pair_rows
-
-
-def beam_aad(pair, rule: BeamAAD, prompts: list, max_new: int, stop_ids, *, vocab: int,
-             backend: str | None = None, check_every: int = 8) -> dict:
-    """docs/rules.md BeamAAD of ``prompts`` (``b`` id lists) on ``pair`` (a two-stream pair of
-    ``pairs`` with at least ``b * k`` rows per stream, ``k = rule.num_beams``, and cache for
-    the longest prompt plus ``max_new``; rows beyond ``b * k`` are bucket padding). Prompt
-    ``p``'s beams are rows ``p*k .. p*k + k - 1``. Per step every live beam proposes its best
-    candidates by the AAD token score (``ops.aad_beam_topk`` on ``backend``, ``None`` = the
-    fastest), the ``k`` best continuations by summed score survive (a candidate that is a stop
-    id ends its beam when it ranks among the ``k`` best), caches are reordered on device. A
-    prompt is finished once it has ``k`` ended beams or no live one, or after ``max_new``
-    tokens; the result is the ended beam with the best ``sum(s) / len**length_penalty``
-    (``len`` counts the stop token), else the best live beam. The bookkeeping lives on the
-    device (``BeamSearch``): a step has no host sync, and the host looks only every
-    ``check_every`` steps (all prompts finished? a prompt with no candidate?).
-
-    Returns ``tokens``, ``finish_reason``, ``scores`` and ``stats`` (a dict).
-    """
-    k, b = rule.num_beams, len(prompts)
-    n_rows = pair_rows(pair)
-    dev = pair.runners[0].device
-    # each prompt is encoded once; its k beams (and any bucket padding rows) copy its cache
-    ids, real = left_pad(prompts, b, dev)
-    width = ids.shape[1]
-    which = torch.arange(n_rows, device=dev).div(k, rounding_mode="floor").clamp(max=b - 1)
-    be = backends.pick_backend(dev, backend)
-    bs = BeamSearch(rule, b, n_rows, max_new, stop_ids, vocab, be, dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        logits_a, logits_r = pair.prefill(ids, real, ids, real, rows=which)
-        sync()
-        t1 = time.perf_counter()
-        bs.select(logits_a, logits_r)
-        done = _beam_bursts(pair, bs, width, max_new, check_every)
-        sync()
-    decode_s = time.perf_counter() - t1
-    tokens, reasons, scores, steps = bs.result()
-    stats = {"prefill_ms": (t1 - t0) * 1e3, "steps": steps,
-             # every step after the first is one forward of all b*k beams plus the bookkeeping
-             "ms_per_token": decode_s * 1e3 / max(done - 1, 1),
-             "tokens_per_s": (b * (done - 1) / decode_s if done > 1 and decode_s > 0
-                              else float("nan")),
-             # aad_beam_topk has a fused C++ step; every other backend runs the reference
-             "backend": "cpp" if be == "cpp" else "torch",
-             "cuda_graphs": False, "batch": b, "num_beams": k}
-    return dict(tokens=tokens, finish_reason=reasons, scores=scores, stats=stats)
-
-
-def _beam_bursts(pair, bs: "BeamSearch", width: int, max_new: int, check_every: int) -> int:
-    """The beam loop after the first selection: bursts of up to ``check_every``
-    ``engine.beam_step`` calls (the next step writes cache slot ``width + done - 1``), one host
-    look (``bs.check``) after each, until every prompt is finished or ``max_new`` selections
-    are made. Returns the selections made."""
-    done = 1
-    while done < max_new and not bs.check():
-        for _ in range(min(check_every, max_new - done)):
-            engine.beam_step(pair, bs, width, width + done - 1)
-            done += 1
-    bs.check()
-    return done
 
 
 class BeamSearch:
-    """BeamAAD bookkeeping for ``b`` prompts x ``k`` beams, on the device (rows ``p*k + j``;
-    rows ``>= b*k`` are bucket padding and keep their own state).
+    """BeamAAD bookkeeping of a ``scheduler.Scheduler`` (docs/rules.md BeamAAD), on the device.
 
-    Tensors (fixed for the search, so ``select`` can be captured): ``score`` float64 ``[b, k]``
-    live beams' summed scores (``-inf`` = no beam); ``finished``/``bad`` bool ``[b]``;
-    ``src`` int64 ``[n_rows]`` the row each row continues from and ``tok`` int64 ``[n_rows]``
-    its next input (read by ``engine.beam_step``); back-pointers ``parent``/``token`` int64
-    ``[max_new, n_rows]``; ended beams ``ended_sum`` float64, ``ended_step``/``ended_row`` int64
-    ``[b, 2k + 1]`` (the last column takes the writes of non-ended continuations), ``n_ended``
-    int64 ``[b]``; ``t`` int64 ``[1]`` the selection counter; ``steps`` int64 ``[1]`` the
-    selections made while some prompt was unfinished.
+    The scheduler's ``n_rows`` rows form ``groups = n_rows // k`` groups of ``k = num_beams``
+    rows (group ``g`` is rows ``g*k .. g*k + k - 1``; rows past ``groups * k`` are padding);
+    one beam request runs in one group, which is admitted (``start``), stepped
+    (``engine.beam_step``: ``src``/``tok`` feed the cache reorder and the forward, ``select``
+    ranks) and retired (``flags``, ``result``) as a whole while other groups come and go.
+    ``num_beams`` and ``tau`` are fixed per scheduler (``kind``; ``tau`` is a scalar of the
+    fused op); alpha, length_penalty, stop ids (at most ``max_stop``) and ``max_new_tokens``
+    (at most ``max_new``) are per group.
+
+    Per step every live beam proposes its ``c = k + max_stop`` best candidates by the AAD token
+    score (``ops.aad_beam_topk`` on ``backend``, ``None`` = the fastest), the ``k`` best
+    continuations by summed score survive (a stop id ends its beam when it ranks among the
+    ``k`` best), a group is finished once it has ``k`` ended beams, no live one, or
+    ``max_new_tokens`` selections; its result is the ended beam with the best
+    ``sum(s) / len**length_penalty`` (``len`` counts the stop token), else the best live beam.
+
+    Tensors (fixed shapes, written in place, so ``select`` is graph-safe): per group ``score``
+    float64 ``[G, k]`` (``-inf`` = no beam), ``finished``/``bad`` bool ``[G]`` (an idle group is
+    finished), ``t``/``lim`` int64 ``[G]`` selections made / allowed, ``log_alpha`` float32
+    ``[G]``, ``stop`` int64 ``[G, S]`` (``-2`` pads); back-pointers ``parent`` (the beam of the
+    previous selection, ``0 .. k-1``) and ``token`` int64 ``[G, max_new + 1, k]`` (the last
+    column takes inactive groups' writes); ended beams ``ended_sum`` float64,
+    ``ended_step``/``ended_beam`` int64 ``[G, 2k + 1]`` (the last column a dump), ``n_ended``
+    int64 ``[G]``; per row ``src`` int64 ``[n_rows]`` (the row whose cache it continues) and
+    ``tok`` int64 ``[n_rows]`` (its next input).
     """
 
-    def __init__(self, rule: BeamAAD, b: int, n_rows: int, max_new: int, stop_ids, vocab: int,
-                 backend: str, device):
+    def __init__(self, rule: BeamAAD, n_rows: int, max_new: int, max_stop: int, vocab: int,
+                 backend: str | None, device):
         k = rule.num_beams
-        self.rule, self.k, self.b, self.vocab, self.backend = rule, k, b, vocab, backend
-        self.c = min(k + len(set(stop_ids)), vocab)  # candidates per beam
+        if n_rows < k:
+            raise ValueError(f"num_beams={k} needs {k} rows of one batch, this one has "
+                             f"{n_rows}; use fewer beams or a larger max_batch_size")
+        device = torch.device(device)
+        self.rule, self.k, self.n_rows, self.groups = rule, k, n_rows, n_rows // k
+        self.rows_per_request = k  # what tells a Scheduler it runs beam groups
+        self.kind, self.tau, self.vocab = self.kind_of(rule), rule.tau, vocab
+        self.backend = backends.pick_backend(device, backend)
+        self.max_new, self.max_stop = max_new, max_stop
+        self.c = min(k + max_stop, vocab)  # candidates per beam: k live ones survive any stops
         self.ended_cols = 2 * k  # < k ended before a step, at most k more in it
+        g, c = self.groups, self.c
         i64, f64 = dict(dtype=torch.int64, device=device), dict(dtype=torch.float64, device=device)
-        self.stop = torch.tensor(sorted(set(stop_ids)) or [-2], **i64)
-        self.score = torch.full((b, k), -math.inf, **f64)
-        self.score[:, 0] = 0.0  # at the start only beam 0 is live
-        self.finished = torch.zeros(b, dtype=torch.bool, device=device)
-        self.bad = torch.zeros(b, dtype=torch.bool, device=device)
+        self.stop = torch.full((g, max(max_stop, 1)), -2, **i64)
+        self.log_alpha = torch.zeros(g, dtype=torch.float32, device=device)
+        self.score = torch.full((g, k), -math.inf, **f64)
+        self.finished = torch.ones(g, dtype=torch.bool, device=device)
+        self.bad = torch.zeros(g, dtype=torch.bool, device=device)
+        self.t = torch.zeros(g, **i64)
+        self.lim = torch.ones(g, **i64)
         self.src = torch.arange(n_rows, **i64)
         self.tok = torch.zeros(n_rows, **i64)
-        self.parent = torch.zeros((max_new, n_rows), **i64)
-        self.token = torch.zeros((max_new, n_rows), **i64)
-        self.ended_sum = torch.zeros((b, self.ended_cols + 1), **f64)
-        self.ended_step = torch.zeros((b, self.ended_cols + 1), **i64)
-        self.ended_row = torch.zeros((b, self.ended_cols + 1), **i64)
-        self.n_ended = torch.zeros(b, **i64)
-        self.t = torch.zeros(1, **i64)
-        self.steps = torch.zeros(1, **i64)
-        self.base = torch.arange(b, **i64)[:, None] * k  # first row of each prompt
-        self.rank = torch.arange(k * self.c, **i64)[None, :]
+        self.parent = torch.zeros((g, max_new + 1, k), **i64)
+        self.token = torch.zeros((g, max_new + 1, k), **i64)
+        self.ended_sum = torch.zeros((g, self.ended_cols + 1), **f64)
+        self.ended_step = torch.zeros((g, self.ended_cols + 1), **i64)
+        self.ended_beam = torch.zeros((g, self.ended_cols + 1), **i64)
+        self.n_ended = torch.zeros(g, **i64)
+        self.rows = torch.arange(g * k, **i64).view(g, k)  # the rows of each group
+        self.every = torch.arange(g, **i64)
+        self.beams = torch.arange(k, **i64)
+        self.rank = torch.arange(k * c, **i64)[None, :]
+        self.length_penalty = [0.0] * g  # host: used by ``result`` only
 
+    @staticmethod
+    def kind_of(rule):
+        """What one scheduler's requests share: ``("beam-aad", num_beams, tau)`` (other rules:
+        their class name, never equal)."""
+        if isinstance(rule, BeamAAD):
+            return ("beam-aad", rule.num_beams, rule.tau)
+        return type(rule).__name__
+
+    # ------------------------------------------------------------------ admission
+    def start(self, groups: list, logits_a, logits_r, rules: list, stop, lim) -> None:
+        """Groups ``groups`` (host ints) begin a search: the last prompt position's logits
+        ``[U, V]`` of their prompts (each encoded once), their ``rules`` (``BeamAAD`` values),
+        stop ids int64 ``[U, S]`` and limits int64 ``[U]``; makes the first selection (only
+        beam 0 is live). Host data, not graph-safe: it runs between steps."""
+        dev, k, u = self.score.device, self.k, len(groups)
+        g = torch.tensor(groups, dtype=torch.int64, device=dev)
+        score = torch.full((u, k), -math.inf, dtype=torch.float64, device=dev)
+        score[:, 0] = 0.0
+        self.score.index_copy_(0, g, score)
+        self.finished.index_fill_(0, g, False)
+        self.bad.index_fill_(0, g, False)
+        self.n_ended.index_fill_(0, g, 0)
+        self.t.index_fill_(0, g, 0)
+        self.lim.index_copy_(0, g, lim.to(dev))
+        self.stop.index_copy_(0, g, stop.to(dev)[:, :self.stop.shape[1]])
+        alpha = torch.tensor([r.alpha for r in rules], dtype=torch.float32, device=dev)
+        self.log_alpha.index_copy_(0, g, torch.log(alpha))
+        for grp, r in zip(groups, rules):
+            self.length_penalty[grp] = r.length_penalty
+        self._select(logits_a.repeat_interleave(k, 0), logits_r.repeat_interleave(k, 0), g)
+
+    def stop_group(self, group: int) -> None:
+        """End group ``group``'s search now (a cancelled request): it is no longer stepped."""
+        self.finished[group] = True
+
+    # ------------------------------------------------------------------ a step
     def select(self, logits_a, logits_r) -> None:
         """One step's bookkeeping from the logits ``[n_rows, V]`` of every row; graph-safe."""
-        k, b, c, n = self.k, self.b, self.c, self.b * self.k
-        s, cand, *_ = aad_beam_topk(logits_a[:n], logits_r[:n], self.rule.alpha, c,
-                                    tau=self.rule.tau,
-                                    vocab_size=self.vocab, backend=self.backend)
-        total, order = _rank(self.score, s.double().view(b, k, c))
+        n = self.groups * self.k
+        self._select(logits_a[:n], logits_r[:n], self.every)
+
+    def _topk(self, la, lr, g):
+        """``ops.aad_beam_topk`` with this scheduler's per-group ln(alpha) (a tensor the op's
+        checks would read on the host)."""
+        m = g.shape[0]
+        log_alpha = self.log_alpha.index_select(0, g)[:, None].expand(m, self.k).reshape(-1)
+        if self.backend == "cpp":
+            return backends.load_cpp().aad_topk(_no_f64(la), _no_f64(lr), self.vocab,
+                                                log_alpha, self.c, self.tau)
+        return aad_topk_ref(la, lr, self.vocab, log_alpha, self.c, self.tau)
+
+    def _select(self, la, lr, g) -> None:
+        """The selection of groups ``g`` (int64 ``[m]``, on the device) from their rows'
+        logits ``la``/``lr`` ``[m*k, V]``: every state tensor is read at ``g`` and written back
+        there; inactive (finished) groups keep their state, their rows continue themselves."""
+        k, c, m = self.k, self.c, g.shape[0]
+        s, cand, *_ = self._topk(la, lr, g)
+        score = self.score.index_select(0, g)
+        total, order = _rank(score, s.double().view(m, k, c))
         tot = total.gather(1, order)
-        tok = cand.reshape(b, k * c).gather(1, order)
+        tok = cand.reshape(m, k * c).gather(1, order)
         beam = order.div(c, rounding_mode="floor")
         # the continuations best first; the first that is no candidate (or -inf) ends the list
         valid = torch.cumprod(((tok >= 0) & (tot > -math.inf)).to(torch.int64), dim=1).bool()
-        is_stop = (tok[:, :, None] == self.stop[None, None, :]).any(dim=2)
-        active = ~self.finished
+        stop = self.stop.index_select(0, g)
+        is_stop = (tok[:, :, None] == stop[:, None, :]).any(dim=2)
+        active = ~self.finished.index_select(0, g)
         ended = valid & is_stop & (self.rank < k) & active[:, None]
         live = valid & ~is_stop
         live_at = live.cumsum(dim=1) - 1
         keep = live & (live_at < k)
         n_live = keep.sum(dim=1)
         slot = torch.where(keep, live_at, k)  # column k: a dump for the rest
-        new_score = tot.new_full((b, k + 1), -math.inf).scatter(1, slot, tot)[:, :k]
-        new_beam = beam.new_zeros((b, k + 1)).scatter(1, slot, beam)[:, :k]
-        new_tok = tok.new_zeros((b, k + 1)).scatter(1, slot, tok)[:, :k]
-        e_slot = torch.where(ended, self.n_ended[:, None] + ended.cumsum(dim=1) - 1,
-                             self.ended_cols)
-        self.ended_sum.scatter_(1, e_slot, tot)
-        self.ended_step.scatter_(1, e_slot, self.t.expand_as(e_slot))
-        self.ended_row.scatter_(1, e_slot, self.base + beam)
-        self.n_ended.add_(ended.sum(dim=1))
+        new_score = tot.new_full((m, k + 1), -math.inf).scatter(1, slot, tot)[:, :k]
+        new_beam = beam.new_zeros((m, k + 1)).scatter(1, slot, beam)[:, :k]
+        new_tok = tok.new_zeros((m, k + 1)).scatter(1, slot, tok)[:, :k]
+        t = self.t.index_select(0, g)
+        n_ended = self.n_ended.index_select(0, g)
+        e_slot = torch.where(ended, n_ended[:, None] + ended.cumsum(dim=1) - 1, self.ended_cols)
+        for dst, val in ((self.ended_sum, tot), (self.ended_step, t[:, None].expand_as(e_slot)),
+                         (self.ended_beam, beam)):
+            dst.index_copy_(0, g, dst.index_select(0, g).scatter(1, e_slot, val))
+        n_ended = n_ended + ended.sum(dim=1)
+        self.n_ended.index_copy_(0, g, n_ended)
         act = active[:, None]
-        self.score.copy_(torch.where(act, new_score, self.score))
-        same = self.base + torch.arange(k, device=tok.device)[None, :]
-        self.src[:n].copy_(torch.where(act, self.base + new_beam, same).reshape(-1))
-        self.tok[:n].copy_(torch.where(act, new_tok, 0).reshape(-1))
-        self.parent.index_copy_(0, self.t, self.src[None])
-        self.token.index_copy_(0, self.t, self.tok[None])
-        self.steps.add_(active.any().to(torch.int64))
-        self.bad.logical_or_(active & (n_live == 0) & (self.n_ended == 0))
-        self.finished.logical_or_(active & ((self.n_ended >= k) | (n_live == 0)))
-        self.t.add_(1)
+        self.score.index_copy_(0, g, torch.where(act, new_score, score))
+        parent = torch.where(act, new_beam, self.beams[None, :])
+        rows = self.rows.index_select(0, g)
+        self.src.index_copy_(0, rows.reshape(-1), (rows[:, :1] + parent).reshape(-1))
+        nxt = torch.where(act, new_tok, 0)
+        self.tok.index_copy_(0, rows.reshape(-1), nxt.reshape(-1))
+        col = torch.where(active, t, self.max_new)[:, None, None].expand(m, 1, k)
+        for dst, val in ((self.parent, parent), (self.token, nxt)):
+            dst.index_copy_(0, g, dst.index_select(0, g).scatter(1, col, val[:, None, :]))
+        t = t + active.to(torch.int64)
+        self.t.index_copy_(0, g, t)
+        self.bad.index_copy_(0, g, self.bad.index_select(0, g)
+                             | (active & (n_live == 0) & (n_ended == 0)))
+        done = (n_ended >= k) | (n_live == 0) | (t >= self.lim.index_select(0, g))
+        self.finished.index_copy_(0, g, self.finished.index_select(0, g) | (active & done))
 
-    def check(self) -> bool:
-        """One host sync: whether every prompt is finished; raises for a prompt that had no
-        candidate at all."""
-        flags = torch.stack([self.finished.all(), self.bad.any()]).tolist()
-        if flags[1]:
-            p = int(self.bad.nonzero()[0, 0])
-            raise RuntimeError(f"row {p}: no AAD candidate (all aligned logits -inf/NaN)")
-        return bool(flags[0])
+    # ------------------------------------------------------------------ the host's look
+    def flags(self) -> tuple[list, list]:
+        """One host sync: per group ``(finished, bad)`` (bad: a live group had no candidate)."""
+        got = torch.stack([self.finished, self.bad]).tolist()
+        return got[0], got[1]
 
-    def result(self):
-        """``(tokens, finish_reasons, scores, steps)`` on the host, by the back-pointers."""
-        parent, token = self.parent.tolist(), self.token.tolist()
-        n_ended = self.n_ended.tolist()
-        e_sum, e_step, e_row = (x.tolist() for x in (self.ended_sum, self.ended_step,
-                                                      self.ended_row))
-        score, last = self.score.tolist(), int(self.t) - 1
-        lp = self.rule.length_penalty
+    def result(self, group: int):
+        """``(tokens, finish_reason, score, selections)`` of group ``group``, on the host, by
+        the back-pointers (stop id excluded)."""
+        parent, token = self.parent[group].tolist(), self.token[group].tolist()
+        n_ended, t = int(self.n_ended[group]), int(self.t[group])
+        lp = self.length_penalty[group]
 
-        def seq(t, row):  # the tokens of ``row`` through selection ``t``
+        def seq(step, j):  # the tokens of beam ``j`` through selection ``step``
             out = []
-            while t >= 0:
-                out.append(token[t][row])
-                row = parent[t][row]
-                t -= 1
+            while step >= 0:
+                out.append(token[step][j])
+                j = parent[step][j]
+                step -= 1
             return out[::-1]
 
-        tokens, reasons, scores = [], [], []
-        for p in range(self.b):
-            if n_ended[p]:
-                ended = [(e_sum[p][i] / (e_step[p][i] + 1) ** lp, e_sum[p][i],
-                          seq(e_step[p][i] - 1, e_row[p][i])) for i in range(n_ended[p])]
-                best = max(ended, key=lambda e: e[0])
-                tokens.append(best[2])
-                reasons.append("stop")
-                scores.append(best[1])
-            else:
-                j = max(range(self.k), key=lambda i: (score[p][i], -i))
-                tokens.append(seq(last, p * self.k + j))
-                reasons.append("length")
-                scores.append(score[p][j])
-        return tokens, reasons, scores, int(self.steps)
+        if n_ended:
+            e_sum, e_step, e_beam = (x[group, :n_ended].tolist() for x in (
+                self.ended_sum, self.ended_step, self.ended_beam))
+            ended = [(e_sum[i] / (e_step[i] + 1) ** lp, e_sum[i], seq(e_step[i] - 1, e_beam[i]))
+                     for i in range(n_ended)]
+            best = max(ended, key=lambda e: e[0])
+            return best[2], "stop", best[1], t
+        score = self.score[group].tolist()
+        j = max(range(self.k), key=lambda i: (score[i], -i))
+        return seq(t - 1, j), "length", score[j], t
 
 
 def _rank(score, s):

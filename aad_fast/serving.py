@@ -17,10 +17,12 @@ in one batch; a stream gets its new text after its admission and after every bur
 (``Scheduler.cancel``). The kinds in use take turns, one burst each. Every request's tokens equal
 decoding it alone (the scheduler's contract: per-row caches, limits, values and noise keys).
 
-Beam search and best-of-n rank whole continuations and are not per-token rules: they run as
-before through ``Decoder.generate`` between bursts (the batches wait meanwhile), compatible
-waiting requests (same rule, stop ids and ``max_new_tokens``) sharing one call. A burst that
-raises takes no request down with it: its scheduler is dropped, the requests it had admitted are
+Beam search runs on schedulers too (``Decoder.scheduler(BeamAAD(...))``, one per
+``(num_beams, tau)``): a request takes ``num_beams`` rows, with its own alpha,
+length_penalty, stop ids and ``max_new_tokens``; a stream gets its text when its search ends.
+Best-of-n runs through ``Decoder.generate`` between bursts (the batches wait meanwhile),
+compatible waiting requests (same rule, stop ids and ``max_new_tokens``) sharing one call.
+A burst that raises takes no request down with it: its scheduler is dropped, the requests it had admitted are
 decoded again one by one through ``Decoder.generate`` (the same tokens; a stream goes on from
 the text it has) and those it had not go to a new scheduler, so only the request at fault fails.
 """
@@ -58,8 +60,8 @@ class DecodeRequest:
 
     @property
     def search(self) -> bool:
-        """Beam search or best-of-n: decoded through ``Decoder.generate``, not a scheduler."""
-        return isinstance(self.rule, (BeamAAD, BestOfN))
+        """Best-of-n: decoded through ``Decoder.generate``, not a scheduler."""
+        return isinstance(self.rule, BestOfN)
 
     def key(self):
         """Search requests with equal keys may share one ``Decoder.generate`` call."""
@@ -241,11 +243,15 @@ class Backend:
 
     def _route(self, tickets: list) -> None:
         """Hand each ticket to its kind's scheduler or to the generate queue."""
+        from .search import BeamSearch
         from .selectors import rule_kind
         keys = {}
         for t in tickets:
-            if not t.request.search:
-                keys[t] = (t.request.rule.streams, rule_kind(t.request.rule))
+            rule = t.request.rule
+            if isinstance(rule, BeamAAD):
+                keys[t] = (rule.streams, BeamSearch.kind_of(rule))
+            elif not t.request.search:
+                keys[t] = (rule.streams, rule_kind(rule))
         for t in tickets:
             req = t.request
             if t.cancelled.is_set():
@@ -258,7 +264,8 @@ class Backend:
                                              max_new_tokens=req.max_new_tokens,
                                              stop=list(req.stop), chat=req.chat,
                                              tag=f"request {next(self._tags)}")
-                    b = self._place(keys[t], req.rule, sum(k == keys[t] for k in keys.values()))
+                    b = self._place(keys[t], req.rule, req.rows() * sum(
+                        k == keys[t] for k in keys.values()))
                     t.res = b.sched.submit(r)
                 except Exception as exc:  # this request's input only: the others go on
                     self._finish(t, ("error", exc))
@@ -266,8 +273,8 @@ class Backend:
                 b.members.append(t)
 
     def _place(self, key, rule, arriving: int) -> _Batch:
-        """The batch of ``key``'s kind that takes a new request (``arriving``: how many of that
-        kind came at once, to size a new one)."""
+        """The batch of ``key``'s kind that takes a new request (``arriving``: the rows the
+        requests of that kind that came at once take, to size a new one)."""
         cur = self._current.get(key)
         if cur is not None and cur.sched.busy:
             if cur.room() > 0 or cur.sched.n >= self.max_batch_size:
@@ -325,9 +332,8 @@ class Backend:
                 if sched.admit():
                     with self._cond:
                         self.counts["batches"] += 1
-                        self.counts["rows_peak"] = max(self.counts["rows_peak"],
-                                                       sum(len(x.sched.live)
-                                                           for x in self._batches))
+                        self.counts["rows_peak"] = max(self.counts["rows_peak"], sum(
+                            len(x.sched.live) * x.sched.width for x in self._batches))
                 new = [t for t in members if t.res.row is not None and not t.started]
                 for t in new:
                     self._start(t)
@@ -382,7 +388,7 @@ class Backend:
             self._generate.extendleft(reversed(suspects))
         for t in queued:
             try:
-                nb = self._place(b.key, t.request.rule, len(queued))
+                nb = self._place(b.key, t.request.rule, t.request.rows() * len(queued))
                 t.res = nb.sched.submit(t.res.request)
             except Exception as exc2:
                 self._finish(t, ("error", exc2))
@@ -394,8 +400,9 @@ class Backend:
         rows, scheds = {}, []
         for b in self._batches:
             name = "-".join(map(str, b.key[1]))
-            rows[name] = rows.get(name, 0) + len(b.sched.live)
-            scheds.append({"kind": name, "rows": b.sched.n, "in_use": len(b.sched.live)})
+            used = len(b.sched.live) * b.sched.width  # a beam request takes num_beams rows
+            rows[name] = rows.get(name, 0) + used
+            scheds.append({"kind": name, "rows": b.sched.n, "in_use": used})
         with self._cond:
             self._rows_in_use, self._schedulers = rows, scheds
             self.counts["running"] = sum(rows.values())

@@ -1,5 +1,6 @@
 """Every decode step is capture-safe (``tests/_capture.py``): recorded op by op on CPU for
-every pair kind and every rule, the BeamAAD and BestOfN steps included, once through the
+every pair kind and every rule, the BeamAAD and BestOfN steps included (the beam step after a
+mid-decode admission: tests/test_beam_scheduler.py), once through the
 built backend (``aad_fast::select`` opaque) and once with the PyTorch reference inlined (its
 own ops inspected). A step with a planted ``.item()``, ``torch.tensor([...])`` and the like
 must fail the same check (a test of the test)."""
@@ -80,8 +81,8 @@ def test_decode_step_is_capture_safe(decoders, monkeypatch, backend, kind, rule)
     _checked(monkeypatch, step, checks)
     be = None if backend == "default" else "torch"
     dec = Decoder(*decoders[kind], backend=be, **decoders["kw"])
-    n = 1 if isinstance(rule, BeamAAD) else 3  # beams: 3 prompts x k rows must fit
-    dec.generate(input_ids=PROMPTS[:n], rule=rule, max_new_tokens=4)
+    # beams: 3 prompts x 3 beams in 8 rows, so the third waits for a slot (refill)
+    dec.generate(input_ids=PROMPTS, rule=rule, max_new_tokens=4)
     assert len(checks) == 1, f"the {step} step never ran"
     checks[0].assert_safe(f"{step} of {rule} on the {kind} pair ({backend} backend)")
     if backend == "torch":

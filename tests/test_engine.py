@@ -180,8 +180,8 @@ def test_bad_arguments_name_themselves(pair, tmp_path):
         dec.generate(input_ids=[[]])
     with pytest.raises(ValueError, match="max_seq_len=16"):
         dec.generate(input_ids=[[1] * 10], max_new_tokens=8)
-    with pytest.raises(ValueError, match="max_batch_size=2"):  # beams must fit one batch
-        dec.generate(input_ids=PROMPTS, rule=BeamAAD(2, 0.1), max_new_tokens=2)
+    with pytest.raises(ValueError, match="num_beams=3 exceeds max_batch_size=2"):
+        dec.generate(input_ids=PROMPTS, rule=BeamAAD(3, 0.1), max_new_tokens=2)
     with pytest.raises(ValueError, match="outside"):
         dec.generate(input_ids=[[1, 999]], max_new_tokens=2)
     with pytest.raises(ValueError, match="prompts= needs a tokenizer"):

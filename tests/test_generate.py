@@ -41,7 +41,14 @@ def test_one_shot_generate_equals_decoder_generate(models, picker, which):
 
 
 def test_one_shot_generate_still_honours_a_given_max_batch_size(models):
-    """A caller's ``max_batch_size`` wins; too small for the beams is refused, naming it."""
-    with pytest.raises(ValueError, match="max_batch_size"):
-        af.generate(models[0], models[1], input_ids=PROMPTS, rule=af.BeamAAD(2),
+    """A caller's ``max_batch_size`` wins: more beams than fit at once queue for the rows
+    (the same tokens); fewer rows than one prompt's beams is refused, naming both."""
+    small = af.generate(models[0], models[1], input_ids=PROMPTS, rule=af.BeamAAD(2),
+                        max_new_tokens=4, max_batch_size=len(PROMPTS))
+    assert small.stats["rows"] == 2
+    wide = af.generate(models[0], models[1], input_ids=PROMPTS, rule=af.BeamAAD(2),
+                       max_new_tokens=4)
+    assert small.tokens == wide.tokens and wide.stats["rows"] == 2 * len(PROMPTS)
+    with pytest.raises(ValueError, match="num_beams=4 exceeds max_batch_size=3"):
+        af.generate(models[0], models[1], input_ids=PROMPTS, rule=af.BeamAAD(4),
                     max_new_tokens=4, max_batch_size=len(PROMPTS))

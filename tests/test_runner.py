@@ -182,8 +182,14 @@ def test_beam_search_over_a_bounded_runner_equals_the_full_length_one(monkeypatc
         out = dec.generate(input_ids=PROMPTS7[:2], rule=rule, max_new_tokens=9)
         (pair,) = dec._slots.values()
         return out, pair.runners[0]
+    seen, length = [], ReadBound.length
+
+    def record(self):
+        seen.append(length(self))
+        return seen[-1]
+    monkeypatch.setattr(ReadBound, "length", record)
     got, runner = run()
-    assert runner.max_len == 256 and runner.read_len() == 64
+    assert runner.max_len == 256 and set(seen) == {64}  # (retired rows are idle: None after)
     monkeypatch.setattr(ReadBound, "length", lambda self: None)  # every step reads 256 slots
     want, _ = run()
     assert got.tokens == want.tokens and got.scores == want.scores

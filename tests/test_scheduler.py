@@ -9,7 +9,7 @@ import torch
 from conftest import EOS, aad_pick, naive_decode, random_lora, tiny_model
 from test_rules import mix_pick, opad_pick
 
-from aad_fast import AAD, CFG, EFT, OPAD, BeamAAD, Decoder, Greedy, Mix, engine
+from aad_fast import AAD, CFG, EFT, OPAD, BestOfN, Decoder, Greedy, Mix, engine
 from aad_fast.reference import gumbel_noise
 from aad_fast.scheduler import Request
 from aad_fast.selectors import row_seeds, unmix32
@@ -167,7 +167,7 @@ def test_a_group_too_wide_for_the_cache_is_admitted_apart(models):
     with pytest.raises(ValueError, match="is of kind"):
         sched.submit(dec.request(input_ids=short, rule=Mix(1.0, 0.0), max_new_tokens=2))
     with pytest.raises(ValueError, match="not a per-token rule"):
-        dec.scheduler(BeamAAD(2, 0.1))
+        dec.scheduler(BestOfN(2, picker="unused"))  # beam search runs on it (tests/test_beam_scheduler.py)
 
 
 def test_the_step_after_a_refill_is_capture_safe(models, monkeypatch):

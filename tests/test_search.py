@@ -1,5 +1,6 @@
-"""Beam search and best-of-n drivers (``aad_fast/search.py``): the Decoder's backend, the
-device bookkeeping's error path, and a picker that is loaded once and never changed."""
+"""Beam search and best-of-n pieces (``aad_fast/search.py``): the Decoder's backend, the
+device bookkeeping's error path and its run on a bare scheduler, and a picker that is loaded
+once and never changed. Beam requests sharing a scheduler: tests/test_beam_scheduler.py."""
 import copy
 
 import pytest
@@ -131,29 +132,39 @@ def test_best_of_n_past_max_batch_size_is_each_seed_decoded_alone(models):
         assert got.scores[p] == cands[best]["score"]
 
 
-def test_beam_aad_on_a_bare_pair_with_padding_rows_matches_brute_force(models):
-    """``search.beam_aad`` needs only a pair (no Decoder): 2 prompts x 3 beams on a pair of 8
-    rows, the 2 spare rows being bucket padding as under CUDA graphs."""
+def test_beam_search_on_a_bare_pair_with_padding_rows_matches_brute_force(models):
+    """``search.BeamSearch`` on a ``Scheduler`` needs only a pair (no Decoder): 3 prompts x 3
+    beams on a pair of 8 rows (2 slots, 2 padding rows as under a bucket), the third prompt
+    refilling the first finished slot."""
     from test_rules import brute_beam
 
     from aad_fast import search
     from aad_fast.pairs import TwoModelPair
+    from aad_fast.scheduler import Request, Scheduler
     pair = TwoModelPair(*models, 8, 48)
     rule = BeamAAD(3, 0.2, length_penalty=1.0)
-    found = search.beam_aad(pair, rule, PROMPTS[:2], 6, [3], vocab=VOCAB, check_every=4)
-    assert found["tokens"] == [brute_beam(models, p, 3, 0.2, None, 6, 1.0) for p in PROMPTS[:2]]
-    assert found["stats"]["batch"] == 2 and found["stats"]["num_beams"] == 3
+    bs = search.BeamSearch(rule, 8, 6, 1, VOCAB, None, "cpu")
+    assert bs.groups == 2
+    sched = Scheduler(pair, bs, None, rule, check_every=4)
+    hs = [sched.submit(Request(ids_a=p, max_new_tokens=6, stop_ids=(3,))) for p in PROMPTS]
+    sched.run_until_idle()
+    assert [h.tokens for h in hs] == [brute_beam(models, p, 3, 0.2, None, 6, 1.0)
+                                      for p in PROMPTS]
+    assert hs[2].admitted > min(hs[0].finished, hs[1].finished)
 
 
-def test_search_never_imports_generation():
-    """No generation <-> search import circle: search.py's imports, those inside functions
-    included, never reach generation.py (the Decoder calls search, not the other way)."""
+@pytest.mark.parametrize("module,never", [("search", {"generation", "scheduler"}),
+                                           ("scheduler", {"generation", "search"})])
+def test_no_import_circle(module, never):
+    """generation -> search, generation -> scheduler, never back: search.py's and
+    scheduler.py's imports, those inside functions included, never reach generation.py, and
+    neither reaches the other (the scheduler takes a BeamSearch it is given)."""
     import ast
     import pathlib
 
     import aad_fast
     root = pathlib.Path(aad_fast.__file__).parent
-    seen, todo = set(), ["search"]
+    seen, todo = set(), [module]
     while todo:
         mod = todo.pop()
         tree = ast.parse((root / f"{mod}.py").read_text())
@@ -165,4 +176,4 @@ def test_search_never_imports_generation():
                     if name not in seen and (root / f"{name}.py").exists():
                         seen.add(name)
                         todo.append(name)
-    assert "generation" not in seen, sorted(seen)
+    assert not seen & never, sorted(seen)
