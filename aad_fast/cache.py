@@ -141,21 +141,24 @@ def check_fits(needed: int | None, device, max_batch_size: int, max_seq_len: int
             f"{rows_name} or max_seq_len")
 
 
-# The first read length of the ladder a captured or compiled step runs at (``read_ladder``).
-# Below it a shorter read saves little: at batch 8 on the Llama-3.1-8B shape a slot of every row
-# is 1 MiB of keys and values, so 256 slots are 256 MiB per step beside 16 GB of weights (1.6%),
-# while every rung costs a capture (or a compile) and its graph.
-MIN_READ = 256
+# The first read length of the ladder a captured or compiled step runs at (``read_ladder``), per
+# device type. CUDA: below 256 a shorter read saves little (at batch 8 on the Llama-3.1-8B shape
+# a slot of every row is 1 MiB of keys and values, so 256 slots are 256 MiB per step beside 16 GB
+# of weights: 1.6%), while every rung costs a capture and its graph. CPU: 64, the eager step's
+# granule (``ReadBound``) and the shortest cache a compiled step had before the ladder; a small
+# model's KV is a larger share of its step there (SmolLM2-135M at batch 8: 256 slots are 94 MB
+# beside 540 MB of fp32 weights), so the rungs start lower and each costs a compile.
+MIN_READ = {"cuda": 256, "cpu": 64}
 
 
-def read_ladder(max_len: int, first: int | None = None) -> tuple:
-    """The read lengths a captured/compiled step is made for: ``first`` (default
-    ``MIN_READ``), doubling while below ``max_len``, then ``max_len``; e.g. 256, 512, 1024,
-    2048 for 2048 slots, ``(max_len,)`` when ``max_len <= first``. Doubling keeps a step at
-    most twice what its rows need (1.5x on average over a long decode) with
-    ``log2(max_len / first) + 1`` rungs: 4 graphs per (batch bucket, rule kind) at 2048 slots,
-    8 at 32768."""
-    n = MIN_READ if first is None else first
+def read_ladder(max_len: int, device="cuda", first: int | None = None) -> tuple:
+    """The read lengths a captured/compiled step on ``device`` is made for: ``first``
+    (default ``MIN_READ`` of the device type), doubling while below ``max_len``, then
+    ``max_len``; e.g. 256, 512, 1024, 2048 for 2048 slots on CUDA, ``(max_len,)`` when
+    ``max_len <= first``. Doubling keeps a step at most twice what its rows need (1.4x,
+    ``2 ln 2``, on average over a long decode) with ``log2(max_len / first) + 1`` rungs: 4
+    graphs per (batch bucket, rule kind) at 2048 slots on CUDA, 8 at 32768."""
+    n = MIN_READ.get(torch.device(device).type, 256) if first is None else first
     out = []
     while n < max_len:
         out.append(n)

@@ -4,7 +4,8 @@ A ``Decoder`` holds the two streams' weights, one KV pool per set of weights
 (``cache.KVPool``, ``max_batch_size`` rows, twice that for a shared pair, x ``max_seq_len``
 slots, allocated once), per batch-size bucket the runners (whose caches are views of the
 pool), and per rule kind (``selectors.rule_kind``) the selector, the decode state and (on
-CUDA) the captured step graph, which serves every value of the kind (at most
+CUDA, or compiled) one step per read length (``engine.LengthSteps``), which serve every value
+of the kind (at most
 ``Decoder.MAX_ENTRIES`` kept). Per-token rules decode through a ``scheduler.Scheduler``: a call
 whose prompts fit ``max_batch_size`` is one static batch, a larger one is batched continuously
 (a finished row is refilled with the next prompt); ``Decoder.scheduler``/``Decoder.request``
@@ -86,7 +87,7 @@ class Decoder:
             ``stats["forward"]`` says which ran.
     """
 
-    MAX_ENTRIES = 16  # captured steps kept (per batch bucket and rule kind), LRU
+    MAX_ENTRIES = 16  # entries kept (batch bucket, rule kind; a step per read length), LRU
 
     def __init__(self, aligned, reference=None, *, tokenizer=None, dtype=None, device=None,
                  max_batch_size: int = 8, max_seq_len: int = 2048, cuda_graphs="auto",
@@ -337,7 +338,8 @@ class Decoder:
         def prepare():  # a step per read length, captured on first use
             if not self.use_graphs:
                 return None
-            return engine.LengthSteps(pair, sel, st, name, read_ladder(self.max_seq_len),
+            return engine.LengthSteps(pair, sel, st, name,
+                                      read_ladder(self.max_seq_len, self.device),
                                       graphs=True, compiled=False)
         return Scheduler(pair, sel, st, rule, check_every=self.check_every, prepare=prepare)
 
@@ -491,7 +493,8 @@ class Decoder:
                 if skey not in ent:
                     ent[skey] = engine.LengthSteps(
                         pair, sel, st, type(self.base).__name__,
-                        read_ladder(pair.runners[0].max_len), graphs=graphs, compiled=compiled)
+                        read_ladder(pair.runners[0].max_len, self.device), graphs=graphs,
+                        compiled=compiled)
                 lsteps = ent[skey]
                 compiles = lsteps.compiles
                 lsteps.prepare()  # the first step's length, outside the timed decode

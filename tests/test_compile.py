@@ -63,7 +63,7 @@ def _no_eos(model):
 def test_one_compiled_step_per_read_length_switches_as_rows_grow(kind, monkeypatch):
     """max_seq_len 128 with the ladder 32, 64, 128: the compiled step of each rung reads that
     many slots, the batch moves to 64 when its rows pass slot 31, never reaches 128."""
-    monkeypatch.setattr(cache, "MIN_READ", 32)
+    monkeypatch.setitem(cache.MIN_READ, "cpu", 32)
     made, seen = [], []
 
     class Spied(engine.CompiledStep):

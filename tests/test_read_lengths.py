@@ -69,7 +69,7 @@ def fake_graphs(monkeypatch):
     """Graph mode on CPU with ``FakeGraph`` for the capture and the ladder ``LADDER``."""
     FakeGraph.made, FakeGraph.runs = [], []
     monkeypatch.setattr(engine, "StepGraph", FakeGraph)
-    monkeypatch.setattr(cache, "MIN_READ", LADDER[0])
+    monkeypatch.setitem(cache.MIN_READ, "cpu", LADDER[0])
 
     def make(*models, **kw):
         dec = Decoder(*models, max_seq_len=MAX_LEN, compile=False, **kw)
@@ -84,10 +84,11 @@ def eager(models, prompts, rule, max_new, **kw):
 
 
 def test_the_ladder_doubles_up_to_max_seq_len():
-    assert read_ladder(2048) == (256, 512, 1024, 2048)
+    assert read_ladder(2048) == read_ladder(2048, "cuda:0") == (256, 512, 1024, 2048)
     assert read_ladder(3000) == (256, 512, 1024, 2048, 3000)
     assert read_ladder(256) == (256,) and read_ladder(48) == (48,)
-    assert read_ladder(128, 32) == (32, 64, 128)
+    assert read_ladder(2048, "cpu") == (64, 128, 256, 512, 1024, 2048)
+    assert read_ladder(128, first=32) == (32, 64, 128)
     assert len(read_ladder(32768)) == 8
     assert [ladder_length(LADDER, n) for n in (None, 1, 16, 17, 64, 65, 128)] == \
         [16, 16, 16, 32, 64, 128, 128]
@@ -191,7 +192,7 @@ def test_the_step_attends_over_exactly_the_chosen_length(models, fake_graphs, mo
 
 
 def test_a_failed_capture_runs_the_bounded_eager_step(models, monkeypatch):
-    monkeypatch.setattr(cache, "MIN_READ", LADDER[0])
+    monkeypatch.setitem(cache.MIN_READ, "cpu", LADDER[0])
     tries = []
     monkeypatch.setattr(engine, "try_capture", lambda *a, **k: tries.append(1))
     dec = Decoder(*models, max_batch_size=4, max_seq_len=MAX_LEN, compile=False)
