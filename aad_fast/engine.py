@@ -340,10 +340,10 @@ class LengthSteps:
     counts the step on the host (``ReadBound.step``, ``Runner.count_read``): the bookkeeping a
     replayed graph or compiled step does not run. A row that grows past ``L`` moves the batch
     to the next rung at its next step. ``build_s``: seconds spent building so far (captures,
-    compiles); ``compile_s``: the last compile's, ``compiles``: how many; ``kinds``: per built length, whether it is
-    a captured graph and whether it is compiled. A build that fails (``try_capture``/``try_compile`` warn once)
-    leaves this object on the plain eager step for good (``default_step``, which bounds its
-    own reads)."""
+    compiles); ``compile_s``: the last compile's, ``compiles``: how many; ``kinds``: per built
+    length, whether it is a captured graph and whether it is compiled. A build that fails
+    (``try_capture``/``try_compile`` warn once) leaves this object on the plain eager step for
+    good (``default_step``, which bounds its own reads)."""
 
     def __init__(self, pair, selector, st: DecodeState, name: str, ladder, *, graphs: bool,
                  compiled: bool):
@@ -354,7 +354,6 @@ class LengthSteps:
         self.kinds: dict = {}
         self.build_s, self.compile_s, self.compiles = 0.0, None, 0
         self.failed = False
-        self.eager = default_step(pair, selector, st)
         # the lengths' graphs share one memory pool: one step's temporaries, not one per rung
         cuda = graphs and pair.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if cuda else None
@@ -380,7 +379,7 @@ class LengthSteps:
                 if self.compiled else None
             if inner is not None:
                 self.compile_s, self.compiles = inner.compile_s, self.compiles + 1
-            pool = {} if self.pool is None else {"pool": self.pool}
+            pool = {} if self.pool is None else {"pool": self.pool}  # (CPU: the old call)
             graph = try_capture(self.pair, self.sel, self.st, self.name, inner, **pool) \
                 if self.graphs else None
         finally:
@@ -411,7 +410,7 @@ class LengthSteps:
                     r.bound.step()
                     r.count_read(n)
                 return
-        self.eager()
+        default_step(self.pair, self.sel, self.st)()
 
 
 def check(st: DecodeState, rows=None) -> bool:

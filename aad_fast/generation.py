@@ -5,11 +5,11 @@ A ``Decoder`` holds the two streams' weights, one KV pool per set of weights
 slots, allocated once), per batch-size bucket the runners (whose caches are views of the
 pool), and per rule kind (``selectors.rule_kind``) the selector, the decode state and (on
 CUDA, or compiled) one step per read length (``engine.LengthSteps``), which serve every value
-of the kind (at most
-``Decoder.MAX_ENTRIES`` kept). Per-token rules decode through a ``scheduler.Scheduler``: a call
-whose prompts fit ``max_batch_size`` is one static batch, a larger one is batched continuously
-(a finished row is refilled with the next prompt); ``Decoder.scheduler``/``Decoder.request``
-give a scheduler of its own to a caller that submits requests over time (a server).
+of the kind (at most ``Decoder.MAX_ENTRIES`` kept). Per-token rules decode through a
+``scheduler.Scheduler``: a call whose prompts fit ``max_batch_size`` is one static batch, a
+larger one is batched continuously (a finished row is refilled with the next prompt);
+``Decoder.scheduler``/``Decoder.request`` give a scheduler of its own to a caller that submits
+requests over time (a server).
 Beam search and best-of-n call into ``search`` (never the other way): beam search is driven on
 this Decoder's runners by ``search.beam_aad``, best-of-n's samples are ordinary scheduler rows.
 """
