@@ -141,6 +141,39 @@ def check_fits(needed: int | None, device, max_batch_size: int, max_seq_len: int
             f"{rows_name} or max_seq_len")
 
 
+# The first read length of the ladder a captured or compiled step runs at (``read_ladder``), per
+# device type. CUDA: below 256 a shorter read saves little (at batch 8 on the Llama-3.1-8B shape
+# a slot of every row is 1 MiB of keys and values, so 256 slots are 256 MiB per step beside 16 GB
+# of weights: 1.6%), while every rung costs a capture and its graph. CPU: 64, the eager step's
+# granule (``ReadBound``) and the shortest cache a compiled step had before the ladder; a small
+# model's KV is a larger share of its step there (SmolLM2-135M at batch 8: 256 slots are 94 MB
+# beside 540 MB of fp32 weights), so the rungs start lower and each costs a compile.
+MIN_READ = {"cuda": 256, "cpu": 64}
+
+
+def read_ladder(max_len: int, device="cuda", first: int | None = None) -> tuple:
+    """The read lengths a captured/compiled step on ``device`` is made for: ``first``
+    (default ``MIN_READ`` of the device type), doubling while below ``max_len``, then
+    ``max_len``; e.g. 256, 512, 1024, 2048 for 2048 slots on CUDA, ``(max_len,)`` when
+    ``max_len <= first``. Doubling keeps a step at most twice what its rows need (1.4x,
+    ``2 ln 2``, on average over a long decode) with ``log2(max_len / first) + 1`` rungs: 4
+    graphs per (batch bucket, rule kind) at 2048 slots on CUDA, 8 at 32768."""
+    n = MIN_READ.get(torch.device(device).type, 256) if first is None else first
+    out = []
+    while n < max_len:
+        out.append(n)
+        n *= 2
+    return tuple(out) + (max_len,)
+
+
+def ladder_length(ladder, needed: int | None) -> int:
+    """The smallest rung of ``ladder`` that is at least ``needed`` (the last when none is;
+    the first when ``needed`` is ``None``: no live row, nothing read matters)."""
+    if needed is None:
+        return ladder[0]
+    return next((n for n in ladder if n >= needed), ladder[-1])
+
+
 class ReadBound:
     """How many cache slots a runner's next decode step must attend over, known on the host
     (no device sync): one past the largest slot a live row writes in that step, rounded up to a
@@ -151,8 +184,10 @@ class ReadBound:
     ``base`` at a prefill or admission, ``step`` counts the steps, ``idle`` drops rows whose
     output no longer matters (a retired row keeps stepping, but what it reads is never used).
     ``length()`` is ``None`` (read every slot) while nothing is known or after ``off()``: a
-    captured graph or compiled step replays a fixed shape without running this bookkeeping, so
-    a runner that was captured or compiled reads its whole cache from then on."""
+    step captured or compiled outside ``engine.LengthSteps`` replays a fixed shape without
+    running this bookkeeping, so such a runner reads its whole cache from then on. A
+    ``LengthSteps`` step keeps it on: the host counts each replay (``step``) and picks the read
+    length of the next one from ``needed()``."""
 
     def __init__(self, n_rows: int, max_len: int, granule: int = 64):
         self.n_rows, self.max_len, self.granule = n_rows, max_len, granule
@@ -185,6 +220,13 @@ class ReadBound:
 
     def off(self) -> None:
         self.on = False
+
+    def needed(self) -> int | None:
+        """One past the largest slot a live row writes in the next step (``None``: no live
+        row). Known while ``on``; a ``LengthSteps`` replay keeps it counted (``step``)."""
+        if self.hi is None:
+            return None
+        return min(self.max_len, self.hi + self.steps + 1)
 
     def length(self) -> int | None:
         if not self.on or self.hi is None:

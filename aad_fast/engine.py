@@ -14,11 +14,14 @@ import functools
 import math
 import os
 import time
+import types
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .cache import ladder_length
 
 
 @dataclass
@@ -238,17 +241,31 @@ def beam_admit(pair, search, groups: list, ids_a, real_a, ids_r, real_r, rules: 
     search.start(groups, logits_a, logits_r, rules, stop, lim)
 
 
+def _own_code(fn, *args):
+    """A function calling ``fn(*args, *more)`` with a code object of its own. Dynamo
+    keeps its compiled graphs per code object, at most ``recompile_limit`` (8) of them, and a
+    ``fullgraph`` compile past that raises: every compiled step (per batch bucket, rule kind
+    and read length, in every Decoder of the process) would otherwise share ``decode_one``'s
+    (or ``functools.partial``'s wrapper's) code and its limit, and each call would check the
+    guards of the others' graphs first."""
+    def call(*more):
+        return fn(*args, *more)
+    return types.FunctionType(call.__code__.replace(), call.__globals__, "compiled_step", None,
+                              call.__closure__)
+
+
 class CompiledStep:
     """``decode_one`` of one (pair, selector, state) through ``torch.compile`` (the whole step as
     one graph, static shapes: the gpt-fast way). Compiles on the first call, which
-    ``compile_s`` times; on CUDA, ``StepGraph`` then captures the compiled step."""
+    ``compile_s`` times; on CUDA, ``StepGraph`` then captures the compiled step. The runners'
+    ``fixed_len`` (the read length) is baked in: ``LengthSteps`` makes one per length."""
 
     def __init__(self, pair, selector, st: DecodeState):
         if splits_reference(pair, selector):  # the forward compiled, the host count eager
-            forward = torch.compile(pair.step_split, fullgraph=True, dynamic=False)
+            forward = torch.compile(_own_code(pair.step_split), fullgraph=True, dynamic=False)
             self.fn = functools.partial(decode_one_split, pair, selector, st, forward)
         else:
-            self.fn = torch.compile(functools.partial(decode_one, pair, selector, st),
+            self.fn = torch.compile(_own_code(decode_one, pair, selector, st),
                                     fullgraph=True, dynamic=False)
         t0 = time.perf_counter()
         undone(pair, selector, st, self.fn)  # compile now, not inside a timed decode
@@ -273,13 +290,15 @@ def undone(pair, selector, st: DecodeState, fn) -> None:
 
 class StepGraph:
     """``step`` (default ``decode_one``) captured as one CUDA graph; warm-up runs are undone
-    before use."""
+    before use. ``pool``: a ``torch.cuda.graph_pool_handle()`` to capture into (the graphs of
+    one ``LengthSteps`` share one: they never replay at once and no tensor made in one is read
+    by another, so their temporaries may share addresses)."""
 
-    def __init__(self, pair, selector, st: DecodeState, step=None):
+    def __init__(self, pair, selector, st: DecodeState, step=None, pool=None):
         step = step or functools.partial(decode_one, pair, selector, st)
-        undone(pair, selector, st, lambda: self._capture(step))
+        undone(pair, selector, st, lambda: self._capture(step, pool))
 
-    def _capture(self, step) -> None:
+    def _capture(self, step, pool) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -287,7 +306,7 @@ class StepGraph:
                 step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             step()
 
     def __call__(self) -> None:
@@ -307,11 +326,11 @@ def _fell_back(what: str, name: str, exc: Exception) -> None:
                       f"{str(exc)[:300]}); running the same step eagerly", stacklevel=4)
 
 
-def try_capture(pair, selector, st: DecodeState, name: str, step=None):
-    """Capture ``step`` (default ``decode_one``); on failure warn once per model name and
-    return ``None``."""
+def try_capture(pair, selector, st: DecodeState, name: str, step=None, pool=None):
+    """Capture ``step`` (default ``decode_one``; ``pool``: as ``StepGraph``); on failure warn
+    once per model name and return ``None``."""
     try:
-        return StepGraph(pair, selector, st, step)
+        return StepGraph(pair, selector, st, step, pool)
     except Exception as exc:  # an architecture that cannot be captured
         torch.cuda.synchronize()
         _fell_back("CUDA-graph capture", name, exc)
@@ -325,6 +344,92 @@ def try_compile(pair, selector, st: DecodeState, name: str):
     except Exception as exc:  # an architecture or op torch.compile cannot trace
         _fell_back("torch.compile of the decode step", name, exc)
         return None
+
+
+class LengthSteps:
+    """The captured (``graphs``) and/or compiled (``compiled``) decode step of one (pair,
+    selector, state), made per read length: one step for each rung of ``ladder``
+    (``cache.read_ladder``) that a decode reaches, built on first use (``name``: the model's,
+    for the fallback warning).
+
+    A call picks the smallest rung ``L`` that covers one past the largest slot a live row
+    writes in this step (``ReadBound.needed`` of every runner: host bookkeeping, no device
+    sync), runs that length's step with the runners' ``fixed_len = L`` (its attention reads
+    slots ``[0, L)`` under the mask; the step was traced or captured with that length), then
+    counts the step on the host (``ReadBound.step``, ``Runner.count_read``): the bookkeeping a
+    replayed graph or compiled step does not run. A row that grows past ``L`` moves the batch
+    to the next rung at its next step. ``build_s``: seconds spent building so far (captures,
+    compiles); ``compile_s``: the last compile's, ``compiles``: how many; ``kinds``: per built
+    length, whether it is a captured graph and whether it is compiled. A build that fails
+    (``try_capture``/``try_compile`` warn once) leaves this object on the plain eager step for
+    good (``default_step``, which bounds its own reads)."""
+
+    def __init__(self, pair, selector, st: DecodeState, name: str, ladder, *, graphs: bool,
+                 compiled: bool):
+        self.pair, self.sel, self.st, self.name = pair, selector, st, name
+        self.ladder = tuple(ladder)
+        self.graphs, self.compiled = graphs, compiled
+        self.steps: dict = {}
+        self.kinds: dict = {}
+        self.build_s, self.compile_s, self.compiles = 0.0, None, 0
+        self.failed = False
+        # the lengths' graphs share one memory pool: one step's temporaries, not one per rung
+        cuda = graphs and pair.device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if cuda else None
+
+    def length(self) -> int:
+        """The rung the next step runs at."""
+        need = [r.bound.needed() for r in self.pair.runners]
+        need = [n for n in need if n is not None]
+        return ladder_length(self.ladder, max(need) if need else None)
+
+    def _fix(self, n: int | None) -> None:
+        for r in self.pair.runners:
+            r.fixed_len = n
+
+    def build(self, n: int):
+        """The step of read length ``n``, made now if new (``None``: it could not be)."""
+        if n in self.steps:
+            return self.steps[n]
+        t0 = time.perf_counter()
+        self._fix(n)
+        try:
+            inner = try_compile(self.pair, self.sel, self.st, self.name) \
+                if self.compiled else None
+            if inner is not None:
+                self.compile_s, self.compiles = inner.compile_s, self.compiles + 1
+            pool = {} if self.pool is None else {"pool": self.pool}  # (CPU: the old call)
+            graph = try_capture(self.pair, self.sel, self.st, self.name, inner, **pool) \
+                if self.graphs else None
+        finally:
+            self._fix(None)
+        self.build_s += time.perf_counter() - t0
+        step = graph or inner
+        self.steps[n] = step
+        self.kinds[n] = (graph is not None, inner is not None)
+        self.failed = self.failed or step is None
+        return step
+
+    def prepare(self) -> None:
+        """Build the next step's length now (outside a timed decode)."""
+        if not self.failed:
+            self.build(self.length())
+
+    def __call__(self) -> None:
+        if not self.failed:
+            n = self.length()
+            step = self.build(n)
+            if step is not None:
+                self._fix(n)
+                try:
+                    step()
+                finally:
+                    self._fix(None)
+                for r in self.pair.runners:
+                    r.bound.step()
+                    r.count_read(n)
+                return
+        default_step(self.pair, self.sel, self.st)()
 
 
 def check(st: DecodeState, rows=None) -> bool:

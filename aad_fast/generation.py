@@ -4,11 +4,12 @@ A ``Decoder`` holds the two streams' weights, one KV pool per set of weights
 (``cache.KVPool``, ``max_batch_size`` rows, twice that for a shared pair, x ``max_seq_len``
 slots, allocated once), per batch-size bucket the runners (whose caches are views of the
 pool), and per rule kind (``selectors.rule_kind``) the selector, the decode state and (on
-CUDA) the captured step graph, which serves every value of the kind (at most
-``Decoder.MAX_ENTRIES`` kept). Per-token rules decode through a ``scheduler.Scheduler``: a call
-whose prompts fit ``max_batch_size`` is one static batch, a larger one is batched continuously
-(a finished row is refilled with the next prompt); ``Decoder.scheduler``/``Decoder.request``
-give a scheduler of its own to a caller that submits requests over time (a server).
+CUDA, or compiled) one step per read length (``engine.LengthSteps``), which serve every value
+of the kind (at most ``Decoder.MAX_ENTRIES`` kept). Per-token rules decode through a
+``scheduler.Scheduler``: a call whose prompts fit ``max_batch_size`` is one static batch, a
+larger one is batched continuously (a finished row is refilled with the next prompt);
+``Decoder.scheduler``/``Decoder.request`` give a scheduler of its own to a caller that submits
+requests over time (a server).
 Beam search and best-of-n run on the scheduler too, with ``search``'s pieces (which never
 import this module): a beam request is a slot of ``num_beams`` rows (``search.BeamSearch``
 ranks), refilled like any row past ``max_batch_size``; best-of-n's samples are ordinary rows.
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import engine, search
-from .cache import KVPool, check_fits, kv_bytes
+from .cache import KVPool, check_fits, kv_bytes, read_ladder
 from .hf import load_pair
 from . import tuning
 from .lora_rows import RowLoRA
@@ -87,7 +88,7 @@ class Decoder:
             ``stats["forward"]`` says which ran.
     """
 
-    MAX_ENTRIES = 16  # captured steps kept (per batch bucket and rule kind), LRU
+    MAX_ENTRIES = 16  # entries kept (batch bucket, rule kind; a step per read length), LRU
 
     def __init__(self, aligned, reference=None, *, tokenizer=None, dtype=None, device=None,
                  max_batch_size: int = 8, max_seq_len: int = 2048, cuda_graphs="auto",
@@ -200,15 +201,12 @@ class Decoder:
         """Runners for ``n`` rows, their caches views of the Decoder's KV pools (so keeping
         several costs no KV memory: one decode runs at a time, and each prefill/admission
         rewrites what its rows read). Static runners (CUDA graphs, a compiled step) are kept:
-        the graph or the compiled code holds their buffers; with graphs they have
-        ``max_seq_len`` slots, compiled on CPU the power of two >= ``needed`` (at most
-        ``MAX_STATIC`` kept). Eager runners are sized to this call's need, so attention never
-        reads unused slots."""
+        the graphs or the compiled code hold their buffers; they have ``max_seq_len`` slots
+        (at most ``MAX_STATIC`` kept), and their steps read only a rung of the read ladder
+        (``engine.LengthSteps``). Eager runners are sized to this call's need, so attention
+        never reads unused slots."""
         static = self.use_graphs if static is None else static
-        if static:
-            L = self.max_seq_len if self.use_graphs else _length_bucket(needed, self.max_seq_len)
-        else:
-            L = needed
+        L = self.max_seq_len if static else needed
         key = (n, streams, L, static)
         for old in [k for k in self._slots if not k[3] and k != key]:
             self._drop(old)
@@ -350,8 +348,12 @@ class Decoder:
         st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
         name = type(self.base).__name__
 
-        def prepare():
-            return engine.try_capture(pair, sel, st, name) if self.use_graphs else None
+        def prepare():  # a step per read length, captured on first use
+            if not self.use_graphs:
+                return None
+            return engine.LengthSteps(pair, sel, st, name,
+                                      read_ladder(self.max_seq_len, self.device),
+                                      graphs=True, compiled=False)
         return Scheduler(pair, sel, st, rule, check_every=self.check_every, prepare=prepare)
 
     def request(self, prompt=None, *, input_ids=None, rule: Rule = AAD(0.1),
@@ -534,42 +536,55 @@ class Decoder:
             sched.admit()
             sync()
             t1 = time.perf_counter()
-            compile_s = None
-            if compiled and "compiled" not in ent:
-                ent["compiled"] = engine.try_compile(pair, sel, st, type(self.base).__name__)
-                compile_s = getattr(ent["compiled"], "compile_s", None)
-            step = ent.get("compiled") if compiled else None
-            graph = None
-            if self.use_graphs and max_new > 1:
-                gkey = "graph_compiled" if step is not None else "graph"
-                if gkey not in ent:
-                    ent[gkey] = engine.try_capture(pair, sel, st, type(self.base).__name__, step)
-                graph = ent[gkey]
-            sched.step = graph or step
+            lsteps, compiles = None, 0
+            graphs = self.use_graphs and max_new > 1
+            if graphs or compiled:
+                # one entry per (bucket, rule kind) keeps one step per read length (LRU: _entry)
+                skey = ("steps", graphs, compiled)
+                if skey not in ent:
+                    ent[skey] = engine.LengthSteps(
+                        pair, sel, st, type(self.base).__name__,
+                        read_ladder(pair.runners[0].max_len, self.device), graphs=graphs,
+                        compiled=compiled)
+                lsteps = ent[skey]
+                compiles = lsteps.compiles
+                lsteps.prepare()  # the first step's length, outside the timed decode
+            sched.step = lsteps
             st.ref_head.update(sparse=0, full=0, candidates=0)  # not the compile's warm-up
+            for r in pair.runners:
+                r.reads = {}
             sync()
             t2 = time.perf_counter()
+            built_s = lsteps.build_s if lsteps is not None else 0.0
             while sched.step_burst():
                 if partial and sched.busy:
                     yield self._text([sched.partial(handles[0])])[0]
             sync()
             t3 = time.perf_counter()
+            # lengths first reached mid-decode were built then: capture time, not decode time
+            late_s = lsteps.build_s - built_s if lsteps is not None else 0.0
         tokens = [h.tokens for h in handles]
         out = Generation(tokens=tokens, text=self._text(tokens),
                          finish_reason=[h.finish_reason for h in handles])
         steps = sched.steps + 1
         n_tok = sum(len(t) + (r == "stop") for t, r in zip(out.tokens, out.finish_reason))
         # admissions after the first are part of the decode time (they are what refill costs)
-        decode_s = t3 - t2
+        decode_s = t3 - t2 - late_s
+        reads = pair.runners[0].reads
+        ran = [lsteps.kinds[n] for n in reads if n in lsteps.kinds] \
+            if lsteps is not None and not lsteps.failed else []
+        compile_s = None
+        if lsteps is not None and lsteps.compiles > compiles:
+            compile_s = lsteps.compile_s  # compiled in this call (for compile="auto")
         out.stats = {
             "prefill_ms": (t1 - t0) * 1e3,
-            "capture_ms": (t2 - t1) * 1e3,
+            "capture_ms": (t2 - t1 + late_s) * 1e3,
             "steps": steps,
             "ms_per_token": decode_s * 1e3 / max(steps - 1, 1),
             "tokens_per_s": (n_tok - b) / decode_s if decode_s > 0 and n_tok > b else float("nan"),
             "backend": getattr(sel, "backend", "torch"),
-            "cuda_graphs": graph is not None,
-            "compiled": ent.get("compiled") is not None and compiled,
+            "cuda_graphs": any(graph for graph, _ in ran),
+            "compiled": any(comp for _, comp in ran),
             "pair": self.kind if streams == "ar" else f"single:{streams}",
             "batch": b,
             "rows": n,
@@ -578,6 +593,7 @@ class Decoder:
             "forward": _forward_stats(pair),
             "reference_head": _ref_head_stats(st.ref_head),
             "kv_cache_bytes": self.kv_cache_bytes,
+            **_read_stats(pair, reads),
         }
         if steps > 8 and b <= n:  # enough steps to say what the step costs, for compile="auto"
             tuning.observe_step(ckey, out.stats["compiled"], out.stats["ms_per_token"],
@@ -593,11 +609,16 @@ class Decoder:
 MAX_STATIC = 4  # kept static runner sets (each holds a KV cache and maybe compiled code)
 
 
-def _length_bucket(needed: int, cap: int) -> int:
-    n = 64
-    while n < needed:
-        n *= 2
-    return min(n, cap)
+def _read_stats(pair, reads: dict) -> dict:
+    """``read_lengths``: steps run per attention read length (slots) in this call;
+    ``kv_read_bytes_per_step``: the KV bytes those steps read, on average (keys and values of
+    every layer, row and read slot of the pair's runners)."""
+    steps = sum(reads.values())
+    per_slot = sum(t.numel() // t.shape[2] * t.element_size()
+                   for r in pair.runners for t in r.cache.keys + r.cache.values)
+    mean = sum(n * c for n, c in reads.items()) / steps if steps else 0
+    return {"read_lengths": dict(sorted(reads.items())),
+            "kv_read_bytes_per_step": int(per_slot * mean)}
 
 
 def _linear_stats(pair) -> dict:

@@ -144,6 +144,10 @@ class Runner:
         self.mask = torch.full((n_rows, 1, 1, max_len), self.neg, dtype=self.dtype, device=dev)
         # host mirror of the live rows' slots: an eager step attends over the written ones only
         self.bound = ReadBound(n_rows, max_len)
+        # the read length of a captured/compiled step (engine.LengthSteps sets it around its
+        # build and replays; None: eager, read_len() decides per step)
+        self.fixed_len: int | None = None
+        self.reads: dict = {}  # host counts: steps run per read length (Decoder stats)
         self.split = SplitHead.of(self.model)
         fast = FastDecoder.of(self.model)
         self.fast = fast if tuning.decoder_pays(self.model, fast, n_rows, mode=forward) else None
@@ -241,10 +245,14 @@ class Runner:
         return logits
 
     def read_len(self) -> int | None:
-        """Cache slots the next step attends over: ``None`` (all ``max_len``) inside a CUDA-graph
-        capture or a ``torch.compile`` trace, whose fixed shapes are replayed without this host
-        bookkeeping (so the runner reads its whole cache from then on: ``ReadBound.off``), else
-        one past the largest slot a live row writes in it (``ReadBound``), when known."""
+        """Cache slots the next step attends over: ``fixed_len`` when set (a step of
+        ``engine.LengthSteps``, made for that length, whose replays the host counts); else
+        ``None`` (all ``max_len``) inside a CUDA-graph capture or a ``torch.compile`` trace,
+        whose fixed shapes are replayed without this host bookkeeping (so the runner reads its
+        whole cache from then on: ``ReadBound.off``), else one past the largest slot a live
+        row writes in it (``ReadBound``), when known."""
+        if self.fixed_len is not None:
+            return self.fixed_len
         if torch.compiler.is_compiling() or (
                 self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             self.bound.off()
@@ -270,17 +278,27 @@ class Runner:
     def _bounded(self, forward, ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
         """``forward(ids, mask, pos)`` of a one-token step, attending over the first
         ``read_len()`` slots only (the mask's and the cache's views; all of them when
-        ``None``)."""
+        ``None``). With ``fixed_len`` set nothing on the host is touched (the step may be traced
+        or captured; ``engine.LengthSteps`` counts its replays), else the step is counted."""
         n = self.read_len()
         if n is None:
-            return forward(ids, mask, pos)
-        self.cache.read_len = n
-        try:
-            out = forward(ids, mask[:, :, :, :n], pos)
-        finally:
-            self.cache.read_len = None
-        self.bound.step()
+            out = forward(ids, mask, pos)
+        else:
+            self.cache.read_len = n
+            try:
+                out = forward(ids, mask[:, :, :, :n], pos)
+            finally:
+                self.cache.read_len = None
+        if self.fixed_len is None and not torch.compiler.is_compiling():
+            if n is not None:
+                self.bound.step()
+            self.count_read(n)
         return out
+
+    def count_read(self, n: int | None) -> None:
+        """Host count of one step that read ``n`` slots (``None``: all ``max_len``)."""
+        n = self.max_len if n is None else n
+        self.reads[n] = self.reads.get(n, 0) + 1
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per row (int64 ``[n_rows]``, valid ids) and return the next logits

@@ -8,8 +8,10 @@ architecture and rule eagerly); each compiled case is compared with the eager de
 same Decoder settings and with the naive loop."""
 
 import pytest
+import torch
 
-from aad_fast import AAD, EFT, OPAD, Decoder, Greedy, tuning
+from aad_fast import AAD, EFT, OPAD, Decoder, Greedy, cache, engine, tuning
+from aad_fast.cache import StaticKVCache
 from conftest import aad_pick, naive_decode, tiny_model
 
 PROMPTS = [[5, 9, 2], [7, 7, 30, 4, 11]]
@@ -50,6 +52,57 @@ def test_compiled_step_gives_the_eager_tokens(kind):
     assert again.tokens == want.tokens[::-1]
     if kind == "two":
         assert want.tokens == naive_decode(aad_pick(0.1), models, PROMPTS, 12)
+
+
+def _no_eos(model):
+    model.config.eos_token_id = model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize("kind", ["single", "two"])
+def test_one_compiled_step_per_read_length_switches_as_rows_grow(kind, monkeypatch):
+    """max_seq_len 128 with the ladder 32, 64, 128: the compiled step of each rung reads that
+    many slots, the batch moves to 64 when its rows pass slot 31, never reaches 128."""
+    monkeypatch.setitem(cache.MIN_READ, "cpu", 32)
+    made, seen = [], []
+
+    class Spied(engine.CompiledStep):
+        def __init__(self, pair, *a):
+            made.append(pair.runners[0].fixed_len)  # the length it is compiled for
+            super().__init__(pair, *a)
+    monkeypatch.setattr(engine, "CompiledStep", Spied)
+    update = StaticKVCache.update
+
+    @torch._dynamo.allow_in_graph  # runs when the graph is traced, unseen by dynamo's guards
+    def note(keys):
+        seen.append((torch.compiler.is_compiling(), keys.shape[2]))
+        return keys
+
+    def spy(self, k, v, layer_idx, *a, **kw):  # what the traced step attends over
+        keys, values = update(self, k, v, layer_idx, *a, **kw)
+        if layer_idx == 0 and k.shape[2] == 1:
+            keys = note(keys)
+        return keys, values
+    monkeypatch.setattr(StaticKVCache, "update", spy)
+    if kind == "two":
+        models, rule = (_no_eos(tiny_model("llama", 0, 512)),
+                        _no_eos(tiny_model("llama", 1, 512))), AAD(0.1)
+    else:
+        models, rule = (_no_eos(tiny_model("olmo2", 4)),), Greedy()
+    kw = dict(max_batch_size=2, max_seq_len=128)
+    want = Decoder(*models, compile=False, **kw).generate(input_ids=PROMPTS, rule=rule,
+                                                          max_new_tokens=40)
+    got = Decoder(*models, compile=True, **kw).generate(input_ids=PROMPTS, rule=rule,
+                                                        max_new_tokens=40)
+    assert got.stats["compiled"] and got.tokens == want.tokens
+    if kind == "two":
+        assert got.stats["reference_head"]["sparse_steps"] > 0
+        assert want.tokens == naive_decode(aad_pick(0.1), models, PROMPTS, 40, stops=())
+    # width 5: step k writes slot 5 + k, so 27 steps read 32 slots and 12 read 64
+    assert got.stats["read_lengths"] == {32: 27, 64: 12}
+    assert want.stats["read_lengths"] == {45: 39}  # eager: its 45 slots, rounded up to 64
+    assert made == [32, 64]
+    assert {n for traced, n in seen if traced} == {32, 64}
 
 
 def test_compiled_sampled_rule_reproduces_the_eager_samples():

@@ -1,7 +1,9 @@
 """GPU checks of issue 10 (``pytest -m gpu``; skipped without CUDA): the graph-replayed step
 equals the eager step token for token on every tiny architecture and pair kind, one captured
-graph serves every value of a rule kind, and the beam/mix helpers keep their exact order on
-CUDA tensors. (Kernel backends against the reference: ``tests/test_kernels.py``.)"""
+graph serves every value of a rule kind, one graph per read length of the ladder
+(``engine.LengthSteps``) gives the eager tokens as rows grow past a rung and come and go, and
+the beam/mix helpers keep their exact order on CUDA tensors. (Kernel backends against the
+reference: ``tests/test_kernels.py``.)"""
 import copy
 import math
 
@@ -9,7 +11,8 @@ import pytest
 import torch
 from conftest import PROMPTS, random_lora, tiny_model
 
-from aad_fast import (AAD, CFG, EFT, OPAD, BeamAAD, Contrastive, Decoder, Greedy, Mix, engine)
+from aad_fast import (AAD, CFG, EFT, OPAD, BeamAAD, Contrastive, Decoder, Greedy, Mix, cache,
+                      engine)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -71,6 +74,69 @@ def test_one_captured_graph_serves_every_value(monkeypatch):
             assert got.stats["cuda_graphs"] and got.tokens == fresh.tokens, rule
         assert len(built) == i + 1
     assert len(dec._entries) == 2
+
+
+def _no_eos(models):
+    for m in models:
+        base = m.get_base_model() if hasattr(m, "get_base_model") else m
+        for cfg in (base.config, base.generation_config):
+            cfg.eos_token_id = None
+    return models
+
+
+def _counted_graphs(monkeypatch):
+    """``engine.StepGraph`` that records the read length each graph is captured for."""
+    made = []
+    real = engine.StepGraph
+
+    class Counting(real):
+        def __init__(self, pair, *a):
+            made.append(pair.runners[0].fixed_len)
+            super().__init__(pair, *a)
+    monkeypatch.setattr(engine, "StepGraph", Counting)
+    return made
+
+
+@pytest.mark.parametrize("kind,rule", [("two", AAD(0.1)), ("lora", AAD(0.2)),
+                                       ("single", Greedy("a")), ("two", SAMPLED)])
+def test_one_graph_per_read_length_equals_eager(kind, rule, monkeypatch):
+    monkeypatch.setitem(cache.MIN_READ, "cuda", 32)  # 128 slots: graphs of 32, 64 and 128
+    made = _counted_graphs(monkeypatch)
+    args = _no_eos(models_for("llama", kind))
+    kw = dict(max_batch_size=4, max_seq_len=128)
+    want = Decoder(*args, cuda_graphs=False, **kw).generate(input_ids=PROMPTS, rule=rule,
+                                                            max_new_tokens=100)
+    dec = Decoder(*args, cuda_graphs=True, **kw)
+    got = dec.generate(input_ids=PROMPTS, rule=rule, max_new_tokens=100)
+    assert got.stats["cuda_graphs"] and got.tokens == want.tokens
+    # width 6: step k writes slot 6 + k; 26 steps read 32 slots, 32 read 64, 41 read 128
+    assert got.stats["read_lengths"] == {32: 26, 64: 32, 128: 41}
+    assert made == [32, 64, 128]
+    assert got.stats["kv_read_bytes_per_step"] < got.stats["kv_cache_bytes"]
+    again = dec.generate(input_ids=PROMPTS, rule=rule, max_new_tokens=40)  # replays only
+    assert again.tokens == [t[:40] for t in want.tokens] and made == [32, 64, 128]
+    assert again.stats["read_lengths"] == {32: 26, 64: 13}
+
+
+def test_continuous_batching_over_the_ladder_equals_decoding_alone(monkeypatch):
+    monkeypatch.setitem(cache.MIN_READ, "cuda", 16)  # 128 slots: 16, 32, 64, 128
+    made = _counted_graphs(monkeypatch)
+    args = _no_eos(models_for("llama", "two"))
+    long = [1] + [(7 * i) % 50 + 5 for i in range(39)]
+    prompts = [PROMPTS[0], long, PROMPTS[1], PROMPTS[2], long[:20]]
+    dec = Decoder(*args, max_batch_size=2, max_seq_len=128, check_every=3)
+    sched = dec.scheduler(AAD(0.2))
+    hs = [sched.submit(dec.request(input_ids=p, rule=AAD(0.2), max_new_tokens=20 + 7 * i))
+          for i, p in enumerate(prompts)]
+    sched.run_until_idle()
+    alone = Decoder(*args, max_batch_size=1, max_seq_len=128, cuda_graphs=False)
+    for i, (p, h) in enumerate(zip(prompts, hs)):
+        assert h.tokens == alone.generate(input_ids=[p], rule=AAD(0.2),
+                                          max_new_tokens=20 + 7 * i).tokens[0], i
+    assert {16, 32, 64, 128} >= set(made) >= {32, 64, 128}
+    assert len(made) == len(set(made))  # each length captured once
+    reads = sched.pair.runners[0].reads
+    assert set(reads) == set(made) and sum(reads.values()) == sched.steps
 
 
 def test_beam_of_one_is_aad_on_cuda():
