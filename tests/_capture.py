@@ -135,7 +135,10 @@ class CaptureChecker:
         self.violations.append(what)
 
     def __enter__(self):
-        self._known = {_storage_key(o) for o in gc.get_objects() if isinstance(o, torch.Tensor)}
+        # type(), not isinstance(): gc also lists weakref proxies (torch.compile keeps some),
+        # and isinstance() on a dead one raises ReferenceError
+        self._known = {_storage_key(o) for o in gc.get_objects()
+                       if issubclass(type(o), torch.Tensor)}
         self._known.discard(None)
         self._saved_sync = torch.cuda.synchronize
 
