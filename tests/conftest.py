@@ -98,3 +98,39 @@ def _tuning_cache_per_session(tmp_path_factory):
         os.environ.pop("AAD_FAST_TUNE_CACHE", None)
     else:
         os.environ["AAD_FAST_TUNE_CACHE"] = old
+
+
+def brute_beam(models, prompt, k, alpha, tau, max_new, lp=0.0, stops=(EOS,)):
+    """docs/rules.md BeamAAD written out (every live beam x every candidate, full recompute):
+    ``(tokens, finish_reason, score)``."""
+    live, ended = [(0.0, [])], []
+    for _ in range(max_new):
+        options = []
+        for j, (tot, seq) in enumerate(live):
+            a, r = full_logits(models[0], prompt + seq), full_logits(models[1], prompt + seq)
+            la, lr = a.log_softmax(-1), r.log_softmax(-1)
+            cand = la >= la.max() + (math.log(alpha) if alpha > 0 else -math.inf)
+            s = la - lr
+            if tau is not None:
+                pr = lr.exp()
+                if float(torch.where(cand, -pr * lr, torch.zeros(())).sum()) <= tau:
+                    s = la + math.log(int(cand.sum()))
+            options += [(tot + float(s[v]), j, v) for v in cand.nonzero().flatten().tolist()]
+        options.sort(key=lambda o: (-o[0], o[1], o[2]))
+        new = []
+        for rank, (tot, j, v) in enumerate(options):
+            if v in stops:
+                if rank < k:
+                    ended.append((tot / (len(live[j][1]) + 1) ** lp, tot, live[j][1]))
+                continue
+            new.append((tot, live[j][1] + [v]))
+            if len(new) == k:
+                break
+        live = new
+        if len(ended) >= k or not live:
+            break
+    if ended:
+        best = max(ended, key=lambda e: e[0])
+        return best[2], "stop", best[1]
+    best = max(live, key=lambda b: b[0])
+    return best[1], "length", best[0]

@@ -5,11 +5,10 @@ whatever else is in the batch and whenever it was admitted: more prompts than fi
 requests admitted mid-decode with their own alpha, length_penalty, stop ids and
 max_new_tokens, two-model and LoRA pairs, cancellation; bad input names the argument."""
 import copy
-import math
 
 import pytest
 import torch
-from conftest import EOS, full_logits, random_lora, tiny_model
+from conftest import EOS, brute_beam, random_lora, tiny_model
 
 from aad_fast import AAD, BeamAAD, Decoder, engine
 
@@ -30,41 +29,6 @@ def lora():
     pm = random_lora(copy.deepcopy(base), seed=5)
     merged = copy.deepcopy(pm).merge_and_unload().eval()
     return {"models": (pm,), "brute": (merged, base)}
-
-
-def brute(models, prompt, k, alpha, tau, max_new, lp=0.0, stops=(EOS,)):
-    """docs/rules.md BeamAAD written out: ``(tokens, finish_reason, score)``."""
-    live, ended = [(0.0, [])], []
-    for _ in range(max_new):
-        options = []
-        for j, (tot, seq) in enumerate(live):
-            a, r = full_logits(models[0], prompt + seq), full_logits(models[1], prompt + seq)
-            la, lr = a.log_softmax(-1), r.log_softmax(-1)
-            cand = la >= la.max() + (math.log(alpha) if alpha > 0 else -math.inf)
-            s = la - lr
-            if tau is not None:
-                pr = lr.exp()
-                if float(torch.where(cand, -pr * lr, torch.zeros(())).sum()) <= tau:
-                    s = la + math.log(int(cand.sum()))
-            options += [(tot + float(s[v]), j, v) for v in cand.nonzero().flatten().tolist()]
-        options.sort(key=lambda o: (-o[0], o[1], o[2]))
-        new = []
-        for rank, (tot, j, v) in enumerate(options):
-            if v in stops:
-                if rank < k:
-                    ended.append((tot / (len(live[j][1]) + 1) ** lp, tot, live[j][1]))
-                continue
-            new.append((tot, live[j][1] + [v]))
-            if len(new) == k:
-                break
-        live = new
-        if len(ended) >= k or not live:
-            break
-    if ended:
-        best = max(ended, key=lambda e: e[0])
-        return best[2], "stop", best[1]
-    best = max(live, key=lambda b: b[0])
-    return best[1], "length", best[0]
 
 
 def _alone(dec, prompt, rule, max_new, stop):
@@ -96,7 +60,7 @@ def test_more_prompts_than_rows_refill_beam_slots(two, lora, pair):
     for i, prompt in enumerate(PROMPTS7):
         _check((got.tokens[i], got.finish_reason[i], got.scores[i]),
                _alone(dec, prompt, rule, 7, stops[1:]),
-               brute(p["brute"], prompt, 2, 0.2, None, 7, 1.0, stops))
+               brute_beam(p["brute"], prompt, 2, 0.2, None, 7, 1.0, stops))
     assert set(got.finish_reason) == {"stop", "length"}  # slots really ended at different steps
 
 
@@ -131,7 +95,7 @@ def test_beam_requests_with_own_values_admitted_mid_decode(two, lora, pair):
     for h, (pr, r, m, s) in zip(handles, specs):
         got = (h.tokens, h.finish_reason, h.score)
         _check(got, _alone(dec, pr, r, m, s),
-               brute(p["brute"], pr, 2, r.alpha, r.tau, m, r.length_penalty, (EOS, *s)))
+               brute_beam(p["brute"], pr, 2, r.alpha, r.tau, m, r.length_penalty, (EOS, *s)))
         assert len(h.tokens) <= m and h.done
 
 

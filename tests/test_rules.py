@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import EOS, PROMPTS, aad_pick, full_logits, naive_decode, tiny_model
+from conftest import PROMPTS, aad_pick, brute_beam, naive_decode, tiny_model
 
 from aad_fast import (AAD, CFG, EFT, OPAD, BeamAAD, BestOfN, Contrastive, DeRa, Decoder, Greedy,
                       Mix)
@@ -105,49 +105,12 @@ def test_cfg_one_model_with_unconditional_prompt(models):
 
 
 # ------------------------------------------------------------------------------ beam search
-def brute_beam(models, prompt, k, alpha, tau, max_new, length_penalty=0.0, stops=(EOS,)):
-    """docs/rules.md BeamAAD, written out: every live beam x every candidate, full recompute."""
-    live = [(0.0, [])]
-    ended = []
-    for t in range(max_new):
-        options = []
-        for j, (tot, seq) in enumerate(live):
-            a, r = full_logits(models[0], prompt + seq), full_logits(models[1], prompt + seq)
-            la, lr = a.log_softmax(-1), r.log_softmax(-1)
-            cand = la >= la.max() + math.log(alpha)
-            s = la - lr
-            if tau is not None:
-                pr = lr.exp()
-                h = float(torch.where(cand, -pr * lr, torch.zeros(())).sum())
-                if h <= tau:
-                    s = la + math.log(int(cand.sum()))
-            for v in cand.nonzero().flatten().tolist():
-                options.append((tot + float(s[v]), j, v))
-        options.sort(key=lambda o: (-o[0], o[1], o[2]))
-        new = []
-        for rank, (tot, j, v) in enumerate(options):
-            if v in stops:
-                if rank < k:
-                    seq = live[j][1]
-                    ended.append((tot / (len(seq) + 1) ** length_penalty, tot, seq))
-                continue
-            new.append((tot, live[j][1] + [v]))
-            if len(new) == k:
-                break
-        live = new
-        if len(ended) >= k or not live:
-            break
-    if ended:
-        return max(ended, key=lambda e: e[0])[2]
-    return max(live, key=lambda b: b[0])[1]
-
-
 @pytest.mark.parametrize("k,alpha,tau,lp", [(2, 0.1, None, 0.0), (3, 0.3, 1.0, 1.0),
                                             (4, 0.05, 0.5, 0.0)])
 def test_beam_aad_matches_brute_force(models, k, alpha, tau, lp):
     dec = Decoder(*models, max_batch_size=16, max_seq_len=48)
     got = dec.generate(input_ids=PROMPTS, rule=BeamAAD(k, alpha, tau, lp), max_new_tokens=6)
-    want = [brute_beam(models, p, k, alpha, tau, 6, lp) for p in PROMPTS]
+    want = [brute_beam(models, p, k, alpha, tau, 6, lp)[0] for p in PROMPTS]
     assert got.tokens == want
     assert len(got.scores) == len(PROMPTS)
     st = got.stats
@@ -173,7 +136,7 @@ def test_beam_aad_on_a_lora_pair_matches_brute_force_on_the_merged_pair():
     with Decoder(pm, max_batch_size=16, max_seq_len=48) as dec:
         assert dec.kind == "lora"
         got = dec.generate(input_ids=PROMPTS, rule=BeamAAD(3, 0.2), max_new_tokens=6)
-    assert got.tokens == [brute_beam((merged, sft), p, 3, 0.2, None, 6, 0.0) for p in PROMPTS]
+    assert got.tokens == [brute_beam((merged, sft), p, 3, 0.2, None, 6, 0.0)[0] for p in PROMPTS]
 
 
 def test_beam_ranking_orders_best_first_ties_low_nan_last():

@@ -136,7 +136,7 @@ def test_beam_search_on_a_bare_pair_with_padding_rows_matches_brute_force(models
     """``search.BeamSearch`` on a ``Scheduler`` needs only a pair (no Decoder): 3 prompts x 3
     beams on a pair of 8 rows (2 slots, 2 padding rows as under a bucket), the third prompt
     refilling the first finished slot."""
-    from test_rules import brute_beam
+    from conftest import brute_beam
 
     from aad_fast import search
     from aad_fast.pairs import TwoModelPair
@@ -148,7 +148,7 @@ def test_beam_search_on_a_bare_pair_with_padding_rows_matches_brute_force(models
     sched = Scheduler(pair, bs, None, rule, check_every=4)
     hs = [sched.submit(Request(ids_a=p, max_new_tokens=6, stop_ids=(3,))) for p in PROMPTS]
     sched.run_until_idle()
-    assert [h.tokens for h in hs] == [brute_beam(models, p, 3, 0.2, None, 6, 1.0)
+    assert [h.tokens for h in hs] == [brute_beam(models, p, 3, 0.2, None, 6, 1.0)[0]
                                       for p in PROMPTS]
     assert hs[2].admitted > min(hs[0].finished, hs[1].finished)
 
