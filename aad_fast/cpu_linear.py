@@ -13,9 +13,10 @@ The packed layout (``PackedLinear``): oneDNN's blocked copy of the weight
 (``mkldnn._reorder_linear_weight``) multiplied by ``mkldnn._linear_pointwise``. On the 2-core
 Xeon, MKL's ``F.linear`` costs ~1.8x its one-row time at 8 rows and ~2.2x at 16 (small-M GEMM
 kernels, not the memory, are the limit there), the packed weight ~1.3x and ~1.6x; at one row it
-is no faster. It costs a second copy of each packed weight (made once per weight and shared by
-every view, ``packed``), so ``runner.engine_view`` takes it only where it was measured faster and
-the copies fit in the memory left (``fits_in_memory``). Same product, another fp32 summation
+is no faster. It costs a second copy of each packed weight (made once per weight, shared by
+every view that holds it and freed with the last, ``packed``), so ``runner.engine_view`` takes it
+only where it was measured faster and the copies fit in the memory left (``fits_in_memory``).
+Same product, another fp32 summation
 order; the compiled step calls it through the ``aad_fast::packed_linear`` op, so eager and
 compiled steps multiply alike.
 """
@@ -64,7 +65,19 @@ class FewRowLinear(nn.Module):
 
 # ---------------------------------------------------------------------------- packed (oneDNN)
 PACK_HINT = 16  # the row count oneDNN blocks a packed weight for (8..64 measured alike; 1 differs)
-_PACKS: dict = {}  # (data_ptr, shape) -> (weight version, packed copy); dropped with the weight
+
+
+class _Pack:
+    """A weight's packed copy (``tensor``) and the weight ``_version`` it was made from."""
+    __slots__ = ("tensor", "version", "__weakref__")
+
+    def __init__(self, tensor: Tensor, version: int):
+        self.tensor, self.version = tensor, version
+
+
+# (data_ptr, shape) -> _Pack, while some PackedLinear holds it: a plan the whole-step check
+# turned down, or a closed Decoder's views, leave no copy behind
+_PACKS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
 
 def packed_supported() -> bool:
@@ -73,19 +86,18 @@ def packed_supported() -> bool:
         hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def packed(weight: Tensor) -> Tensor:
-    """oneDNN's packed copy of ``weight`` ``[N, K]`` (fp32, CPU), made on first use and kept
-    while ``weight`` lives and is not written (a changed ``_version`` packs again)."""
+def packed(weight: Tensor) -> _Pack:
+    """oneDNN's packed copy of ``weight`` ``[N, K]`` (fp32, CPU), shared by every view of the
+    weight while one holds it; a weight written since (a changed ``_version``) packs again."""
     key = (weight.data_ptr(), tuple(weight.shape))
     hit = _PACKS.get(key)
-    if hit is not None and hit[0] == weight._version:
-        return hit[1]
+    if hit is not None and hit.version == weight._version:
+        return hit
     with torch.no_grad():
-        pk = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_HINT)
-    if hit is None:
-        weakref.finalize(weight, _PACKS.pop, key, None)
-    _PACKS[key] = (weight._version, pk)
-    return pk
+        pack = _Pack(torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_HINT),
+                     weight._version)
+    _PACKS[key] = pack
+    return pack
 
 
 def packed_bytes(weights) -> int:
@@ -115,7 +127,7 @@ def packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     x2 = x.reshape(-1, k)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    pk = packed(weight) if pk is None else pk
+    pk = packed(weight).tensor if pk is None else pk
     y = torch.ops.mkldnn._linear_pointwise(x2, pk, bias, "none", [], "")
     return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -141,16 +153,16 @@ class PackedLinear(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.max_rows = max_rows
-        self._packed, self._version = packed(self.weight), self.weight._version  # made now
+        self._pack = packed(self.weight)  # made now, not inside the first timed step
 
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() // x.shape[-1] > self.max_rows:
             return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():
             return packed_linear_op(x, self.weight, self.bias)
-        if self.weight._version != self._version:  # written in place since: pack again
-            self._packed, self._version = packed(self.weight), self.weight._version
-        return packed_linear(x, self.weight, self.bias, self._packed)
+        if self.weight._version != self._pack.version:  # written in place since: pack again
+            self._pack = packed(self.weight)
+        return packed_linear(x, self.weight, self.bias, self._pack.tensor)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, packed up to {self.max_rows} rows"

@@ -242,13 +242,13 @@ def test_packed_same_product_as_f_linear(shape, bias):
 
 
 @needs_packed
-def test_packed_copy_is_made_once_per_weight_renewed_on_write_and_dropped_with_it():
+def test_packed_copy_is_made_once_per_weight_renewed_on_write_and_freed_with_its_views():
     import gc
     lin = nn.Linear(16, 8)
     a, b = PackedLinear(lin, 4), PackedLinear(lin, 8)  # two views of one weight: one copy
     assert a.weight is lin.weight and b.weight is lin.weight
     first = cpu_linear.packed(lin.weight)
-    assert cpu_linear.packed(lin.weight) is first
+    assert a._pack is first and b._pack is first
     assert cpu_linear.packed_bytes([lin.weight]) == 0  # nothing more to pack
     x = torch.randn(3, 1, 16)
     with torch.no_grad():
@@ -256,13 +256,29 @@ def test_packed_copy_is_made_once_per_weight_renewed_on_write_and_dropped_with_i
     with torch.inference_mode():
         torch.testing.assert_close(a(x), lin(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b(x), lin(x), rtol=1e-5, atol=1e-5)
-    assert cpu_linear.packed(lin.weight) is not first
-    key = (lin.weight.data_ptr(), tuple(lin.weight.shape))
+    assert a._pack is not first and a._pack is b._pack  # packed again, once
     other = nn.Linear(16, 8)
     assert cpu_linear.packed_bytes([other.weight, other.weight]) == 16 * 8 * 4  # counted once
-    del a, b, lin, first
+    del a, b, first
     gc.collect()
-    assert key not in cpu_linear._PACKS
+    assert cpu_linear.packed_bytes([lin.weight]) == 16 * 8 * 4  # no view holds it: freed
+
+
+def test_a_packed_plan_the_whole_step_turns_down_leaves_no_copy(monkeypatch):
+    import gc
+    from aad_fast.runner import engine_view
+    if not cpu_linear.packed_supported():
+        pytest.skip("this torch build has no oneDNN packed linear")
+    monkeypatch.setattr(tuning, "measure_linear", lambda w, rows: {"plain": 1.0, "packed": 0.5})
+    monkeypatch.setattr(tuning, "measure_forward",
+                        lambda *a: {"plain": 1.0, "planned": 2.0, "stable": True})
+    model = tiny_model()
+    view, plan = engine_view(model, 2)
+    gc.collect()
+    assert {r["source"] for r in plan.values()} == {"whole-step check"}
+    weights = [m.weight for m in model.modules() if type(m) is nn.Linear]
+    unique = {id(w): w for w in weights}.values()
+    assert cpu_linear.packed_bytes(weights) == sum(w.numel() * 4 for w in unique)
 
 
 @needs_packed
