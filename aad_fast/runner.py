@@ -15,9 +15,10 @@ Qwen2/3, Mistral, OLMo2 and other standard decoder-only models.
 ``engine_view`` is the model the runner calls: a copy of the module tree that shares every
 parameter and buffer (no weight is copied) with the decode-path layers replaced once, for the
 runner's life: LoRA layers by ``lora_rows.RowLoRALinear`` (adapter on the aligned rows only), and
-on CPU each plain fp32 ``nn.Linear`` by ``cpu_linear.FewRowLinear`` or ``cpu_linear.PackedLinear``
-where ``tuning`` measured that layout faster for the runner's row count. Nothing is swapped around a forward, so two runners
-(or two threads) never see each other's layers, and ``torch.compile`` can trace the step.
+on CPU each plain fp32 ``nn.Linear`` by ``cpu_linear.FewRowLinear`` or
+``cpu_linear.PackedLinear`` where ``tuning`` measured that layout faster for the runner's row
+count. Nothing is swapped around a forward, so two runners (or two threads) never see each
+other's layers, and ``torch.compile`` can trace the step.
 """
 from __future__ import annotations
 
