@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import engine, search
-from .cache import KVPool, check_fits, kv_bytes, read_ladder
+from .cache import KVPool, check_fits, kv_bytes, ladder_length, read_ladder
 from .hf import load_pair
 from . import tuning
 from .lora_rows import RowLoRA
@@ -77,8 +77,8 @@ class Decoder:
             on CUDA the compiled step is what the graph captures). ``True``/``False`` force it;
             ``"auto"`` (default) compiles only where a run on this machine measured the
             compiled step faster for this model shape, pair and batch, and this call's
-            ``max_new_tokens`` saves more than the measured compile time
-            (``tuning.compile_pays``). Every decode records its ms/token (and a compile its
+            ``max_new_tokens`` saves more than the measured compile time once per read
+            length the call reaches (``tuning.compile_pays``, ``cache.read_ladder``). Every decode records its ms/token (and a compile its
             time) for that choice. The compile itself is not part of ``ms_per_token``
             (``stats["capture_ms"]``).
         forward: the one-token forward of the decode steps on CPU: ``"auto"`` (default, or
@@ -250,10 +250,16 @@ class Decoder:
         pair = self.kind if streams == "ar" else f"single-{streams}"
         return f"compile/{self.device.type}/{sig}/{pair}/rows{n}"
 
-    def _wants_compile(self, key: str, max_new: int) -> bool:
+    def _wants_compile(self, key: str, max_new: int, longest: int = 1) -> bool:
+        """``compile``, or for ``"auto"`` whether this machine's record says compiling pays
+        for ``max_new`` tokens after a prompt of ``longest``: one compile per rung of the read
+        ladder the call's rows reach (``cache.read_ladder``)."""
         if self.compile is True or self.compile is False:
             return self.compile and max_new > 1
-        return tuning.compile_pays(key, max_new - 1)
+        ladder = read_ladder(self.max_seq_len, self.device)
+        lo = ladder_length(ladder, longest + 1)
+        hi = ladder_length(ladder, longest + max_new)
+        return tuning.compile_pays(key, max_new - 1, sum(lo <= r <= hi for r in ladder))
 
     def _entry(self, pair, n: int, rule: Rule):
         """Selector, decode state and captured graph for ``n`` rows of ``rule``'s kind
@@ -517,7 +523,7 @@ class Decoder:
         streams = rule.streams
         longest = max(len(r) for r in rows.a + rows.r)
         ckey = self._compile_key(streams, n)
-        compiled = self._wants_compile(ckey, max_new)
+        compiled = self._wants_compile(ckey, max_new, longest)
         pair = self._pair(n, streams, longest + max_new, static=self.use_graphs or compiled)
         ent = self._entry(pair, n, rule)
         sel, st = ent["sel"], ent["st"]

@@ -399,15 +399,16 @@ def observe_step(entry: str, compiled: bool, ms_per_token: float, compile_s: flo
     store(entry, rec)
 
 
-def compile_pays(entry: str, steps: int) -> bool:
+def compile_pays(entry: str, steps: int, compiles: int = 1) -> bool:
     """Whether compiling beats eager for ``steps`` decode steps, by this machine's record:
-    the compiled step must be faster beyond noise and save more than one compile's time.
-    Without both measurements the answer is no (eager costs nothing up front)."""
+    the compiled step must be faster beyond noise and save more than ``compiles`` compiles'
+    time (one per read length the call reaches, ``cache.read_ladder``). Without both
+    measurements the answer is no (eager costs nothing up front)."""
     rec = cached(entry) or {}
     eager, comp, cost = rec.get("eager_ms"), rec.get("compiled_ms"), rec.get("compile_s")
     if eager is None or comp is None or cost is None:
         return False
-    return comp < eager * (1 - MARGIN) and (eager - comp) * steps > cost * 1e3
+    return comp < eager * (1 - MARGIN) and (eager - comp) * steps > cost * compiles * 1e3
 
 
 # ---------------------------------------------------------------------------- selection backend

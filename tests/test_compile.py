@@ -129,6 +129,14 @@ def test_auto_compiles_only_where_the_record_says_it_pays(tmp_path, monkeypatch)
     tuning.store(key, {"eager_ms": 10.0, "compiled_ms": 8.0, "compile_s": 2.0})
     assert not dec._wants_compile(key, 16)    # 16 steps save 32 ms < 2 s of compiling
     assert dec._wants_compile(key, 2000)      # 2000 steps save 4 s
+    # one compile per read length the call reaches: 48 slots on CPU are the ladder (48,)...
+    assert dec._wants_compile(key, 2000, longest=40)
+    # ...4096 slots the ladder 64, 128, ..., 4096
+    big = Decoder(tiny_model("llama", 0), tiny_model("llama", 1), max_batch_size=2,
+                  max_seq_len=4096)
+    tuning.store(key, {"eager_ms": 10.0, "compiled_ms": 8.0, "compile_s": 1.0})
+    assert not big._wants_compile(key, 2000, longest=40)  # 64 .. 2048: 6 s > 4 s saved
+    assert big._wants_compile(key, 2000, longest=1000)    # 1024, 2048, 4096: 3 s < 4 s
     tuning.store(key, {"eager_ms": 10.0, "compiled_ms": 9.8, "compile_s": 0.0})
     assert not dec._wants_compile(key, 10 ** 6)  # within noise: never
     for forced in (True, False):
