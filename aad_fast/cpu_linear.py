@@ -22,6 +22,7 @@ compiled steps multiply alike.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -80,10 +81,23 @@ class _Pack:
 _PACKS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
 
+@functools.cache
 def packed_supported() -> bool:
-    """Whether this torch build has oneDNN's packed linear (x86 builds do)."""
-    return torch.backends.mkldnn.is_available() and \
-        hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether oneDNN's packed linear works in this torch build on this CPU: the ops exist
+    (x86 builds have them) and a trial product on a small weight equals ``F.linear``'s."""
+    if not (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(24, 16, generator=g), torch.randn(3, 16, generator=g)
+    try:
+        with torch.no_grad():
+            pk = torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT)
+            y = torch.ops.mkldnn._linear_pointwise(x, pk, None, "none", [], "")
+    except (RuntimeError, NotImplementedError):  # a build or CPU without the kernels
+        return False
+    return bool(torch.allclose(y, F.linear(x, w), rtol=1e-4, atol=1e-4))
 
 
 def packed(weight: Tensor) -> _Pack:

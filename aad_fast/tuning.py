@@ -258,7 +258,7 @@ def plan_linears(model: nn.Module, rows: int, mode: str | None = None,
         if mode != "auto":
             plan[shape] = {"choice": mode, "source": "forced"} \
                 if mode != "packed" or packed_supported() else \
-                {"choice": "plain", "source": "forced packed: this torch build has no oneDNN"}
+                {"choice": "plain", "source": "forced packed: no working oneDNN packed linear here"}
             continue
         entry = f"linear/{shape[0]}x{shape[1]}/float32/rows{rows}/" + \
             ",".join(("plain",) + LAYOUTS[: 2 if packed_supported() else 1])

@@ -341,3 +341,16 @@ def test_compiled_step_multiplies_like_the_eager_packed_step():
         outs.append(out.tokens)
         dec.close()
     assert outs[0] == outs[1] == naive_decode(aad_pick(0.1), (ma, mr), PROMPTS, 8)
+
+
+def test_a_build_whose_packed_ops_fail_offers_no_packed_layout(monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("no oneDNN kernel for this CPU")
+    cpu_linear.packed_supported.cache_clear()
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", broken)
+    try:
+        assert not cpu_linear.packed_supported()
+        assert tuning.plan_linears(nn.Linear(8, 16), 2, "packed")[(16, 8)]["choice"] == "plain"
+    finally:
+        monkeypatch.undo()
+        cpu_linear.packed_supported.cache_clear()
