@@ -78,8 +78,8 @@ class Decoder:
             ``"auto"`` (default) compiles only where a run on this machine measured the
             compiled step faster for this model shape, pair and batch, and this call's
             ``max_new_tokens`` saves more than the measured compile time once per read
-            length the call reaches (``tuning.compile_pays``, ``cache.read_ladder``). Every decode records its ms/token (and a compile its
-            time) for that choice. The compile itself is not part of ``ms_per_token``
+            length the call reaches (``tuning.compile_pays``, ``cache.read_ladder``). Every
+            decode records its ms/token (and a compile its time) for that choice. The compile itself is not part of ``ms_per_token``
             (``stats["capture_ms"]``).
         forward: the one-token forward of the decode steps on CPU: ``"auto"`` (default, or
             ``$AAD_FAST_DECODER``) times the model's own forward against the engine's
