@@ -16,6 +16,7 @@ ranks), refilled like any row past ``max_batch_size``; best-of-n's samples are o
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -81,6 +82,13 @@ class Decoder:
             length the call reaches (``tuning.compile_pays``, ``cache.read_ladder``). Every
             decode records its ms/token (and a compile its time) for that choice. The compile itself is not part of ``ms_per_token``
             (``stats["capture_ms"]``).
+        threads: the intra-op threads its calls run with on CPU: ``"auto"`` (default, or
+            ``$AAD_FAST_THREADS``) keeps the process's count unless a half or a quarter of it
+            was measured faster for this model (``tuning.threads_choice``), ``"keep"`` never
+            changes it, an int uses that many; set while a call (``generate``, ``stream``, a
+            server burst) holds the Decoder, the process's count put back after (a
+            ``scheduler()`` you drive yourself runs with yours). ``stats["threads"]`` says
+            what ran.
         forward: the one-token forward of the decode steps on CPU: ``"auto"`` (default, or
             ``$AAD_FAST_DECODER``) times the model's own forward against the engine's
             (``fast_decoder.FastDecoder``, for Llama/Mistral/Qwen2/Qwen3/OLMo-2) per model shape
@@ -93,7 +101,8 @@ class Decoder:
     def __init__(self, aligned, reference=None, *, tokenizer=None, dtype=None, device=None,
                  max_batch_size: int = 8, max_seq_len: int = 2048, cuda_graphs="auto",
                  backend: str | None = None, check_every: int = 8,
-                 cpu_linear: str | None = None, compile="auto", forward: str | None = None):
+                 cpu_linear: str | None = None, compile="auto", forward: str | None = None,
+                 threads=None):
         for name, val in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
                           ("check_every", check_every)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -116,6 +125,8 @@ class Decoder:
         self.lora = RowLoRA(self.model_a) if self.kind == "lora" else None
         self.base = self.model_a.get_base_model() if self.kind == "lora" else self.model_a
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        # the intra-op threads its calls run with (None: the process's; tuning.threads_choice)
+        self.threads = tuning.threads_choice(self.base, max_batch_size, threads)
         self.use_graphs = self.device.type == "cuda" and cuda_graphs in ("auto", True)
         self.backend, self.check_every = backend, check_every
         self.vocab = self._vocab()
@@ -158,9 +169,20 @@ class Decoder:
             self._entries.clear()
             self._pickers.clear()
 
+    @contextlib.contextmanager
     def _locked(self):
-        """This Decoder's lock (other threads' calls wait for it)."""
-        return self._lock
+        """This Decoder's lock (other threads' calls wait for it), with ``self.threads`` intra-op
+        threads while it is held (the process's count put back after)."""
+        with self._lock:
+            before = torch.get_num_threads()
+            change = self.threads is not None and self.threads != before
+            if change:
+                torch.set_num_threads(self.threads)
+            try:
+                yield
+            finally:
+                if change:
+                    torch.set_num_threads(before)
 
     def __enter__(self):
         return self
@@ -489,7 +511,7 @@ class Decoder:
                  "backend": "cpp" if bs.backend == "cpp" else "torch",
                  "cuda_graphs": False, "batch": b, "num_beams": k, "rows": n,
                  "pair": self.kind, "device": str(self.device),
-                 "kv_cache_bytes": self.kv_cache_bytes}
+                 "kv_cache_bytes": self.kv_cache_bytes, "threads": torch.get_num_threads()}
         return Generation(tokens=tokens, text=self._text(tokens),
                           finish_reason=[h.finish_reason for h in handles], stats=stats,
                           scores=[h.score for h in handles])
@@ -599,6 +621,7 @@ class Decoder:
             "forward": _forward_stats(pair),
             "reference_head": _ref_head_stats(st.ref_head),
             "kv_cache_bytes": self.kv_cache_bytes,
+            "threads": torch.get_num_threads(),
             **_read_stats(pair, reads),
         }
         if steps > 8 and b <= n:  # enough steps to say what the step costs, for compile="auto"
@@ -664,7 +687,7 @@ def generate(aligned, reference=None, prompts=None, **kwargs) -> Generation:
     (``tokenizer, dtype, device, max_batch_size, max_seq_len, cuda_graphs, backend``) and
     ``generate`` options are both accepted."""
     dec_keys = ("tokenizer", "dtype", "device", "max_batch_size", "max_seq_len", "cuda_graphs",
-                "backend", "check_every", "cpu_linear", "compile", "forward")
+                "backend", "check_every", "cpu_linear", "compile", "forward", "threads")
     dec_kw = {k: kwargs.pop(k) for k in dec_keys if k in kwargs}
     n = len(prompts) if isinstance(prompts, list) else 1
     if "input_ids" in kwargs and kwargs["input_ids"] is not None:

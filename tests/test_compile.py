@@ -119,7 +119,7 @@ def test_auto_compiles_only_where_the_record_says_it_pays(tmp_path, monkeypatch)
     monkeypatch.setenv("AAD_FAST_TUNE_CACHE", str(tmp_path / "t.json"))
     tuning.forget()
     dec = Decoder(tiny_model("llama", 0), tiny_model("llama", 1), max_batch_size=2,
-                  max_seq_len=48)
+                  max_seq_len=48, threads="keep")  # the record is per thread count
     assert dec.compile == "auto"
     key = dec._compile_key("ar", 2)
     assert not dec._wants_compile(key, 1000)  # nothing measured: eager

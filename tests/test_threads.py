@@ -1,0 +1,77 @@
+"""The thread count a Decoder's calls run with (``tuning.threads_choice``): the process's unless
+fewer threads were measured faster (fake timings here), set only while a call holds the Decoder,
+forced by the switch; tokens do not depend on it."""
+import pytest
+import torch
+
+from aad_fast import AAD, Decoder, tuning
+from conftest import PROMPTS, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _two_threads(monkeypatch):
+    monkeypatch.setenv("AAD_FAST_TUNE_CACHE", "off")
+    monkeypatch.delenv("AAD_FAST_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    tuning.forget()
+    yield
+    tuning.forget()
+    torch.set_num_threads(before)
+
+
+def _fake(one, many, stable=True):
+    seen = []
+
+    def measure(model, counts, rows):
+        seen.append((tuple(counts), rows))
+        return dict(one if rows == 1 else many, stable=stable)
+    return measure, seen
+
+
+def test_fewer_threads_only_where_faster_at_one_row_and_not_slower_batched():
+    model = tiny_model("llama", 0)
+    faster, seen = _fake({"2": 10.0, "1": 6.0}, {"2": 20.0, "1": 20.5})
+    assert tuning.threads_choice(model, 8, measure=faster) == 1
+    assert seen == [((2, 1), 1), ((2, 1), 8)]
+    assert tuning.threads_choice(model, 8, measure=lambda *a: 1 / 0) == 1  # cached
+    slower_batched, _ = _fake({"2": 10.0, "1": 6.0}, {"2": 20.0, "1": 30.0})
+    assert tuning.threads_choice(model, 4, measure=slower_batched) is None
+    noise, _ = _fake({"2": 10.0, "1": 9.8}, {"2": 20.0, "1": 19.0})
+    assert tuning.threads_choice(model, 2, measure=noise) is None
+    busy, _ = _fake({"2": 10.0, "1": 5.0}, {"2": 20.0, "1": 10.0}, stable=False)
+    assert tuning.threads_choice(model, 3, measure=busy) is None
+    real = tuning.measure_threads(model, [2, 1], 2)  # the real timer, count restored
+    assert set(real) == {"2", "1", "stable"} and torch.get_num_threads() == 2
+
+
+def test_switch_forces_and_bad_values_name_the_argument(monkeypatch):
+    model = tiny_model("llama", 0)
+    boom = lambda *a: 1 / 0  # noqa: E731
+    assert tuning.threads_choice(model, 8, "keep", boom) is None
+    assert tuning.threads_choice(model, 8, 3, boom) == 3
+    monkeypatch.setenv("AAD_FAST_THREADS", "1")
+    assert tuning.threads_choice(model, 8, measure=boom) == 1
+    monkeypatch.setenv("AAD_FAST_THREADS", "keep")
+    assert tuning.threads_choice(model, 8, measure=boom) is None
+    for bad in (0, -2, True, "many", 1.5):
+        with pytest.raises(ValueError, match="threads"):
+            Decoder(model, threads=bad)
+    monkeypatch.setenv("AAD_FAST_THREADS", "lots")
+    with pytest.raises(ValueError, match="AAD_FAST_THREADS"):
+        Decoder(model)
+    assert tuning.thread_candidates(8) == [8, 4, 2] and tuning.thread_candidates(1) == [1]
+
+
+def test_calls_run_with_the_chosen_count_and_put_the_process_count_back():
+    a, r = tiny_model("llama", 0), tiny_model("llama", 1)
+    with Decoder(a, r, max_batch_size=2, max_seq_len=40, threads="keep") as dec:
+        want = dec.generate(input_ids=PROMPTS[:2], rule=AAD(0.1), max_new_tokens=8)
+    assert want.stats["threads"] == 2
+    with Decoder(a, r, max_batch_size=2, max_seq_len=40, threads=1) as dec:
+        got = dec.generate(input_ids=PROMPTS[:2], rule=AAD(0.1), max_new_tokens=8)
+        assert torch.get_num_threads() == 2  # between calls: the process's count
+        with dec._locked():  # what the server holds per burst
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    assert got.stats["threads"] == 1 and got.tokens == want.tokens
