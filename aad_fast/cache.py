@@ -20,6 +20,11 @@ import torch
 from torch import Tensor
 
 
+class CacheLengthAsked(RuntimeError):
+    """A model's forward asked ``StaticKVCache`` for one sequence length (``Runner`` turns it
+    into an error that names the model)."""
+
+
 class KVPool:
     """Keys and values of ``rows`` rows x ``max_len`` slots per layer, allocated on first use (a
     layer's shapes and dtype come from the model's own key states) and shared by the runners of
@@ -295,7 +300,9 @@ class StaticKVCache:
         return (k, v) if n is None else (k[:, :, :n], v[:, :, :n])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        raise RuntimeError("aad_fast's StaticKVCache needs explicit position_ids")
+        # a forward that asks derives its positions (or its mask) from one cache length for
+        # the whole batch, which left-padded rows in their own slots do not have
+        raise CacheLengthAsked("aad_fast's StaticKVCache needs explicit position_ids")
 
     def reorder(self, index: Tensor, start: int = 0, stop: int | None = None) -> None:
         """Beam search: row ``i`` takes the cache of row ``index[i]`` in slots ``[start, stop)``

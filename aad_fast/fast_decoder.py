@@ -48,6 +48,7 @@ def _rotate(x: Tensor, cos: Tensor, signed: Tensor) -> Tensor:
 class FastDecoder:
     """``view``'s decoder (``view.model``) as one-token forward ``(ids [N, 1], mask
     [N, 1, 1, S], pos [N, 1], cache) -> last hidden state [N, H]`` (after the final norm).
+    ``mask`` may be a dict by layer type (``runner.Runner._masks``: sliding-window layers).
     ``of(view)`` returns ``None`` for a model it does not cover."""
 
     def __init__(self, view):
@@ -59,6 +60,8 @@ class FastDecoder:
         first = self.model.layers[0].self_attn
         self.head_dim = getattr(first, "head_dim", None) or cfg.hidden_size // self.heads
         self.scaling = getattr(first, "scaling", self.head_dim ** -0.5)
+        n = len(self.model.layers)
+        self.kinds = tuple(getattr(cfg, "layer_types", None) or ("full_attention",) * n)
 
     @classmethod
     def of(cls, view) -> "FastDecoder | None":
@@ -93,7 +96,8 @@ class FastDecoder:
                 q, k = _norm(q, at.q_norm), _norm(k, at.k_norm)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             k, v = cache.update(k, v, i)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[..., : k.shape[2]],
+            am = mask[self.kinds[i]] if isinstance(mask, dict) else mask  # Runner._masks
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=am[..., : k.shape[2]],
                                                scale=self.scaling, enable_gqa=nkv != nh)
             o = at.o_proj(o.reshape(n, 1, nh * d))  # [N, heads, 1, D]: one token per row
             if olmo2:

@@ -32,6 +32,7 @@ from .hf import load_pair
 from . import tuning
 from .lora_rows import RowLoRA
 from .pairs import SharedPair, SinglePair, TwoModelPair
+from .runner import sliding_unsupported
 from .prompts import MAX_STOP_IDS, Rows, resolve_stop_ids, rule_rows
 from .rules import AAD, OPAD, BeamAAD, BestOfN, CFGMix, Rule
 from .scheduler import Request, Scheduler, new_state
@@ -123,6 +124,8 @@ class Decoder:
             raise ValueError(f"aligned is on {self.device} but reference is on "
                              f"{next(self.model_r.parameters()).device}; put both on one device")
         self.lora = RowLoRA(self.model_a) if self.kind == "lora" else None
+        if self.lora is not None:
+            self.lora.check_rows(self.model_a)
         self.base = self.model_a.get_base_model() if self.kind == "lora" else self.model_a
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         # the intra-op threads its calls run with (None: the process's; tuning.threads_choice)
@@ -131,13 +134,14 @@ class Decoder:
         self.backend, self.check_every = backend, check_every
         self.vocab = self._vocab()
         for model in (self.base, self.model_r):
-            window = _sliding_window(model)
-            if window is not None and window < max_seq_len:
-                warnings.warn(f"{type(model).__name__} uses sliding-window attention ({window} "
-                              f"tokens) but aad_fast attends over the full cache; sequences "
-                              f"longer than {window} tokens will differ from the model's own "
-                              f"generate(). Pass max_seq_len<={window} to rule this out.",
-                              stacklevel=2)
+            window = sliding_unsupported(getattr(model, "config", None), max_seq_len)
+            if window is not None:
+                warnings.warn(f"{type(model).__name__} mixes sliding-window attention ({window} "
+                              f"tokens) with layer types aad_fast does not mask "
+                              f"({sorted(set(model.config.layer_types))}); it attends over the "
+                              f"full cache, so sequences longer than {window} tokens will differ "
+                              f"from the model's own generate(). Pass max_seq_len<={window} to "
+                              f"rule this out.", stacklevel=2)
         self._slots: dict = {}
         # every runner of this Decoder works on views of these (one decode at a time: below)
         self._pools = self._make_pools(max_batch_size)
@@ -675,14 +679,6 @@ def _first_admission(sched: Scheduler) -> tuple:
         sched.admit()
     sched.sync()
     return t0, time.perf_counter()
-
-
-def _sliding_window(model):
-    cfg = getattr(model, "config", None)
-    window = getattr(cfg, "sliding_window", None)
-    if not window or getattr(cfg, "use_sliding_window", True) is False:
-        return None
-    return int(window)
 
 
 def generate(aligned, reference=None, prompts=None, **kwargs) -> Generation:

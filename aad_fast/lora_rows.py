@@ -78,6 +78,48 @@ class RowLoRA:
         if not self.layers:
             raise ValueError("the aligned model is a PeftModel without LoRA layers")
 
+    PROBE = (2, 3)  # rows, tokens of check_rows's probe batch (distinct, so neither hides)
+
+    def check_rows(self, peft_model) -> None:
+        """Refuse LoRA layers whose inputs are not the batch's rows, where "the first ``n``
+        rows" would be other tokens: a layer inside a mixture-of-experts block sees the tokens
+        flattened or routed to it, a router returns more than its logits. One forward of a
+        ``PROBE``-shaped batch through the base model (adapter disabled, no cache) checks that
+        every LoRA layer's base saw ``[rows, tokens, K]`` and returned ``[rows, tokens, N]``."""
+        rows, length = self.PROBE
+        seen: dict = {}
+
+        def hook(name):
+            def record(module, args, kwargs, out):
+                x = args[0] if args else next(iter(kwargs.values()), None)
+                seen.setdefault(name, (_shape(x), _shape(out)))
+            return record
+
+        handles = [mod.base_layer.register_forward_hook(hook(name), with_kwargs=True)
+                   for name, mod, *_ in self.layers]
+        try:
+            dev = next(peft_model.parameters()).device
+            ids = torch.arange(rows * length, device=dev).view(rows, length) % 2 + 1
+            with torch.inference_mode(), peft_model.disable_adapter():
+                peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        for name, _, _, b_w, _ in self.layers:
+            x, out = seen.get(name, (None, None))
+            if x is None:
+                continue  # not on the causal LM's path (an unused head): never runs
+            want_in, want_out = (rows, length), (rows, length, b_w.shape[0])
+            if x[:2] != want_in or len(x) != 3 or out != want_out:
+                raise ValueError(
+                    f"LoRA layer {name} does not see the batch's rows (a {rows}x{length} probe "
+                    f"batch gave it input {_fmt(x)} and output {_fmt(out)}, not "
+                    f"[{rows}, {length}, K] and {list(want_out)}: a layer inside a "
+                    "mixture-of-experts block or a router), so the adapter cannot be put on the "
+                    "aligned stream's rows only. Leave that layer out of the adapter's "
+                    "target_modules, or merge the adapter (merge_and_unload) and pass the merged "
+                    "model and its base as two models")
+
     def check_unmerged(self) -> None:
         """Refuse a decode after the adapter was merged into the base weights (the base could
         no longer serve the reference stream)."""
@@ -107,3 +149,11 @@ class RowLoRALinear(nn.Module):
             # in place, same two roundings as PEFT's ``out + delta * scale``, fewer ops
             out[:n].add_(delta.mul_(self.scale))
         return out
+
+
+def _shape(x):
+    return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _fmt(shape) -> str:
+    return str(list(shape)) if isinstance(shape, tuple) else f"a {shape}"

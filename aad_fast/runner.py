@@ -12,6 +12,13 @@ there every row starts at the same slot. Hugging Face models accept the prepared
 only call ``cache.update`` (we always pass ``position_ids``), so the same runner serves Llama,
 Qwen2/3, Mistral, OLMo2 and other standard decoder-only models.
 
+Sliding-window attention (``sliding_layers``: Mistral, Phi-3, Gemma 2/3, OLMo 3, Qwen2 with
+``use_sliding_window``) keeps a second mask ``smask`` whose rows see only their last ``window``
+positions; a step masks the slot that leaves the window (a row's slots hold consecutive
+positions from its first real token). The model gets ``{"full_attention": mask,
+"sliding_attention": smask}`` where its layers mix the two (HF's per-layer-type masks), or
+``smask`` alone where every layer slides.
+
 ``engine_view`` is the model the runner calls: a copy of the module tree that shares every
 parameter and buffer (no weight is copied) with the decode-path layers replaced once, for the
 runner's life: LoRA layers by ``lora_rows.RowLoRALinear`` (adapter on the aligned rows only), and
@@ -31,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from . import tuning
-from .cache import KVPool, ReadBound, StaticKVCache
+from .cache import CacheLengthAsked, KVPool, ReadBound, StaticKVCache
 from .cpu_linear import FewRowLinear, PackedLinear, fits_in_memory, packed_bytes
 from .fast_decoder import TYPES as FAST_TYPES, FastDecoder
 from .lora_rows import RowCount, RowLoRALinear
@@ -109,6 +116,45 @@ class SplitHead:
         return self.head(hidden)
 
 
+SLIDING_TYPES = ("full_attention", "sliding_attention")
+
+
+def sliding_layers(config, max_len: int):
+    """``(window, kinds)`` of a model config whose sliding-window attention can bite within
+    ``max_len`` slots: ``window`` (int) and ``kinds`` (per-layer ``SLIDING_TYPES`` names, or
+    ``None``: every layer slides). ``(None, None)``: full attention everywhere, or a window of
+    at least ``max_len`` (then the same thing). Layer types other than these two are left to
+    the caller (``sliding_unsupported``)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or window >= max_len or getattr(config, "use_sliding_window", True) is False:
+        return None, None
+    kinds = getattr(config, "layer_types", None)
+    if kinds is None:
+        return int(window), None
+    kinds = tuple(kinds)
+    if "sliding_attention" not in kinds or not set(kinds) <= set(SLIDING_TYPES):
+        return None, None
+    return int(window), kinds
+
+
+def sliding_unsupported(config, max_len: int) -> int | None:
+    """The window of a model whose attention ``sliding_layers`` cannot express (layer types
+    other than full and sliding attention) and that bites within ``max_len``, else ``None``."""
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None)
+    if (not window or window >= max_len or getattr(config, "use_sliding_window", True) is False
+            or kinds is None or set(kinds) <= set(SLIDING_TYPES)):
+        return None
+    return int(window)
+
+
+def cut_masks(masks, n: int):
+    """``masks`` (a mask ``[N, 1, Q, S]`` or a dict of them) over their first ``n`` slots."""
+    if isinstance(masks, dict):
+        return {k: v[..., :n] for k, v in masks.items()}
+    return masks[..., :n]
+
+
 @functools.cache
 def cache_kwarg(cls) -> str:
     """The name the model's forward takes its cache under: ``cache`` (transformers >= 5.24,
@@ -143,6 +189,8 @@ class Runner:
         self.pos = torch.zeros((n_rows, 1), dtype=torch.int64, device=dev)
         self.slot = torch.zeros((n_rows,), dtype=torch.int64, device=dev)
         self.mask = torch.full((n_rows, 1, 1, max_len), self.neg, dtype=self.dtype, device=dev)
+        self.window, self.kinds = sliding_layers(getattr(self.model, "config", None), max_len)
+        self.smask = None if self.window is None else self.mask.clone()
         # host mirror of the live rows' slots: an eager step attends over the written ones only
         self.bound = ReadBound(n_rows, max_len)
         # the read length of a captured/compiled step (engine.LengthSteps sets it around its
@@ -152,6 +200,21 @@ class Runner:
         self.split = SplitHead.of(self.model)
         fast = FastDecoder.of(self.model)
         self.fast = fast if tuning.decoder_pays(self.model, fast, n_rows, mode=forward) else None
+
+    def _masks(self, mask: Tensor, smask: Tensor | None):
+        """What the model's ``attention_mask`` gets (see the module docstring)."""
+        if smask is None:
+            return mask
+        if self.kinds is None:
+            return smask
+        return {"full_attention": mask, "sliding_attention": smask}
+
+    def _window(self, smask: Tensor, real: Tensor) -> None:
+        """Open in ``smask`` (``[U, 1, 1, S]``, all masked) the prompts' real tokens ``real``
+        ``[U, L]`` that the next position (``len(prompt)``) sees within the window."""
+        kpos = real.long().cumsum(1) - 1
+        near = kpos > real.long().sum(1, keepdim=True) - self.window
+        smask[:, 0, 0, :real.shape[1]].masked_fill_(real & near, 0.0)
 
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache=None) -> Tensor:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
@@ -174,12 +237,25 @@ class Runner:
         mask4 = torch.full((u, 1, length, slots), self.neg, dtype=self.dtype, device=dev)
         mask4.masked_fill_(allowed[:, None], 0.0)
         pos = (real.long().cumsum(1) - 1).clamp(min=0)
+        smask4 = None
+        if self.window is not None:
+            near = (pos[:, :, None] - pos[:, None, :]) < self.window  # [U, query, key]
+            smask4 = torch.full_like(mask4, self.neg).masked_fill_((allowed & near)[:, None], 0.0)
         cache.write_pos = torch.arange(length, device=dev)
         cache.row_pos, cache.read_len = None, length
         counts = self.model.aad_rows
         counts.n = self.lora_rows if lora_rows is None else lora_rows
         try:
-            return self._forward(ids, mask4, pos, cache)
+            return self._forward(ids, self._masks(mask4, smask4), pos, cache)
+        except CacheLengthAsked:
+            cfg = getattr(self.model, "config", None)
+            raise ValueError(
+                f"{type(self.model).__name__} (model_type {getattr(cfg, 'model_type', '?')!r}) "
+                "is not supported as aligned or reference model: its forward derives positions "
+                "from the cache's length (ALiBi or learned positions, as Bloom, Falcon, MPT and "
+                "OPT do) where aad_fast gives every row its own position_ids. Supported are "
+                "decoder-only models whose forward takes position_ids (Llama, Qwen, Mistral, "
+                "Gemma, Phi, OLMo, GPT-NeoX, ...)") from None
         finally:
             counts.n = self.lora_rows
             cache.read_len = None
@@ -214,6 +290,9 @@ class Runner:
         # Decode state: the prompt's real tokens are visible, the next token goes to slot L.
         self.mask.fill_(self.neg)
         self.mask[:, 0, 0, :length].masked_fill_(real, 0.0)
+        if self.smask is not None:
+            self.smask.fill_(self.neg)
+            self._window(self.smask, real)
         self.pos.copy_(real.long().sum(1, keepdim=True))
         self.slot.fill_(length)
         self.cache.row_pos = self.slot
@@ -238,6 +317,10 @@ class Runner:
         mask = torch.full((u, 1, 1, self.max_len), self.neg, dtype=self.dtype, device=dev)
         mask[:, 0, 0, :length].masked_fill_(real, 0.0)
         self.mask.index_copy_(0, dst, mask)
+        if self.smask is not None:
+            mask.fill_(self.neg)
+            self._window(mask, real)
+            self.smask.index_copy_(0, dst, mask)
         self.pos.index_copy_(0, dst, real.long().sum(1, keepdim=True))
         self.slot.index_fill_(0, dst, length)
         self.cache.row_pos = self.slot
@@ -274,9 +357,11 @@ class Runner:
             # keys that a later occupant of the row reads under its mask); admit rebuilds it
             with torch.inference_mode():  # (the mask may have been made in inference mode)
                 idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
-                self.mask[:, 0, 0, 0].index_fill_(0, idx, 0.0)
+                for m in (self.mask, self.smask):
+                    if m is not None:
+                        m[:, 0, 0, 0].index_fill_(0, idx, 0.0)
 
-    def _bounded(self, forward, ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+    def _bounded(self, forward, ids: Tensor, mask, pos: Tensor) -> Tensor:
         """``forward(ids, mask, pos)`` of a one-token step, attending over the first
         ``read_len()`` slots only (the mask's and the cache's views; all of them when
         ``None``). With ``fixed_len`` set nothing on the host is touched (the step may be traced
@@ -287,7 +372,7 @@ class Runner:
         else:
             self.cache.read_len = n
             try:
-                out = forward(ids, mask[:, :, :, :n], pos)
+                out = forward(ids, cut_masks(mask, n), pos)
             finally:
                 self.cache.read_len = None
         if self.fixed_len is None and not torch.compiler.is_compiling():
@@ -320,8 +405,16 @@ class Runner:
 
     def _step(self, tokens: Tensor, forward) -> Tensor:
         self.ids.copy_(tokens.view(-1, 1))
-        self.mask.scatter_(3, self.slot.view(-1, 1, 1, 1), 0.0)
-        out = self._bounded(forward, self.ids, self.mask, self.pos)
+        slot = self.slot.view(-1, 1, 1, 1)
+        self.mask.scatter_(3, slot, 0.0)
+        if self.smask is not None:
+            # the position leaving the window is ``window`` slots back (none yet: write the
+            # open current slot instead, a no-op)
+            old = slot - self.window
+            gone = old >= 0
+            self.smask.scatter_(3, torch.where(gone, old, slot), gone.to(self.dtype) * self.neg)
+            self.smask.scatter_(3, slot, 0.0)
+        out = self._bounded(forward, self.ids, self._masks(self.mask, self.smask), self.pos)
         # a finished or idle row keeps stepping until it is refilled: keep it in the cache
         # (a live row never gets there: prompt + max_new fits max_len)
         last = self.max_len - 1
@@ -345,13 +438,19 @@ class Runner:
         self.pos.copy_(self.pos.index_select(0, index))
         self.slot.copy_(self.slot.index_select(0, index))
         self.mask.copy_(self.mask.index_select(0, index))
+        if self.smask is not None:
+            self.smask.copy_(self.smask.index_select(0, index))
 
     def snapshot(self) -> list:
         """Copies of the small decode buffers and the host bound (graph warm-up must not change
         the decode)."""
-        return [t.clone() for t in (self.pos, self.slot, self.mask)] + [self.bound.state()]
+        return [t.clone() for t in self._small()] + [self.bound.state()]
 
     def restore(self, saved: list) -> None:
-        for t, s in zip((self.pos, self.slot, self.mask), saved[:3]):
+        small = self._small()
+        for t, s in zip(small, saved):
             t.copy_(s)
-        self.bound.set_state(saved[3])
+        self.bound.set_state(saved[len(small)])
+
+    def _small(self) -> tuple:
+        return (self.pos, self.slot, self.mask) + (() if self.smask is None else (self.smask,))

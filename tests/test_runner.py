@@ -116,7 +116,7 @@ def test_the_bound_of_stacked_streams_reorders_and_snapshots():
     assert b.length() == 128
     r = Runner.__new__(Runner)
     r.n_rows, r.bound, r.device = 4, b, torch.device("cpu")
-    r.mask = torch.zeros((4, 1, 1, 300))
+    r.mask, r.smask = torch.zeros((4, 1, 1, 300)), None
     r.idle([1], period=2)  # scheduler row 1 is runner rows 1 and 3
     assert b.base == [5, None, 5, None] and b.length() == 64
     b.step()
