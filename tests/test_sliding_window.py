@@ -102,3 +102,16 @@ def test_compiled_step_with_a_window_gives_the_eager_tokens(arch):
         got = dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=10)
     assert got.stats["compiled"]
     assert got.tokens == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["mistral", "gemma3_text"])
+def test_graph_replay_with_a_window_equals_the_naive_loop(arch):
+    """The window's slot closing is part of the captured step (never run on a GPU so far)."""
+    a, r = model(arch, 0), model(arch, 1)
+    want = naive_decode(aad_pick(0.1), (a, r), PROMPTS, 12)
+    with Decoder(a.cuda(), r.cuda(), max_batch_size=2, max_seq_len=40, cuda_graphs=True) as dec:
+        got = dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=12)
+    assert got.stats["cuda_graphs"] is True
+    assert got.tokens == want
