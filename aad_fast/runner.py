@@ -49,6 +49,34 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
+MASKED_ATTENTION = ("eager", "sdpa")  # HF attention implementations that take a 4-D float mask
+
+
+def masked_attention(view: nn.Module) -> None:
+    """Switch ``view`` (the engine's own copy, config included) to an attention implementation
+    that applies the engine's prepared per-row 4-D masks, where the model was loaded with one
+    that expects a padding mask or a block mask instead (``flash_attention_2``/``_3``,
+    ``flex_attention``, hub kernels): ``sdpa``, else ``eager``. Same maths; the user's model
+    keeps its own."""
+    cfg = getattr(view, "config", None)
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl is None or impl in MASKED_ATTENTION:
+        return
+    for want in ("sdpa", "eager"):
+        try:
+            if hasattr(view, "set_attn_implementation"):
+                view.set_attn_implementation(want)
+            else:  # older transformers read the config's field at each forward
+                cfg._attn_implementation = want
+        except (ValueError, ImportError, AttributeError):
+            continue
+        if getattr(view.config, "_attn_implementation", None) == want:
+            return
+    raise ValueError(f"{type(view).__name__} was loaded with attn_implementation={impl!r}, which "
+                     "does not apply aad_fast's per-row attention masks, and cannot be switched to "
+                     "'sdpa' or 'eager'; load it with attn_implementation='sdpa'")
+
+
 def engine_view(model: nn.Module, n_rows: int, lora=None, lora_rows: int = 0,
                 cpu_linear: str | None = None):
     """``(view, plan)``: ``model``'s module tree with shared weights and the engine's layers.
@@ -59,6 +87,7 @@ def engine_view(model: nn.Module, n_rows: int, lora=None, lora_rows: int = 0,
     ``plan``: ``tuning.plan_linears`` of the view's plain linears for ``n_rows`` rows."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     view = copy.deepcopy(model, shared)
+    masked_attention(view)
     view.aad_rows = RowCount(lora_rows)
     if lora is not None:
         names = {id(m): n for n, m in model.named_modules()}

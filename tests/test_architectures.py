@@ -122,3 +122,31 @@ def test_models_that_take_positions_from_the_cache_length_are_refused(arch, fiel
     with Decoder(model, copy.deepcopy(model), max_batch_size=2, max_seq_len=40) as dec:
         with pytest.raises(ValueError, match=rf"model_type '{arch}'.*not supported.*position_ids"):
             dec.generate(input_ids=PROMPTS[:2], rule=AAD(0.1), max_new_tokens=4)
+
+
+def test_a_model_loaded_with_flex_attention_decodes_on_masked_attention():
+    """flex_attention expects a block mask (handed a 4-D float mask it crashed the process on
+    CPU): the engine's own copy of the model runs sdpa, the user's keeps flex."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(AutoModelForCausalLM.from_config(
+            tiny_config("llama"), attn_implementation="flex_attention").float().eval())
+    want = naive_decode(aad_pick(0.1), models, PROMPTS, 10)
+    for forward in ("hf", "fast"):
+        with Decoder(*models, max_batch_size=3, max_seq_len=40, forward=forward) as dec:
+            assert dec.generate(input_ids=PROMPTS, rule=AAD(0.1),
+                                max_new_tokens=10).tokens == want
+    assert models[0].config._attn_implementation == "flex_attention"
+
+
+def test_attention_without_per_row_masks_is_switched_in_the_view_only():
+    from aad_fast.runner import masked_attention
+    model = arch_model("llama", 0)
+    model.config._attn_implementation = "flash_attention_2"  # as loaded with flash-attn
+    view = copy.deepcopy(model)
+    masked_attention(view)
+    assert view.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "flash_attention_2"
