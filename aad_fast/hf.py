@@ -223,7 +223,7 @@ def load_pair(aligned, reference=None, *, dtype=None, device=None, tokenizer=Non
             check_same_tokenizer(tok_a, tok_r, name_a, name_r)
             check_same_tokenizer(tok, tok_a or tok_r, "tokenizer", name_a)
             tok = tok or tok_a or tok_r
-            return "lora", model_a.eval(), None, tok, (name_a, name_r)
+            return "lora", model_a, None, tok, (name_a, name_r)
         model_a = load_causal_lm(p, "aligned", dtype, device)
     else:
         model_a = aligned
@@ -237,11 +237,11 @@ def load_pair(aligned, reference=None, *, dtype=None, device=None, tokenizer=Non
                 _refuse_wrong_base(model_a, reference, name_a, name_r, "the adapter's base")
         check_same_tokenizer(tok, tok_a or tok_r, "tokenizer", name_a)
         tok = tok or tok_a or tok_r
-        return "lora", model_a.eval(), None, tok, (name_a, name_r or "its base model")
+        return "lora", model_a, None, tok, (name_a, name_r or "its base model")
     # --- plain model: a second model or none (one model, two prompts)
     if reference is None:
         check_same_tokenizer(tok, tok_a, "tokenizer", name_a)
-        return "one", model_a.eval(), None, tok or tok_a, (name_a, None)
+        return "one", model_a, None, tok or tok_a, (name_a, None)
     if isinstance(reference, (str, os.PathLike)):
         check_dir(reference, "reference")
         tok_r = load_tokenizer(reference)
@@ -250,7 +250,7 @@ def load_pair(aligned, reference=None, *, dtype=None, device=None, tokenizer=Non
         model_r = reference
     check_same_tokenizer(tok_a, tok_r, name_a, name_r)
     check_same_tokenizer(tok, tok_a or tok_r, "tokenizer", name_a)
-    return "two", model_a.eval(), model_r.eval(), tok or tok_a or tok_r, (name_a, name_r)
+    return "two", model_a, model_r, tok or tok_a or tok_r, (name_a, name_r)
 
 
 def _check_same_config(recorded, config, name_a, name_r):

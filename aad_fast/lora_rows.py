@@ -97,12 +97,15 @@ class RowLoRA:
 
         handles = [mod.base_layer.register_forward_hook(hook(name), with_kwargs=True)
                    for name, mod, *_ in self.layers]
+        was_training = peft_model.training
         try:
             dev = next(peft_model.parameters()).device
             ids = torch.arange(rows * length, device=dev).view(rows, length) % 2 + 1
+            peft_model.eval()
             with torch.inference_mode(), peft_model.disable_adapter():
                 peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         finally:
+            peft_model.train(was_training)
             for h in handles:
                 h.remove()
         for name, _, _, b_w, _ in self.layers:

@@ -32,6 +32,11 @@ class AADLogitsProcessor:
       previous call's ids plus one token per row (a new prompt, a new batch size); the cache is
       then rebuilt from the whole prompt, never continued.
     - A reference whose logits for a row are all -inf/NaN raises, naming the reference.
+    - ``vocab_size``: the number of real token ids, ``len(tokenizer)``, where the models'
+      embeddings have more rows than the tokenizer has tokens (padding rows, common in released
+      checkpoints): ids at or beyond it are then never chosen (docs/rules.md). Without it every
+      row of the logits is a token. (``Decoder`` reads this from the tokenizer itself.)
+    - The reference model is put in eval mode (its forward runs here, every step).
     """
 
     def __init__(self, reference_model, alpha: float = 0.1, *, pad_token_id: int | None = None,

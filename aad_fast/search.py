@@ -316,17 +316,28 @@ def pick_best(n: int, rows: list, got, model, picker_tok, dec_tok) -> dict:
 
 
 def score_with_picker(model, picker_tok, dec_tok, prompts_ids, completions):
-    """Reward of each prompt + completion (floats). Text goes through the picker's tokenizer
-    (decoded with the decoder's); without tokenizers the ids are used as they are. Sequences
-    are right-padded with the picker's ``config.pad_token_id`` (which is how a
-    sequence-classification head finds each row's last token) in one batch; a picker without a
-    pad id scores one sequence at a time. Neither the tokenizer nor the model is changed (a
-    model in training mode runs in eval mode for the call and is put back)."""
+    """Reward of each prompt + completion (floats), scored as a reward model is trained: the
+    whole conversation, chat markers included, as one finished turn (TRL's RewardTrainer ends
+    every example with EOS; a chat template closes the assistant turn with it). With both
+    tokenizers: ``prompt + completion`` ids and the picker tokenizer's EOS, where the two
+    tokenizers map tokens to ids alike; else that text decoded in one piece with special tokens
+    kept, tokenized by the picker's tokenizer (no second BOS), and its EOS. Without tokenizers
+    the ids are used as they are. Sequences are right-padded with the picker's
+    ``config.pad_token_id`` (which is how a sequence-classification head finds each row's last
+    token) in one batch; a picker without a pad id scores one sequence at a time. Neither the
+    tokenizer nor the model is changed (a model in training mode runs in eval mode for the call
+    and is put back)."""
     dev = next(model.parameters()).device
     if picker_tok is not None and dec_tok is not None:
-        texts = [dec_tok.decode(p, skip_special_tokens=True) + dec_tok.decode(c, skip_special_tokens=True)
-                 for p, c in zip(prompts_ids, completions)]
-        seqs = [list(picker_tok(t)["input_ids"]) for t in texts]
+        eos = getattr(picker_tok, "eos_token_id", None)
+        end = [] if eos is None else [eos]
+        if picker_tok is dec_tok or picker_tok.get_vocab() == dec_tok.get_vocab():
+            seqs = [list(p) + list(c) + end for p, c in zip(prompts_ids, completions)]
+        else:
+            texts = [dec_tok.decode(list(p) + list(c), skip_special_tokens=False)
+                     for p, c in zip(prompts_ids, completions)]
+            seqs = [list(picker_tok(t, add_special_tokens=False)["input_ids"]) + end
+                    for t in texts]
     else:
         seqs = [list(p) + list(c) for p, c in zip(prompts_ids, completions)]
     pad = getattr(model.config, "pad_token_id", None)

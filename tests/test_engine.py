@@ -290,3 +290,29 @@ def test_eager_runners_are_resized_for_each_call(pair):
             naive_decode(aad_pick(0.1), pair, prompts, n)
         assert dec.generate(input_ids=prompts, rule=Greedy(), max_new_tokens=n).tokens == \
             naive_decode(argmax, (ma,), prompts, n)
+
+
+def test_models_in_training_mode_are_decoded_in_eval_mode_and_left_training():
+    """A caller evaluating mid-training: the engine's views run in eval mode (attention dropout
+    0.5 would change every token otherwise) and the caller's models keep their mode, the LoRA
+    pair's PeftModel included."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        cfg = tiny_config("llama")
+        cfg.attention_dropout = 0.5
+        models.append(AutoModelForCausalLM.from_config(cfg).float().eval())
+    want = naive_decode(aad_pick(0.1), models, PROMPTS, 10)
+    pm = _lora(copy.deepcopy(models[0]))
+    merged = copy.deepcopy(pm).merge_and_unload().eval()
+    want_lora = naive_decode(aad_pick(0.1), (merged, models[0]), PROMPTS, 10)
+    for m in models + [pm]:
+        m.train()
+    with Decoder(*models, max_batch_size=3, max_seq_len=40) as dec:
+        assert dec.generate(input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=10).tokens == want
+    with Decoder(pm, max_batch_size=3, max_seq_len=40) as dec:
+        assert dec.generate(input_ids=PROMPTS, rule=AAD(0.1),
+                            max_new_tokens=10).tokens == want_lora
+    assert all(m.training for m in models) and pm.training

@@ -82,12 +82,55 @@ def test_a_callers_picker_and_tokenizer_are_left_as_they_were(models):
     assert next(picker.parameters()).device.type == "cpu"
     for p, prompt in enumerate(PROMPTS[:2]):
         for c in got.candidates[p]:
-            text = tok.decode(prompt, skip_special_tokens=True) + \
-                tok.decode(c["tokens"], skip_special_tokens=True)
+            # one tokenizer for both (and no EOS): the ids themselves
             with torch.no_grad():
-                direct = picker.eval()(torch.tensor([tok(text)["input_ids"]])).logits[0, 0]
+                direct = picker.eval()(torch.tensor([prompt + c["tokens"]])).logits[0, 0]
             picker.train()
             assert c["score"] == pytest.approx(float(direct), rel=1e-5, abs=1e-6)
+
+
+def test_a_picker_with_its_own_tokenizer_scores_the_text_in_one_piece_and_its_eos(models):
+    """The decoder's ids decoded in one piece (a prompt's last word and the completion's first
+    are not glued together, as decoding them apart did) and tokenized by the picker's own
+    tokenizer, which maps words to other ids, then that tokenizer's EOS."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tok = word_tokenizer()
+    vocab = {f"w{i}": (i * 7) % VOCAB for i in range(VOCAB)}  # another id per word
+    # special tokens are matched inside words: "w0" and "w60" are the prefix of no other word
+    t = Tokenizer(tok_models.WordLevel(vocab, unk_token="w0"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    picker_tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="w0", eos_token="w60")
+    picker = tiny_picker()
+    dec = Decoder(*models, tokenizer=tok, max_batch_size=8, max_seq_len=40)
+    got = dec.generate(input_ids=PROMPTS[:2], rule=BestOfN(2, picker=(picker, picker_tok),
+                                                             seed=2), max_new_tokens=5)
+    for p, prompt in enumerate(PROMPTS[:2]):
+        for c in got.candidates[p]:
+            want = [vocab[f"w{i}"] for i in prompt + c["tokens"]] + [vocab["w60"]]
+            with torch.no_grad():
+                direct = picker(torch.tensor([want])).logits[0, 0]
+            assert c["score"] == pytest.approx(float(direct), rel=1e-5, abs=1e-6)
+
+
+def test_the_shipped_picker_scores_the_conversation_it_was_trained_on():
+    """The embedded picker was trained (TRL RewardTrainer) on chat-rendered conversations that
+    end with EOS: BestOfN scores exactly that rendering. Decoding prompt and completion apart
+    with the chat markers skipped, as before, ranked "it is seven ." above "... is five ."."""
+    from aad_fast.toy.assets import load_default_pair
+    sft, dpo, tok, picker, picker_tok = load_default_pair("cpu")
+    dec = Decoder(dpo, tokenizer=tok, max_batch_size=4, max_seq_len=96)
+    q = "what is 2 plus 3 ?"
+    got = dec.generate([q], rule=BestOfN(2, picker=(picker, picker_tok), seed=1), chat=True,
+                       max_new_tokens=16)
+    for c in got.candidates[0]:
+        conv = [{"role": "user", "content": q},
+                {"role": "assistant", "content": tok.decode(c["tokens"])}]
+        ids = tok.apply_chat_template(conv, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        with torch.no_grad():
+            direct = picker(torch.tensor([list(ids)])).logits[0, 0]
+        assert c["score"] == pytest.approx(float(direct), rel=1e-5, abs=1e-6)
 
 
 def test_picker_without_pad_id_scores_each_sequence_alone(models):
