@@ -80,6 +80,9 @@ def _ids(name: str, ids, vocab: int | None) -> list:
         vals = list(ids)
     except TypeError:
         raise ValueError(f"{name} must be a list of token ids, got {ids!r}") from None
+    if all(type(v) is int for v in vals) and (not vals or min(vals) >= 0 and (
+            vocab is None or max(vals) < vocab)):
+        return vals  # the common case, checked at C speed (prompts are long)
     got = [as_int(v) for v in vals]
     for v, t in zip(vals, got):
         if t is None or t < 0 or (vocab is not None and t >= vocab):

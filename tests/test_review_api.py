@@ -353,3 +353,21 @@ def test_cli_generate_stops_at_a_stop_id(model_dirs, tmp_path):
                  "--stop-id", str(stop), "--out", str(out)]) == 0
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["tokens"] == want.tokens[0] and row["finish_reason"] == "stop"
+
+
+@needs_serve
+def test_server_limits_given_as_zero_are_refused_not_defaulted(monkeypatch, capsys, dec,
+                                                                byte_server):
+    import uvicorn
+
+    from aad_fast import server
+    from aad_fast.openai_api import Limits
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("the server started"))
+    for flag in ("--max-seq-len", "--max-tokens"):
+        assert main(["serve", flag, "0"]) == 2
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="Limits.max_tokens must be an int >= 1, got 0"):
+        Limits(max_tokens=0).resolve(dec, 4)
+    assert Limits(max_tokens=None).resolve(dec, 4).max_tokens == dec.max_seq_len - 1
+    with pytest.raises(ValueError, match="max_batch_size must be an int >= 1, got 0"):
+        server.create_app(byte_server.dec, max_batch_size=0)
