@@ -39,9 +39,22 @@ def add_rule_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of sampled rules")
 
 
+def add_stop_arguments(p, scope: str = "") -> None:
+    """``--stop STR ...`` and ``--stop-id N`` (repeatable), both into one list ``a.stop`` of
+    strings and ints (``Decoder.stop_ids`` takes either)."""
+    p.add_argument("--stop", nargs="*", action="extend", default=None, metavar="STR",
+                   help=f"extra single-token stop strings{scope} (repeatable); a stop text that "
+                        "is several tokens: give its token id(s) with --stop-id")
+    p.add_argument("--stop-id", dest="stop", action="append", type=int, metavar="N",
+                   help=f"an extra stop token id{scope} (repeatable: --stop-id 13 --stop-id 42); "
+                        "joins the --stop list")
+
+
 def rule_from_args(a):
+    """The rule of the command line ``a``. A value the user gave reaches the rule as given (a
+    default only stands in for an absent flag), so the rule's own checks refuse a bad one."""
     import aad_fast as af
-    samp = dict(temperature=a.temperature or 0.0, top_k=a.top_k,
+    samp = dict(temperature=0.0 if a.temperature is None else a.temperature, top_k=a.top_k,
                 top_p=1.0 if a.top_p is None else a.top_p, min_p=a.min_p, seed=a.seed)
     if a.rule == "aad":
         return af.AAD(a.alpha)
@@ -59,7 +72,8 @@ def rule_from_args(a):
         return af.BeamAAD(a.num_beams, a.alpha, a.tau, a.length_penalty)
     if a.rule == "best-of-n":
         return af.BestOfN(a.n, top_p=0.9 if a.top_p is None else a.top_p,
-                          temperature=a.temperature or 1.0, picker=a.picker, seed=a.seed)
+                          temperature=1.0 if a.temperature is None else a.temperature,
+                          picker=a.picker, seed=a.seed)
     return af.Greedy(a.stream)
 
 
@@ -254,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "refused if the rule/settings differ (recorded in OUT.meta.json)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
-    g.add_argument("--stop", nargs="*", default=None, help="extra single-token stop strings")
+    add_stop_arguments(g, "")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
     g.add_argument("--max-seq-len", type=int, default=2048, help="prompt + new tokens per row")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)

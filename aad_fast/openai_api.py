@@ -8,10 +8,14 @@ OpenAI's fields map as follows:
 
 - ``max_tokens`` (chat also ``max_completion_tokens``) -> ``max_new_tokens``; default 16 for
   completions (as OpenAI), for chat the most the context and the server's limit allow.
-- ``stop`` (single-token strings) and ``stop_token_ids`` are added to the server's stop ids.
-- ``temperature``, ``top_p``, ``seed``: the sampling of eft/dera/cfg (default greedy) and
-  best-of-n (default 1.0 / 0.9). The greedy rules (aad, contrastive, opad, beam-aad, greedy)
-  refuse ``temperature > 0`` and ``top_p < 1``; ``seed`` is accepted and has no effect there.
+- ``stop`` (single-token strings) and ``stop_token_ids`` (ints) are added to the server's stop
+  ids.
+- ``temperature``, ``top_p``, ``seed``: the sampling of eft/dera/cfg (default greedy; with
+  ``top_k``, ``min_p``) and best-of-n (default 1.0 / 0.9). A greedy request (aad, contrastive,
+  opad, beam-aad, greedy; eft/dera/cfg without ``temperature > 0``) refuses every sampling field
+  that is not at its neutral value (``temperature`` 0, ``top_p`` 1, ``top_k`` 0, ``min_p`` 0),
+  which would have no effect; ``seed`` (an int in ``[0, 2**63 - 1]``) is accepted and has no
+  effect there, since evaluation clients (lm-evaluation-harness) send one with every request.
 - ``n``: choices per prompt. Only a sampling rule (temperature > 0) has distinct choices;
   choice ``i`` is sampled with ``seed + i``. ``n > 1`` is refused for the greedy rules (the
   choices would be copies) and with ``stream``.
@@ -31,7 +35,10 @@ from .prompts import rule_rows
 from .serving import DecodeRequest
 
 RULES = ("aad", "contrastive", "eft", "dera", "cfg", "opad", "beam-aad", "best-of-n", "greedy")
+_GREEDY = ("aad", "contrastive", "opad", "beam-aad", "greedy")  # never sample
+_MIXES = ("eft", "dera", "cfg")  # greedy unless temperature > 0
 _SAMPLING = {"temperature", "top_p", "top_k", "min_p"}
+_NEUTRAL = {"temperature": 0, "top_p": 1, "top_k": 0, "min_p": 0}  # the value that is "off"
 #: the rule-specific body fields each rule takes (temperature/top_p are checked separately)
 _PARAMS = {
     "aad": {"alpha"}, "contrastive": {"alpha", "beta"},
@@ -79,10 +86,16 @@ class Limits:
 
     def resolve(self, decoder, max_batch_size: int) -> "Limits":
         ctx = decoder.max_seq_len
+
+        def cap(name, top):  # None: the most the Decoder allows; a given value: at most that
+            v = getattr(self, name)
+            return top if v is None else min(R.check_int(f"Limits.{name}", v, 1), top)
+        R.check_int("Limits.max_n", self.max_n, 1)
+        R.check_int("Limits.max_body_bytes", self.max_body_bytes, 1)
         return dataclasses.replace(
-            self, max_prompt_tokens=min(self.max_prompt_tokens or ctx - 1, ctx - 1),
-            max_tokens=min(self.max_tokens or ctx - 1, ctx - 1),
-            max_num_beams=min(self.max_num_beams or max_batch_size, max_batch_size))
+            self, max_prompt_tokens=cap("max_prompt_tokens", ctx - 1),
+            max_tokens=cap("max_tokens", ctx - 1),
+            max_num_beams=cap("max_num_beams", max_batch_size))
 
 
 def _value_error_param(msg: str, default: str) -> str:
@@ -92,6 +105,11 @@ def _value_error_param(msg: str, default: str) -> str:
     if word in names:
         return names[word]
     return word if word in _FIELDS else default
+
+
+def _real(v) -> bool:
+    """A JSON number (never a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _get(body, name, types, default=None):
@@ -111,23 +129,36 @@ def build_rule(body: dict, picker=None):
     if name not in RULES:
         raise bad("rule", f"unknown rule {name!r}; use one of {', '.join(RULES)}")
     given = {k for k in _ALL_PARAMS if body.get(k) is not None}
-    wrong = sorted(given - _PARAMS[name])
+    temp, top_p = body.get("temperature"), body.get("top_p")
+    # a greedy request (a greedy rule, or eft/dera/cfg without temperature > 0) takes the
+    # sampling fields only at their neutral values: anything else would be silently unused
+    mix_greedy = name in _MIXES and (temp is None or _real(temp) and temp == 0)
+    greedy = name in _GREEDY or mix_greedy
+    wrong = sorted(given - _PARAMS[name] - (_SAMPLING if greedy else set()))
     if wrong:
         takes = ", ".join(sorted(_PARAMS[name] - _SAMPLING)) or "no parameters"
         raise bad(wrong[0], f"{wrong[0]} does not apply to rule={name} (it takes {takes})")
-    temp, top_p = body.get("temperature"), body.get("top_p")
     if body.get("best_of") not in (None, 1) and name != "best-of-n":
         raise bad("best_of", "best_of > 1 needs rule=best-of-n (best_of samples, the picker "
                              "chooses one)")
-    if name in ("aad", "contrastive", "opad", "beam-aad", "greedy"):
-        if temp not in (None, 0, 0.0):
-            raise bad("temperature", f"rule={name} is greedy; temperature must be 0 or omitted, "
-                                     f"got {temp!r} (sampling rules: eft, dera, cfg, best-of-n)")
-        if top_p not in (None, 1, 1.0):
-            raise bad("top_p", f"rule={name} is greedy; top_p must be 1 or omitted, got {top_p!r}")
+    for f in ("temperature", "top_p", "top_k", "min_p") if greedy else ():
+        v = body.get(f)
+        if v is None or (_real(v) and v == _NEUTRAL[f]) or (f == "temperature" and mix_greedy):
+            continue
+        if mix_greedy:
+            raise bad(f, f"rule={name} without temperature > 0 is greedy, so {f}={v!r} would "
+                         f"have no effect; give temperature > 0 to sample, or omit {f} (or "
+                         f"give {_NEUTRAL[f]})")
+        raise bad(f, f"rule={name} is greedy; {f} must be {_NEUTRAL[f]} or omitted, got {v!r} "
+                     "(sampling rules: eft, dera, cfg, best-of-n)")
     seed = _get(body, "seed", (int,), 0)
+    try:
+        seed = R.check_seed(seed)
+    except ValueError as exc:
+        raise bad("seed", str(exc)) from None
     samp = dict(temperature=0.0 if temp is None else temp, top_p=1.0 if top_p is None else top_p,
-                top_k=_get(body, "top_k", (int,), 0), min_p=body.get("min_p") or 0.0, seed=seed)
+                top_k=_get(body, "top_k", (int,), 0), min_p=_get(body, "min_p", (int, float), 0.0),
+                seed=seed)
     g = body.get
     try:
         if name == "aad":
@@ -230,6 +261,11 @@ def parse_request(body: dict, chat: bool, decoder, limits: Limits, default_stop=
     stream = body.get("stream") is True
     if n > 1 and stream:
         raise bad("n", "n > 1 is not supported with stream=true")
+    if n > 1:  # choice i is sampled with seed + i
+        try:
+            R.check_seed(rule.seed, room=n)
+        except ValueError as exc:
+            raise bad("seed", f"{exc} (n={n})") from None
     if isinstance(rule, R.BeamAAD) and rule.num_beams > limits.max_num_beams:
         raise bad("num_beams", f"num_beams={rule.num_beams} exceeds this server's limit "
                                f"{limits.max_num_beams}")
@@ -273,8 +309,10 @@ def parse_request(body: dict, chat: bool, decoder, limits: Limits, default_stop=
     extra_ids = body.get("stop_token_ids") or []
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise bad("stop", f"stop must be a string or a list of strings, got {body['stop']!r}")
-    if not isinstance(extra_ids, list):
-        raise bad("stop_token_ids", f"stop_token_ids must be a list of ints, got {extra_ids!r}")
+    if not isinstance(extra_ids, list) or not all(_real(i) and isinstance(i, int)
+                                                  for i in extra_ids):
+        raise bad("stop_token_ids", f"stop_token_ids must be a list of token ids (ints), got "
+                                    f"{extra_ids!r}; stop strings go in stop")
     try:
         ids = decoder.stop_ids(list(default_stop) + stop + extra_ids)
     except ValueError as exc:

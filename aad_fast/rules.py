@@ -4,9 +4,54 @@ token is picked. Pure data, validated on creation; the engine reads ``streams`` 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 from .ops import check_real
+
+#: the largest seed: seeds are int64 on the device (``selectors``, the kernels' ``seed`` tensor)
+SEED_MAX = 2**63 - 1
+
+
+def as_int(value):
+    """``value`` as a Python int if it is an integer (an ``int``, a numpy integer, a one-element
+    integer tensor: anything with ``__index__``), else ``None``; bools (Python, numpy, torch)
+    and floats are never integers here (no rounding, no ``True`` as 1)."""
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    """``value`` as a Python int in ``[lo, hi]`` (``hi=None``: no upper bound); ``ValueError``
+    naming ``name`` and the value otherwise (see ``as_int`` for what counts as an int)."""
+    got = as_int(value)
+    if got is None or got < lo or (hi is not None and got > hi):
+        span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be an int {span}, got {value!r}")
+    return got
+
+
+def check_seed(value, name: str = "seed", room: int = 1) -> int:
+    """A seed as a Python int in ``[0, SEED_MAX - room + 1]``: ``room`` seeds ``seed ..
+    seed + room - 1`` are used (best-of-n's samples, a server's ``n`` choices) and each must
+    fit int64."""
+    hi = SEED_MAX - (room - 1)
+    got = as_int(value)
+    if got is None or not 0 <= got <= hi:
+        if room == 1:
+            raise ValueError(f"{name} must be an int in [0, 2**63 - 1] (int64), got {value!r}")
+        raise ValueError(f"{name} must be an int in [0, 2**63 - {room}], got {value!r}: the "
+                         f"seeds {name} .. {name} + {room - 1} are used and each must fit int64")
+    return got
+
+
+def _set_int(obj, name: str, lo: int, hi: int | None = None) -> None:
+    """``check_int`` of a frozen rule's field, stored back as a Python int."""
+    object.__setattr__(obj, name, check_int(name, getattr(obj, name), lo, hi))
 
 
 def _check_ids(obj, name: str) -> None:
@@ -14,16 +59,13 @@ def _check_ids(obj, name: str) -> None:
     value = getattr(obj, name)
     if value is None:
         return
-    ids = tuple(value)
-    if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+    try:
+        ids = () if isinstance(value, (str, bytes)) else tuple(as_int(i) for i in value)
+    except TypeError:  # not a list
+        ids = ()
+    if not ids or not all(i is not None and i >= 0 for i in ids):
         raise ValueError(f"{name} must be a non-empty list of token ids, got {value!r}")
     object.__setattr__(obj, name, ids)
-
-
-def _check_int(name, value, lo):
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -85,10 +127,10 @@ class Mix(Rule):
         if self.w_a == 0 and self.w_r == 0:
             raise ValueError("w_a and w_r are both 0: the mixed distribution would be uniform")
         check_real("temperature", self.temperature, 0.0)
-        _check_int("top_k", self.top_k, 0)
+        _set_int(self, "top_k", 0)
         check_real("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         check_real("min_p", self.min_p, 0.0, 1.0)
-        _check_int("seed", self.seed, 0)
+        object.__setattr__(self, "seed", check_seed(self.seed))
 
     @property
     def sampled(self) -> bool:
@@ -186,7 +228,7 @@ class BeamAAD(Rule):
     length_penalty: float = 0.0
 
     def __post_init__(self):
-        _check_int("num_beams", self.num_beams, 1)
+        _set_int(self, "num_beams", 1)
         check_real("alpha", self.alpha, 0.0, 1.0)
         if self.tau is not None:
             check_real("tau", self.tau, 0.0)
@@ -204,10 +246,11 @@ class BestOfN(Rule):
     seed: int = 0
 
     def __post_init__(self):
-        _check_int("n", self.n, 1)
+        _set_int(self, "n", 1)
         check_real("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         check_real("temperature", self.temperature, 0.0, lo_open=True)
-        _check_int("seed", self.seed, 0)
+        # sample j is seeded seed + j (search.samples): every one must fit int64
+        object.__setattr__(self, "seed", check_seed(self.seed, room=self.n))
         if self.picker is None:
             raise ValueError("BestOfN needs picker=: a path to (or an instance of) an "
                              "AutoModelForSequenceClassification with one output")

@@ -33,6 +33,7 @@ import torch
 
 from . import engine
 from .prompts import left_pad
+from .rules import as_int, check_int, check_seed
 from .selectors import rule_kind
 
 
@@ -51,6 +52,43 @@ class Request:
     stop_ids: tuple = ()
     seed: int | None = None
     tag: object = None
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self, vocab: int | None = None) -> None:
+        """Validate the fields (``ValueError`` naming the request and the field) and store its
+        numbers as Python ints: integers only (numpy integers too), never a float or a bool,
+        which a tensor of ids would silently truncate; prompt ids in ``[0, vocab)`` when
+        ``vocab`` is given (``Scheduler.submit``). A seed is an int64: ``[0, 2**63 - 1]``."""
+        who = "" if self.tag is None else f"request {self.tag!r}: "
+        try:
+            self.max_new_tokens = check_int("max_new_tokens", self.max_new_tokens, 1)
+            if self.seed is not None:
+                self.seed = check_seed(self.seed)
+            self.stop_ids = tuple(_ids("stop_ids", self.stop_ids, None))
+            self.ids_a = _ids("ids_a", self.ids_a, vocab)
+            if self.ids_r is not None:
+                self.ids_r = _ids("ids_r", self.ids_r, vocab)
+        except ValueError as exc:
+            raise ValueError(who + str(exc)) from None
+
+
+def _ids(name: str, ids, vocab: int | None) -> list:
+    """``ids`` (an iterable of token ids) as a list of Python ints in ``[0, vocab)``."""
+    try:
+        vals = list(ids)
+    except TypeError:
+        raise ValueError(f"{name} must be a list of token ids, got {ids!r}") from None
+    if all(type(v) is int for v in vals) and (not vals or min(vals) >= 0 and (
+            vocab is None or max(vals) < vocab)):
+        return vals  # the common case, checked at C speed (prompts are long)
+    got = [as_int(v) for v in vals]
+    for v, t in zip(vals, got):
+        if t is None or t < 0 or (vocab is not None and t >= vocab):
+            span = "ints >= 0" if vocab is None else f"ints in [0, {vocab})"
+            raise ValueError(f"{name} must be token ids ({span}), got {v!r} in it")
+    return got
 
 
 @dataclass(eq=False)  # a handle: identity, not value
@@ -143,14 +181,12 @@ class Scheduler:
         """Queue ``request``; returns its ``Result`` (filled in once it is done). Refuses what
         cannot run here, naming the field."""
         r = request
+        r.check(getattr(self.sel, "vocab", None))  # its fields may have changed since made
         if r.ids_r is None:
             r.ids_r = r.ids_a
-        longest = max(len(r.ids_a), len(r.ids_r))
         if not r.ids_a or not r.ids_r:
             raise ValueError(f"request {r.tag!r}: empty prompt")
-        if isinstance(r.max_new_tokens, bool) or not isinstance(r.max_new_tokens, int) \
-                or r.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {r.max_new_tokens!r}")
+        longest = max(len(r.ids_a), len(r.ids_r))
         if r.max_new_tokens > self.max_new or longest + r.max_new_tokens > self.max_len:
             raise ValueError(f"request {r.tag!r}: a prompt of {longest} tokens plus "
                              f"max_new_tokens={r.max_new_tokens} exceeds this scheduler's "
@@ -301,10 +337,20 @@ class Scheduler:
         """``_retire`` for beam slots: one look at the searches' flags (raise for a search
         with no candidate, naming its request's tag), then each finished slot's result."""
         fin, bad = self.sel.flags()
-        for slot, res in self.live.items():
-            if bad[slot]:
-                tag = res.request.tag if res.request.tag is not None else slot
-                raise RuntimeError(f"row {tag}: no AAD candidate (all aligned logits -inf/NaN)")
+        dead = [slot for slot in self.live if bad[slot]]
+        if dead:  # the error path: one more look, at which stream left a slot without a beam
+            by_r = self.sel.bad_r.tolist()  # a beam had candidates, their scores were all NaN
+            slot = next((g for g in dead if by_r[g]), dead[0])  # the reference first (as check)
+            tag = self.live[slot].request.tag
+            tag = slot if tag is None else tag
+            if by_r[slot]:
+                raise RuntimeError(
+                    f"row {tag}: the reference model's logits (stream r) were all -inf/NaN at "
+                    "some step (on every AAD candidate of every beam), so its distribution is "
+                    "undefined (check the reference model's dtype/weights)")
+            raise RuntimeError(
+                f"row {tag}: no AAD candidate: the aligned model's logits were all -inf/NaN at "
+                "some step, so no token could be chosen (check the model's dtype/weights)")
         ended = [slot for slot in self.live if fin[slot]]
         now = time.perf_counter()
         for slot in ended:

@@ -77,6 +77,7 @@ class BeamSearch:
         self.score = torch.full((g, k), -math.inf, **f64)
         self.finished = torch.ones(g, dtype=torch.bool, device=device)
         self.bad = torch.zeros(g, dtype=torch.bool, device=device)
+        self.bad_r = torch.zeros(g, dtype=torch.bool, device=device)  # bad because of stream r
         self.t = torch.zeros(g, **i64)
         self.lim = torch.ones(g, **i64)
         self.src = torch.arange(n_rows, **i64)
@@ -114,6 +115,7 @@ class BeamSearch:
         self.score.index_copy_(0, g, score)
         self.finished.index_fill_(0, g, False)
         self.bad.index_fill_(0, g, False)
+        self.bad_r.index_fill_(0, g, False)
         self.n_ended.index_fill_(0, g, 0)
         self.t.index_fill_(0, g, 0)
         self.lim.index_copy_(0, g, lim.to(dev))
@@ -189,8 +191,12 @@ class BeamSearch:
             dst.index_copy_(0, g, dst.index_select(0, g).scatter(1, col, val[:, None, :]))
         t = t + active.to(torch.int64)
         self.t.index_copy_(0, g, t)
-        self.bad.index_copy_(0, g, self.bad.index_select(0, g)
-                             | (active & (n_live == 0) & (n_ended == 0)))
+        dead = active & (n_live == 0) & (n_ended == 0)
+        self.bad.index_copy_(0, g, self.bad.index_select(0, g) | dead)
+        # dead although a live beam had candidates: every candidate's score was NaN (scored
+        # -inf), i.e. the reference's logits were -inf/NaN there, not the aligned model's
+        had = ((cand.reshape(m, k, c) >= 0) & (score > -math.inf)[:, :, None]).flatten(1).any(1)
+        self.bad_r.index_copy_(0, g, self.bad_r.index_select(0, g) | (dead & had))
         done = (n_ended >= k) | (n_live == 0) | (t >= self.lim.index_select(0, g))
         self.finished.index_copy_(0, g, self.finished.index_select(0, g) | (active & done))
 

@@ -36,7 +36,7 @@ from torch import Tensor
 from . import backends
 from .ops import select_core
 from .reference import MASK32, mix32
-from .rules import OPAD, Contrastive, Greedy, Mix, Rule
+from .rules import OPAD, Contrastive, Greedy, Mix, Rule, check_seed
 
 
 def rule_kind(rule: Rule) -> tuple:
@@ -92,10 +92,13 @@ class CoreSelector:
 
     def set_rows(self, rows: Tensor | None, rule: Rule, seed: int | None = None) -> None:
         """Write ``rule``'s values into rows ``rows`` (int64 ``[U]``; ``None`` = every row) of
-        the per-row tensors, in place; same kind only. ``seed`` overrides the rule's seed."""
+        the per-row tensors, in place; same kind only. ``seed`` overrides the rule's seed (an
+        int in ``[0, 2**63 - 1]``: ``fill_`` would truncate a float or wrap an overflow)."""
         if rule_kind(rule) != self.kind:
             raise ValueError(f"rule {rule!r} is of kind {rule_kind(rule)}, this selector "
                              f"serves {self.kind}")
+        if seed is not None:
+            seed = check_seed(seed)
 
         def put(t, value):
             if rows is None:

@@ -59,7 +59,7 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
 
     if decoder.tokenizer is None:
         raise ValueError("the served Decoder needs a tokenizer (pass tokenizer=)")
-    mbs = max_batch_size or decoder.max_batch_size
+    mbs = decoder.max_batch_size if max_batch_size is None else max_batch_size
     own = backend is None
     backend = backend or Backend(decoder, max_batch_size=mbs, max_queue=max_queue)
     limits = (limits or Limits()).resolve(decoder, backend.max_batch_size)
@@ -250,8 +250,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--picker", default=None,
                    help="reward model directory for rule=best-of-n (embedded pair: its picker)")
-    p.add_argument("--stop", nargs="*", default=None,
-                   help="single-token stop strings added to every request")
+    from .cli import add_stop_arguments
+    add_stop_arguments(p, " added to every request")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -265,7 +265,7 @@ def load(a):
     dtype = getattr(torch, a.dtype) if a.dtype else None
     if a.aligned:
         dec = Decoder(a.aligned, a.reference, dtype=dtype, device=a.device,
-                      max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len or 2048)
+                      max_batch_size=a.max_batch_size, max_seq_len=2048 if a.max_seq_len is None else a.max_seq_len)
         name = os.path.basename(os.path.normpath(a.aligned))
         return dec, list(a.stop or []), a.picker, a.served_model_name or name
     from .default import default_pair
@@ -276,7 +276,7 @@ def load(a):
         print("note: the trained default pair is not in this install; serving a random-weight "
               "stand-in (text will be gibberish)", file=sys.stderr)
     dec = Decoder(aligned, reference, tokenizer=tok, max_batch_size=a.max_batch_size,
-                  max_seq_len=a.max_seq_len or 128)
+                  max_seq_len=128 if a.max_seq_len is None else a.max_seq_len)
     picker = a.picker or (str(default_pair_dir() / "picker") if trained else None)
     return dec, stop_ids(tok) + list(a.stop or []), picker, a.served_model_name or "aad-default"
 
@@ -292,8 +292,9 @@ def run(a) -> int:
     except ImportError as exc:
         raise SystemExit(f"{INSTALL_HINT} ({exc})")
     _fastapi()
-    for name in ("max_batch_size", "max_queue", "max_n", "max_body_bytes"):
-        if getattr(a, name) < 1:
+    for name in ("max_batch_size", "max_queue", "max_n", "max_body_bytes", "max_seq_len",
+                 "max_tokens"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:  # None: the default
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     key = api_key(a)
     if a.host not in ("127.0.0.1", "localhost", "::1") and key is None:

@@ -352,7 +352,7 @@ class Backend:
         for t, text in zip(ended, texts):
             members.remove(t)
             if t.request.stream:
-                self._delta(t, text)
+                self._delta(t, text, final=True)
             self._finish(t, ("done", Completion(t.res.tokens, text, t.res.finish_reason)))
 
     def _stream(self, sched, members, hook=False) -> None:
@@ -364,9 +364,12 @@ class Backend:
                 if hook and self.on_piece is not None:
                     self.on_piece(t)
 
-    def _delta(self, t: Ticket, text: str) -> None:
-        # hold back a trailing partial character (U+FFFD) until it is complete
-        stable = text.rstrip("\ufffd")
+    def _delta(self, t: Ticket, text: str, final: bool = False) -> None:
+        """Send ``t`` the part of ``text`` (its whole text so far) not yet shown. While it is
+        decoding, a trailing U+FFFD may be a character whose remaining bytes are still to come,
+        so it is held back; the ``final`` text is sent whole (a U+FFFD it ends with stays), so
+        the joined deltas equal the non-streamed text."""
+        stable = text if final else text.rstrip("\ufffd")
         if stable.startswith(t.shown) and len(stable) > len(t.shown):
             _send(t, ("delta", stable[len(t.shown):]))
             t.shown = stable
@@ -445,7 +448,7 @@ class Backend:
             return
         for i, t in enumerate(group):
             if t.request.stream:
-                self._delta(t, gen.text[i])
+                self._delta(t, gen.text[i], final=True)
             self._finish(t, ("done", Completion(gen.tokens[i], gen.text[i],
                                                 gen.finish_reason[i])))
 
