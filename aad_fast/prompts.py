@@ -338,9 +338,9 @@ def _chat_principle(principle: str, texts: list, plain: list, tokenizer, vocab: 
                                  "greedy decoding; use chat=False or principle_ids=")
         rows.append(check_tokenized(pa, vocab, f"prompts[{i}] with the principle", tokenizer))
     if moved:
-        warnings.warn("OPAD: the tokenizer's chat template ignores system messages, so the "
-                      "principle was put at the start of the user message "
-                      "(\"{principle}\\n\\n{prompt}\") instead", stacklevel=4)
+        warnings.warn(f"OPAD: the tokenizer's chat template ignores system messages, so the "
+                      f"principle {principle!r} was put at the start of the user message "
+                      f"(principle + '\\n\\n' + prompt) instead", stacklevel=4)
     return rows
 
 
