@@ -134,6 +134,13 @@ class Decoder:
         self.backend, self.check_every = backend, check_every
         self.vocab = self._vocab()
         for model in (self.base, self.model_r):
+            limit = None if model is None else position_limit(model)
+            if limit is not None and max_seq_len > limit:
+                raise ValueError(f"max_seq_len={max_seq_len} exceeds {type(model).__name__}'s "
+                                 f"{limit} learned positions (its position table has no row "
+                                 f"beyond position {limit - 1}); pass "
+                                 f"Decoder(max_seq_len<={limit})")
+        for model in (self.base, self.model_r):
             window = sliding_unsupported(getattr(model, "config", None), max_seq_len)
             if window is not None:
                 warnings.warn(f"{type(model).__name__} mixes sliding-window attention ({window} "
@@ -160,8 +167,9 @@ class Decoder:
         if self.model_r is not None:
             sizes.append(self.model_r.get_output_embeddings().weight.shape[0])
         v = min(sizes)
-        if self.tokenizer is not None and len(self.tokenizer) < v:
-            v = len(self.tokenizer)
+        n_tok = _tokenizer_ids(self.tokenizer) if self.tokenizer is not None else None
+        if n_tok is not None and n_tok < v:
+            v = n_tok  # ids at or beyond the tokenizer's range are padding rows: never chosen
         return v
 
     def close(self) -> None:
@@ -419,7 +427,13 @@ class Decoder:
         with self._locked():
             for out in self._run(prompt, input_ids, None, rule, max_new_tokens, stop, chat,
                                  partial=True):
-                text = out.text[0] if isinstance(out, Generation) else out
+                final = isinstance(out, Generation)
+                text = out.text[0] if final else out
+                if not final:
+                    # a burst may end inside a multi-byte character, which decodes to a
+                    # trailing U+FFFD that the next bytes replace: hold it back until then
+                    # (the final text is yielded whole, a U+FFFD it really ends in included)
+                    text = text.rstrip("\ufffd")
                 if text.startswith(shown) and len(text) > len(shown):
                     yield text[len(shown):]
                     shown = text
@@ -668,6 +682,46 @@ def _ref_head_stats(counts: dict) -> dict:
     s = counts["sparse"]
     return {"sparse_steps": s, "full_steps": counts["full"],
             "candidates_per_step": counts["candidates"] / s if s else None}
+
+
+def _tokenizer_ids(tokenizer) -> int | None:
+    """The size of ``tokenizer``'s id range: 1 + its largest id (vocabulary and added tokens),
+    at least ``len(tokenizer)``; ids may have gaps, so ``len()`` alone can miss real ones."""
+    n = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    ids = []
+    with contextlib.suppress(Exception):  # a tokenizer-like object without these
+        ids += list(tokenizer.get_vocab().values())
+    with contextlib.suppress(Exception):
+        ids += list(tokenizer.added_tokens_decoder)
+    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+    if ids:
+        n = max(n or 0, 1 + max(ids))
+    return n
+
+
+def position_limit(model) -> int | None:
+    """The number of positions of ``model``'s learned absolute position table (GPT-2's
+    ``wpe``, OPT/BioGPT-style ``embed_positions``, ...), or ``None`` for models without one
+    (rotary, ALiBi): an ``nn.Embedding`` besides the input embeddings whose name says
+    "pos"/``wpe``. Its limit is the config's ``n_positions`` / ``max_position_embeddings``
+    when given (a table may hold offset rows), else the table's rows."""
+    model = getattr(model, "get_base_model", lambda: model)()
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    table = None
+    for name, mod in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if isinstance(mod, torch.nn.Embedding) and mod is not inp and \
+                ("pos" in leaf or leaf == "wpe"):
+            table = mod
+            break
+    if table is None:
+        return None
+    cfg = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        val = getattr(cfg, key, None)
+        if isinstance(val, int) and not isinstance(val, bool) and 0 < val <= table.num_embeddings:
+            return val
+    return table.num_embeddings
 
 
 def _first_admission(sched: Scheduler) -> tuple:
