@@ -168,7 +168,7 @@ def generate_inputs(a):
     if (a.prompt is None) == (a.prompts_file is None):
         raise SystemExit("give exactly one of --prompt TEXT or --prompts-file FILE.jsonl")
     for name in ("max_new_tokens", "batch_size", "max_seq_len"):
-        if getattr(a, name) < 1:
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     rule = rule_from_args(a)
     rows = _read_prompts(a)
@@ -270,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     add_stop_arguments(g, "")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
-    g.add_argument("--max-seq-len", type=int, default=2048, help="prompt + new tokens per row")
+    g.add_argument("--max-seq-len", type=int, default=None,
+                   help="prompt + new tokens per row (default 2048, or the model's learned "
+                        "position limit where smaller)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     add_rule_arguments(g)

@@ -66,7 +66,9 @@ class Decoder:
         dtype: load dtype for paths (default: the checkpoint's).
         device: where paths are loaded (default: CUDA when available, else CPU); models given
             as objects stay where they are.
-        max_batch_size, max_seq_len: static cache sizes (prompt + new tokens per row).
+        max_batch_size, max_seq_len: static cache sizes (prompt + new tokens per row);
+            ``max_seq_len=None``: ``DEFAULT_SEQ_LEN``, or fewer for a model whose learned
+            position table is shorter (GPT-2's 1024).
         cuda_graphs: ``"auto"``/``True`` capture the decode step on CUDA, ``False`` never.
         backend: selection-op backend (``None`` = fastest available).
         check_every: steps between host checks for finished rows.
@@ -98,14 +100,16 @@ class Decoder:
     """
 
     MAX_ENTRIES = 16  # entries kept (batch bucket, rule kind; a step per read length), LRU
+    DEFAULT_SEQ_LEN = 2048
 
     def __init__(self, aligned, reference=None, *, tokenizer=None, dtype=None, device=None,
-                 max_batch_size: int = 8, max_seq_len: int = 2048, cuda_graphs="auto",
+                 max_batch_size: int = 8, max_seq_len: int | None = None, cuda_graphs="auto",
                  backend: str | None = None, check_every: int = 8,
                  cpu_linear: str | None = None, compile="auto", forward: str | None = None,
                  threads=None):
-        for name, val in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
-                          ("check_every", check_every)):
+        for name, val in (("max_batch_size", max_batch_size),
+                          ("max_seq_len", self.DEFAULT_SEQ_LEN if max_seq_len is None
+                           else max_seq_len), ("check_every", check_every)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {val!r}")
         self.cpu_linear = tuning.linear_mode(cpu_linear)
@@ -127,6 +131,10 @@ class Decoder:
         if self.lora is not None:
             self.lora.check_rows(self.model_a)
         self.base = self.model_a.get_base_model() if self.kind == "lora" else self.model_a
+        limits = [lim for lim in (position_limit(m) for m in (self.base, self.model_r)
+                                  if m is not None) if lim is not None]
+        if max_seq_len is None:  # the default, within a learned position table
+            max_seq_len = min([self.DEFAULT_SEQ_LEN] + limits)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         # the intra-op threads its calls run with (None: the process's; tuning.threads_choice)
         self.threads = tuning.threads_choice(self.base, max_batch_size, threads)

@@ -243,7 +243,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a row beyond which requests get 429")
     p.add_argument("--max-seq-len", type=int, default=None,
-                   help="context: prompt + new tokens (default 2048; 128 for the embedded pair)")
+                   help="context: prompt + new tokens (default 2048, or the model's learned "
+                        "position limit where smaller; 128 for the embedded pair)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="largest max_tokens a request may ask (default: the context)")
     p.add_argument("--max-n", type=int, default=4, help="largest n a request may ask")
@@ -265,7 +266,7 @@ def load(a):
     dtype = getattr(torch, a.dtype) if a.dtype else None
     if a.aligned:
         dec = Decoder(a.aligned, a.reference, dtype=dtype, device=a.device,
-                      max_batch_size=a.max_batch_size, max_seq_len=2048 if a.max_seq_len is None else a.max_seq_len)
+                      max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len)
         name = os.path.basename(os.path.normpath(a.aligned))
         return dec, list(a.stop or []), a.picker, a.served_model_name or name
     from .default import default_pair

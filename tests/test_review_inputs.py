@@ -306,6 +306,10 @@ def test_max_seq_len_past_a_learned_position_table_is_refused():
     p = [1] + list(range(5, 26))
     got = dec.generate(input_ids=[p], rule=Greedy(), max_new_tokens=10)
     assert got.tokens == naive_decode(greedy_pick(), (a,), [p], 10)
+    # the default max_seq_len (2048) stops at the smaller table of the two models
+    assert Decoder(gpt2(0, 256), r, max_batch_size=1).max_seq_len == 32
+    assert Decoder(gpt2(0, 256), max_batch_size=1).max_seq_len == 256
+    assert Decoder(tiny_model("llama", 0), max_batch_size=1).max_seq_len == 2048
 
 
 def test_rotary_models_run_past_max_position_embeddings():
