@@ -34,7 +34,7 @@ from .lora_rows import RowLoRA
 from .pairs import SharedPair, SinglePair, TwoModelPair
 from .runner import sliding_unsupported
 from .prompts import MAX_STOP_IDS, Rows, resolve_stop_ids, rule_rows
-from .rules import AAD, OPAD, BeamAAD, BestOfN, CFGMix, Rule
+from .rules import AAD, OPAD, BeamAAD, BestOfN, CFGMix, Rule, check_int
 from .scheduler import Request, Scheduler, new_state
 from .selectors import make_selector, rule_kind
 
@@ -107,11 +107,10 @@ class Decoder:
                  backend: str | None = None, check_every: int = 8,
                  cpu_linear: str | None = None, compile="auto", forward: str | None = None,
                  threads=None):
-        for name, val in (("max_batch_size", max_batch_size),
-                          ("max_seq_len", self.DEFAULT_SEQ_LEN if max_seq_len is None
-                           else max_seq_len), ("check_every", check_every)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+        max_batch_size = check_int("max_batch_size", max_batch_size, 1)
+        check_every = check_int("check_every", check_every, 1)
+        if max_seq_len is not None:
+            max_seq_len = check_int("max_seq_len", max_seq_len, 1)
         self.cpu_linear = tuning.linear_mode(cpu_linear)
         self.forward = tuning.decoder_mode(forward)
         if compile not in ("auto", True, False):
@@ -410,7 +409,7 @@ class Decoder:
         """One ``Request`` for a ``scheduler(...)`` of ``rule``'s kind: ``prompt`` (a string)
         or ``input_ids`` (one id list), both streams' ids as ``generate`` makes them (OPAD's
         principle, CFG's negative prompt), stop ids with the model's EOS."""
-        self._validate(rule, max_new_tokens)
+        max_new_tokens = self._validate(rule, max_new_tokens)
         if input_ids is not None:
             input_ids = [input_ids]
         rows = self._rows(rule, prompt, input_ids, None, chat)
@@ -449,15 +448,14 @@ class Decoder:
     def _validate(self, rule, max_new_tokens):
         if not isinstance(rule, Rule):
             raise ValueError(f"rule must be an aad_fast rule (AAD(0.1), Greedy(), ...), got {rule!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
         if "r" in rule.streams and self.kind == "one" and not isinstance(rule, (OPAD, CFGMix)):
             raise ValueError(f"{type(rule).__name__} needs a reference model: pass reference= "
                              "(or an aligned LoRA adapter); only OPAD and CFG run on one model")
         if isinstance(rule, OPAD) and self.kind != "one":
             raise ValueError("OPAD runs one model with two prompts: build Decoder(model) "
                              "without a reference (and without a LoRA adapter)")
+        return max_new_tokens
 
     def _check_lengths(self, rows: Rows, max_new: int, n_rows: int, refill: bool = False):
         """``refill``: more rows than ``max_batch_size`` are fine (continuous batching)."""
@@ -486,7 +484,7 @@ class Decoder:
 
     def _run_unguarded(self, prompts, input_ids, attention_mask, rule, max_new_tokens, stop,
                        chat, partial):
-        self._validate(rule, max_new_tokens)
+        max_new_tokens = self._validate(rule, max_new_tokens)
         if self.lora is not None:
             self.lora.check_unmerged()
         rows = self._rows(rule, prompts, input_ids, attention_mask, chat)

@@ -362,3 +362,14 @@ def test_batch_encoding_as_input_ids(toy):
     assert got.tokens == dec.generate(QUESTIONS, rule=AAD(0.1), max_new_tokens=8).tokens
     with pytest.raises(ValueError, match="input_ids\\[0\\] is a BatchEncoding.*\\['input_ids'\\]"):
         dec.request(input_ids=enc, rule=AAD(0.1), max_new_tokens=4)
+
+
+def test_numpy_integers_size_the_decoder_and_the_call():
+    import numpy as np
+    m = tiny_model("llama", 0)
+    dec = Decoder(m, max_batch_size=np.int64(2), max_seq_len=np.int32(40), check_every=np.int8(2))
+    assert (type(dec.max_batch_size), type(dec.max_seq_len)) == (int, int)
+    got = dec.generate(input_ids=[[1, 5, 6]], rule=Greedy(), max_new_tokens=np.int64(4))
+    assert got.tokens == dec.generate(input_ids=[[1, 5, 6]], rule=Greedy(), max_new_tokens=4).tokens
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1, got 4.0"):
+        dec.generate(input_ids=[[1, 5, 6]], rule=Greedy(), max_new_tokens=4.0)
