@@ -56,7 +56,7 @@ def test_generate_rules_from_cli(model_dirs, rule, want_rule, tmp_path):
     prompt = "what is 2 plus 3 ?"
     args = ["generate", "--aligned", str(model_dirs / "dpo"), "--reference",
             str(model_dirs / "sft"), "--prompt", prompt, "--max-new-tokens", "6",
-            "--rule", rule, "--num-beams", "2", "--out", str(out)]
+            "--rule", rule, "--out", str(out)] + (["--num-beams", "2"] if rule == "beam-aad" else [])
     assert main(args) == 0
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     want = Decoder(str(model_dirs / "dpo"), str(model_dirs / "sft"), max_batch_size=2).generate(
@@ -214,3 +214,29 @@ def test_make_pairs_resumes_after_a_torn_row(tmp_path, capsys):
     out.write_bytes(data)
     assert main(args[:-2] + ["--batch-size", "3"]) == 2
     assert "other settings (batch_size: 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rule", "aad", "--top-k", "3"], "--top-k not used by --rule aad; it takes --alpha"),
+    (["--rule", "greedy", "--alpha", "0.2"], "--alpha not used by --rule greedy"),
+    (["--rule", "eft", "--top-p", "0.9"], "--top-p not used by --rule eft \\(greedy without"),
+    (["--rule", "opad", "--principle", "be kind", "--seed", "3"], "--seed not used by --rule opad"),
+    (["--rule", "beam-aad", "--n", "3"], "--n not used by --rule beam-aad"),
+])
+def test_a_rule_flag_the_rule_does_not_read_is_refused(model_dirs, capsys, argv, message):
+    """Before, such a flag was silently ignored (the run went on without it)."""
+    rc = main(["generate", "--aligned", str(model_dirs / "dpo"), "--reference",
+               str(model_dirs / "sft"), "--prompt", "hi"] + argv)
+    assert rc == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_rule_flags_the_rule_reads_are_taken(model_dirs, tmp_path):
+    from aad_fast.cli import build_parser, rule_from_args
+    base = ["generate", "--aligned", "x", "--prompt", "hi"]
+    a = build_parser().parse_args(base + ["--rule", "eft", "--temperature", "0.7", "--top-k",
+                                          "5", "--seed", "3", "--beta", "2"])
+    rule = rule_from_args(a)
+    assert (rule.temperature, rule.top_k, rule.seed) == (0.7, 5, 3)
+    a = build_parser().parse_args(base + ["--rule", "eft", "--temperature", "0"])  # greedy
+    assert rule_from_args(a).temperature == 0.0
