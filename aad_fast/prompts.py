@@ -104,7 +104,9 @@ def _stop_string_id(s: str, tokenizer) -> int:
         raise ValueError(f"stop string {s!r} is not in the vocabulary (it encodes to the "
                          f"unknown token {unk}); pass a string the tokenizer knows, or ids")
     raise ValueError(f"stop string {s!r} is {len(enc)} tokens {enc}; only "
-                     "single-token stop strings are supported (pass its ids)")
+                     "single-token stop strings are supported; stop at one of its ids instead "
+                     "(stop=[id] in Python, --stop-id N on the command line, stop_token_ids "
+                     "on the server)")
 
 
 def encode(tokenizer, vocab: int, prompts, input_ids, attention_mask, chat) -> list:
