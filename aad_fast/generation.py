@@ -511,6 +511,8 @@ class Decoder:
         bs = search.BeamSearch(rule, n, max_new, max(len(set(stop_ids)), 1), self.vocab,
                                self.backend, self.device)
         sched = Scheduler(pair, bs, None, rule, check_every=self.check_every)
+        for r in pair.runners:  # this call's read lengths only
+            r.reads = {}
         handles = [sched.submit(Request(ids_a=rows.a[i], ids_r=rows.a[i], rule=rule,
                                         max_new_tokens=max_new, stop_ids=tuple(stop_ids), tag=i))
                    for i in range(b)]
@@ -529,9 +531,11 @@ class Decoder:
                                   if steps > 1 and decode_s > 0 else float("nan")),
                  # aad_beam_topk has a fused C++ step; every other backend runs the reference
                  "backend": "cpp" if bs.backend == "cpp" else "torch",
-                 "cuda_graphs": False, "batch": b, "num_beams": k, "rows": n,
+                 "cuda_graphs": False, "compiled": False, "batch": b, "num_beams": k, "rows": n,
                  "pair": self.kind, "device": str(self.device),
-                 "kv_cache_bytes": self.kv_cache_bytes, "threads": torch.get_num_threads()}
+                 "linear": _linear_stats(pair), "forward": _forward_stats(pair),
+                 "kv_cache_bytes": self.kv_cache_bytes, "threads": torch.get_num_threads(),
+                 **_read_stats(pair, pair.runners[0].reads)}
         return Generation(tokens=tokens, text=self._text(tokens),
                           finish_reason=[h.finish_reason for h in handles], stats=stats,
                           scores=[h.score for h in handles])

@@ -182,13 +182,14 @@ class Scheduler:
         cannot run here, naming the field."""
         r = request
         r.check(getattr(self.sel, "vocab", None))  # its fields may have changed since made
+        who = "request: " if r.tag is None else f"request {r.tag!r}: "
         if r.ids_r is None:
             r.ids_r = r.ids_a
         if not r.ids_a or not r.ids_r:
-            raise ValueError(f"request {r.tag!r}: empty prompt")
+            raise ValueError(f"{who}empty prompt")
         longest = max(len(r.ids_a), len(r.ids_r))
         if r.max_new_tokens > self.max_new or longest + r.max_new_tokens > self.max_len:
-            raise ValueError(f"request {r.tag!r}: a prompt of {longest} tokens plus "
+            raise ValueError(f"{who}a prompt of {longest} tokens plus "
                              f"max_new_tokens={r.max_new_tokens} exceeds this scheduler's "
                              f"{self.max_len} cache slots; give fewer new tokens or build it "
                              "with a larger max_seq_len")
@@ -196,8 +197,9 @@ class Scheduler:
             raise ValueError(f"at most {self.max_stop} stop ids per request, got "
                              f"{len(set(r.stop_ids))}")
         if r.rule is not None and self.kind_of(r.rule) != self.sel.kind:
-            raise ValueError(f"request {r.tag!r}: rule {r.rule!r} is of kind "
-                             f"{self.kind_of(r.rule)}, this scheduler runs {self.sel.kind}")
+            raise ValueError(f"{who}rule {r.rule!r} is of kind {self.kind_of(r.rule)}, this "
+                             f"scheduler runs {self.sel.kind} (built for {self.rule!r}); give "
+                             "that rule a scheduler of its own: Decoder.scheduler(rule)")
         res = Result(request=r, submitted=time.perf_counter())
         self.waiting.append(res)
         return res

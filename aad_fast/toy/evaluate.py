@@ -7,6 +7,8 @@ ties counting one half.
 """
 from __future__ import annotations
 
+import argparse
+
 import json
 import sys
 import time
@@ -96,14 +98,29 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def at_least(low: int):
+    """An argparse ``type``: an int >= ``low``, else argparse's own error naming the option
+    (before any model loads)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value}")
+        return value
+    return parse
+
+
 def add_arguments_evaluate(p):
     p.description = ("Average oracle reward and AAD's win rate against greedy SFT, greedy DPO, "
                      "best-of-2, EFT and contrastive decoding on the toy task's held-out prompts "
                      "(default: the embedded pair).")
-    p.add_argument("--limit", type=int, default=0, help="first N held-out prompts (0 = all)")
+    p.add_argument("--limit", type=at_least(0), default=0,
+                   help="first N held-out prompts (0 = all)")
     p.add_argument("--json", default=None, help="also write the result as JSON here")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=32)
+    p.add_argument("--batch-size", type=at_least(1), default=32)
     p.add_argument("--iterations", action="store_true",
                    help="instead: the paper's Table 9 in miniature (iterative DPO: iterations "
                         "0, 1, 1', 2 under greedy, best-of-2 and AAD) and its diagnostics")
@@ -204,8 +221,8 @@ def add_arguments_make_pairs(p):
                    help="JSONL ({'prompt': ...}) or text lines (default: the toy train prompts)")
     p.add_argument("--out", required=True, help="output JSONL (appended; reruns resume)")
     p.add_argument("--alpha", type=float, default=0.1)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=32)
+    p.add_argument("--batch-size", type=at_least(1), default=32)
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -72,5 +72,11 @@ def render_prompt(tok: PreTrainedTokenizerFast, question: str) -> str:
 
 
 def stop_ids(tok: PreTrainedTokenizerFast) -> list[int]:
-    """Ids that end a completion: ``<eos>`` and the ``<user>`` marker (as in the AAD paper)."""
-    return [tok.eos_token_id, tok.convert_tokens_to_ids(USER)]
+    """Ids that end a completion: ``<eos>`` and the ``<user>`` marker (as in the AAD paper),
+    those of them ``tok`` has. Another model's tokenizer (``make-pairs`` on your models) has no
+    ``<user>`` token: it must not turn into ``None`` or the unknown token's id."""
+    vocab = tok.get_vocab()
+    ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if USER in vocab:
+        ids.append(vocab[USER])
+    return ids
