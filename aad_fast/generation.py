@@ -197,11 +197,27 @@ class Decoder:
             change = self.threads is not None and self.threads != before
             if change:
                 torch.set_num_threads(self.threads)
+            self._caller_threads = before if change else None
             try:
                 yield
             finally:
+                self._caller_threads = None
                 if change:
                     torch.set_num_threads(before)
+
+    @contextlib.contextmanager
+    def _caller_turn(self):
+        """Around a ``stream`` yield: the caller's code between two pieces runs with its own
+        intra-op thread count, the Decoder's is set again when the stream resumes."""
+        before = getattr(self, "_caller_threads", None)
+        if before is None:
+            yield
+            return
+        torch.set_num_threads(before)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self.threads)
 
     def __enter__(self):
         return self
@@ -442,7 +458,8 @@ class Decoder:
                     # (the final text is yielded whole, a U+FFFD it really ends in included)
                     text = text.rstrip("\ufffd")
                 if text.startswith(shown) and len(text) > len(shown):
-                    yield text[len(shown):]
+                    with self._caller_turn():
+                        yield text[len(shown):]
                     shown = text
 
     def _validate(self, rule, max_new_tokens):

@@ -75,3 +75,31 @@ def test_calls_run_with_the_chosen_count_and_put_the_process_count_back():
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
     assert got.stats["threads"] == 1 and got.tokens == want.tokens
+
+
+def test_a_stream_decodes_with_its_count_and_the_caller_runs_with_its_own(monkeypatch):
+    """Between two pieces of a stream the caller's code runs with the process's count (it
+    held the Decoder's count while suspended before); each burst runs with the Decoder's."""
+    from aad_fast.scheduler import Scheduler
+    from aad_fast.toy.assets import load_default_pair
+    _, dpo, tok, _, _ = load_default_pair("cpu")
+    process = torch.get_num_threads()
+    mine = 1 if process > 1 else 2
+    seen = []
+    burst = Scheduler.step_burst
+
+    def spy(self):
+        seen.append(torch.get_num_threads())
+        return burst(self)
+    monkeypatch.setattr(Scheduler, "step_burst", spy)
+    with Decoder(dpo, tokenizer=tok, max_batch_size=1, max_seq_len=96, check_every=2,
+                 threads=mine) as dec:
+        pieces, between = [], []
+        for piece in dec.stream("what is 2 plus 3 ?", rule=AAD(0.1), chat=True,
+                                max_new_tokens=12):
+            between.append(torch.get_num_threads())
+            pieces.append(piece)
+        want = dec.generate(["what is 2 plus 3 ?"], rule=AAD(0.1), chat=True, max_new_tokens=12)
+    assert len(pieces) > 1 and "".join(pieces) == want.text[0]
+    assert set(between) == {process} and set(seen) == {mine}
+    assert torch.get_num_threads() == process
