@@ -240,7 +240,7 @@ def cmd_generate(a) -> int:
         dtype = getattr(torch, a.dtype) if a.dtype else None
         per_prompt = rule.n if isinstance(rule, af.BestOfN) else getattr(rule, "num_beams", 1)
         dec = stack.enter_context(af.Decoder(a.aligned, a.reference, dtype=dtype,
-                                             device=a.device,
+                                             device=a.device, tokenizer=a.tokenizer,
                                              max_batch_size=a.batch_size * per_prompt,
                                              max_seq_len=a.max_seq_len))
         bar = stack.enter_context(tqdm(total=len(todo), desc="generate", unit="prompt",
@@ -294,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aligned (DPO) model directory, or a LoRA adapter directory")
     g.add_argument("--reference", default=None,
                    help="reference (SFT) model directory; defaults to a LoRA adapter's base")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory, where the model directories have none")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="one prompt")
     src.add_argument("--prompts-file", default=None,

@@ -355,8 +355,10 @@ class Decoder:
 
         Args:
             prompts: a string or list of strings (tokenised; with the chat template when
-                ``chat=True``), or instead ``input_ids`` (list of id lists, or a ``[B, L]``
-                tensor with an optional ``attention_mask`` marking real tokens).
+                ``chat=True``; with ``chat=True`` a prompt may also be a conversation, a list
+                of ``{"role": system|user|assistant, "content": str}`` messages), or instead
+                ``input_ids`` (list of id lists, or a ``[B, L]`` tensor with an optional
+                ``attention_mask`` marking real tokens).
             rule: ``AAD``, ``Contrastive``, ``EFT``/``DeRa``/``CFG``/``Mix``, ``OPAD``,
                 ``BeamAAD``, ``BestOfN`` or ``Greedy``.
             max_new_tokens: at most this many tokens per row.
@@ -422,8 +424,9 @@ class Decoder:
     def request(self, prompt=None, *, input_ids=None, rule: Rule = AAD(0.1),
                 max_new_tokens: int = 128, stop=None, chat: bool = False, seed=None,
                 tag=None) -> Request:
-        """One ``Request`` for a ``scheduler(...)`` of ``rule``'s kind: ``prompt`` (a string)
-        or ``input_ids`` (one id list), both streams' ids as ``generate`` makes them (OPAD's
+        """One ``Request`` for a ``scheduler(...)`` of ``rule``'s kind: ``prompt`` (a string,
+        or with ``chat`` a conversation: a list of ``{"role", "content"}`` messages) or
+        ``input_ids`` (one id list), both streams' ids as ``generate`` makes them (OPAD's
         principle, CFG's negative prompt), stop ids with the model's EOS."""
         max_new_tokens = self._validate(rule, max_new_tokens)
         if input_ids is not None:

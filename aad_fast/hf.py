@@ -44,10 +44,19 @@ def load_causal_lm(path, arg: str, dtype=None, device=None):
         raise ValueError(f"{arg}={str(path)!r} is a LoRA adapter directory; pass it as "
                          "`aligned` (with its base as `reference`)")
     try:
+        # never the checkpoint's own code (no prompt asking to run it): a model that needs it
+        # is loaded by the caller and passed as an object
         model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype or "auto",
-                                                     local_files_only=True)
+                                                     local_files_only=True,
+                                                     trust_remote_code=False)
     except Exception as exc:
-        raise ValueError(f"{arg}={str(path)!r} could not be loaded as a causal LM: {exc}") from exc
+        hint = ""
+        if "trust_remote_code" in str(exc):
+            hint = (" (aad_fast never runs a checkpoint's own code; if you trust it, load the "
+                    "model yourself with AutoModelForCausalLM.from_pretrained(path, "
+                    "trust_remote_code=True) and pass the model object)")
+        raise ValueError(f"{arg}={str(path)!r} could not be loaded as a causal LM: "
+                         f"{exc}{hint}") from exc
     return model.to(device) if device is not None else model
 
 
@@ -71,7 +80,8 @@ def load_tokenizer(path):
                                           "tokenizer.model", "vocab.json")):
         return None
     try:
-        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True,
+                                             trust_remote_code=False)
     except Exception:
         return None
 

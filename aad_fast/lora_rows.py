@@ -46,15 +46,15 @@ class RowLoRA:
                                  "and pass two models instead)")
             if not isinstance(mod, LoraLayer):
                 continue
+            if not isinstance(mod.base_layer, torch.nn.Linear):  # (embeddings keep theirs apart)
+                raise ValueError(f"LoRA layer {name} wraps {type(mod.base_layer).__name__}; the "
+                                 "shared-weight pair supports LoRA on nn.Linear only (merge the "
+                                 "adapter and pass two models instead)")
             active = [a for a in mod.active_adapters if a in mod.lora_A]
             if len(active) != 1:
                 raise ValueError(f"LoRA layer {name}: exactly one active adapter is supported, "
                                  f"got {list(mod.active_adapters)}")
             ad = active[0]
-            if not isinstance(mod.base_layer, torch.nn.Linear):
-                raise ValueError(f"LoRA layer {name} wraps {type(mod.base_layer).__name__}; the "
-                                 "shared-weight pair supports LoRA on nn.Linear only (merge the "
-                                 "adapter and pass two models instead)")
             if getattr(mod, "merged", False):
                 raise ValueError(f"LoRA layer {name} is merged into its base weights, so the "
                                  "base cannot serve the reference stream; call "

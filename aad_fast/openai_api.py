@@ -237,10 +237,9 @@ def prompt_input(body: dict, chat: bool, tokenizer) -> dict:
         return {"text": clean[0]["content"], "chat": True}  # exactly Decoder(chat=True)
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
         raise bad("messages", "the served tokenizer has no chat template")
-    out = tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True)
-    if isinstance(out, dict) or hasattr(out, "input_ids"):
-        out = out["input_ids"]
-    return {"ids": list(out), "chat": False}
+    # the whole conversation, rendered by the Decoder (so OPAD's principle joins its system
+    # message instead of preceding the rendered ids)
+    return {"text": clean, "chat": True}
 
 
 def parse_request(body: dict, chat: bool, decoder, limits: Limits, default_stop=(),

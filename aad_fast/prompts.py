@@ -171,9 +171,14 @@ def encode(tokenizer, vocab: int, prompts, input_ids, attention_mask, chat) -> l
     return rows
 
 
+ROLES = ("system", "user", "assistant")
+
+
 def prompt_texts(prompts, tokenizer) -> list:
-    """``prompts`` (a string or a list of strings) as a list of non-empty strings."""
-    if isinstance(prompts, str):
+    """``prompts`` (a string, a conversation, or a list of them) as a list of non-empty strings
+    and conversations. A conversation (``chat=True`` only) is a list of ``{"role": system |
+    user | assistant, "content": str}`` messages, rendered whole by the chat template."""
+    if isinstance(prompts, str) or _is_conversation(prompts):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)):
         raise ValueError(f"prompts must be a string or a list of strings, got "
@@ -182,13 +187,31 @@ def prompt_texts(prompts, tokenizer) -> list:
         raise ValueError("prompts=[] is empty; give at least one prompt")
     if tokenizer is None:
         raise ValueError("prompts= needs a tokenizer (none was found beside the models); "
-                         "pass tokenizer= or input_ids=")
+                         "pass tokenizer= (--tokenizer DIR on the command line) or input_ids=")
     for i, p in enumerate(prompts):
+        if isinstance(p, (list, tuple)):
+            _check_conversation(p, f"prompts[{i}]")
+            continue
         if not isinstance(p, str):
-            raise ValueError(f"prompts[{i}] must be a string, got {type(p).__name__}")
+            raise ValueError(f"prompts[{i}] must be a string or a conversation (a list of "
+                             f"{{'role', 'content'}} messages), got {type(p).__name__}")
         if not p:
             raise ValueError(f"prompts[{i}] is empty")
     return list(prompts)
+
+
+def _is_conversation(p) -> bool:
+    return isinstance(p, (list, tuple)) and bool(p) and isinstance(p[0], Mapping)
+
+
+def _check_conversation(msgs, where: str) -> None:
+    if not msgs:
+        raise ValueError(f"{where} is an empty conversation")
+    for j, m in enumerate(msgs):
+        if not isinstance(m, Mapping) or m.get("role") not in ROLES or \
+                not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}[{j}] must be {{'role': system|user|assistant, 'content': "
+                             f"str}}, got {m!r}")
 
 
 def check_tokenized(ids: list, vocab: int, what: str, tokenizer) -> list:
@@ -262,13 +285,23 @@ def _id_list(row, i: int, name: str = "input_ids") -> list:
     return out
 
 
-def tokenize(tokenizer, text: str, chat: bool, system: str | None = None) -> list:
+def tokenize(tokenizer, text, chat: bool, system: str | None = None) -> list:
     """Ids of ``text``; with ``chat`` a user turn (after an optional system message) through
-    the tokenizer's chat template, with the generation prompt."""
+    the tokenizer's chat template, with the generation prompt. ``text`` may be a conversation
+    (``chat`` only): ``system`` then opens it, or opens its own system message."""
     tok = tokenizer
-    if chat:
+    if isinstance(text, (list, tuple)):
+        if not chat:
+            raise ValueError("a conversation (a list of messages) as a prompt needs chat=True")
+        msgs = [dict(m) for m in text]
+        if system and msgs[0]["role"] == "system":
+            msgs[0]["content"] = f"{system}\n\n{msgs[0]['content']}"
+        elif system:
+            msgs.insert(0, {"role": "system", "content": system})
+    else:
         msgs = ([{"role": "system", "content": system}] if system else []) + \
                [{"role": "user", "content": text}]
+    if chat:
         if getattr(tok, "chat_template", None) is None:
             raise ValueError("chat=True but the tokenizer has no chat template")
         out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
@@ -321,6 +354,19 @@ def rule_rows(rule, kind: str, tokenizer, vocab: int, prompts, input_ids, attent
     return Rows(rows_a, a)
 
 
+def _principle_in_user_turn(principle: str, text):
+    """``text`` (a prompt or a conversation) with ``principle`` opening its (first) user
+    message."""
+    if not isinstance(text, (list, tuple)):
+        return f"{principle}\n\n{text}"
+    msgs = [dict(m) for m in text]
+    for m in msgs:
+        if m["role"] == "user":
+            m["content"] = f"{principle}\n\n{m['content']}"
+            break
+    return msgs
+
+
 def _chat_principle(principle: str, texts: list, plain: list, tokenizer, vocab: int) -> list:
     """Stream a's rows for OPAD with ``chat``: each prompt after a system message holding the
     ``principle``. A template that ignores system messages renders that the same as the plain
@@ -332,7 +378,7 @@ def _chat_principle(principle: str, texts: list, plain: list, tokenizer, vocab: 
         pa = tokenize(tokenizer, text, True, system=principle)
         if pa == ids:
             moved = True
-            pa = tokenize(tokenizer, f"{principle}\n\n{text}", True)
+            pa = tokenize(tokenizer, _principle_in_user_turn(principle, text), True)
             if pa == ids:
                 raise ValueError(f"principle={principle!r} does not change prompts[{i}]'s ids, "
                                  "neither as a system message nor at the start of the user "

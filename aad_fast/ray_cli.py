@@ -109,6 +109,7 @@ def run_generate(a) -> int:
                       file=sys.stderr)
         per_prompt = rule.n if isinstance(rule, af.BestOfN) else getattr(rule, "num_beams", 1)
         decoder = {"aligned": _abs(a.aligned), "reference": _abs(a.reference),
+                   "tokenizer": _abs(getattr(a, "tokenizer", None)),
                    "dtype": a.dtype, "device": a.device, "max_seq_len": a.max_seq_len,
                    "max_batch_size": a.batch_size * per_prompt}
         # the generate calls of cmd_generate: with the continuous scheduler (cli's

@@ -233,6 +233,8 @@ def add_arguments(p) -> None:
     p.add_argument("--aligned", default=None,
                    help="aligned model or LoRA adapter directory (default: the embedded pair)")
     p.add_argument("--reference", default=None, help="reference model directory")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory, where the model directories have none")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -266,7 +268,8 @@ def load(a):
     dtype = getattr(torch, a.dtype) if a.dtype else None
     if a.aligned:
         dec = Decoder(a.aligned, a.reference, dtype=dtype, device=a.device,
-                      max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len)
+                      tokenizer=a.tokenizer, max_batch_size=a.max_batch_size,
+                      max_seq_len=a.max_seq_len)
         name = os.path.basename(os.path.normpath(a.aligned))
         return dec, list(a.stop or []), a.picker, a.served_model_name or name
     from .default import default_pair

@@ -150,3 +150,26 @@ def test_attention_without_per_row_masks_is_switched_in_the_view_only():
     masked_attention(view)
     assert view.config._attn_implementation == "sdpa"
     assert model.config._attn_implementation == "flash_attention_2"
+
+
+def test_a_lora_adapter_on_the_embeddings_is_refused_naming_the_layer():
+    """PEFT keeps an embedding's LoRA weights apart (lora_embedding_A/B): the check said
+    "exactly one active adapter is supported, got ['default']" of a one-adapter model."""
+    pm = lora(arch_model("llama", 0), ["embed_tokens", "q_proj"])
+    with pytest.raises(ValueError, match=r"embed_tokens wraps Embedding.*nn\.Linear only"):
+        Decoder(pm, max_batch_size=1, max_seq_len=40)
+
+
+def test_a_checkpoint_that_needs_its_own_code_is_refused_without_running_or_asking(tmp_path):
+    """An ``auto_map`` config of an unknown model type: transformers would ask on a terminal
+    whether to run the checkpoint's code; the path loader never does, and says how to."""
+    import json
+    model = arch_model("llama", 0)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(model_type="my_remote_llama",
+               auto_map={"AutoConfig": "conf.MyConfig", "AutoModelForCausalLM": "mod.MyModel"})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "conf.py").write_text("raise SystemExit('the checkpoint code ran')\n")
+    with pytest.raises(ValueError, match="never runs a checkpoint's own code"):
+        Decoder(str(tmp_path), str(tmp_path), max_batch_size=1, max_seq_len=40)

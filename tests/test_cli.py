@@ -240,3 +240,21 @@ def test_rule_flags_the_rule_reads_are_taken(model_dirs, tmp_path):
     assert (rule.temperature, rule.top_k, rule.seed) == (0.7, 5, 3)
     a = build_parser().parse_args(base + ["--rule", "eft", "--temperature", "0"])  # greedy
     assert rule_from_args(a).temperature == 0.0
+
+
+def test_generate_with_a_tokenizer_from_its_own_directory(tmp_path, capsys):
+    """A model saved without its tokenizer: --tokenizer DIR (before, only Python's
+    tokenizer= could give one, and the error said so)."""
+    from aad_fast.toy.assets import default_pair_dir, load_default_pair
+    sft, _, tok, _, _ = load_default_pair("cpu")
+    sft.save_pretrained(tmp_path / "sft")  # no tokenizer files
+    out = tmp_path / "o.jsonl"
+    prompt = "what is 2 plus 3 ?"
+    argv = ["generate", "--aligned", str(tmp_path / "sft"), "--rule", "greedy", "--prompt",
+            prompt, "--max-new-tokens", "6", "--out", str(out)]
+    assert main(argv) == 2 and "--tokenizer" in capsys.readouterr().err
+    assert main(argv + ["--tokenizer", str(default_pair_dir() / "sft")]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    want = Decoder(sft, tokenizer=tok, max_batch_size=1).generate([prompt], rule=Greedy(),
+                                                                  max_new_tokens=6)
+    assert row["tokens"] == want.tokens[0]
