@@ -148,33 +148,37 @@ class SplitHead:
 SLIDING_TYPES = ("full_attention", "sliding_attention")
 
 
+def _biting_window(config, max_len: int) -> int | None:
+    """The config's sliding window where it is on and shorter than ``max_len`` slots."""
+    window = getattr(config, "sliding_window", None)
+    if not window or window >= max_len or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
 def sliding_layers(config, max_len: int):
     """``(window, kinds)`` of a model config whose sliding-window attention can bite within
     ``max_len`` slots: ``window`` (int) and ``kinds`` (per-layer ``SLIDING_TYPES`` names, or
     ``None``: every layer slides). ``(None, None)``: full attention everywhere, or a window of
     at least ``max_len`` (then the same thing). Layer types other than these two are left to
     the caller (``sliding_unsupported``)."""
-    window = getattr(config, "sliding_window", None)
-    if not window or window >= max_len or getattr(config, "use_sliding_window", True) is False:
-        return None, None
+    window = _biting_window(config, max_len)
     kinds = getattr(config, "layer_types", None)
-    if kinds is None:
-        return int(window), None
+    if window is None or kinds is None:
+        return window, None
     kinds = tuple(kinds)
     if "sliding_attention" not in kinds or not set(kinds) <= set(SLIDING_TYPES):
         return None, None
-    return int(window), kinds
+    return window, kinds
 
 
 def sliding_unsupported(config, max_len: int) -> int | None:
     """The window of a model whose attention ``sliding_layers`` cannot express (layer types
     other than full and sliding attention) and that bites within ``max_len``, else ``None``."""
-    window = getattr(config, "sliding_window", None)
     kinds = getattr(config, "layer_types", None)
-    if (not window or window >= max_len or getattr(config, "use_sliding_window", True) is False
-            or kinds is None or set(kinds) <= set(SLIDING_TYPES)):
+    if kinds is None or set(kinds) <= set(SLIDING_TYPES):
         return None
-    return int(window)
+    return _biting_window(config, max_len)
 
 
 def cut_masks(masks, n: int):

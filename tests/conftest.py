@@ -86,6 +86,52 @@ def aad_pick(alpha=0.1, beta=1.0):
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 9], [1, 20, 21, 22]]
 
 
+def mix_pick(w_a, w_r, temperature=0.0, top_p=1.0, min_p=0.0, seed=0):
+    from aad_fast.reference import gumbel_noise as _gumbel
+
+    def pick(a, r, t, hist):
+        z = w_a * a.log_softmax(-1) + (w_r * r.log_softmax(-1) if w_r else 0.0)
+        if temperature == 0:
+            return int(z.argmax())
+        z = z / temperature
+        p = z.softmax(-1)
+        keep = torch.ones_like(z, dtype=torch.bool)
+        if top_p < 1.0:
+            ps, order = p.sort(descending=True)
+            before = ps.cumsum(0) - ps
+            keep = torch.zeros_like(keep)
+            keep[order[before < top_p]] = True
+        if min_p > 0:
+            keep &= p >= min_p * p.max()
+        g = _gumbel(torch.tensor([seed]), torch.tensor(t), z.shape[0])[0]
+        return int(torch.where(keep, z + g, torch.tensor(-math.inf)).argmax())
+    return pick
+
+
+def opad_pick(k):
+    def pick(a, r, t, hist):
+        la, lr = a.log_softmax(-1), r.log_softmax(-1)
+        if t == 0:
+            return int(la.argmax())
+        pa, pr = hist[-1]
+        return int(((1 + k) * la - k * lr + k * (pa.log_softmax(-1) - pr.log_softmax(-1))).argmax())
+    return pick
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    from aad_fast.toy.tokenizer import build_tokenizer
+    root = tmp_path_factory.mktemp("models")
+    tok = build_tokenizer()
+    for name, seed in (("dpo", 0), ("sft", 1)):
+        m = tiny_model("llama", seed, vocab=len(tok))
+        m.config.eos_token_id = tok.eos_token_id
+        m.generation_config.eos_token_id = tok.eos_token_id
+        m.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _tuning_cache_per_session(tmp_path_factory):
     """Measured fast-path choices (``aad_fast.tuning``) go to a file of this test session, not

@@ -3,24 +3,9 @@ import json
 import re
 
 import pytest
-from conftest import tiny_model
 
 from aad_fast import AAD, EFT, BeamAAD, Contrastive, Decoder, DeRa, Greedy
 from aad_fast.cli import main
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    from aad_fast.toy.tokenizer import build_tokenizer
-    root = tmp_path_factory.mktemp("models")
-    tok = build_tokenizer()
-    for name, seed in (("dpo", 0), ("sft", 1)):
-        m = tiny_model("llama", seed, vocab=len(tok))
-        m.config.eos_token_id = tok.eos_token_id
-        m.generation_config.eos_token_id = tok.eos_token_id
-        m.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    return root
 
 
 def test_generate_prompts_file_resumes(model_dirs, tmp_path, capsys):

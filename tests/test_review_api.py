@@ -325,20 +325,6 @@ def test_cli_stop_ids_join_the_stop_strings():
         _args("--stop-id", "x")
 
 
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    from aad_fast.toy.tokenizer import build_tokenizer
-    root = tmp_path_factory.mktemp("models")
-    tok = build_tokenizer()
-    for name, seed in (("dpo", 0), ("sft", 1)):
-        m = tiny_model("llama", seed, vocab=len(tok))
-        m.config.eos_token_id = tok.eos_token_id
-        m.generation_config.eos_token_id = tok.eos_token_id
-        m.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    return root
-
-
 def test_cli_generate_stops_at_a_stop_id(model_dirs, tmp_path):
     prompt = "what is 2 plus 3 ?"
     d = af.Decoder(str(model_dirs / "dpo"), str(model_dirs / "sft"), max_batch_size=2)

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, naive_decode, tiny_config, tiny_model
+from conftest import VOCAB, mix_pick, naive_decode, opad_pick, tiny_config, tiny_model
 
 from aad_fast import AAD, CFG, EFT, OPAD, Decoder, Greedy
 from aad_fast.prompts import rule_rows
@@ -45,20 +45,6 @@ def model_for(tok, seed: int, vocab: int | None = None):
 
 def greedy_pick(vocab=None):
     return lambda a, r, t, hist: int(a[:vocab].argmax())
-
-
-def mix_pick(w_a, w_r):
-    return lambda a, r, t, hist: int((w_a * a.log_softmax(-1) + w_r * r.log_softmax(-1)).argmax())
-
-
-def opad_pick(k):
-    def pick(a, r, t, hist):
-        la, lr = a.log_softmax(-1), r.log_softmax(-1)
-        if t == 0:
-            return int(la.argmax())
-        pa, pr = hist[-1]
-        return int(((1 + k) * la - k * lr + k * (pa.log_softmax(-1) - pr.log_softmax(-1))).argmax())
-    return pick
 
 
 def contains(seq, sub) -> bool:

@@ -4,33 +4,11 @@ import math
 
 import pytest
 import torch
-from conftest import PROMPTS, aad_pick, brute_beam, naive_decode, tiny_model
+from conftest import (PROMPTS, aad_pick, brute_beam, mix_pick, naive_decode, opad_pick,
+                      tiny_model)
 
 from aad_fast import (AAD, CFG, EFT, OPAD, BeamAAD, BestOfN, Contrastive, DeRa, Decoder, Greedy,
                       Mix)
-from aad_fast.reference import gumbel_noise
-
-NINF = torch.tensor(-math.inf)
-
-
-def mix_pick(w_a, w_r, temperature=0.0, top_p=1.0, min_p=0.0, seed=0):
-    def pick(a, r, t, hist):
-        z = w_a * a.log_softmax(-1) + (w_r * r.log_softmax(-1) if w_r else 0.0)
-        if temperature == 0:
-            return int(z.argmax())
-        z = z / temperature
-        p = z.softmax(-1)
-        keep = torch.ones_like(z, dtype=torch.bool)
-        if top_p < 1.0:
-            ps, order = p.sort(descending=True)
-            before = ps.cumsum(0) - ps
-            keep = torch.zeros_like(keep)
-            keep[order[before < top_p]] = True
-        if min_p > 0:
-            keep &= p >= min_p * p.max()
-        g = gumbel_noise(torch.tensor([seed]), torch.tensor(t), z.shape[0])[0]
-        return int(torch.where(keep, z + g, NINF).argmax())
-    return pick
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +47,6 @@ def test_sampled_mix_matches_naive_loop_with_the_same_noise(dec, models, kw):
     assert again.tokens == got.tokens  # a fixed seed reproduces
     other = dec.generate(input_ids=PROMPTS, rule=EFT(2.0, seed=12, **kw), max_new_tokens=10)
     assert other.tokens != got.tokens
-
-
-def opad_pick(k):
-    def pick(a, r, t, hist):
-        la, lr = a.log_softmax(-1), r.log_softmax(-1)
-        if t == 0:
-            return int(la.argmax())
-        pa, pr = hist[-1]
-        return int(((1 + k) * la - k * lr + k * (pa.log_softmax(-1) - pr.log_softmax(-1))).argmax())
-    return pick
 
 
 @pytest.mark.parametrize("k", [1.0, 0.5])
