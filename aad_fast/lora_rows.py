@@ -33,13 +33,10 @@ class RowLoRA:
             from peft.tuners.lora import LoraLayer
         except ImportError as exc:  # pragma: no cover - peft is a dependency
             raise ImportError("LoRA pairs need peft: pip install peft") from exc
-        try:
-            from peft.utils import AuxiliaryTrainingWrapper
-        except ImportError:  # pragma: no cover - older peft
-            AuxiliaryTrainingWrapper = ()
+        from peft.utils import AuxiliaryTrainingWrapper  # peft >= 0.15 (pyproject.toml)
         self.layers = []
         for name, mod in peft_model.named_modules():
-            if AuxiliaryTrainingWrapper and isinstance(mod, AuxiliaryTrainingWrapper):
+            if isinstance(mod, AuxiliaryTrainingWrapper):
                 raise ValueError(f"{name} is a trained copy ({type(mod).__name__}, e.g. "
                                  "modules_to_save) that would run on both streams; the "
                                  "shared-weight pair supports LoRA layers only (merge the adapter "

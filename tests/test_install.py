@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# what is never part of a build: VCS data, build outputs, the dev-only symlink to kernels/
+# what is never part of a build: VCS data, build outputs
 IGNORE = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", "*.so",
                                 ".pytest_cache", ".hypothesis", ".benchmarks")
 
@@ -40,9 +40,6 @@ def wheel(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("install")
     src = tmp / "src"
     shutil.copytree(ROOT, src, ignore=IGNORE, symlinks=True)
-    link = src / "aad_fast" / "kernels"
-    if link.is_symlink():  # a development convenience, git-excluded; the wheel maps kernels/
-        link.unlink()
     out = tmp / "wheels"
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
           str(out), "."], cwd=src, env=_env())
