@@ -120,5 +120,5 @@ def pick_backend(device: torch.device, backend: str | None) -> str:
     if backend not in have:
         raise ValueError(
             f"backend={backend!r} is not available for {device.type} tensors on this machine "
-            f"(available: {have}); see README 'Backends' for how to build it")
+            f"(available: {have}); see docs/install.md 'Backends' for how to build it")
     return backend

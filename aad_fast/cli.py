@@ -49,7 +49,7 @@ def check_rule_flags(a) -> None:
 
 
 def add_rule_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("decoding rule (see README 'Rules')")
+    g = p.add_argument_group("decoding rule (see docs/rules.md)")
     g.add_argument("--rule", choices=RULES, default="aad", help="decoding rule (default: aad)")
     given = dict(action=_Given)
     g.add_argument("--alpha", **given, type=float, default=0.1,
@@ -331,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs aad_fast[serve])",
                        description="Serve a pair (default: the embedded one) over the OpenAI "
                                    "API: /v1/completions, /v1/chat/completions, /v1/models, "
-                                   "/health. The rule rides in the request body (README "
-                                   "'Serving').")
+                                   "/health. The rule rides in the request body "
+                                   "(docs/serving.md).")
     from . import server
     server.add_arguments(s)
     s.set_defaults(func=server.run)
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         pass
 
     for name, mod in (("evaluate", "aad_fast.toy.evaluate"), ("make-pairs", "aad_fast.toy.evaluate")):
-        e = sub.add_parser(name, help=f"toy-task {name} (see README)")
+        e = sub.add_parser(name, help=f"toy-task {name} (see docs/toy-pair.md)")
         try:
             import importlib
             m = importlib.import_module(mod)

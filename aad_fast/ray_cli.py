@@ -22,7 +22,7 @@ INSTALL = "pip install 'aad_fast[ray]'"
 
 
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Ray (README 'Beyond one machine')")
+    g = p.add_argument_group("Ray (docs/serving.md 'Beyond one machine')")
     g.add_argument("--ray", action="store_true",
                    help=f"run on a Ray cluster, one Decoder per worker (needs {INSTALL})")
     g.add_argument("--ray-address", default=None,

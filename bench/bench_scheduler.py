@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from aad_fast import AAD, Decoder, bench
-from aad_fast.bench.machine import device_name, git_info
+from aad_fast.bench.machine import device_name, git_info, portable_argv, portable_path
 from aad_fast.scheduler import Request
 
 
@@ -118,10 +118,11 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": device_name(device),
         "dtype": str(dtype).replace("torch.", ""),
-        "model": a.aligned or a.shape,
+        "model": portable_path(a.aligned, "MODEL_DIR") if a.aligned else a.shape,
         "commit": git_info(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
+        "command": " ".join(portable_argv([os.path.basename(sys.argv[0])]
+                                          + (argv or sys.argv[1:]), "OUT_DIR")),
         "settings": {k: getattr(a, k) for k in ("prompts", "batch", "prompt_len", "min_new",
                                                  "max_new", "alpha", "check_every", "seed")},
         "completion_lengths": [m for _, m in work],

@@ -284,10 +284,11 @@ def main(argv=None):
     import openai
     import torch
 
-    from aad_fast.bench.machine import device_name, git_info
+    from aad_fast.bench.machine import (device_name, git_info, portable_argv, portable_path,
+                                        portable_settings)
     t_start = time.perf_counter()
-    model = a.shape or a.aligned or "embedded pair"
-    settings = {k: v for k, v in vars(a).items() if k != "out_dir"}
+    model = a.shape or (a.aligned and portable_path(a.aligned, "MODEL_DIR")) or "embedded pair"
+    settings = portable_settings({k: v for k, v in vars(a).items() if k != "out_dir"})
     tmp = tempfile.TemporaryDirectory(prefix="bench-server-") if a.shape else None
     if a.shape:
         random_pair(a, Path(tmp.name))
@@ -327,8 +328,8 @@ def main(argv=None):
               "device": device_name(device), "model": model,
               "commit": git_info(),
               "versions": {"python": platform.python_version(), "torch": torch.__version__},
-              "command": " ".join(["python", "bench/bench_server.py"] +
-                                  (argv if argv is not None else sys.argv[1:])),
+              "command": " ".join(["python", "bench/bench_server.py"] + portable_argv(
+                  ["-"] + (argv if argv is not None else sys.argv[1:]), "OUT_DIR")[1:]),
               "settings": settings,
               "batch1": b1, "concurrent": conc, "server_counts": health,
               "bench_s": time.perf_counter() - t_start}

@@ -125,3 +125,44 @@ def test_check_exits_nonzero_only_on_a_miss_beyond_noise(tmp_path, monkeypatch, 
     monkeypatch.setitem(report.TARGETS, "cpu", [("easy", "greedy", "greedy_plain", 100.0, "<=",
                                                 [("tiny", 1)])])
     assert bench.run(parser.parse_args(argv + ["--out", str(tmp_path / "b")])) == 0
+
+
+def test_recorded_results_carry_no_machine_paths(tmp_path, monkeypatch):
+    """``argv``, ``command`` and the settings' folders are recorded relative to the checkout or as
+    typed, with placeholders for folders outside it: never the machine's home, temp folders or
+    checkout path (issue 24, item 6)."""
+    from pathlib import Path
+
+    from aad_fast.bench.machine import checkout_root, portable_argv, portable_path
+
+    root = checkout_root()
+    assert portable_path(root / "aad_fast" / "bench" / "configs") == "aad_fast/bench/configs"
+    assert portable_path("results/run1") == "results/run1"  # typed relative: kept
+    assert portable_path("/tmp/x/y", "OUT_DIR") == "OUT_DIR"
+    assert portable_path("~/runs", "OUT_DIR") == "OUT_DIR"
+    assert portable_argv(["/home/u/.venv/bin/aad-fast", "bench", "--out", "/tmp/r",
+                          "--configs=/home/u/shapes", "--models", "tiny", "/tmp/pos"],
+                         positional="OUT_DIR") == \
+        ["aad-fast", "bench", "--out", "OUT_DIR", "--configs=CONFIG_DIR", "--models", "tiny",
+         "OUT_DIR"]
+    assert portable_argv([str(root / "aad_fast" / "bench" / "__main__.py")]) == \
+        ["aad_fast/bench/__main__.py"]
+
+    out = tmp_path / "results"
+    monkeypatch.setattr("sys.argv", ["/root/.pyenv/versions/3.11.7/bin/aad-fast", "bench",
+                                     "--quick", "--out", str(out)])
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--device", "cpu", "--models", "tiny", "--no-kernels",
+                              "--no-decode", "--configs", str(bench.default_config_dir()),
+                              "--out", str(out)])
+    assert bench.run(args) == 0
+    (path,) = out.glob("*.json")
+    res = json.loads(path.read_text())
+    assert res["argv"] == ["aad-fast", "bench", "--quick", "--out", "OUT_DIR"]
+    assert "--out OUT_DIR" in res["command"]
+    assert res["settings"]["out"] == "OUT_DIR"
+    assert res["settings"]["configs"] == "aad_fast/bench/configs"
+    for text in (path.read_text(), path.with_suffix(".md").read_text()):
+        for bad in (str(tmp_path), str(root), str(Path.home()), "/tmp/", "/root/"):
+            assert bad not in text, bad

@@ -43,7 +43,8 @@ from .decode import (DEFAULT_METHODS, ENGINE_RULES, METHODS, PRINCIPLE_IDS, QUIC
                      measure_ttft, method_runner, naive_hf_aad, weights_and_floor)
 from .kernels import bench_kernels, copy_bandwidth, eager_aad, time_op
 from .machine import (GIB, PeakMemory, device_name, free_bytes, git_info, guarded, is_oom,
-                      load_average, log, release, rss_bytes, sync, versions, wall_ms)
+                      load_average, log, portable_argv, portable_path, portable_settings, release,
+                      rss_bytes, sync, versions, wall_ms)
 from .report import TARGETS, add_ratios, evaluate_targets, fmt, markdown, out_stem, plot
 from .shapes import (REAL_SHAPES, add_lora, default_config_dir, kv_bytes_per_token, load_shape,
                      make_config, meta_param_count, param_bytes, random_model, step_weight_bytes)
@@ -65,7 +66,8 @@ __all__ = [
     "TARGETS", "add_ratios", "evaluate_targets", "fmt", "markdown", "out_stem", "plot",
     # machine
     "GIB", "PeakMemory", "device_name", "free_bytes", "git_info", "guarded", "is_oom",
-    "load_average", "log", "release", "rss_bytes", "sync", "versions", "wall_ms",
+    "load_average", "log", "portable_argv", "portable_path", "portable_settings", "release",
+    "rss_bytes", "sync", "versions", "wall_ms",
 ]
 
 
@@ -179,7 +181,8 @@ def resolve(args) -> torch.device:
 def reproduce_command(args) -> str:
     """``aad-fast bench`` with every resolved setting spelt out (defaults depend on the device)."""
     parts = ["aad-fast", "bench"] + (["--quick"] if args.quick else [])
-    parts += ["--device", args.device, "--models", ",".join(args.models),
+    parts += ["--device", args.device,
+              "--models", ",".join(portable_path(m, "MODEL.json") for m in args.models),
               "--batch", ",".join(map(str, args.batch)), "--new-tokens", str(args.new_tokens),
               "--prompt-lens", ",".join(map(str, args.prompt_lens)),
               "--decode-prompt-len", str(args.decode_prompt_len), "--dtype", args.dtype,
@@ -188,7 +191,7 @@ def reproduce_command(args) -> str:
               "--methods", ",".join(args.methods),
               "--kernel-batches", ",".join(map(str, args.kernel_batches)),
               "--kernel-vocabs", ",".join(map(str, args.kernel_vocabs)),
-              "--seed", str(args.seed), "--out", str(args.out)]
+              "--seed", str(args.seed), "--out", portable_path(args.out, "OUT_DIR")]
     for flag in ("no_graphs", "hf_dynamic", "no_kernels", "no_decode", "check"):
         if getattr(args, flag):
             parts.append("--" + flag.replace("_", "-"))
@@ -222,9 +225,10 @@ def run(args) -> int:
         "versions": versions(),
         "commit": commit, "git_dirty": dirty,
         "command": reproduce_command(args),
-        "argv": sys.argv,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                     if k not in ("func", "cmd")},
+        "argv": portable_argv(sys.argv),  # recorded without the machine's folders
+        "settings": portable_settings({k: (str(v) if isinstance(v, Path) else v)
+                                       for k, v in vars(args).items()
+                                       if k not in ("func", "cmd")}),
         "backends": available_backends(device),
         "kernels": [], "decode": [], "ttft": [], "skipped": [], "targets": [],
         "notes": ["ms/token: decode time after the first token / (new tokens - 1); engine times "

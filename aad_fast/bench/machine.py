@@ -145,8 +145,68 @@ def device_name(device) -> str:
     return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
+def checkout_root() -> Path:
+    """The folder holding the ``aad_fast`` package: the checkout (or site-packages)."""
+    return Path(__file__).resolve().parents[2]
+
+
+_OUT_FLAGS = {"--out": "OUT_DIR", "--configs": "CONFIG_DIR"}
+
+
+def portable_path(path, placeholder: str = "PATH") -> str:
+    """``path`` as a result may record it, never naming the recording machine's folders: a path
+    typed relative stays as typed; an absolute one inside the checkout becomes relative to it
+    (``aad_fast/bench/configs``); any other absolute path (home, temp folders) becomes
+    ``placeholder`` (``OUT_DIR``, ``CONFIG_DIR``, ...)."""
+    text = str(path)
+    if not text.startswith(("/", "~")) and not Path(text).is_absolute():
+        return text
+    p = Path(os.path.expanduser(text))
+    root = checkout_root()
+    for cand, base in ((p, root), (p.resolve(), root)):
+        try:
+            return cand.relative_to(base).as_posix() or "."
+        except ValueError:
+            continue
+    return placeholder
+
+
+def portable_argv(argv, positional: str = "PATH") -> list:
+    """A command line as it may be recorded: the program by its name (``aad-fast``,
+    ``bench_server.py``, or relative to the checkout), and every absolute path argument through
+    ``portable_path`` (``--out`` -> ``OUT_DIR``, ``--configs`` -> ``CONFIG_DIR``, another flag's
+    value -> ``PATH``, a positional one -> ``positional``; ``--x=/p`` too)."""
+    argv = [str(a) for a in argv]
+    if not argv:
+        return []
+    prog = portable_path(argv[0], Path(argv[0]).name)
+    out, prev = [prog], None
+    for arg in argv[1:]:
+        if arg.startswith("--") and "=" in arg:
+            flag, value = arg.split("=", 1)
+            out.append(f"{flag}={portable_path(value, _OUT_FLAGS.get(flag, 'PATH'))}")
+        else:
+            hint = _OUT_FLAGS.get(prev, "PATH") if prev and prev.startswith("-") else positional
+            out.append(portable_path(arg, hint))
+        prev = arg
+    return out
+
+
+def portable_settings(settings: dict) -> dict:
+    """``settings`` with every path (a ``Path``, an absolute path string, or such an entry of a
+    list) made portable by ``portable_path``; other values unchanged."""
+    def fix(key, v):
+        hint = _OUT_FLAGS.get("--" + str(key), "PATH")
+        if isinstance(v, Path) or (isinstance(v, str) and v.startswith(("/", "~"))):
+            return portable_path(v, hint)
+        if isinstance(v, (list, tuple)):
+            return [fix(key, x) for x in v]
+        return v
+    return {k: fix(k, v) for k, v in settings.items()}
+
+
 def git_info():
-    root = Path(__file__).resolve().parents[2]
+    root = checkout_root()
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                               text=True, timeout=10)
