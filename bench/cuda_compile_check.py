@@ -486,8 +486,9 @@ def main(argv=None) -> int:
         cuda = build_cuda(args.src, cache, archs, log, link=not args.no_link)
     if not args.no_triton:
         tri = build_triton(archs, log)
-    result = {"command": " ".join(["bench/cuda_compile_check.sh", str(args.out), *sys.argv[1:]])
-              if argv is None else " ".join(argv), "archs": [f"sm_{a}" for a in archs],
+    given = sys.argv[1:] if argv is None else argv
+    result = {"command": " ".join(["python bench/cuda_compile_check.py", *given]),
+              "archs": [f"sm_{a}" for a in archs],
               "versions": versions(cache), "cuda": cuda, "triton": tri}
     result["problems"] = problems(cuda, tri)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
