@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The one prepared GPU check of issue 10: build the CUDA extension, run the GPU tests, time the
+# The one prepared GPU check (issues 10 and 27): install the package with its CUDA extension
+# (no network: nothing is fetched), check that the extension loads, run the GPU tests, time the
 # selection kernels and decode the Llama-3.2-1B and Llama-3.1-8B shapes (bf16, random weights).
+# The lent machines are an H100 or an H200 (sm_90; torch 2.11+cu130, triton 3.6, transformers
+# 5.17); the rows of other open issues (speculative decoding) join the bench phases as they land.
 #
 #   bench/gpu_check.sh [--dry-run] OUT_DIR        (or GPU_CHECK_DRY_RUN=1 bench/gpu_check.sh OUT_DIR)
 #
@@ -9,11 +12,17 @@
 # and two bench results, <device>-<date>[-HHMMSS].json/.md/.png: the kernels, then the decode
 # (apart, so a decode that runs out of time still leaves the kernel numbers). Every phase has
 # its own time limit (GPU_CHECK_T_BUILD/_TEST/_KERNELS/_DECODE, seconds; the defaults
-# 110 + 120 + 50 + 170 fit in 8 minutes) and a failed phase does not stop the next; the exit
-# code is 1 if any phase failed. GPU_CHECK_BENCH_ARGS adds options to both bench commands.
+# 130 + 15 + 110 + 50 + 170 fit in 8 minutes) and a failed phase does not stop the next; the
+# exit code is 1 if any phase failed. GPU_CHECK_BENCH_ARGS adds options to both bench commands.
 #
-# --dry-run: the same phases on CPU with tiny shapes (no CUDA build, a small test selection
-# under TRITON_INTERPRET=1, model `tiny`, 4 tokens), as CI runs it (tests/test_gpu_check.py).
+# build: `pip install --no-build-isolation --no-deps --no-index -e .` with the CUDA extension
+# for sm_90 only (AAD_FAST_CUDA_ARCHS=9.0; the CPU extension is skipped: the GPU check runs no
+# CPU kernel). setup.py never fails an install over an extension, so the ext phase checks that
+# `aad_fast._cuda` loads and registers its kernel, and logs its registers and spills.
+#
+# --dry-run: the same phases on CPU with tiny shapes (the install command with pip's --dry-run,
+# no CUDA build, a small test selection under TRITON_INTERPRET=1, model `tiny`, 4 tokens), as
+# CI runs it (tests/test_gpu_check.py).
 # Nothing heavy is installed: torch, triton, transformers and peft must be there; pytest,
 # hypothesis and pytest-benchmark are pip-installed only if missing.
 set -u
@@ -54,9 +63,11 @@ mode=GPU
 python -c "import pytest, hypothesis, pytest_benchmark" 2>/dev/null ||
     phase deps 120 python -m pip install -q pytest hypothesis pytest-benchmark
 
+install=(python -m pip install --no-build-isolation --no-deps --no-index -v -e .)
 if [ "$dry" = 1 ]; then
     export TRITON_INTERPRET=1
-    phase build 60 python -c "import aad_fast.backends as b; print(b.available_backends('cpu'))"
+    phase build 60 "${install[@]}" --dry-run
+    phase ext 60 python -c "import aad_fast.backends as b; print(b.available_backends('cpu'))"
     phase tests 60 python -m pytest -q -rfEs -p no:cacheprovider \
         tests/test_selectors.py::test_per_row_floor_equals_mix_floor \
         "tests/test_capture.py::test_a_planted_unsafe_line_fails_the_check[item]"
@@ -65,9 +76,12 @@ if [ "$dry" = 1 ]; then
            --decode-prompt-len 8 --repeats 1)
     limits=(60 90)
 else
-    phase build "${GPU_CHECK_T_BUILD:-110}" env AAD_FAST_CUDA_ARCHS=9.0 \
-        python setup.py build_ext --inplace -j 4
-    phase tests "${GPU_CHECK_T_TEST:-120}" python -m pytest -q -m gpu -rfEs -p no:cacheprovider tests
+    phase build "${GPU_CHECK_T_BUILD:-130}" env AAD_FAST_CUDA_ARCHS=9.0 AAD_FAST_SKIP_CPU_BUILD=1 \
+        "${install[@]}"
+    phase ext 15 bash -c 'python -c "import aad_fast._cuda, aad_fast.backends as b; \
+        bs = b.available_backends(\"cuda\"); print(bs); assert \"cuda\" in bs" &&
+        { cuobjdump --dump-resource-usage aad_fast/_cuda*.so | c++filt || true; }'
+    phase tests "${GPU_CHECK_T_TEST:-110}" python -m pytest -q -m gpu -rfEs -p no:cacheprovider tests
     bench=(python -m aad_fast.cli bench --device cuda --dtype bfloat16
            --models llama-3.2-1b,llama-3.1-8b --batch 1,8 --kernel-batches 1,256
            --kernel-vocabs 128256,151936 --new-tokens 64 --prompt-lens 128 --repeats 2)

@@ -35,7 +35,7 @@ def test_dry_run_writes_summary_logs_and_bench_results(tmp_path):
     assert "summary.md" in files and "check.log" in files, files
     summary = (out / "summary.md").read_text()
     assert "dry run" in summary
-    for phase in ("build", "tests", "kernels", "decode"):
+    for phase in ("build", "ext", "tests", "kernels", "decode"):
         assert f"| {phase} | 0 |" in summary, summary
     assert "2 passed" in (out / "check.log").read_text()
     results = [json.loads(p.read_text()) for p in sorted(out.glob("cpu-*.json"))]

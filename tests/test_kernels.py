@@ -6,10 +6,12 @@ choice compared exactly with ``reference.select_ref``. GPU part (``-m gpu``): co
 the ``aad_fast._cuda`` extension against the reference on CUDA tensors, and CUDA-graph replay.
 The backend-generic op tests live in ``test_ops.py``, ``test_ops_mix.py`` and ``test_ops_beam.py``.
 """
+import json
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -321,42 +323,33 @@ def test_plan_and_argument_checks():
 
 
 # Ahead-of-time compilation for NVIDIA GPUs, which needs Triton's compiler but no GPU: the
-# interpreter runs the kernels' Python, this checks that they also lower to PTX and cubin.
+# interpreter runs the kernels' Python, this checks that they also lower to PTX and cubin for the
+# A100 (sm_80), the 3090 (sm_86) and the H100/H200 (sm_90), with 16-byte loads, no FMA
+# contraction, no spill and shared memory within the arch's per-block limit. The specializations
+# are the engine's (bench/cuda_compile_check.py, whose committed run has every chunk size); here
+# each rule kind once, at one of the chunk sizes plan() picks, and the combine at its largest NCH.
+AOT_PICK = {"aad": 1024, "contrastive": 4096, "greedy": 2048, "mix": 4096, "mix-sampled": 1024}
 AOT_SCRIPT = r"""
-import re, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from aad_fast.kernels import select as S
-D = [["tt.divisibility", 16]]
-def sig(dt):
-    return {"a_ptr": "*" + dt, "sar": "i32", "sac": "constexpr", "r_ptr": "*" + dt, "srr": "i32",
-            "src": "constexpr", "vocab": "i32", "ma": "fp32", "mr": "fp32", "sa": "fp32",
-            "sr": "fp32", "lrel_ptr": "*fp32", "lrel_stride": "i32", "fl_ptr": "*fp32",
-            "fl_stride": "i32", "seed_ptr": "*i64", "seed_stride": "i32", "step_ptr": "*i64",
-            "ws_ptr": "*fp32", "n_total": "i32", "n_chunks": "i32"}
-opts = dict(S._compile_options(False))  # what the launcher passes
-for arch in (80, 90):
-    target = GPUTarget("cuda", arch, 32)
-    for dt, kinds, noise, blk in (("bf16", (1, 0, 1, 2), False, 1024),   # AAD
-                                  ("fp32", (3, 3, 3, 3), False, 4096),   # Mix greedy
-                                  ("bf16", (3, 3, 3, 3), True, 1024)):   # Mix sampled
-        c = dict(zip(("KMA", "KMR", "KSA", "KSR"), kinds), BLOCK=blk, NCH=64, NOISE=noise,
-                 PRECISE_LOG=True, WIDE=False, ONE_PASS=kinds[1] != 0, sac=1, src=1)
-        for kern in (S._select_chunk_kernel, S._select_fixup_kernel):
-            k = triton.compile(ASTSource(kern, sig(dt), c, attrs={(0,): D, (1,): D, (3,): D,
-                                                                  (4,): D}),
-                               target=target, options=dict(opts, num_warps=blk // 256))
+import importlib.util, json, re, sys
+spec = importlib.util.spec_from_file_location("cuda_compile_check", sys.argv[1])
+check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(check)
+pick = json.loads(sys.argv[2])
+jobs = [j for j in check.triton_jobs()
+        if j["kernel"] == "combine" and j["nch"] == 1024
+        or j["kernel"] != "combine" and pick[j["spec"]] == j["block"]]
+for arch in (80, 86, 90):
+    for job in jobs:
+        k = check.triton_compile(job, arch)
+        row = check.triton_row(job, arch, k)
+        if job["kernel"] != "combine":
             ptx = k.asm["ptx"]
-            assert re.search(r"ld\.global[^;]*\.v4", ptx), "no 16-byte loads"
-            if not noise:  # libdevice logf brings its own fma; ours must not be contracted
-                assert not re.search(r"\bfma\.", ptx), "FMA contraction"
-            print(arch, dt, kern.__name__, "ok")
-    csig = {"ws_ptr": "*fp32", "n_total": "i32", "n_chunks": "i32", "lrel_ptr": "*fp32",
-            "lrel_stride": "i32", "fl_ptr": "*fp32", "fl_stride": "i32", "out_ptr": "*i64"}
-    triton.compile(ASTSource(S._select_combine_kernel, csig, {"NCH": 64}), target=target,
-                   options=dict(opts, num_warps=4))
-    print(arch, "combine ok")
+            assert re.search(r"ld\.global[^;]*\.v4", ptx), ("no 16-byte loads", row)
+            if not job["noise"]:  # libdevice logf brings its own fma; ours must not be contracted
+                assert not re.search(r"\bfma\.", ptx), ("FMA contraction", row)
+        assert row["n_spills"] == 0, ("spills", row)
+        assert row["shared"] <= row["smem_limit"], ("shared memory over the limit", row)
+        print("ok", json.dumps(row))
 """
 
 
@@ -367,10 +360,15 @@ def test_triton_kernels_compile_for_nvidia_gpus():
     except ImportError:
         pytest.skip("Triton has no NVIDIA backend here")
     env = dict(os.environ, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=600)
+    script = Path(__file__).resolve().parents[1] / "bench" / "cuda_compile_check.py"
+    res = subprocess.run([sys.executable, "-c", AOT_SCRIPT, str(script), json.dumps(AOT_PICK)],
+                         env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    assert res.stdout.count("ok") == 14, res.stdout
+    rows = [json.loads(line[3:]) for line in res.stdout.splitlines() if line.startswith("ok ")]
+    # per arch: chunk and fixup of each rule kind, and the combine
+    assert len(rows) == 3 * (2 * len(AOT_PICK) + 1), res.stdout
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_86", "sm_90"}
+    assert all(r["n_regs"] > 0 for r in rows)
 
 
 # ---------------------------------------------------------------------------------------------
