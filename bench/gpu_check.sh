@@ -33,8 +33,6 @@ mkdir -p "$out" && out=$(cd "$out" && pwd)
 [ -z "$(ls -A "$out")" ] || { echo "gpu_check: OUT_DIR $out is not empty; give a new folder" >&2; exit 2; }
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# the Triton kernels live in kernels/ and are installed as aad_fast.kernels (git ignores the link)
-[ -e aad_fast/kernels ] || ln -s ../kernels aad_fast/kernels
 summary=$out/summary.md
 status=0
 methods=hf_generate,hf_naive_aad,greedy,aad_two,aad_lora

@@ -230,6 +230,7 @@ def answer_filter(sft, tok, models, problems, *, alpha=ALPHA):
 
 def evaluate_iterations(a) -> dict:
     """The table and (unless ``--no-diagnose``) the diagnostics on the held-out prompts."""
+    from ..bench.machine import portable_path
     from .assets import default_pair_dir
     root = Path(a.dir) if getattr(a, "dir", None) else default_pair_dir()
     problems = task.split_problems()[1]
@@ -238,7 +239,7 @@ def evaluate_iterations(a) -> dict:
     t0 = time.perf_counter()
     rows, texts, (sft, tok, models) = table(root, problems, max_new_tokens=a.max_new_tokens,
                                             batch_size=a.batch_size)
-    out = {"prompts": len(problems), "split": "held-out (10%)", "dir": str(root), "rows": rows,
+    out = {"prompts": len(problems), "split": "held-out (10%)", "dir": portable_path(root, "PAIR_DIR"), "rows": rows,
            "max_new_tokens": a.max_new_tokens}
     if not getattr(a, "no_diagnose", False):
         out["log_ratio_ranking"] = log_ratio_ranking(sft, tok, models, problems)
