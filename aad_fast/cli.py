@@ -85,6 +85,14 @@ def add_stop_arguments(p, scope: str = "") -> None:
                         "joins the --stop list")
 
 
+def check_stop_ids(a) -> None:
+    """``--stop-id N`` below 0 is refused before a model loads (the upper bound, the
+    vocabulary, is checked once the model is there)."""
+    bad = [s for s in (a.stop or []) if isinstance(s, int) and s < 0]
+    if bad:
+        raise ValueError(f"--stop-id must be a token id >= 0, got {bad[0]}")
+
+
 def rule_from_args(a):
     """The rule of the command line ``a``. A value the user gave reaches the rule as given (a
     default only stands in for an absent flag), so the rule's own checks refuse a bad one."""
@@ -208,6 +216,7 @@ def generate_inputs(a):
     for name in ("max_new_tokens", "batch_size", "max_seq_len"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    check_stop_ids(a)
     out = getattr(a, "out", None)
     if out and a.prompts_file and os.path.exists(out) and os.path.exists(a.prompts_file) \
             and os.path.samefile(out, a.prompts_file):

@@ -327,6 +327,8 @@ def run(a) -> int:
                  "max_tokens"):
         if getattr(a, name) is not None and getattr(a, name) < 1:  # None: the default
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    from .cli import check_stop_ids
+    check_stop_ids(a)
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {a.port}")
     key = api_key(a)

@@ -278,3 +278,13 @@ def test_prompts_with_line_separators_are_read_and_their_rows_resume(model_dirs,
     assert main(_gen_args(model_dirs, prompts, out)) == 0  # a rerun resumes: nothing to do
     assert "3 prompt(s) already done, 0 to go" in capsys.readouterr().err
     assert out.read_bytes() == first
+
+
+def test_out_of_range_flags_are_refused_before_a_model_loads(tmp_path, capsys):
+    missing = str(tmp_path / "no-model")  # a model load would fail differently
+    for argv, message in ((["--stop-id", "-1"], "--stop-id must be a token id >= 0"),
+                          (["--rule", "eft", "--temperature", "1", "--top-k", str(10 ** 30)],
+                           "top_k must be"),
+                          (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1")):
+        assert main(["generate", "--aligned", missing, "--prompt", "hi", *argv]) == 2
+        assert message in capsys.readouterr().err

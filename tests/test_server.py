@@ -728,7 +728,8 @@ def test_an_empty_api_key_is_refused_before_a_model_loads(monkeypatch, capsys):
         loaded = []
         monkeypatch.setattr(server, "load", lambda a: loaded.append(a))
         for argv, message in ((["--api-key", ""], "--api-key is empty"),
-                              (["--port", "70000"], "--port must be in")):
+                              (["--port", "70000"], "--port must be in"),
+                              (["--stop-id", "-3"], "--stop-id must be a token id >= 0")):
             assert main(["serve", *argv]) == 2
             assert message in capsys.readouterr().err
         assert loaded == []  # refused before a model loads
