@@ -171,13 +171,13 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
         try:
             done = []
             for q in queues:
-                while True:  # a client that goes away frees its row(s): cancelled below
-                    try:
-                        ev = await asyncio.wait_for(q.get(), timeout=0.2)
-                        break
-                    except asyncio.TimeoutError:
-                        if await request.is_disconnected():
-                            return responses.Response(status_code=499)
+                get = asyncio.ensure_future(q.get())  # one get, never cancelled mid-item
+                while not get.done():  # a client that goes away frees its row(s): below
+                    await asyncio.wait({get}, timeout=0.2)
+                    if not get.done() and await request.is_disconnected():
+                        get.cancel()
+                        return responses.Response(status_code=499)
+                ev = get.result()
                 if ev[0] != "done":
                     raise failure(ev) if ev[0] == "error" else APIError(500, "cancelled")
                 done.append(ev[1])
