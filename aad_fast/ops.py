@@ -163,8 +163,12 @@ def check_logits(logits_a: Tensor, logits_r: Tensor, vocab_size: int | None = No
 
 
 def check_real(name: str, value, lo=-math.inf, hi=math.inf, lo_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    try:  # an int beyond float's range (10**400) is not finite either
+        finite = not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise ValueError(f"{name} must be a finite real number, got {value!r}"[:300])
     if value < lo or value > hi or (lo_open and value == lo):
         lo_s = "(" if lo_open else "["
         raise ValueError(f"{name} must be in {lo_s}{lo}, {hi}], got {value!r}")

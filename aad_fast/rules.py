@@ -128,6 +128,9 @@ class Mix(Rule):
             raise ValueError("w_a and w_r are both 0: the mixed distribution would be uniform")
         check_real("temperature", self.temperature, 0.0)
         _set_int(self, "top_k", 0)
+        if self.top_k > 2 ** 31 - 1:  # would overflow the kernels' int; 0 already means off
+            raise ValueError(f"top_k must be an int >= 0 and at most 2**31 - 1 (0 = off), got "
+                             f"{self.top_k!r}"[:200])
         check_real("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         check_real("min_p", self.min_p, 0.0, 1.0)
         object.__setattr__(self, "seed", check_seed(self.seed))

@@ -39,6 +39,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -112,21 +113,42 @@ def cache_path() -> Path | None:
 _MEMORY: dict = {}
 
 
+def _read_cache(path: Path):
+    """The cache file's content: ``{}`` where there is none (or it is empty), the dict of
+    machine records where it is one, ``None`` where it is something else (a directory,
+    unreadable, not JSON, another shape): such a file is not ours, and is never written."""
+    try:
+        if not path.exists():
+            return {}
+        raw = path.read_bytes()
+        data = json.loads(raw.decode("utf-8")) if raw.strip() else {}
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        return None
+    return data
+
+
 def cached(entry: str) -> dict | None:
-    """This machine's record for ``entry``, or ``None``."""
+    """This machine's record for ``entry`` (a dict), or ``None``: no record, or a cache file
+    that is unreadable or hand-edited into another shape (measure again)."""
     key = machine_key()
     if (key, entry) in _MEMORY:
         return _MEMORY[(key, entry)]
     path = cache_path()
-    if path is None or not path.exists():
+    if path is None:
         return None
-    try:
-        rec = json.loads(path.read_text()).get(key, {}).get(entry)
-    except (OSError, ValueError, AttributeError):  # unreadable or hand-edited: measure again
+    rec = (_read_cache(path) or {}).get(key, {}).get(entry)
+    if not isinstance(rec, dict):
         return None
-    if rec is not None:
-        _MEMORY[(key, entry)] = rec
+    _MEMORY[(key, entry)] = rec
     return rec
+
+
+def _valid(rec, choices) -> bool:
+    """A cached record whose ``choice`` is one of ``choices`` (a hand-edited one is not)."""
+    return isinstance(rec, dict) and any(rec.get("choice") == c and type(rec.get("choice"))
+                                         is type(c) for c in choices)
 
 
 def store(entry: str, record: dict, persist: bool = True) -> None:
@@ -139,19 +161,21 @@ def store(entry: str, record: dict, persist: bool = True) -> None:
         return
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            data = json.loads(path.read_text()) if path.exists() else {}
-            if not isinstance(data, dict):
-                data = {}
-        except (OSError, ValueError):
-            data = {}
+        data = _read_cache(path)
+        if data is None:  # not a cache of ours: left as it is (choices stay in memory)
+            return
         mine = data.setdefault(key, {})
         mine.setdefault("_machine", dict(machine(), threads=torch.get_num_threads()))
         mine[entry] = record
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except BaseException:  # a full disk: no temporary file left
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def forget() -> None:
@@ -268,7 +292,7 @@ def plan_linears(model: nn.Module, rows: int, mode: str | None = None,
         entry = f"linear/{shape[0]}x{shape[1]}/float32/rows{rows}/" + \
             ",".join(("plain",) + LAYOUTS[: 2 if packed_supported() else 1])
         rec = cached(entry)
-        if rec is None:
+        if not _valid(rec, ("plain",) + LAYOUTS):
             times = measure(weights, rows)
             rec = {"choice": decide(times), "weights_timed": len(weights),
                    "stable": times.get("stable", True),
@@ -303,7 +327,7 @@ def plan_pays(view_plan: nn.Module, view_plain: nn.Module, rows: int, layouts: d
     entry = f"step/{model}/rows{rows}/" + ",".join(
         f"{n}x{k}:{layouts[(n, k)]}" for n, k in sorted(layouts))
     rec = cached(entry)
-    if rec is None:
+    if not _valid(rec, ("plain", "planned")):
         times = (measure or measure_forward)(view_plan, view_plain, rows)
         rec = {"choice": decide(times), "plain_ms": times["plain"],
                "planned_ms": times["planned"], "stable": times.get("stable", True)}
@@ -369,7 +393,7 @@ def decoder_pays(view: nn.Module, fast, rows: int, measure=None, mode: str | Non
     entry = (f"decoder/{type(view).__name__}/h{cfg.hidden_size}/l{cfg.num_hidden_layers}/"
              f"{str(p.dtype).replace('torch.', '')}/rows{rows}")
     rec = cached(entry)
-    if rec is None:
+    if not _valid(rec, ("plain", "fast")):
         times = (measure or measure_decoder)(view, fast, rows)
         rec = {"choice": decide(times), "plain_ms": times["plain"], "fast_ms": times["fast"],
                "stable": times.get("stable", True)}
@@ -385,7 +409,8 @@ def summarize(plan: dict) -> dict:
         if "plain_ms" in rec:
             busy = "" if rec.get("stable", True) else ", machine busy: plain kept, not cached"
             times = ", ".join(f"{name} {rec[f'{name}_ms']:.3f} ms"
-                              for name in ("plain",) + LAYOUTS if f"{name}_ms" in rec)
+                              for name in ("plain",) + LAYOUTS
+                              if isinstance(rec.get(f"{name}_ms"), (int, float)))
             text += f" ({rec['source']}: {times}{busy})"
         else:
             text += f" ({rec['source']})"
@@ -471,7 +496,7 @@ def threads_choice(model: nn.Module, max_rows: int, mode=None, measure=None) -> 
     entry = (f"threads/{type(model).__name__}/{ident}/{str(p.dtype).replace('torch.', '')}/"
              f"rows1,{max_rows}/of{n}")
     rec = cached(entry)
-    if rec is None:
+    if not _valid(rec, thread_candidates(n)):
         counts = thread_candidates(n)
         one = (measure or measure_threads)(model, counts, 1)
         many = (measure or measure_threads)(model, counts, max_rows) if max_rows > 1 else one
@@ -504,7 +529,8 @@ def compile_pays(entry: str, steps: int, compiles: int = 1) -> bool:
     measurements the answer is no (eager costs nothing up front)."""
     rec = cached(entry) or {}
     eager, comp, cost = rec.get("eager_ms"), rec.get("compiled_ms"), rec.get("compile_s")
-    if eager is None or comp is None or cost is None:
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               for v in (eager, comp, cost)):
         return False
     return comp < eager * (1 - MARGIN) and (eager - comp) * steps > cost * compiles * 1e3
 
@@ -533,7 +559,7 @@ def fastest_backend(device: torch.device, candidates: list, measure=None) -> str
     measured fastest, unless it beats the PyTorch reference by no more than noise."""
     entry = f"backend/{device.type}/{'+'.join(candidates)}"
     rec = cached(entry)
-    if rec is None:
+    if not _valid(rec, candidates):
         times = (measure or measure_backends)(device, candidates)
         plain = "torch" if "torch" in times else candidates[0]
         rec = {"choice": decide(times, plain),
