@@ -181,9 +181,9 @@ def test_beam_search_on_a_bare_pair_with_padding_rows_matches_brute_force(models
     refilling the first finished slot."""
     from conftest import brute_beam
 
-    from aad_fast import search
-    from aad_fast.pairs import TwoModelPair
-    from aad_fast.scheduler import Request, Scheduler
+    from aad_fast.decode import search
+    from aad_fast.model.pairs import TwoModelPair
+    from aad_fast.decode.scheduler import Request, Scheduler
     pair = TwoModelPair(*models, 8, 48)
     rule = BeamAAD(3, 0.2, length_penalty=1.0)
     bs = search.BeamSearch(rule, 8, 6, 1, VOCAB, None, "cpu")

@@ -12,9 +12,9 @@ import time
 import pytest
 
 import aad_fast as af
-from aad_fast import server
-from aad_fast.openai_api import Limits
-from aad_fast.serving import Backend
+from aad_fast.serve import http as server
+from aad_fast.serve.openai_api import Limits
+from aad_fast.serve.loop import Backend
 
 HAVE_SERVE = all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "openai", "httpx"))
 if HAVE_SERVE:
@@ -38,7 +38,7 @@ def test_cli_serve_subcommand_and_key_from_env(monkeypatch):
 def test_backend_close_answers_what_waits():
     from types import SimpleNamespace
 
-    from aad_fast.serving import DecodeRequest, QueueFull
+    from aad_fast.serve.loop import DecodeRequest, QueueFull
     backend = Backend(SimpleNamespace(max_batch_size=2), max_batch_size=2, max_queue=1)
     backend.pause()
     got = []
@@ -87,7 +87,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def models():
-    from aad_fast.default import default_pair
+    from aad_fast.toy.default import default_pair
     from aad_fast.toy import task
     from aad_fast.toy.assets import default_pair_dir
     aligned, reference, tok, trained = default_pair()
@@ -673,7 +673,7 @@ def test_disconnect_frees_its_row_while_the_batch_goes_on(guarded, models):
 def test_a_failing_request_does_not_fail_the_others(guarded, models, monkeypatch):
     """A burst fails while the "BOOM" request is in the batch (after its admission, mid-decode,
     in the server's scheduler and in any ``Decoder.generate``): only that request fails."""
-    from aad_fast.scheduler import Scheduler
+    from aad_fast.decode.scheduler import Scheduler
     real = guarded.dec.generate
     p = models[4][7]
     boom = guarded.dec.request("BOOM " + p, rule=af.Greedy()).ids_a

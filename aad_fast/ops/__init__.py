@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from ..rules import check_real
 from .reference import aad_topk_ref, linear2, select_ref
 
 # ---------------------------------------------------------------------------------------------
@@ -160,15 +161,6 @@ def check_logits(logits_a: Tensor, logits_r: Tensor, vocab_size: int | None = No
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
         vocab = min(vocab, vocab_size)
     return vocab
-
-
-def check_real(name: str, value, lo=-math.inf, hi=math.inf, lo_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    if value < lo or value > hi or (lo_open and value == lo):
-        lo_s = "(" if lo_open else "["
-        raise ValueError(f"{name} must be in {lo_s}{lo}, {hi}], got {value!r}")
-    return float(value)
 
 
 def alpha_to_log(alpha, batch: int, device) -> Tensor:

@@ -22,9 +22,8 @@ import os
 import sys
 import time
 
-from .openai_api import (APIError, Limits, chunk, completion_body, new_id, parse_request,
-                         usage)
-from .serving import Backend, QueueFull, Unavailable
+from .openai_api import APIError, Limits, chunk, completion_body, new_id, parse_request, usage
+from .loop import Backend, QueueFull, Unavailable
 
 INSTALL_HINT = "aad-fast serve needs fastapi and uvicorn: pip install 'aad_fast[serve]'"
 
@@ -253,7 +252,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--picker", default=None,
                    help="reward model directory for rule=best-of-n (embedded pair: its picker)")
-    from .cli import add_stop_arguments
+    from ..cli import add_stop_arguments
     add_stop_arguments(p, " added to every request")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
@@ -264,7 +263,7 @@ def load(a):
     """``(decoder, default_stop, picker, name)`` for the CLI arguments ``a``."""
     import torch
 
-    from . import Decoder
+    from ..decoder import Decoder
     dtype = getattr(torch, a.dtype) if a.dtype else None
     if a.aligned:
         dec = Decoder(a.aligned, a.reference, dtype=dtype, device=a.device,
@@ -272,9 +271,9 @@ def load(a):
                       max_seq_len=a.max_seq_len)
         name = os.path.basename(os.path.normpath(a.aligned))
         return dec, list(a.stop or []), a.picker, a.served_model_name or name
-    from .default import default_pair
-    from .toy.assets import default_pair_dir
-    from .toy.tokenizer import stop_ids
+    from ..toy.default import default_pair
+    from ..toy.assets import default_pair_dir
+    from ..toy.tokenizer import stop_ids
     aligned, reference, tok, trained = default_pair()
     if not trained:
         print("note: the trained default pair is not in this install; serving a random-weight "

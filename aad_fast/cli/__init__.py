@@ -177,7 +177,7 @@ def generate_settings(a, rule) -> dict:
 
 
 def prompts_identity(path) -> dict:
-    from .outfile import sha256_of
+    from ..jobs.outfile import sha256_of
     return {"file": os.path.abspath(path), "sha256": sha256_of(path)}
 
 
@@ -222,7 +222,7 @@ def cmd_generate(a) -> int:
 
     import aad_fast as af
 
-    from .outfile import ResultsFile
+    from ..jobs.outfile import ResultsFile
     rule, rows = generate_inputs(a)
     with contextlib.ExitStack() as stack:
         out = None
@@ -271,7 +271,7 @@ def cmd_generate(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from .default import demo
+    from ..toy.default import demo
     return demo(a)
 
 
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     add_rule_arguments(g)
-    from .ray_cli import add_ray_arguments, dispatch
+    from .ray import add_ray_arguments, dispatch
     add_ray_arguments(g)
     g.set_defaults(func=dispatch(cmd_generate, "run_generate"))
 
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "API: /v1/completions, /v1/chat/completions, /v1/models, "
                                    "/health. The rule rides in the request body "
                                    "(docs/serving.md).")
-    from . import server
+    from ..serve import http as server
     server.add_arguments(s)
     s.set_defaults(func=server.run)
 
@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Kernel and decode benchmarks against single-model greedy.")
     b.set_defaults(func=lambda a: _optional("aad_fast.bench", "bench").run(a))
     try:
-        from . import bench
+        from .. import bench
         bench.add_arguments(b)
     except ImportError:
         pass
