@@ -167,9 +167,15 @@ class Decoder:
         self._entries: OrderedDict = OrderedDict()
         self._pickers: dict = {}  # best-of-n picker models loaded from paths
         # A decode reuses this Decoder's static buffers (caches, state, captured graphs), so
-        # calls must not overlap: each holds the lock for a whole generate()/stream(). Decoders
-        # never share buffers or layers (each runs its own view of the models), so they don't.
-        self._lock = threading.RLock()
+        # calls must not overlap: each holds the Decoder for a whole generate()/stream().
+        # Decoders never share buffers or layers (each runs its own view of the models), so
+        # they don't. The hold is not owned by a thread: a stream suspended at a yield may be
+        # resumed, closed or garbage-collected in any thread, and that releases it (an RLock
+        # across the yields could only be released by the thread that took it).
+        self._free = threading.Condition(threading.Lock())
+        self._depth = 0         # nested holds (0: free)
+        self._running = None    # the thread running inside the hold; None while a stream waits
+        self._home = None       # a waiting stream's thread, while it has run in that one only
         self._owner = None  # the thread inside _run (re-entry from it is refused)
 
     # ------------------------------------------------------------------ setup helpers
@@ -192,11 +198,35 @@ class Decoder:
             self._entries.clear()
             self._pickers.clear()
 
+    def _acquire(self) -> None:
+        """Hold this Decoder: wait while another call holds it; re-entry from the thread
+        running inside the hold nests. A stream left open at a yield in this very thread (and
+        only ever run in it) would never be resumed while this thread waits: refused."""
+        me = threading.get_ident()
+        with self._free:
+            while self._depth and self._running != me:
+                if self._running is None and self._home == me:
+                    raise RuntimeError("this Decoder is already decoding in this thread (a "
+                                       "stream() that is still open?); exhaust or close() the "
+                                       "stream first")
+                self._free.wait()
+            self._depth += 1
+            self._running = me
+
+    def _release(self) -> None:
+        """Let go of one hold; from any thread (a stream may end in another than began it)."""
+        with self._free:
+            self._depth -= 1
+            if not self._depth:
+                self._running = self._home = None
+                self._free.notify_all()
+
     @contextlib.contextmanager
     def _locked(self):
-        """This Decoder's lock (other threads' calls wait for it), with ``self.threads`` intra-op
+        """Hold this Decoder (other threads' calls wait for it), with ``self.threads`` intra-op
         threads while it is held (the process's count put back after)."""
-        with self._lock:
+        self._acquire()
+        try:
             before = torch.get_num_threads()
             change = self.threads is not None and self.threads != before
             if change:
@@ -208,20 +238,31 @@ class Decoder:
                 self._caller_threads = None
                 if change:
                     torch.set_num_threads(before)
+        finally:
+            self._release()
 
     @contextlib.contextmanager
     def _caller_turn(self):
-        """Around a ``stream`` yield: the caller's code between two pieces runs with its own
-        intra-op thread count, the Decoder's is set again when the stream resumes."""
+        """Around a ``stream`` yield: the hold stays the stream's, but no thread runs inside it
+        (the stream may be resumed from any thread, which then runs inside it); the caller's
+        code between two pieces runs with its own intra-op thread count, the Decoder's is set
+        again when the stream resumes."""
+        me = threading.get_ident()
+        with self._free:
+            self._home = me if self._home in (None, me) and self._running == me else -1
+            self._running = None
         before = getattr(self, "_caller_threads", None)
-        if before is None:
-            yield
-            return
-        torch.set_num_threads(before)
+        if before is not None:
+            torch.set_num_threads(before)
         try:
             yield
         finally:
-            torch.set_num_threads(self.threads)
+            with self._free:
+                self._running = threading.get_ident()
+                if self._home != self._running:
+                    self._home = -1  # resumed elsewhere: driven by several threads (a pool)
+            if before is not None:
+                torch.set_num_threads(self.threads)
 
     def __enter__(self):
         return self
@@ -449,8 +490,9 @@ class Decoder:
                max_new_tokens: int = 128, stop=None, chat: bool = False):
         """Yield the text of one prompt as it is decoded (every ``check_every`` tokens).
 
-        The Decoder is held (other threads' calls wait) until the stream is exhausted or
-        closed; in the same thread, call ``generate`` only after it."""
+        The Decoder is held (other threads' calls wait) until the stream is exhausted,
+        closed or garbage-collected, whichever thread resumes, closes or drops it; in the
+        thread that runs it, call ``generate`` only after it (refused otherwise)."""
         if self.tokenizer is None:
             raise ValueError("stream() needs a tokenizer")
         shown = ""

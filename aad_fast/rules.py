@@ -14,8 +14,12 @@ SEED_MAX = 2**63 - 1
 
 
 def check_real(name: str, value, lo=-math.inf, hi=math.inf, lo_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    try:  # an int beyond float's range (10**400) is not finite either
+        finite = not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise ValueError(f"{name} must be a finite real number, got {value!r}"[:300])
     if value < lo or value > hi or (lo_open and value == lo):
         lo_s = "(" if lo_open else "["
         raise ValueError(f"{name} must be in {lo_s}{lo}, {hi}], got {value!r}")
@@ -137,6 +141,9 @@ class Mix(Rule):
             raise ValueError("w_a and w_r are both 0: the mixed distribution would be uniform")
         check_real("temperature", self.temperature, 0.0)
         _set_int(self, "top_k", 0)
+        if self.top_k > 2 ** 31 - 1:  # would overflow the kernels' int; 0 already means off
+            raise ValueError(f"top_k must be an int >= 0 and at most 2**31 - 1 (0 = off), got "
+                             f"{self.top_k!r}"[:200])
         check_real("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         check_real("min_p", self.min_p, 0.0, 1.0)
         object.__setattr__(self, "seed", check_seed(self.seed))

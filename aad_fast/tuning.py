@@ -39,6 +39,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -76,7 +77,7 @@ def machine() -> dict:
     blas = next((b for b in ("MKL", "OpenBLAS", "BLIS", "Accelerate", "Eigen")
                  if f"BLAS_INFO={b.lower()}" in config.replace(" ", "").lower()
                  or f"USE_{b.upper()}=ON" in config), "unknown")
-    from .version import __version__
+    from . import __version__
     try:
         import transformers
         tf_version = transformers.__version__
@@ -105,21 +106,42 @@ def cache_path() -> Path | None:
 _MEMORY: dict = {}
 
 
+def _read_cache(path: Path):
+    """The cache file's content: ``{}`` where there is none (or it is empty), the dict of
+    machine records where it is one, ``None`` where it is something else (a directory,
+    unreadable, not JSON, another shape): such a file is not ours, and is never written."""
+    try:
+        if not path.exists():
+            return {}
+        raw = path.read_bytes()
+        data = json.loads(raw.decode("utf-8")) if raw.strip() else {}
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        return None
+    return data
+
+
 def cached(entry: str) -> dict | None:
-    """This machine's record for ``entry``, or ``None``."""
+    """This machine's record for ``entry`` (a dict), or ``None``: no record, or a cache file
+    that is unreadable or hand-edited into another shape (measure again)."""
     key = machine_key()
     if (key, entry) in _MEMORY:
         return _MEMORY[(key, entry)]
     path = cache_path()
-    if path is None or not path.exists():
+    if path is None:
         return None
-    try:
-        rec = json.loads(path.read_text()).get(key, {}).get(entry)
-    except (OSError, ValueError, AttributeError):  # unreadable or hand-edited: measure again
+    rec = (_read_cache(path) or {}).get(key, {}).get(entry)
+    if not isinstance(rec, dict):
         return None
-    if rec is not None:
-        _MEMORY[(key, entry)] = rec
+    _MEMORY[(key, entry)] = rec
     return rec
+
+
+def valid(rec, choices) -> bool:
+    """A cached record whose ``choice`` is one of ``choices`` (a hand-edited one is not)."""
+    return isinstance(rec, dict) and any(rec.get("choice") == c and type(rec.get("choice"))
+                                         is type(c) for c in choices)
 
 
 def store(entry: str, record: dict, persist: bool = True) -> None:
@@ -132,19 +154,21 @@ def store(entry: str, record: dict, persist: bool = True) -> None:
         return
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            data = json.loads(path.read_text()) if path.exists() else {}
-            if not isinstance(data, dict):
-                data = {}
-        except (OSError, ValueError):
-            data = {}
+        data = _read_cache(path)
+        if data is None:  # not a cache of ours: left as it is (choices stay in memory)
+            return
         mine = data.setdefault(key, {})
         mine.setdefault("_machine", dict(machine(), threads=torch.get_num_threads()))
         mine[entry] = record
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except BaseException:  # a full disk: no temporary file left
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def forget() -> None:
@@ -213,7 +237,8 @@ def compile_pays(entry: str, steps: int, compiles: int = 1) -> bool:
     measurements the answer is no (eager costs nothing up front)."""
     rec = cached(entry) or {}
     eager, comp, cost = rec.get("eager_ms"), rec.get("compiled_ms"), rec.get("compile_s")
-    if eager is None or comp is None or cost is None:
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               for v in (eager, comp, cost)):
         return False
     return comp < eager * (1 - MARGIN) and (eager - comp) * steps > cost * compiles * 1e3
 

@@ -243,3 +243,48 @@ def test_generate_with_a_tokenizer_from_its_own_directory(tmp_path, capsys):
     want = Decoder(sft, tokenizer=tok, max_batch_size=1).generate([prompt], rule=Greedy(),
                                                                   max_new_tokens=6)
     assert row["tokens"] == want.tokens[0]
+
+
+# ------------------------------------------------------------------ issue 23: files not ours, Unicode
+def test_out_on_a_file_that_is_not_a_results_file_is_left_byte_for_byte(model_dirs, tmp_path,
+                                                                         capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"a\nb")
+    args = ["generate", "--aligned", str(model_dirs / "dpo"), "--reference",
+            str(model_dirs / "sft"), "--prompt", "hi", "--out", str(notes)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "left as it is" in err and "will be redone" not in err
+    assert notes.read_bytes() == b"a\nb"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(b'{"prompt": "hi"}\n{"prompt": "ho"}')  # --out the prompts file itself
+    assert main(_gen_args(model_dirs, prompts, prompts)) == 2
+    assert "is the prompts file" in capsys.readouterr().err
+    assert prompts.read_bytes() == b'{"prompt": "hi"}\n{"prompt": "ho"}'
+
+
+def test_prompts_with_line_separators_are_read_and_their_rows_resume(model_dirs, tmp_path,
+                                                                     capsys):
+    from aad_fast.cli import read_prompts_file
+    prompts = tmp_path / "p.jsonl"
+    texts = ["what is 2 plus 3 ?\u2028", "name\u2029 a red fruit .", "a cow\u0085 says ?"]
+    prompts.write_bytes(("\ufeff" + "\r\n".join(json.dumps({"prompt": t}, ensure_ascii=False)
+                                                 for t in texts) + "\n").encode())
+    assert [r["prompt"] for r in read_prompts_file(prompts)] == texts
+    out = tmp_path / "o.jsonl"
+    assert main(_gen_args(model_dirs, prompts, out)) == 0
+    first = out.read_bytes()
+    assert "\u2028".encode() in first  # written raw (ensure_ascii=False)
+    assert main(_gen_args(model_dirs, prompts, out)) == 0  # a rerun resumes: nothing to do
+    assert "3 prompt(s) already done, 0 to go" in capsys.readouterr().err
+    assert out.read_bytes() == first
+
+
+def test_out_of_range_flags_are_refused_before_a_model_loads(tmp_path, capsys):
+    missing = str(tmp_path / "no-model")  # a model load would fail differently
+    for argv, message in ((["--stop-id", "-1"], "--stop-id must be a token id >= 0"),
+                          (["--rule", "eft", "--temperature", "1", "--top-k", str(10 ** 30)],
+                           "top_k must be"),
+                          (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1")):
+        assert main(["generate", "--aligned", missing, "--prompt", "hi", *argv]) == 2
+        assert message in capsys.readouterr().err

@@ -2,6 +2,7 @@
 same product as ``F.linear`` (fp32, another summation order), used only where chosen, chosen
 only when measured faster, cached per machine, forced by the switch."""
 import copy
+import json
 
 import pytest
 import torch
@@ -354,3 +355,82 @@ def test_a_build_whose_packed_ops_fail_offers_no_packed_layout(monkeypatch):
     finally:
         monkeypatch.undo()
         cpu_linear.packed_supported.cache_clear()
+
+
+# ---------------------------------------------------------------- issue 23: the cache file, any content
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'{"k": 5}', b'"x"', b"\xff\xfe",
+                                     b"[" * 100000, "dir"],
+                         ids=["garbage", "list", "wrong-shape", "string", "not-utf8", "deep", "dir"])
+def test_a_cache_file_not_ours_is_left_byte_for_byte(tmp_path, content):
+    path = tmp_path / "tuning.json"
+    if content == "dir":
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    measure, seen = _fake(1.0, 0.5)
+    assert tuning.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == "few_row"
+    assert seen == [((4, 4), 1)]
+    if content == "dir":
+        assert path.is_dir() and not list(path.iterdir())
+    else:
+        assert path.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tuning.json"]  # no temporary left
+
+
+def test_hand_edited_records_are_measured_again_never_used(tmp_path):
+    net = nn.Sequential(nn.Linear(8, 16))
+    measure, seen = _fake(1.0, 0.5)
+    tuning.plan_linears(net, 2, measure=measure)
+    path = tmp_path / "tuning.json"
+    data = json.loads(path.read_text())
+    (key,) = data
+    entry = next(e for e in data[key] if e.startswith("linear/"))
+    for bad in ({"choice": "bogus"}, 5, {"choice": "few_row", "plain_ms": "x", "few_row_ms": None},
+                {"choice": True}):
+        data[key][entry] = bad
+        path.write_text(json.dumps(data))
+        tuning.forget()
+        plan = tuning.plan_linears(net, 2, measure=measure)
+        assert plan[(16, 8)]["choice"] in ("plain", "few_row", "packed"), bad
+        tuning.summarize(plan)
+    tuning.forget()
+    model = tiny_model()
+    n = torch.get_num_threads()
+    if n > 1:
+        data = json.loads(path.read_text())
+        ts = lambda *a: {**{str(c): 1.0 for c in tuning.thread_candidates(n)}, "stable": True}
+        tuning.threads_choice(model, 2, "auto", measure=ts)
+        data = json.loads(path.read_text())
+        entry = next(e for e in data[key] if e.startswith("threads/"))
+        data[key][entry] = {"choice": "abc"}
+        path.write_text(json.dumps(data))
+        tuning.forget()
+        assert tuning.threads_choice(model, 2, "auto", measure=ts) in (None,) + tuple(
+            tuning.thread_candidates(n))
+    data = json.loads(path.read_text())
+    data[key]["compile/x"] = {"eager_ms": "1", "compiled_ms": 0.1, "compile_s": 0.0}
+    path.write_text(json.dumps(data))
+    tuning.forget()
+    assert tuning.compile_pays("compile/x", 1000) is False
+
+
+def test_a_full_disk_or_read_only_cache_costs_a_measurement_only(tmp_path, monkeypatch):
+    import errno
+    path = tmp_path / "tuning.json"
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    measure, seen = _fake(1.0, 0.5)
+    with monkeypatch.context() as m:
+        m.setattr(tuning.json, "dump", full)
+        assert tuning.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == \
+            "few_row"
+    assert list(tmp_path.iterdir()) == []  # no temporary left, no cache
+    monkeypatch.setenv("AAD_FAST_TUNE_CACHE", str(tmp_path / "ro" / "tuning.json"))
+    (tmp_path / "ro").mkdir(mode=0o500)
+    tuning.forget()
+    try:
+        assert tuning.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == \
+            "few_row"
+    finally:
+        (tmp_path / "ro").chmod(0o700)

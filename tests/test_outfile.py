@@ -99,3 +99,106 @@ def test_check_writable_and_write_atomic(tmp_path):
     write_atomic(tmp_path / "r.json", json.dumps({"a": 1}))
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# ---------------------------------------------------------------- a file not ours, any content
+@pytest.mark.parametrize("content", [b"a\nb", b"b", b"notes\n", b'{"id": 0, "prompt": "x"}\n{"id"',
+                                     b'\xff\xfe{"id": 0}\n', b"[1, 2]\n{"],
+                         ids=["notes", "one-line", "notes-nl", "prompts", "not-utf8", "list"])
+def test_a_file_not_ours_is_refused_and_left_byte_for_byte(tmp_path, content):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="left as it is"):
+        ResultsFile(path, S, P).__enter__()
+    assert path.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no sidecar either
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029", "\u0085", "\r", "\x1c", "\x0b\x0c"])
+def test_rows_holding_any_line_break_character_resume(tmp_path, sep):
+    path = tmp_path / "o.jsonl"
+    with ResultsFile(path, S, P) as out:
+        out.write({"id": 0, "prompt": f"a{sep}b", "completion": f"c{sep}"})
+        out.write({"id": 1, "completion": "d"})
+    with ResultsFile(path, S, P) as out:
+        assert out.done[("int", 0)]["prompt"] == f"a{sep}b" and out.is_done(1)
+
+
+@pytest.mark.parametrize("meta", [b"[]", b'"x"', b'{"settings": 3}', b"", b"\xff"])
+def test_a_sidecar_of_any_shape_is_refused_not_a_traceback(tmp_path, meta):
+    path = tmp_path / "o.jsonl"
+    data = _fill(path)
+    side = tmp_path / "o.jsonl.meta.json"
+    side.write_bytes(meta)
+    with pytest.raises(ValueError, match="o.jsonl.meta.json"):
+        ResultsFile(path, S, P).__enter__()
+    assert path.read_bytes() == data and side.read_bytes() == meta
+
+
+def test_a_directory_in_place_of_the_sidecar_is_refused(tmp_path):
+    path = tmp_path / "o.jsonl"
+    (tmp_path / "o.jsonl.meta.json").mkdir()
+    with pytest.raises(ValueError, match="o.jsonl.meta.json"):
+        ResultsFile(path, S, P).__enter__()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _full_disk(monkeypatch, after=0):
+    """``os.write`` in outfile writes ``after`` bytes, then fails with ENOSPC."""
+    import errno
+
+    from aad_fast import outfile
+    real = os.write
+
+    def write(fd, data):
+        nonlocal after
+        if after <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = real(fd, bytes(data)[:after])
+        after -= n
+        return n
+    monkeypatch.setattr(outfile.os, "write", write)
+
+
+def test_a_full_disk_mid_row_keeps_the_file_whole_and_resumable(tmp_path, monkeypatch):
+    path = tmp_path / "o.jsonl"
+    data = _fill(path)
+    with ResultsFile(path, S, P) as out:
+        _full_disk(monkeypatch, after=7)
+        with pytest.raises(OSError, match="writing the row of id 3 failed.*rerun to resume"):
+            out.write({"id": 3, "completion": "text 3"})
+        monkeypatch.undo()
+    assert path.read_bytes() == data  # the partial row was taken back
+    with ResultsFile(path, S, P) as out:
+        out.write({"id": 3, "completion": "text 3"})
+
+
+def test_write_atomic_on_a_full_disk_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import builtins
+    import errno
+    target = tmp_path / "r.json"
+    target.write_text("old")
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: Full(real_open(*a, **k)))
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(target, "new")
+    monkeypatch.undo()
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    (tmp_path / "d").mkdir()
+    with pytest.raises(OSError):  # a directory in the way: refused, no temporary left
+        write_atomic(tmp_path / "d", "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "r.json"]

@@ -708,3 +708,108 @@ def test_a_failing_request_does_not_fail_the_others(guarded, models, monkeypatch
     want = real(p, rule=af.Greedy(), max_new_tokens=5, stop=list(guarded.stop_ids)).tokens[0]
     assert out[0].status_code == 200 and out[0].json()["choices"][0]["token_ids"] == want
     assert guarded.backend.counts["retried"] == before["retried"] + 2  # both, each alone
+
+
+# ------------------------------------------------------------------ issue 23: reliability
+def test_an_empty_api_key_is_refused_before_a_model_loads(monkeypatch, capsys):
+    """``--api-key "$KEY"`` with KEY unset, or ``AAD_FAST_API_KEY=``, never means "no auth"."""
+    from types import SimpleNamespace
+
+    from aad_fast.cli import build_parser, main
+    monkeypatch.delenv("AAD_FAST_API_KEY", raising=False)
+    for key in ("", "  "):
+        with pytest.raises(ValueError, match="--api-key is empty"):
+            server.api_key(build_parser().parse_args(["serve", "--api-key", key]))
+    monkeypatch.setenv("AAD_FAST_API_KEY", "")
+    with pytest.raises(ValueError, match="AAD_FAST_API_KEY is set but empty"):
+        server.api_key(build_parser().parse_args(["serve"]))
+    monkeypatch.delenv("AAD_FAST_API_KEY")
+    if HAVE_SERVE:
+        loaded = []
+        monkeypatch.setattr(server, "load", lambda a: loaded.append(a))
+        for argv, message in ((["--api-key", ""], "--api-key is empty"),
+                              (["--port", "70000"], "--port must be in"),
+                              (["--stop-id", "-3"], "--stop-id must be a token id >= 0")):
+            assert main(["serve", *argv]) == 2
+            assert message in capsys.readouterr().err
+        assert loaded == []  # refused before a model loads
+        with pytest.raises(ValueError, match="api_key='' is empty"):
+            server.create_app(SimpleNamespace(tokenizer=object()), api_key="")
+
+
+@needs_serve
+def test_fields_that_would_be_ignored_or_cannot_be_honoured_are_400(served, models):
+    p = models[4][0]
+    cases = [
+        ({"prompt": p, "max_tokenz": 4}, "max_tokenz"),  # a typo is not ignored
+        ({"prompt": p, "stream": "yes"}, "stream"),
+        ({"prompt": p, "stream": 0}, "stream"),
+        ({"prompt": p, "user": 5}, "user"),
+        ({"prompt": p, "rule": "eft", "temperature": 1.0, "top_k": 10 ** 30}, "top_k"),
+        ({"prompt": p, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"prompt": p, "max_completion_tokens": 4}, "max_completion_tokens"),  # chat's field
+        ({"prompt": p, "rule": "cfg", "g": 10 ** 400}, "g"),  # beyond float: not a 500
+        ({"prompt": p, "temperature": 10 ** 400, "rule": "eft"}, "temperature"),
+    ]
+    for body, param in cases:
+        r = served.post("/v1/completions", {"model": "toy", **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    r = served.post("/v1/chat/completions", {"model": "toy", "messages": [
+        {"role": "user", "content": p, "name": "bob"}]})
+    assert r.status_code == 400 and "messages[0].name" in r.json()["error"]["message"]
+    r = served.post("/v1/completions", content=b"[" * 100000,
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nests" in r.json()["error"]["message"]
+    # a null field is its default; a huge length penalty ranks beams, it does not hang
+    r = served.post("/v1/completions", {"model": "toy", "prompt": p, "alpha": None,
+                                        "max_tokens": 3, "rule": "aad"})
+    assert r.status_code == 200
+    for lp in (10 ** 30, -10 ** 30):
+        r = served.post("/v1/completions", {"model": "toy", "prompt": p, "max_tokens": 4,
+                                            "rule": "beam-aad", "num_beams": 2,
+                                            "length_penalty": lp})
+        assert r.status_code == 200, r.text
+
+
+@needs_serve
+def test_slow_request_parsing_does_not_stall_other_clients(served, models, monkeypatch):
+    """Parsing and tokenising a body (a prompt may be the whole megabyte) run off the event
+    loop: /health answers while a slow one is being parsed."""
+    real = server.parse_request
+
+    def slow(body, *a, **k):
+        if body.get("prompt") == "slow":
+            time.sleep(3)
+        return real(body, *a, **k)
+    monkeypatch.setattr(server, "parse_request", slow)
+    t = threading.Thread(target=lambda: served.post("/v1/completions", {
+        "model": "toy", "prompt": "slow", "max_tokens": 2}))
+    t.start()
+    time.sleep(0.5)
+    t0 = time.time()
+    with httpx.Client(trust_env=False, timeout=30) as c:
+        assert c.get(served.url + "/health").status_code == 200
+    waited = time.time() - t0
+    t.join(30)
+    assert waited < 1.5, f"/health waited {waited:.1f} s behind a request being parsed"
+
+
+@needs_serve
+def test_a_non_streamed_client_that_goes_away_frees_its_request(guarded, models):
+    body = {"model": "m", "prompt": models[4][0], "max_tokens": 40, "rule": "greedy"}
+    backend = guarded.backend
+    before = dict(backend.counts)
+    backend.pause()
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            with httpx.Client(trust_env=False, timeout=1.0) as c:
+                c.post(guarded.url + "/v1/completions", json=body, headers=guarded.auth)
+        time.sleep(1.0)  # the server notices the closed connection
+    finally:
+        backend.resume()
+    deadline = time.time() + 20
+    while backend.counts["cancelled"] == before["cancelled"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert backend.counts["cancelled"] == before["cancelled"] + 1
+    assert backend.counts["done"] == before["done"]  # it was not decoded for nobody
+    assert backend.waiting() == 0

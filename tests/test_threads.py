@@ -104,3 +104,88 @@ def test_a_stream_decodes_with_its_count_and_the_caller_runs_with_its_own(monkey
     assert len(pieces) > 1 and "".join(pieces) == want.text[0]
     assert set(between) == {process} and set(seen) == {mine}
     assert torch.get_num_threads() == process
+
+
+# ---------------------------------------------------------------- issue 23: a stream across threads
+def _stream_decoder():
+    from aad_fast.toy.tokenizer import build_tokenizer
+    tok = build_tokenizer()
+    a, r = tiny_model("llama", 0, vocab=len(tok)), tiny_model("llama", 1, vocab=len(tok))
+    return Decoder(a, r, tokenizer=tok, max_batch_size=2, max_seq_len=40, check_every=1,
+                   threads="keep", compile=False)
+
+
+_PARKED = None
+
+
+@pytest.fixture(autouse=True)
+def _park():
+    """Threads of ``_in_thread`` stay alive until the test ends (a thread's id is reused once
+    it has ended: distinct live threads have distinct ids)."""
+    import threading
+    global _PARKED
+    _PARKED = threading.Event()
+    yield
+    _PARKED.set()
+
+
+def _in_thread(fn, timeout=60):
+    """``fn()`` in a new thread (kept alive until the test ends); its result (or exception),
+    failing if it does not return."""
+    import threading
+    box, ran = {}, threading.Event()
+
+    def run():
+        try:
+            box["out"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            box["exc"] = exc
+        ran.set()
+        _PARKED.wait(120)
+    threading.Thread(target=run, daemon=True).start()
+    assert ran.wait(timeout), "the call hung: the Decoder was left held"
+    if "exc" in box:
+        raise box["exc"]
+    return box.get("out")
+
+
+@pytest.mark.parametrize("end", ["exhaust", "close", "drop"])
+def test_a_stream_resumed_in_other_threads_leaves_the_decoder_usable(end):
+    """What a thread pool does with a sync generator (Starlette's StreamingResponse): each
+    piece is taken in whichever worker thread is free; the end (exhausted, closed, dropped)
+    comes in yet another. The Decoder is free afterwards for every thread."""
+    import gc
+    dec = _stream_decoder()
+    prompt = "what is 2 plus 3 ?"
+    want = dec.generate(prompt, rule=AAD(0.1), max_new_tokens=6).text[0]
+    box = {"it": dec.stream(prompt, rule=AAD(0.1), max_new_tokens=6)}
+    pieces = [_in_thread(lambda: next(box["it"]))]
+    pieces.append(_in_thread(lambda: next(box["it"], "")))  # another worker resumes it
+    if end == "exhaust":
+        pieces += _in_thread(lambda: list(box["it"]))
+        assert "".join(pieces) == want
+    elif end == "close":
+        _in_thread(lambda: box["it"].close())
+    else:
+        _in_thread(lambda: (box.pop("it"), gc.collect()))
+    got = _in_thread(lambda: dec.generate(prompt, rule=AAD(0.1), max_new_tokens=6))
+    assert got.text[0] == want
+    assert dec.generate(prompt, rule=AAD(0.1), max_new_tokens=6).text[0] == want  # this thread
+
+
+def test_another_thread_waits_for_an_open_stream_and_the_same_thread_is_refused():
+    import threading
+    dec = _stream_decoder()
+    prompt = "what is 2 plus 3 ?"
+    it = dec.stream(prompt, rule=AAD(0.1), max_new_tokens=6)
+    first = next(it)
+    with pytest.raises(RuntimeError, match="already decoding in this thread"):
+        dec.generate(prompt, max_new_tokens=2)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (dec.generate(prompt, max_new_tokens=2), done.set()),
+                         daemon=True)
+    t.start()
+    assert not done.wait(0.5)  # waits for the stream, never overlaps it
+    rest = "".join(it)
+    t.join(60)
+    assert done.is_set() and first + rest == dec.generate(prompt, max_new_tokens=6).text[0]

@@ -85,6 +85,14 @@ def add_stop_arguments(p, scope: str = "") -> None:
                         "joins the --stop list")
 
 
+def check_stop_ids(a) -> None:
+    """``--stop-id N`` below 0 is refused before a model loads (the upper bound, the
+    vocabulary, is checked once the model is there)."""
+    bad = [s for s in (a.stop or []) if isinstance(s, int) and s < 0]
+    if bad:
+        raise ValueError(f"--stop-id must be a token id >= 0, got {bad[0]}")
+
+
 def rule_from_args(a):
     """The rule of the command line ``a``. A value the user gave reaches the rule as given (a
     default only stands in for an absent flag), so the rule's own checks refuse a bad one."""
@@ -117,18 +125,20 @@ def read_prompts_file(path, arg: str = "--prompts-file", text_lines: bool = Fals
     """Rows ``{"id": ..., "prompt": str, ...}`` of a JSONL file (a line may also be a bare JSON
     string; with ``text_lines`` a line that does not start with ``{`` is the prompt itself).
     Ids default to the line index; given ids must be ints or strings (never a float, a bool or
-    a list) and unique. Blank lines are skipped."""
+    a list) and unique. Blank lines are skipped. Lines are split on ``\n`` only (a prompt may
+    hold U+2028, U+0085, ...; a ``\r`` before the ``\n`` is dropped); a UTF-8 BOM is skipped."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ValueError(f"{arg}={str(path)!r}: no such file")
     if not p.is_file():
         raise ValueError(f"{arg}={str(path)!r} is not a file (a directory?); give a JSONL file")
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_bytes().decode("utf-8-sig").split("\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{arg}={str(path)!r} cannot be read as UTF-8 text ({exc})") from None
     rows, seen = [], {}
     for i, line in enumerate(lines):
+        line = line[:-1] if line.endswith("\r") else line
         if not line.strip():
             continue
         where = f"{arg} {path}: line {i + 1}"
@@ -206,6 +216,12 @@ def generate_inputs(a):
     for name in ("max_new_tokens", "batch_size", "max_seq_len"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    check_stop_ids(a)
+    out = getattr(a, "out", None)
+    if out and a.prompts_file and os.path.exists(out) and os.path.exists(a.prompts_file) \
+            and os.path.samefile(out, a.prompts_file):
+        raise ValueError(f"--out={out!r} is the prompts file; give another path for the "
+                         "results")
     rule = rule_from_args(a)
     rows = _read_prompts(a)
     if not a.chat:
@@ -368,6 +384,9 @@ def main(argv=None) -> int:
     except ValueError as exc:  # bad input: the message names the argument
         print(f"aad-fast: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine: a full disk, a file that cannot be written
+        print(f"aad-fast: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

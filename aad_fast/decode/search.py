@@ -123,7 +123,7 @@ class BeamSearch:
         alpha = torch.tensor([r.alpha for r in rules], dtype=torch.float32, device=dev)
         self.log_alpha.index_copy_(0, g, torch.log(alpha))
         for grp, r in zip(groups, rules):
-            self.length_penalty[grp] = r.length_penalty
+            self.length_penalty[grp] = float(r.length_penalty)  # never an int power
         self._select(logits_a.repeat_interleave(k, 0), logits_r.repeat_interleave(k, 0), g)
 
     def stop_group(self, group: int) -> None:
@@ -224,7 +224,8 @@ class BeamSearch:
         if n_ended:
             e_sum, e_step, e_beam = (x[group, :n_ended].tolist() for x in (
                 self.ended_sum, self.ended_step, self.ended_beam))
-            ended = [(e_sum[i] / (e_step[i] + 1) ** lp, e_sum[i], seq(e_step[i] - 1, e_beam[i]))
+            ended = [(_normalized(e_sum[i], e_step[i] + 1, lp), e_sum[i],
+                      seq(e_step[i] - 1, e_beam[i]))
                      for i in range(n_ended)]
             best = max(ended, key=lambda e: e[0])
             return best[2], "stop", best[1], t
@@ -362,3 +363,14 @@ def score_with_picker(model, picker_tok, dec_tok, prompts_ids, completions):
     finally:
         model.train(was_training)
     return out
+
+
+def _normalized(total: float, length: int, lp: float) -> float:
+    """``total / length**lp``; where ``length**lp`` leaves float's range (a large
+    ``length_penalty``), its limit: 0 for an overflow, +-inf for an underflow."""
+    try:
+        return total / float(length) ** lp
+    except OverflowError:
+        return 0.0 * total
+    except ZeroDivisionError:
+        return math.copysign(math.inf, total) if total else 0.0

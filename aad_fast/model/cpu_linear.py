@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..tuning import cached, decide, store, time_candidates
+from ..tuning import cached, decide, store, time_candidates, valid
 
 
 def few_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -263,7 +263,7 @@ def plan_linears(model: nn.Module, rows: int, mode: str | None = None,
         entry = f"linear/{shape[0]}x{shape[1]}/float32/rows{rows}/" + \
             ",".join(("plain",) + LAYOUTS[: 2 if packed_supported() else 1])
         rec = cached(entry)
-        if rec is None:
+        if not valid(rec, ("plain",) + LAYOUTS):
             times = measure(weights, rows)
             rec = {"choice": decide(times), "weights_timed": len(weights),
                    "stable": times.get("stable", True),
@@ -298,7 +298,7 @@ def plan_pays(view_plan: nn.Module, view_plain: nn.Module, rows: int, layouts: d
     entry = f"step/{model}/rows{rows}/" + ",".join(
         f"{n}x{k}:{layouts[(n, k)]}" for n, k in sorted(layouts))
     rec = cached(entry)
-    if rec is None:
+    if not valid(rec, ("plain", "planned")):
         times = (measure or measure_forward)(view_plan, view_plain, rows)
         rec = {"choice": decide(times), "plain_ms": times["plain"],
                "planned_ms": times["planned"], "stable": times.get("stable", True)}
@@ -314,7 +314,8 @@ def summarize(plan: dict) -> dict:
         if "plain_ms" in rec:
             busy = "" if rec.get("stable", True) else ", machine busy: plain kept, not cached"
             times = ", ".join(f"{name} {rec[f'{name}_ms']:.3f} ms"
-                              for name in ("plain",) + LAYOUTS if f"{name}_ms" in rec)
+                              for name in ("plain",) + LAYOUTS
+                              if isinstance(rec.get(f"{name}_ms"), (int, float)))
             text += f" ({rec['source']}: {times}{busy})"
         else:
             text += f" ({rec['source']})"

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import StaticKVCache
-from ..tuning import cached, decide, store, time_candidates
+from ..tuning import cached, decide, store, time_candidates, valid
 
 TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
 
@@ -175,7 +175,7 @@ def decoder_pays(view: nn.Module, fast, rows: int, measure=None, mode: str | Non
     entry = (f"decoder/{type(view).__name__}/h{cfg.hidden_size}/l{cfg.num_hidden_layers}/"
              f"{str(p.dtype).replace('torch.', '')}/rows{rows}")
     rec = cached(entry)
-    if rec is None:
+    if not valid(rec, ("plain", "fast")):
         times = (measure or measure_decoder)(view, fast, rows)
         rec = {"choice": decide(times), "plain_ms": times["plain"], "fast_ms": times["fast"],
                "stable": times.get("stable", True)}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tuning import MARGIN, cached, decide, store, time_candidates
+from ..tuning import MARGIN, cached, decide, store, time_candidates, valid
 from .cpu_linear import MAX_BYTES
 THREAD_MODES = ("auto", "keep")
 
@@ -90,7 +90,7 @@ def threads_choice(model: nn.Module, max_rows: int, mode=None, measure=None) -> 
     entry = (f"threads/{type(model).__name__}/{ident}/{str(p.dtype).replace('torch.', '')}/"
              f"rows1,{max_rows}/of{n}")
     rec = cached(entry)
-    if rec is None:
+    if not valid(rec, thread_candidates(n)):
         counts = thread_candidates(n)
         one = (measure or measure_threads)(model, counts, 1)
         many = (measure or measure_threads)(model, counts, max_rows) if max_rows > 1 else one

@@ -7,7 +7,6 @@ capture see one opaque op with a fake (meta) implementation. The maths is in ``r
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 from torch import Tensor

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..tuning import cached, decide, store, time_candidates
+from ..tuning import cached, decide, store, time_candidates, valid
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 # Preference for the default choice, per device type (fastest first).
@@ -115,7 +115,6 @@ def pick_backend(device: torch.device, backend: str | None) -> str:
         cands = [n for n in _PREFERENCE.get(device.type, ("torch",)) if n in have]
         if len(cands) <= 1:
             return cands[0] if cands else "torch"
-        from .. import tuning
         return fastest_backend(torch.device(device), cands)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
@@ -149,7 +148,7 @@ def fastest_backend(device: torch.device, candidates: list, measure=None) -> str
     measured fastest, unless it beats the PyTorch reference by no more than noise."""
     entry = f"backend/{device.type}/{'+'.join(candidates)}"
     rec = cached(entry)
-    if rec is None:
+    if not valid(rec, candidates):
         times = (measure or measure_backends)(device, candidates)
         plain = "torch" if "torch" in times else candidates[0]
         rec = {"choice": decide(times, plain),

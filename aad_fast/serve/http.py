@@ -10,8 +10,10 @@ Safety: binds 127.0.0.1 unless told; with an API key every endpoint but ``/healt
 ``Authorization: Bearer KEY`` (401 otherwise, compared in constant time); bodies, prompt
 lengths, ``max_tokens``, ``n``, ``num_beams`` and ``best_of`` are capped by ``Limits``; a full
 queue answers 429, a server shutting down 503; an error in one request answers that request only
-(400 for bad input, 500 otherwise, OpenAI-style error body). The event loop never waits on
-decoding: the decode thread hands each request's events to it (``call_soon_threadsafe``).
+(400 for bad input, 500 otherwise, OpenAI-style error body). An empty key is refused at start.
+The event loop never waits on decoding: the decode thread hands each request's events to it
+(``call_soon_threadsafe``); parsing and tokenising a body run in a worker thread. A client that
+goes away, streamed or not, frees its row before the next burst.
 
 Needs the ``serve`` extra: ``pip install 'aad_fast[serve]'`` (fastapi, uvicorn).
 """
@@ -58,6 +60,9 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
 
     if decoder.tokenizer is None:
         raise ValueError("the served Decoder needs a tokenizer (pass tokenizer=)")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise ValueError(f"api_key={api_key!r} is empty: it would accept an empty key; give "
+                         "a key, or None for no key")
     mbs = decoder.max_batch_size if max_batch_size is None else max_batch_size
     own = backend is None
     backend = backend or Backend(decoder, max_batch_size=mbs, max_queue=max_queue)
@@ -109,10 +114,12 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
             buf += part
             if len(buf) > cap:
                 raise too_big
-        try:
-            body = json.loads(buf)
+        try:  # off the event loop: a large body must not stall the other clients
+            body = await asyncio.to_thread(json.loads, bytes(buf))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise APIError(400, f"the request body is not JSON ({exc})") from None
+        except RecursionError:
+            raise APIError(400, "the request body nests JSON too deeply") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         return body
@@ -148,7 +155,10 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
     async def handle(request, chat: bool):
         check_key(request)
         body = await read_json(request)
-        reqs, n_prompt = parse_request(body, chat, decoder, limits, default_stop, picker)
+        # tokenising (a prompt may be the whole body) and the chat template run off the event
+        # loop, so one large request does not stall the other clients' streams
+        reqs, n_prompt = await asyncio.to_thread(parse_request, body, chat, decoder, limits,
+                                                 default_stop, picker)
         loop = asyncio.get_running_loop()
         tickets, queues = submit(reqs, loop)
         if reqs[0].stream:
@@ -160,7 +170,13 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
         try:
             done = []
             for q in queues:
-                ev = await q.get()
+                get = asyncio.ensure_future(q.get())  # one get, never cancelled mid-item
+                while not get.done():  # a client that goes away frees its row(s): below
+                    await asyncio.wait({get}, timeout=0.2)
+                    if not get.done() and await request.is_disconnected():
+                        get.cancel()
+                        return responses.Response(status_code=499)
+                ev = get.result()
                 if ev[0] != "done":
                     raise failure(ev) if ev[0] == "error" else APIError(500, "cancelled")
                 done.append(ev[1])
@@ -285,8 +301,19 @@ def load(a):
 
 
 def api_key(a) -> str | None:
-    """``--api-key``, else ``$AAD_FAST_API_KEY``, else ``None`` (no key needed)."""
-    return a.api_key or os.environ.get("AAD_FAST_API_KEY") or None
+    """``--api-key``, else ``$AAD_FAST_API_KEY``, else ``None`` (no key needed). An empty key
+    (``--api-key "$KEY"`` with ``KEY`` unset, or ``AAD_FAST_API_KEY=``) is refused: it means
+    a key was wanted, never "no authentication"."""
+    if a.api_key is not None:
+        if not a.api_key.strip():
+            raise ValueError("--api-key is empty (was it given as \"$VAR\" with VAR unset?); "
+                             "give the key, or leave --api-key out to serve without one")
+        return a.api_key
+    env = os.environ.get("AAD_FAST_API_KEY")
+    if env is not None and not env.strip():
+        raise ValueError("AAD_FAST_API_KEY is set but empty; set it to the key, or unset it "
+                         "to serve without one")
+    return env
 
 
 def run(a) -> int:
@@ -299,6 +326,10 @@ def run(a) -> int:
                  "max_tokens"):
         if getattr(a, name) is not None and getattr(a, name) < 1:  # None: the default
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    from .cli import check_stop_ids
+    check_stop_ids(a)
+    if not 0 <= a.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {a.port}")
     key = api_key(a)
     if a.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"warning: serving on {a.host} without an API key: anyone who can reach it may "

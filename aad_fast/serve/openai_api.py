@@ -53,6 +53,10 @@ _UNSUPPORTED = ("echo", "suffix", "logprobs", "top_logprobs", "logit_bias", "pre
 _FIELDS = _ALL_PARAMS | {"temperature", "top_p", "best_of", "seed", "n", "max_tokens",
                          "max_completion_tokens", "stop", "stop_token_ids", "rule", "prompt",
                          "messages", "num_beams"}
+#: every body field a request may carry; any other is refused (never silently ignored).
+#: ``model`` names the served model (one is served: any value), ``user`` is a caller's tag.
+_KNOWN = _FIELDS | set(_UNSUPPORTED) | {"model", "user", "stream", "stream_options"}
+_NOT_FOR = {False: {"messages", "max_completion_tokens"}, True: {"prompt"}}
 
 
 class APIError(Exception):
@@ -159,7 +163,9 @@ def build_rule(body: dict, picker=None):
     samp = dict(temperature=0.0 if temp is None else temp, top_p=1.0 if top_p is None else top_p,
                 top_k=_get(body, "top_k", (int,), 0), min_p=_get(body, "min_p", (int, float), 0.0),
                 seed=seed)
-    g = body.get
+    def g(name, default=None):  # JSON null means "not given": the default
+        v = body.get(name)
+        return default if v is None else v
     try:
         if name == "aad":
             return R.AAD(g("alpha", 0.1))
@@ -228,6 +234,10 @@ def prompt_input(body: dict, chat: bool, tokenizer) -> dict:
                                                             "assistant"):
             raise bad("messages", f"messages[{i}] must be {{'role': system|user|assistant, "
                                   f"'content': ...}}, got {m!r}")
+        extra = sorted(set(m) - {"role", "content"})
+        if extra:
+            raise bad("messages", f"messages[{i}].{extra[0]} is not supported (a message is "
+                                  "{'role', 'content'}); it would be ignored")
         role = "system" if m["role"] == "developer" else m["role"]
         clean.append({"role": role, "content": _text_of(m.get("content"),
                                                         f"messages[{i}].content")})
@@ -246,9 +256,27 @@ def parse_request(body: dict, chat: bool, decoder, limits: Limits, default_stop=
                   picker=None) -> tuple[list, int]:
     """``(requests, prompt_tokens)``: one ``DecodeRequest`` per choice, all validated against
     ``decoder`` (rule and pair, prompt length, context) and ``limits``."""
+    unknown = sorted(set(body) - (_KNOWN - _NOT_FOR[chat]))
+    if unknown:
+        raise bad(unknown[0], f"unknown field {unknown[0]!r} for /v1/"
+                              f"{'chat/completions' if chat else 'completions'}; it would be "
+                              "ignored (see the API's fields in the docs)")
     for k in _UNSUPPORTED:
         if body.get(k) not in (None, False, 0, {}, []):
             raise bad(k, f"{k} is not supported by aad-fast serve")
+    for k in ("stream", "user"):
+        want = bool if k == "stream" else str
+        if body.get(k) is not None and not isinstance(body[k], want):
+            raise bad(k, f"{k} must be {'true or false' if k == 'stream' else 'a string'}, "
+                         f"got {body[k]!r}")
+    opts = body.get("stream_options")
+    if opts is not None:
+        if body.get("stream") is not True:
+            raise bad("stream_options", "stream_options applies only with stream=true")
+        if not isinstance(opts, dict) or set(opts) - {"include_usage"} or \
+                not isinstance(opts.get("include_usage", False), bool):
+            raise bad("stream_options", "stream_options must be {\"include_usage\": true|false}"
+                                        f", got {opts!r}")
     rule = build_rule(body, picker)
     inp = prompt_input(body, chat, decoder.tokenizer)
     n = _get(body, "n", (int,), 1)
