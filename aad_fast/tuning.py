@@ -77,7 +77,7 @@ def machine() -> dict:
     blas = next((b for b in ("MKL", "OpenBLAS", "BLIS", "Accelerate", "Eigen")
                  if f"BLAS_INFO={b.lower()}" in config.replace(" ", "").lower()
                  or f"USE_{b.upper()}=ON" in config), "unknown")
-    from . import __version__
+    from .version import __version__
     try:
         import transformers
         tf_version = transformers.__version__

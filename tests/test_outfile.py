@@ -147,7 +147,7 @@ def _full_disk(monkeypatch, after=0):
     """``os.write`` in outfile writes ``after`` bytes, then fails with ENOSPC."""
     import errno
 
-    from aad_fast import outfile
+    from aad_fast.jobs import outfile
     real = os.write
 
     def write(fd, data):

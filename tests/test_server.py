@@ -12,6 +12,7 @@ import time
 import pytest
 
 import aad_fast as af
+from aad_fast.cli import serve as serve_cli
 from aad_fast.serve import http as server
 from aad_fast.serve.openai_api import Limits
 from aad_fast.serve.loop import Backend
@@ -27,12 +28,12 @@ needs_serve = pytest.mark.skipif(not HAVE_SERVE, reason="needs aad_fast[serve] a
 def test_cli_serve_subcommand_and_key_from_env(monkeypatch):
     from aad_fast.cli import build_parser
     a = build_parser().parse_args(["serve"])
-    assert a.func is server.run and a.host == "127.0.0.1" and a.aligned is None
+    assert a.func is serve_cli.run and a.host == "127.0.0.1" and a.aligned is None
     monkeypatch.delenv("AAD_FAST_API_KEY", raising=False)
-    assert server.api_key(a) is None
+    assert serve_cli.api_key(a) is None
     monkeypatch.setenv("AAD_FAST_API_KEY", "k1")
-    assert server.api_key(a) == "k1"
-    assert server.api_key(build_parser().parse_args(["serve", "--api-key", "k2"])) == "k2"
+    assert serve_cli.api_key(a) == "k1"
+    assert serve_cli.api_key(build_parser().parse_args(["serve", "--api-key", "k2"])) == "k2"
 
 
 def test_backend_close_answers_what_waits():
@@ -719,10 +720,10 @@ def test_an_empty_api_key_is_refused_before_a_model_loads(monkeypatch, capsys):
     monkeypatch.delenv("AAD_FAST_API_KEY", raising=False)
     for key in ("", "  "):
         with pytest.raises(ValueError, match="--api-key is empty"):
-            server.api_key(build_parser().parse_args(["serve", "--api-key", key]))
+            serve_cli.api_key(build_parser().parse_args(["serve", "--api-key", key]))
     monkeypatch.setenv("AAD_FAST_API_KEY", "")
     with pytest.raises(ValueError, match="AAD_FAST_API_KEY is set but empty"):
-        server.api_key(build_parser().parse_args(["serve"]))
+        serve_cli.api_key(build_parser().parse_args(["serve"]))
     monkeypatch.delenv("AAD_FAST_API_KEY")
     if HAVE_SERVE:
         loaded = []

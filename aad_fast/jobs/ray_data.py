@@ -396,7 +396,7 @@ def generate(source, out=None, *, decoder, rule: Rule = AAD(0.1), max_new_tokens
     """
     import contextlib
 
-    from ..cli import check_resume, prompts_identity, read_prompts_file
+    from .prompt_files import check_resume, prompts_identity, read_prompts_file
     from .outfile import ResultsFile
     kw = dict(decoder=decoder, rule=rule, max_new_tokens=max_new_tokens, chat=chat, stop=stop)
     if isinstance(source, ray.data.Dataset):

@@ -154,7 +154,7 @@ def run_evaluate(a) -> int:
 def pair_prompts(a):
     """``(rows, identity)`` of make-pairs' prompts: ``--prompts`` FILE, else the toy task's
     training split."""
-    from ..cli import prompts_identity, read_prompts_file
+    from ..jobs.prompt_files import prompts_identity, read_prompts_file
     if a.prompts:
         return read_prompts_file(a.prompts, "--prompts", text_lines=True), prompts_identity(
             a.prompts)
@@ -177,7 +177,7 @@ def make_pairs(a) -> int:
     durable line per row, a torn last row repaired, a resume with other settings refused, one
     writer at a time); a rerun skips done ids."""
     from ..rules import AAD, Mix
-    from ..cli import check_resume
+    from ..jobs.prompt_files import check_resume
     from ..jobs.outfile import ResultsFile
     rows, ident = pair_prompts(a)
     with ResultsFile(a.out, pairs_settings(a), ident) as out:
