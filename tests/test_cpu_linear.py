@@ -13,6 +13,7 @@ from aad_fast import AAD, Decoder, Greedy, tuning
 from aad_fast.model import cpu_linear
 from aad_fast.model.cpu_linear import FewRowLinear, PackedLinear, few_row_linear, packed_linear
 from conftest import aad_pick, naive_decode, tiny_model
+from aad_fast.model import threads
 
 PROMPTS = [[5, 9, 2], [7, 7, 30, 4, 11]]
 
@@ -301,7 +302,6 @@ def test_packed_module_takes_its_path_up_to_max_rows_only(monkeypatch):
 def test_measurement_can_choose_packed_and_the_view_gets_it(monkeypatch):
     from aad_fast.model.runner import engine_view
     monkeypatch.setattr(cpu_linear, "packed_supported", lambda: True)
-    monkeypatch.setattr(cpu_linear, "packed_supported", lambda: True)
     monkeypatch.setattr(cpu_linear, "measure_linear",
                         lambda w, rows: {"plain": 1.0, "few_row": 0.9, "packed": 0.5})
     monkeypatch.setattr(cpu_linear, "measure_forward",
@@ -368,7 +368,7 @@ def test_a_cache_file_not_ours_is_left_byte_for_byte(tmp_path, content):
     else:
         path.write_bytes(content)
     measure, seen = _fake(1.0, 0.5)
-    assert tuning.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == "few_row"
+    assert cpu_linear.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == "few_row"
     assert seen == [((4, 4), 1)]
     if content == "dir":
         assert path.is_dir() and not list(path.iterdir())
@@ -380,7 +380,7 @@ def test_a_cache_file_not_ours_is_left_byte_for_byte(tmp_path, content):
 def test_hand_edited_records_are_measured_again_never_used(tmp_path):
     net = nn.Sequential(nn.Linear(8, 16))
     measure, seen = _fake(1.0, 0.5)
-    tuning.plan_linears(net, 2, measure=measure)
+    cpu_linear.plan_linears(net, 2, measure=measure)
     path = tmp_path / "tuning.json"
     data = json.loads(path.read_text())
     (key,) = data
@@ -390,23 +390,23 @@ def test_hand_edited_records_are_measured_again_never_used(tmp_path):
         data[key][entry] = bad
         path.write_text(json.dumps(data))
         tuning.forget()
-        plan = tuning.plan_linears(net, 2, measure=measure)
+        plan = cpu_linear.plan_linears(net, 2, measure=measure)
         assert plan[(16, 8)]["choice"] in ("plain", "few_row", "packed"), bad
-        tuning.summarize(plan)
+        cpu_linear.summarize(plan)
     tuning.forget()
     model = tiny_model()
     n = torch.get_num_threads()
     if n > 1:
         data = json.loads(path.read_text())
-        ts = lambda *a: {**{str(c): 1.0 for c in tuning.thread_candidates(n)}, "stable": True}
-        tuning.threads_choice(model, 2, "auto", measure=ts)
+        ts = lambda *a: {**{str(c): 1.0 for c in threads.thread_candidates(n)}, "stable": True}
+        threads.threads_choice(model, 2, "auto", measure=ts)
         data = json.loads(path.read_text())
         entry = next(e for e in data[key] if e.startswith("threads/"))
         data[key][entry] = {"choice": "abc"}
         path.write_text(json.dumps(data))
         tuning.forget()
-        assert tuning.threads_choice(model, 2, "auto", measure=ts) in (None,) + tuple(
-            tuning.thread_candidates(n))
+        assert threads.threads_choice(model, 2, "auto", measure=ts) in (None,) + tuple(
+            threads.thread_candidates(n))
     data = json.loads(path.read_text())
     data[key]["compile/x"] = {"eager_ms": "1", "compiled_ms": 0.1, "compile_s": 0.0}
     path.write_text(json.dumps(data))
@@ -423,14 +423,14 @@ def test_a_full_disk_or_read_only_cache_costs_a_measurement_only(tmp_path, monke
     measure, seen = _fake(1.0, 0.5)
     with monkeypatch.context() as m:
         m.setattr(tuning.json, "dump", full)
-        assert tuning.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == \
+        assert cpu_linear.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == \
             "few_row"
     assert list(tmp_path.iterdir()) == []  # no temporary left, no cache
     monkeypatch.setenv("AAD_FAST_TUNE_CACHE", str(tmp_path / "ro" / "tuning.json"))
     (tmp_path / "ro").mkdir(mode=0o500)
     tuning.forget()
     try:
-        assert tuning.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == \
+        assert cpu_linear.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == \
             "few_row"
     finally:
         (tmp_path / "ro").chmod(0o700)

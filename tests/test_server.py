@@ -727,7 +727,7 @@ def test_an_empty_api_key_is_refused_before_a_model_loads(monkeypatch, capsys):
     monkeypatch.delenv("AAD_FAST_API_KEY")
     if HAVE_SERVE:
         loaded = []
-        monkeypatch.setattr(server, "load", lambda a: loaded.append(a))
+        monkeypatch.setattr(serve_cli, "load", lambda a: loaded.append(a))
         for argv, message in ((["--api-key", ""], "--api-key is empty"),
                               (["--port", "70000"], "--port must be in"),
                               (["--stop-id", "-3"], "--stop-id must be a token id >= 0")):

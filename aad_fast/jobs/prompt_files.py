@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .outfile import sha256_of
+from .outfile import row_key, sha256_of
 
 
 def read_prompts_file(path, arg: str = "--prompts-file", text_lines: bool = False) -> list:
@@ -50,7 +50,7 @@ def read_prompts_file(path, arg: str = "--prompts-file", text_lines: bool = Fals
         if isinstance(rid, bool) or not isinstance(rid, (int, str)):
             raise ValueError(f"{where}: 'id' must be an int or a string, got {rid!r} "
                              f"({type(rid).__name__})")
-        key = (type(rid).__name__, rid)
+        key = row_key(rid)
         if key in seen:
             raise ValueError(f"{where}: id {rid!r} is also on line {seen[key]}; ids must be "
                              "unique")
@@ -67,7 +67,7 @@ def check_resume(out, rows, prompt_of, arg: str = "--out") -> None:
     """Refuse a resume whose done rows were made from other prompts (same id, other text)."""
     if not out.prompts_changed:
         return
-    current = {(type(r["id"]).__name__, r["id"]): r["prompt"] for r in rows}
+    current = {row_key(r["id"]): r["prompt"] for r in rows}
     for key, row in out.done.items():
         if key in current and prompt_of(row) != current[key]:
             raise ValueError(f"{arg}={str(out.path)!r}: id {row['id']!r} was made from the "

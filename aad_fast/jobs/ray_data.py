@@ -41,6 +41,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the CLI test witho
 import pandas as pd
 
 from ..rules import AAD, Rule
+from .outfile import row_key
 
 FAULT_ENV = "AAD_FAST_RAY_FAULT"
 #: per-row columns besides the rule's own fields that a row may set
@@ -307,7 +308,7 @@ def run_rows(rows: list, groups: list, record_of, *, out=None, worker=Generate, 
             for rec in batch.to_dict("records"):
                 pos = int(rec["_pos"])
                 row = rows[pos]
-                key = _key(row["id"])
+                key = row_key(row["id"])
                 if pos not in todo:
                     raise RuntimeError(f"a worker returned {_row_name(row)}, which was not sent")
                 if key in seen:  # a retried worker's rows that already came: written once
@@ -342,14 +343,11 @@ def summary(stats: dict) -> str:
             f"({rate:.1f} tokens/s) on {stats['workers']} worker(s){dup}")
 
 
-def _key(rid):
-    return (type(rid).__name__, rid)
-
-
 def in_order(results: list, rows: list) -> list:
     """``results`` (dicts with ``id``) in the order of ``rows``; unknown ids last."""
-    order = {_key(r["id"]): i for i, r in enumerate(rows)}
-    return sorted(results, key=lambda r: (_key(r["id"]) not in order, order.get(_key(r["id"]), 0)))
+    order = {row_key(r["id"]): i for i, r in enumerate(rows)}
+    return sorted(results, key=lambda r: (row_key(r["id"]) not in order,
+                                          order.get(row_key(r["id"]), 0)))
 
 
 def sort_file(out, rows: list) -> list:

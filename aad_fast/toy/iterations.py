@@ -240,8 +240,8 @@ def evaluate_iterations(a) -> dict:
     t0 = time.perf_counter()
     rows, texts, (sft, tok, models) = table(root, problems, max_new_tokens=a.max_new_tokens,
                                             batch_size=a.batch_size)
-    out = {"prompts": len(problems), "split": "held-out (10%)", "dir": portable_path(root, "PAIR_DIR"), "rows": rows,
-           "max_new_tokens": a.max_new_tokens}
+    out = {"prompts": len(problems), "split": "held-out (10%)",
+           "dir": portable_path(root, "PAIR_DIR"), "rows": rows, "max_new_tokens": a.max_new_tokens}
     if not getattr(a, "no_diagnose", False):
         out["log_ratio_ranking"] = log_ratio_ranking(sft, tok, models, problems)
         out["answer_filter"] = answer_filter(sft, tok, models, problems)
