@@ -80,7 +80,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["aad_fast", "aad_fast.bench", "aad_fast.toy", "aad_fast.kernels"],
+    packages=["aad_fast", "aad_fast.ops", "aad_fast.model", "aad_fast.decode", "aad_fast.serve",
+              "aad_fast.jobs", "aad_fast.bench", "aad_fast.toy", "aad_fast.cli", "aad_fast.kernels"],
     package_dir={"aad_fast": "aad_fast", "aad_fast.kernels": "kernels"},
     package_data={"aad_fast": ["default_pair/*", "default_pair/*/*"],
                   "aad_fast.bench": ["configs/*.json"]},

@@ -2,14 +2,14 @@
 
 Importing this package compiles and loads nothing: extensions and Triton load on first use.
 """
-from .backends import available_backends
+from .ops.backends import available_backends
 from .ops import aad_beam_topk, aad_select, contrastive_select, mix_select
-from .generation import Decoder, Generation, generate
-from .hf import AADLogitsProcessor
+from .decoder import Decoder, Generation, generate
+from .processor import AADLogitsProcessor
 from .rules import AAD, CFG, EFT, OPAD, BeamAAD, BestOfN, Contrastive, DeRa, Greedy, Mix, Rule
-from .scheduler import Request, Result, Scheduler
+from .decode.scheduler import Request, Result, Scheduler
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401
 
 __all__ = [
     "AAD", "AADLogitsProcessor", "CFG", "Decoder", "Generation", "generate", "EFT", "OPAD", "BeamAAD", "BestOfN", "Contrastive", "DeRa", "Greedy", "Mix",

@@ -131,7 +131,7 @@ class AADLogitsProcessor:
     def _reference_logits(self, ids, caller):
         from transformers import DynamicCache
 
-        from .runner import cache_kwarg
+        from .model.runner import cache_kwarg
         kw = cache_kwarg(type(self.model))
         loop = caller[3] if caller is not None else None
         if self._is_new(ids, loop):

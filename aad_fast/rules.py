@@ -5,12 +5,25 @@ from __future__ import annotations
 
 import math
 import operator
+from numbers import Real
 from dataclasses import dataclass, field
 
-from .ops import check_real
 
 #: the largest seed: seeds are int64 on the device (``selectors``, the kernels' ``seed`` tensor)
 SEED_MAX = 2**63 - 1
+
+
+def check_real(name: str, value, lo=-math.inf, hi=math.inf, lo_open=False) -> float:
+    try:  # an int beyond float's range (10**400) is not finite either
+        finite = not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise ValueError(f"{name} must be a finite real number, got {value!r}"[:300])
+    if value < lo or value > hi or (lo_open and value == lo):
+        lo_s = "(" if lo_open else "["
+        raise ValueError(f"{name} must be in {lo_s}{lo}, {hi}], got {value!r}")
+    return float(value)
 
 
 def as_int(value):

@@ -8,7 +8,7 @@ Same prompts (the embedded pair's held-out prompts by default), same rule (AAD 0
 
 - ``single``: one process, ``--workers * --threads`` torch threads, one ``Decoder``, the batches
   back to back (after one untimed warm-up batch): tokens/s.
-- ``ray``: ``--workers`` Ray Data workers x ``--threads`` threads (``aad_fast.ray_data``), one
+- ``ray``: ``--workers`` Ray Data workers x ``--threads`` threads (``aad_fast.jobs.ray_data``), one
   ``Decoder`` each. ``wall_s`` is the whole job as a user sees it; ``startup_s`` is the time to
   the first batch's rows less that batch's decode (actors, imports, model loading);
   ``busy_s`` each worker's time inside ``Decoder.generate``. ``tokens_per_s`` counts the whole
@@ -66,7 +66,7 @@ def decoder_spec(a) -> dict:
 def run_single(a, prompts, spec, rule) -> dict:
     import torch
 
-    from aad_fast.ray_data import build_decoder
+    from aad_fast.jobs.ray_data import build_decoder
     torch.set_num_threads(a.workers * a.threads)
     kw = dict(rule=rule, chat=True, max_new_tokens=a.max_new_tokens)
     with build_decoder(spec) as dec:
@@ -84,7 +84,7 @@ def run_ray(a, prompts, spec, rule) -> dict:
     import pandas as pd
     import ray
 
-    from aad_fast import ray_data
+    from aad_fast.jobs import ray_data
     started = ray_data.connect(a.ray_address) if a.ray_address else False
     if not ray.is_initialized():
         ray.init(num_cpus=a.workers * a.threads, include_dashboard=False, log_to_driver=False)

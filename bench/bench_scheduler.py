@@ -31,7 +31,7 @@ import torch
 
 from aad_fast import AAD, Decoder, bench
 from aad_fast.bench.machine import device_name, git_info, portable_argv, portable_path
-from aad_fast.scheduler import Request
+from aad_fast.decode.scheduler import Request
 
 
 def _args(argv):

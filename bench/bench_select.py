@@ -59,8 +59,8 @@ def threads(request):
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"B{c[0]}-V{c[1]}")
 def case(request):
     from aad_fast import aad_select
-    from aad_fast.backends import load_cpp
-    from aad_fast.reference import select_ref
+    from aad_fast.ops.backends import load_cpp
+    from aad_fast.ops.reference import select_ref
     b, v = request.param
     g = torch.Generator().manual_seed(b * 1000003 + v)
     a = torch.randn(b, v, generator=g) * 3
@@ -86,7 +86,7 @@ def _run(benchmark, case, threads, name):
     (b, v), fns = case
     if name not in fns:
         pytest.skip(f"{name} is not available (C++ extension not built)")
-    from aad_fast.backends import pick_backend
+    from aad_fast.ops.backends import pick_backend
     benchmark.group = f"B={b} V={v} float32 {threads} thread{'s' * (threads > 1)}"
     benchmark.extra_info.update(
         batch=b, vocab=v, dtype="float32", threads=torch.get_num_threads(), impl=name,

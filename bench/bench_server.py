@@ -119,7 +119,7 @@ def offline(a, prompts, chat):
         dec = af.Decoder(a.aligned, a.reference, max_seq_len=a.max_seq_len or 2048, **kw)
         stop = None
     else:
-        from aad_fast.default import default_pair
+        from aad_fast.toy.default import default_pair
         from aad_fast.toy.tokenizer import stop_ids
         aligned, reference, tok, _ = default_pair()
         dec = af.Decoder(aligned, reference, tokenizer=tok, max_seq_len=a.max_seq_len or 128,

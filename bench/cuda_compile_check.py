@@ -264,7 +264,7 @@ def build_cuda(src: Path, cache: Path, archs: list[int], log, link: bool = True)
 # ---- 3. the Triton kernels ---------------------------------------------------------------------
 
 # (name, dtype of a, dtype of r, coefficient kinds KMA/KMR/KSA/KSR, NOISE): what
-# aad_fast.selectors launches per rule kind, logits in bfloat16 (mix mixes them in float32 first).
+# aad_fast.decode.selectors launches per rule kind, logits in bfloat16 (mix mixes them in float32 first).
 ENGINE_SPECS = (("aad", "bf16", "bf16", (1, 0, 1, 2), False),
                 ("contrastive", "bf16", "fp32", (1, 0, 1, 2), False),
                 ("greedy", "bf16", "bf16", (1, 0, 1, 0), False),

@@ -65,7 +65,7 @@ install=(python -m pip install --no-build-isolation --no-deps --no-index -v -e .
 if [ "$dry" = 1 ]; then
     export TRITON_INTERPRET=1
     phase build 60 "${install[@]}" --dry-run
-    phase ext 60 python -c "import aad_fast.backends as b; print(b.available_backends('cpu'))"
+    phase ext 60 python -c "import aad_fast.ops.backends as b; print(b.available_backends('cpu'))"
     phase tests 60 python -m pytest -q -rfEs -p no:cacheprovider \
         tests/test_selectors.py::test_per_row_floor_equals_mix_floor \
         "tests/test_capture.py::test_a_planted_unsafe_line_fails_the_check[item]"
@@ -76,7 +76,7 @@ if [ "$dry" = 1 ]; then
 else
     phase build "${GPU_CHECK_T_BUILD:-130}" env AAD_FAST_CUDA_ARCHS=9.0 AAD_FAST_SKIP_CPU_BUILD=1 \
         "${install[@]}"
-    phase ext 15 bash -c 'python -c "import aad_fast._cuda, aad_fast.backends as b; \
+    phase ext 15 bash -c 'python -c "import aad_fast._cuda, aad_fast.ops.backends as b; \
         bs = b.available_backends(\"cuda\"); print(bs); assert \"cuda\" in bs" &&
         { cuobjdump --dump-resource-usage aad_fast/_cuda*.so | c++filt || true; }'
     phase tests "${GPU_CHECK_T_TEST:-110}" python -m pytest -q -m gpu -rfEs -p no:cacheprovider tests

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aad_fast import available_backends
-from aad_fast.reference import select_ref
+from aad_fast.ops.reference import select_ref
 
 BACKENDS = available_backends("cpu")
 NINF = -math.inf

@@ -87,7 +87,7 @@ PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 9], [1, 20, 21, 22]]
 
 
 def mix_pick(w_a, w_r, temperature=0.0, top_p=1.0, min_p=0.0, seed=0):
-    from aad_fast.reference import gumbel_noise as _gumbel
+    from aad_fast.ops.reference import gumbel_noise as _gumbel
 
     def pick(a, r, t, hist):
         z = w_a * a.log_softmax(-1) + (w_r * r.log_softmax(-1) if w_r else 0.0)

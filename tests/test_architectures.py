@@ -143,7 +143,7 @@ def test_a_model_loaded_with_flex_attention_decodes_on_masked_attention():
 
 
 def test_attention_without_per_row_masks_is_switched_in_the_view_only():
-    from aad_fast.runner import masked_attention
+    from aad_fast.model.runner import masked_attention
     model = arch_model("llama", 0)
     model.config._attn_implementation = "flash_attention_2"  # as loaded with flash-attn
     view = copy.deepcopy(model)

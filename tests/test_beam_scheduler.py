@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import EOS, brute_beam, random_lora, tiny_model
 
-from aad_fast import AAD, BeamAAD, Decoder, engine
+from aad_fast import AAD, BeamAAD, Decoder
+from aad_fast.decode import steps as engine
 
 # mixed lengths, more prompts than the rows below hold
 PROMPTS7 = [[1, 5, 6, 7, 8, 9], [1, 9], [1, 20, 21, 22], [1, 4], [1, 30, 31, 32, 33, 34, 35, 2],
@@ -162,7 +163,7 @@ def test_server_backend_runs_beam_requests_on_one_beam_scheduler(two):
 
     from test_search import word_tokenizer
 
-    from aad_fast.serving import Backend, DecodeRequest
+    from aad_fast.serve.loop import Backend, DecodeRequest
     dec = Decoder(*two["models"], tokenizer=word_tokenizer(), max_batch_size=4, max_seq_len=48,
                   check_every=2)
     backend = Backend(dec, max_batch_size=4, max_queue=16)

@@ -7,8 +7,10 @@ import pytest
 import torch
 from conftest import aad_pick, naive_decode, random_lora, tiny_model
 
-from aad_fast import AAD, CFG, OPAD, BeamAAD, Contrastive, Decoder, Greedy, cache, engine
-from aad_fast.cache import KVPool, StaticKVCache
+from aad_fast import AAD, CFG, OPAD, BeamAAD, Contrastive, Decoder, Greedy
+from aad_fast.model import cache
+from aad_fast.decode import steps as engine
+from aad_fast.model.cache import KVPool, StaticKVCache
 
 PROMPTS8 = [[1, 5, 6, 7, 8, 9], [1, 9], [1, 20, 21, 22], [1, 4], [1, 30, 31, 32, 33, 34, 35, 2],
             [1, 11, 12], [1, 40], [1, 7, 7, 8, 50, 51]]

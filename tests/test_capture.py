@@ -11,8 +11,10 @@ import torch
 from _capture import CaptureChecker
 from conftest import PROMPTS, random_lora, tiny_model
 
-from aad_fast import (AAD, CFG, EFT, OPAD, BeamAAD, BestOfN, Contrastive, Decoder, Greedy, Mix,
-                      engine, ops, search, selectors)
+from aad_fast import AAD, CFG, EFT, OPAD, BeamAAD, BestOfN, Contrastive, Decoder, Greedy, Mix, ops
+from aad_fast.decode import steps as engine
+from aad_fast.decode import search
+from aad_fast.decode import selectors
 
 PRINCIPLE = [30, 31, 32]
 

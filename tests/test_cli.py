@@ -143,7 +143,7 @@ def test_resume_with_a_changed_prompt_is_refused(model_dirs, full_run, tmp_path,
 
 def test_two_runs_on_one_out_cannot_both_write(model_dirs, full_run, tmp_path, capsys):
     from aad_fast.cli import generate_settings, build_parser
-    from aad_fast.outfile import ResultsFile
+    from aad_fast.jobs.outfile import ResultsFile
     prompts, _, _ = full_run
     out = tmp_path / "out.jsonl"
     args = _gen_args(model_dirs, prompts, out)

@@ -10,8 +10,10 @@ same Decoder settings and with the naive loop."""
 import pytest
 import torch
 
-from aad_fast import AAD, EFT, OPAD, Decoder, Greedy, cache, engine, tuning
-from aad_fast.cache import StaticKVCache
+from aad_fast import AAD, EFT, OPAD, Decoder, Greedy, tuning
+from aad_fast.model import cache
+from aad_fast.decode import steps as engine
+from aad_fast.model.cache import StaticKVCache
 from conftest import aad_pick, naive_decode, tiny_model
 
 PROMPTS = [[5, 9, 2], [7, 7, 30, 4, 11]]

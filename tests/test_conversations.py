@@ -45,7 +45,7 @@ def test_opad_principle_joins_the_conversations_system_message():
     conversation as given."""
     import copy
 
-    from aad_fast.prompts import rule_rows
+    from aad_fast.decode.prompt_rows import rule_rows
     from aad_fast.toy.assets import load_default_pair
     tok = copy.deepcopy(load_default_pair("cpu")[2])
     tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
@@ -67,7 +67,7 @@ def test_server_opad_on_a_multi_message_chat_equals_the_decoder(toy):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from aad_fast.server import create_app
+    from aad_fast.serve.http import create_app
     dpo, tok = toy
     dec = Decoder(dpo.get_base_model(), tokenizer=tok, max_batch_size=2, max_seq_len=96)
     msgs = [{"role": "system", "content": "answer briefly ."}] + CONV

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from aad_fast import AAD, Decoder, Greedy, tuning
-from aad_fast import cpu_linear
-from aad_fast.cpu_linear import FewRowLinear, PackedLinear, few_row_linear, packed_linear
+from aad_fast.model import cpu_linear
+from aad_fast.model.cpu_linear import FewRowLinear, PackedLinear, few_row_linear, packed_linear
 from conftest import aad_pick, naive_decode, tiny_model
+from aad_fast.model import threads
 
 PROMPTS = [[5, 9, 2], [7, 7, 30, 4, 11]]
 
@@ -69,34 +70,34 @@ def _fake(plain, few):
 def test_measurement_chooses_the_faster_and_plain_within_noise():
     net = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16))
     slower, _ = _fake(1.0, 2.0)
-    assert {r["choice"] for r in tuning.plan_linears(net, 2, measure=slower).values()} == {"plain"}
+    assert {r["choice"] for r in cpu_linear.plan_linears(net, 2, measure=slower).values()} == {"plain"}
     faster, seen = _fake(1.0, 0.5)
-    plan = tuning.plan_linears(net, 3, measure=faster)
+    plan = cpu_linear.plan_linears(net, 3, measure=faster)
     assert {r["choice"] for r in plan.values()} == {"few_row"}
     assert sorted(seen) == [((16, 8), 3), ((16, 16), 3)]  # one measurement per distinct shape
     noise, _ = _fake(1.0, 1.0 - tuning.MARGIN / 2)
-    assert {r["choice"] for r in tuning.plan_linears(net, 4, measure=noise).values()} == {"plain"}
+    assert {r["choice"] for r in cpu_linear.plan_linears(net, 4, measure=noise).values()} == {"plain"}
 
 
 def test_choices_are_cached_per_machine_and_invalidated_by_a_version_change(monkeypatch):
     net = nn.Sequential(nn.Linear(8, 16))
     first, seen = _fake(1.0, 0.5)
-    assert tuning.plan_linears(net, 2, measure=first)[(16, 8)]["source"] == "measured"
+    assert cpu_linear.plan_linears(net, 2, measure=first)[(16, 8)]["source"] == "measured"
     tuning.forget()  # a new process: only the file is left
     again, seen2 = _fake(1.0, 2.0)
-    rec = tuning.plan_linears(net, 2, measure=again)[(16, 8)]
+    rec = cpu_linear.plan_linears(net, 2, measure=again)[(16, 8)]
     assert seen2 == [] and rec["choice"] == "few_row" and rec["source"] == "cache"
     tuning.forget()
     other = dict(tuning.machine(), torch="9.9.9")
     monkeypatch.setattr(tuning, "machine", lambda: other)
-    rec = tuning.plan_linears(net, 2, measure=again)[(16, 8)]
+    rec = cpu_linear.plan_linears(net, 2, measure=again)[(16, 8)]
     assert seen2 == [((16, 8), 2)] and rec["choice"] == "plain" and rec["source"] == "measured"
 
 
 def test_a_corrupt_cache_file_is_measured_again(tmp_path):
     (tmp_path / "tuning.json").write_text("{not json")
     measure, seen = _fake(1.0, 0.5)
-    assert tuning.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == "few_row"
+    assert cpu_linear.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == "few_row"
     assert seen == [((4, 4), 1)]
 
 
@@ -104,15 +105,15 @@ def test_switch_forces_each_path_without_measuring(monkeypatch):
     net = nn.Sequential(nn.Linear(8, 16))
     boom, seen = _fake(1.0, 1.0)
     for mode in ("plain", "few_row") + (("packed",) if cpu_linear.packed_supported() else ()):
-        assert tuning.plan_linears(net, 2, mode, measure=boom)[(16, 8)] == {
+        assert cpu_linear.plan_linears(net, 2, mode, measure=boom)[(16, 8)] == {
             "choice": mode, "source": "forced"}
     monkeypatch.setenv("AAD_FAST_CPU_FEW_ROW_LINEAR", "0")  # the older switch
-    assert tuning.plan_linears(net, 2, measure=boom)[(16, 8)]["choice"] == "plain"
+    assert cpu_linear.plan_linears(net, 2, measure=boom)[(16, 8)]["choice"] == "plain"
     monkeypatch.setenv("AAD_FAST_CPU_LINEAR", "few_row")
-    assert tuning.plan_linears(net, 2, measure=boom)[(16, 8)]["choice"] == "few_row"
+    assert cpu_linear.plan_linears(net, 2, measure=boom)[(16, 8)]["choice"] == "few_row"
     assert seen == []
     with pytest.raises(ValueError, match="cpu_linear.*'fast'"):
-        tuning.linear_mode("fast")
+        cpu_linear.linear_mode("fast")
     with pytest.raises(ValueError, match="cpu_linear"):
         Decoder(tiny_model(), cpu_linear="fast")
 
@@ -122,7 +123,7 @@ def test_only_fp32_cpu_plain_linears_have_a_choice():
         pass
     net = nn.Sequential(MyLinear(8, 8), nn.Linear(8, 12), nn.Linear(12, 4).to(torch.bfloat16))
     measure, seen = _fake(1.0, 0.5)
-    assert list(tuning.plan_linears(net, 2, measure=measure)) == [(12, 8)]
+    assert list(cpu_linear.plan_linears(net, 2, measure=measure)) == [(12, 8)]
 
 
 @pytest.mark.parametrize("layout", ["plain", "few_row", "packed", "auto"])
@@ -148,16 +149,16 @@ def test_decoder_tokens_equal_the_naive_loop_with_each_layout(layout):
 
 
 def test_default_backend_is_the_measured_fastest():
-    from aad_fast import backends
+    from aad_fast.ops import backends
     cpu = torch.device("cpu")
     fake = lambda times: (lambda device, cands: {c: times[c] for c in cands})  # noqa: E731
-    assert tuning.fastest_backend(cpu, ["cpp", "torch"], fake({"cpp": 0.1, "torch": 1.0})) == "cpp"
+    assert backends.fastest_backend(cpu, ["cpp", "torch"], fake({"cpp": 0.1, "torch": 1.0})) == "cpp"
     tuning.forget()
     (tuning.cache_path()).unlink()
-    assert tuning.fastest_backend(cpu, ["cpp", "torch"], fake({"cpp": 2.0, "torch": 1.0})) == \
+    assert backends.fastest_backend(cpu, ["cpp", "torch"], fake({"cpp": 2.0, "torch": 1.0})) == \
         "torch"  # the plain path wins when the other is slower
     # cached: another measurement is not made
-    assert tuning.fastest_backend(cpu, ["cpp", "torch"], lambda *a: 1 / 0) == "torch"
+    assert backends.fastest_backend(cpu, ["cpp", "torch"], lambda *a: 1 / 0) == "torch"
     tuning.forget()
     (tuning.cache_path()).unlink()
     if "cpp" in backends.available_backends("cpu"):  # the real measurement on this machine
@@ -175,12 +176,12 @@ def test_a_busy_machine_keeps_plain_and_caches_nothing():
     def busy(weights, rows):
         seen.append(rows)
         return {"plain": 1.0, "few_row": 0.1, "stable": False}
-    rec = tuning.plan_linears(net, 2, measure=busy)[(16, 8)]
+    rec = cpu_linear.plan_linears(net, 2, measure=busy)[(16, 8)]
     assert rec["choice"] == "plain" and not rec["stable"]
-    tuning.plan_linears(net, 2, measure=busy)
+    cpu_linear.plan_linears(net, 2, measure=busy)
     assert seen == [2]  # remembered for this process
     tuning.forget()     # a new process measures again: nothing was cached
-    tuning.plan_linears(net, 2, measure=busy)
+    cpu_linear.plan_linears(net, 2, measure=busy)
     assert seen == [2, 2]
     times = tuning.time_rounds({"a": lambda: None, "b": lambda: None}, rounds=7, budget_s=0)
     assert set(times) == {"a", "b"} and all(len(t) == tuning.MIN_ROUNDS for t in times.values())
@@ -199,8 +200,8 @@ def test_time_candidates_flags_scattered_rounds(monkeypatch):
 def test_the_whole_step_confirms_a_per_shape_plan(monkeypatch, whole_step_plain, want_few):
     """Per-shape timings that say few-row are checked on the whole forward; the plain view is
     kept unless the planned one is faster there too."""
-    from aad_fast.runner import engine_view
-    monkeypatch.setattr(tuning, "measure_linear", lambda w, rows: {"plain": 1.0, "few_row": 0.5})
+    from aad_fast.model.runner import engine_view
+    monkeypatch.setattr(cpu_linear, "measure_linear", lambda w, rows: {"plain": 1.0, "few_row": 0.5})
     seen = []
 
     def whole(view_plan, view_plain, rows):
@@ -208,7 +209,7 @@ def test_the_whole_step_confirms_a_per_shape_plan(monkeypatch, whole_step_plain,
         assert any(isinstance(m, FewRowLinear) for m in view_plan.modules())
         assert not any(isinstance(m, FewRowLinear) for m in view_plain.modules())
         return {"plain": whole_step_plain, "planned": 2.0, "stable": True}
-    monkeypatch.setattr(tuning, "measure_forward", whole)
+    monkeypatch.setattr(cpu_linear, "measure_forward", whole)
     view, plan = engine_view(tiny_model(), 2)
     assert seen == [2]
     assert any(isinstance(m, FewRowLinear) for m in view.modules()) == want_few
@@ -267,11 +268,11 @@ def test_packed_copy_is_made_once_per_weight_renewed_on_write_and_freed_with_its
 
 def test_a_packed_plan_the_whole_step_turns_down_leaves_no_copy(monkeypatch):
     import gc
-    from aad_fast.runner import engine_view
+    from aad_fast.model.runner import engine_view
     if not cpu_linear.packed_supported():
         pytest.skip("this torch build has no oneDNN packed linear")
-    monkeypatch.setattr(tuning, "measure_linear", lambda w, rows: {"plain": 1.0, "packed": 0.5})
-    monkeypatch.setattr(tuning, "measure_forward",
+    monkeypatch.setattr(cpu_linear, "measure_linear", lambda w, rows: {"plain": 1.0, "packed": 0.5})
+    monkeypatch.setattr(cpu_linear, "measure_forward",
                         lambda *a: {"plain": 1.0, "planned": 2.0, "stable": True})
     model = tiny_model()
     view, plan = engine_view(model, 2)
@@ -299,24 +300,23 @@ def test_packed_module_takes_its_path_up_to_max_rows_only(monkeypatch):
 
 
 def test_measurement_can_choose_packed_and_the_view_gets_it(monkeypatch):
-    from aad_fast.runner import engine_view
+    from aad_fast.model.runner import engine_view
     monkeypatch.setattr(cpu_linear, "packed_supported", lambda: True)
-    monkeypatch.setattr(tuning, "packed_supported", lambda: True)
-    monkeypatch.setattr(tuning, "measure_linear",
+    monkeypatch.setattr(cpu_linear, "measure_linear",
                         lambda w, rows: {"plain": 1.0, "few_row": 0.9, "packed": 0.5})
-    monkeypatch.setattr(tuning, "measure_forward",
+    monkeypatch.setattr(cpu_linear, "measure_forward",
                         lambda *a: {"plain": 1.0, "planned": 0.5, "stable": True})
     view, plan = engine_view(tiny_model(), 2)
     assert {r["choice"] for r in plan.values()} == {"packed"}
-    assert all("packed 0.500 ms" in v for v in tuning.summarize(plan).values())
+    assert all("packed 0.500 ms" in v for v in cpu_linear.summarize(plan).values())
     assert any(isinstance(m, PackedLinear) for m in view.modules())
 
 
 def test_packed_copies_that_do_not_fit_in_memory_are_refused(monkeypatch):
-    from aad_fast.runner import engine_view
-    monkeypatch.setattr(tuning, "packed_supported", lambda: True)
-    monkeypatch.setattr(tuning, "measure_linear", lambda w, rows: {"plain": 1.0, "packed": 0.5})
-    import aad_fast.runner as runner
+    from aad_fast.model.runner import engine_view
+    monkeypatch.setattr(cpu_linear, "packed_supported", lambda: True)
+    monkeypatch.setattr(cpu_linear, "measure_linear", lambda w, rows: {"plain": 1.0, "packed": 0.5})
+    import aad_fast.model.runner as runner
     asked = []
     monkeypatch.setattr(runner, "fits_in_memory", lambda extra: asked.append(extra) or False)
     model = tiny_model()
@@ -351,7 +351,7 @@ def test_a_build_whose_packed_ops_fail_offers_no_packed_layout(monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", broken)
     try:
         assert not cpu_linear.packed_supported()
-        assert tuning.plan_linears(nn.Linear(8, 16), 2, "packed")[(16, 8)]["choice"] == "plain"
+        assert cpu_linear.plan_linears(nn.Linear(8, 16), 2, "packed")[(16, 8)]["choice"] == "plain"
     finally:
         monkeypatch.undo()
         cpu_linear.packed_supported.cache_clear()
@@ -368,7 +368,7 @@ def test_a_cache_file_not_ours_is_left_byte_for_byte(tmp_path, content):
     else:
         path.write_bytes(content)
     measure, seen = _fake(1.0, 0.5)
-    assert tuning.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == "few_row"
+    assert cpu_linear.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == "few_row"
     assert seen == [((4, 4), 1)]
     if content == "dir":
         assert path.is_dir() and not list(path.iterdir())
@@ -380,7 +380,7 @@ def test_a_cache_file_not_ours_is_left_byte_for_byte(tmp_path, content):
 def test_hand_edited_records_are_measured_again_never_used(tmp_path):
     net = nn.Sequential(nn.Linear(8, 16))
     measure, seen = _fake(1.0, 0.5)
-    tuning.plan_linears(net, 2, measure=measure)
+    cpu_linear.plan_linears(net, 2, measure=measure)
     path = tmp_path / "tuning.json"
     data = json.loads(path.read_text())
     (key,) = data
@@ -390,23 +390,23 @@ def test_hand_edited_records_are_measured_again_never_used(tmp_path):
         data[key][entry] = bad
         path.write_text(json.dumps(data))
         tuning.forget()
-        plan = tuning.plan_linears(net, 2, measure=measure)
+        plan = cpu_linear.plan_linears(net, 2, measure=measure)
         assert plan[(16, 8)]["choice"] in ("plain", "few_row", "packed"), bad
-        tuning.summarize(plan)
+        cpu_linear.summarize(plan)
     tuning.forget()
     model = tiny_model()
     n = torch.get_num_threads()
     if n > 1:
         data = json.loads(path.read_text())
-        ts = lambda *a: {**{str(c): 1.0 for c in tuning.thread_candidates(n)}, "stable": True}
-        tuning.threads_choice(model, 2, "auto", measure=ts)
+        ts = lambda *a: {**{str(c): 1.0 for c in threads.thread_candidates(n)}, "stable": True}
+        threads.threads_choice(model, 2, "auto", measure=ts)
         data = json.loads(path.read_text())
         entry = next(e for e in data[key] if e.startswith("threads/"))
         data[key][entry] = {"choice": "abc"}
         path.write_text(json.dumps(data))
         tuning.forget()
-        assert tuning.threads_choice(model, 2, "auto", measure=ts) in (None,) + tuple(
-            tuning.thread_candidates(n))
+        assert threads.threads_choice(model, 2, "auto", measure=ts) in (None,) + tuple(
+            threads.thread_candidates(n))
     data = json.loads(path.read_text())
     data[key]["compile/x"] = {"eager_ms": "1", "compiled_ms": 0.1, "compile_s": 0.0}
     path.write_text(json.dumps(data))
@@ -423,14 +423,14 @@ def test_a_full_disk_or_read_only_cache_costs_a_measurement_only(tmp_path, monke
     measure, seen = _fake(1.0, 0.5)
     with monkeypatch.context() as m:
         m.setattr(tuning.json, "dump", full)
-        assert tuning.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == \
+        assert cpu_linear.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == \
             "few_row"
     assert list(tmp_path.iterdir()) == []  # no temporary left, no cache
     monkeypatch.setenv("AAD_FAST_TUNE_CACHE", str(tmp_path / "ro" / "tuning.json"))
     (tmp_path / "ro").mkdir(mode=0o500)
     tuning.forget()
     try:
-        assert tuning.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == \
+        assert cpu_linear.plan_linears(nn.Linear(4, 4), 1, measure=measure)[(4, 4)]["choice"] == \
             "few_row"
     finally:
         (tmp_path / "ro").chmod(0o700)

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from aad_fast import default
+from aad_fast.toy import default
 
 
 def demo_args(**kw):

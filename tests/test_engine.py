@@ -90,11 +90,11 @@ def test_lora_adapters_the_shared_pair_cannot_compute_are_refused(extra, match):
 def test_engine_view_shares_weights_and_leaves_the_model_alone(layout):
     from peft.tuners.lora import LoraLayer
 
-    from aad_fast.cpu_linear import FewRowLinear, PackedLinear, packed_supported
+    from aad_fast.model.cpu_linear import FewRowLinear, PackedLinear, packed_supported
     if layout == "packed" and not packed_supported():
         pytest.skip("this torch build has no oneDNN packed linear")
-    from aad_fast.lora_rows import RowLoRA, RowLoRALinear
-    from aad_fast.runner import engine_view
+    from aad_fast.model.lora_rows import RowLoRA, RowLoRALinear
+    from aad_fast.model.runner import engine_view
     pm = _lora(tiny_model("llama", 0))
     base = pm.get_base_model()
     before = [type(m) for m in base.modules()]
@@ -259,7 +259,7 @@ def test_cuda_graph_step_equals_eager(kind):
 def test_the_cache_goes_under_the_name_the_forward_takes():
     import warnings
 
-    from aad_fast.runner import cache_kwarg
+    from aad_fast.model.runner import cache_kwarg
 
     class Old(torch.nn.Module):  # transformers <= 5.23 signature
         def forward(self, input_ids=None, past_key_values=None, **kwargs):

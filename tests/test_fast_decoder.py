@@ -1,7 +1,7 @@
 """The engine's own one-token forward (fast_decoder.FastDecoder) and its measured choice.
 
 Forced on (``AAD_FAST_DECODER=fast``), every pair kind on every architecture it covers gives the
-naive loop's tokens; its logits are the model's own forward's; ``tuning.decoder_pays`` keeps the
+naive loop's tokens; its logits are the model's own forward's; ``forward.decoder_pays`` keeps the
 model's forward unless the engine's is faster (fake timings), caches the answer, and the switch
 forces either path."""
 import copy
@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from aad_fast import AAD, OPAD, Decoder, Greedy, tuning
-from aad_fast.fast_decoder import TYPES, FastDecoder
-from aad_fast.runner import Runner, engine_view
+from aad_fast.model.forward import TYPES, FastDecoder
+from aad_fast.model.runner import Runner, engine_view
 from conftest import PROMPTS, aad_pick, naive_decode, random_lora, tiny_model
+from aad_fast.model import forward
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "olmo2"]
 
@@ -103,21 +104,21 @@ def test_measurement_keeps_the_models_forward_unless_the_engine_is_faster(monkey
             calls.append(rows)
             return {"plain": 10.0, "fast": fast_ms, "stable": True}
         return measure
-    assert not tuning.decoder_pays(view, fd, 3, measure=timer(12.0))  # slower: the model's
-    assert not tuning.decoder_pays(view, fd, 3, measure=timer(5.0))   # cached: not re-timed
+    assert not forward.decoder_pays(view, fd, 3, measure=timer(12.0))  # slower: the model's
+    assert not forward.decoder_pays(view, fd, 3, measure=timer(5.0))   # cached: not re-timed
     assert calls == [3]
-    assert not tuning.decoder_pays(view, fd, 4, measure=timer(9.8))   # within noise
-    assert tuning.decoder_pays(view, fd, 5, measure=timer(5.0))       # faster beyond noise
+    assert not forward.decoder_pays(view, fd, 4, measure=timer(9.8))   # within noise
+    assert forward.decoder_pays(view, fd, 5, measure=timer(5.0))       # faster beyond noise
     unstable = lambda v, f, rows: {"plain": 10.0, "fast": 5.0, "stable": False}
-    assert not tuning.decoder_pays(view, fd, 6, measure=unstable)     # a busy machine
+    assert not forward.decoder_pays(view, fd, 6, measure=unstable)     # a busy machine
     monkeypatch.setenv("AAD_FAST_DECODER", "fast")
-    assert tuning.decoder_pays(view, fd, 3, measure=timer(12.0))
+    assert forward.decoder_pays(view, fd, 3, measure=timer(12.0))
     monkeypatch.setenv("AAD_FAST_DECODER", "hf")
-    assert not tuning.decoder_pays(view, fd, 5, measure=timer(5.0))
-    assert not tuning.decoder_pays(view, None, 5)
+    assert not forward.decoder_pays(view, fd, 5, measure=timer(5.0))
+    assert not forward.decoder_pays(view, None, 5)
     monkeypatch.setenv("AAD_FAST_DECODER", "always")
     with pytest.raises(ValueError, match="AAD_FAST_DECODER"):
-        tuning.decoder_pays(view, fd, 3, measure=timer(5.0))
+        forward.decoder_pays(view, fd, 3, measure=timer(5.0))
     tuning.forget()
 
 

@@ -7,7 +7,8 @@ step run eagerly; ``tests/test_gpu.py`` checks the same on a real captured graph
 import pytest
 from conftest import PROMPTS, tiny_model
 
-from aad_fast import AAD, EFT, Contrastive, Decoder, Greedy, Mix, engine
+from aad_fast import AAD, EFT, Contrastive, Decoder, Greedy, Mix
+from aad_fast.decode import steps as engine
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import PROMPTS, random_lora, tiny_model
 
-from aad_fast import (AAD, CFG, EFT, OPAD, BeamAAD, Contrastive, Decoder, Greedy, Mix, cache,
-                      engine)
+from aad_fast import AAD, CFG, EFT, OPAD, BeamAAD, Contrastive, Decoder, Greedy, Mix
+from aad_fast.model import cache
+from aad_fast.decode import steps as engine
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -150,8 +151,8 @@ def test_beam_topk_order_and_mix_floor_on_cuda():
     from test_reference import _topk_by_sort
 
     from aad_fast.ops import mix_floor
-    from aad_fast.reference import _best_ids
-    from aad_fast.selectors import topk_topp_floor
+    from aad_fast.ops.reference import _best_ids
+    from aad_fast.decode.selectors import topk_topp_floor
     g = torch.Generator(device="cuda").manual_seed(0)
     for v in (7, 1000, 128256):
         s = (torch.randn(4, v, generator=g, device="cuda") * 2).round()

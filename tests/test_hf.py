@@ -49,7 +49,7 @@ def test_adapter_path_with_wrong_reference_object_is_refused(adapter_dirs):
 
 def test_adapter_object_with_wrong_reference_path_is_refused(adapter_dirs):
     from transformers import AutoModelForCausalLM
-    from aad_fast.hf import load_adapter
+    from aad_fast.model.loading import load_adapter
     base = AutoModelForCausalLM.from_pretrained(adapter_dirs / "sft", local_files_only=True)
     pm = load_adapter(base, adapter_dirs / "dpo")
     with pytest.raises(ValueError, match=r"not the base model.*tensor model\.\S+ differs"):
@@ -70,7 +70,7 @@ def test_adapter_with_its_true_base_is_accepted_every_way(adapter_dirs):
 
 
 def test_first_difference_names_the_tensor():
-    from aad_fast.weights import first_difference
+    from aad_fast.model.weights import first_difference
     a, b = tiny_model("llama", 0), tiny_model("llama", 0)
     assert first_difference(a, b) is None
     with torch.no_grad():

@@ -57,7 +57,9 @@ def installed(wheel, tmp_path_factory):
 
 def test_wheel_holds_the_package_and_its_data(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for want in ("aad_fast/__init__.py", "aad_fast/ops.py", "aad_fast/reference.py",
+    for want in ("aad_fast/__init__.py", "aad_fast/ops/__init__.py", "aad_fast/ops/reference.py",
+                 "aad_fast/model/runner.py", "aad_fast/decode/steps.py", "aad_fast/decoder.py",
+                 "aad_fast/serve/http.py", "aad_fast/jobs/outfile.py", "aad_fast/cli/__init__.py",
                  "aad_fast/kernels/select.py", "aad_fast/toy/task.py", "aad_fast/bench/__init__.py",
                  "aad_fast/default_pair/sft/config.json", "aad_fast/default_pair/sft/model.safetensors",
                  "aad_fast/default_pair/sft/tokenizer.json",
@@ -110,3 +112,18 @@ def test_installed_package_runs_outside_the_checkout(installed, tmp_path):
     assert "ms/token" in demo.stdout
     helped = _run(_aad_fast(installed, "bench", "--quick", "--help"), cwd, env)
     assert "--quick" in helped.stdout
+
+
+def test_setup_lists_every_package_folder():
+    """A layer folder added to aad_fast/ and not to setup.py's packages would be missing from the
+    wheel while every test in the checkout still passed."""
+    import ast
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    listed = next(kw.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+                  for kw in node.keywords if kw.arg == "packages")
+    listed = {ast.literal_eval(e) for e in listed.elts}
+    folders = {".".join(("aad_fast",) + p.parent.relative_to(ROOT / "aad_fast").parts).rstrip(".")
+               for p in (ROOT / "aad_fast").rglob("__init__.py")
+               if "default_pair" not in p.parts and "kernels" not in p.parts}
+    assert folders <= listed, sorted(folders - listed)
+    assert "aad_fast.kernels" in listed

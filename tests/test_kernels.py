@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aad_fast.reference import gumbel_noise, linear2, select_ref
+from aad_fast.ops.reference import gumbel_noise, linear2, select_ref
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
@@ -381,7 +381,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def gpu_backends():
-    from aad_fast import backends
+    from aad_fast.ops import backends
     out = []
     if not INTERPRETED:
         out.append(("triton", tsel.select))
@@ -450,7 +450,7 @@ def test_gpu_specials_strides_and_forced_fixups():
         assert torch.equal(fn(a, r, 50257, *AAD, lr, fl, None, None), want), name
     for block in (1024, 2048, 4096):
         assert torch.equal(tsel.launch(a, r, 50257, *AAD, lr, fl, block=block), want)
-    from aad_fast import backends
+    from aad_fast.ops import backends
     ext = backends.load_cuda()
     if ext is not None:  # the binding keeps the invariants (the user-facing checks: ops.py)
         with pytest.raises(RuntimeError, match="float32/float16/bfloat16"):

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aad_fast import aad_beam_topk, aad_select, contrastive_select, mix_select
-from aad_fast.reference import select_ref
+from aad_fast.ops.reference import select_ref
 
 pytestmark = FILTER_NUMPY_WARNINGS
 
@@ -347,7 +347,7 @@ def test_cpp_kernel_checks_its_invariants():
     checks are ``ops.check_core``'s (below)."""
     if "cpp" not in BACKENDS:
         pytest.skip("C++ extension not built")
-    from aad_fast.backends import load_cpp
+    from aad_fast.ops.backends import load_cpp
     op = load_cpp().select
     lr, fl = full(2, NINF), full(2, NINF)
     with pytest.raises(RuntimeError, match="batch sizes differ"):
@@ -419,7 +419,7 @@ def test_an_extension_that_registers_no_kernel_is_refused(monkeypatch):
     default backend falls back instead of failing at the first call."""
     if "cpp" not in BACKENDS:
         pytest.skip("C++ extension not built")
-    from aad_fast import backends
+    from aad_fast.ops import backends
     monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: False)
     with pytest.warns(UserWarning, match="registers no CPU kernel of aad_fast::select_native"):
         assert backends.load_cpp.__wrapped__() is None

@@ -11,7 +11,7 @@ from _ops_helpers import (BACKENDS, DTYPES, EPS32, FILTER_NUMPY_WARNINGS, NINF, 
                           randn, sprinkle)
 
 from aad_fast import aad_beam_topk, aad_select
-from aad_fast.reference import aad_topk_ref
+from aad_fast.ops.reference import aad_topk_ref
 
 pytestmark = FILTER_NUMPY_WARNINGS
 

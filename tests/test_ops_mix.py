@@ -10,7 +10,7 @@ from _ops_helpers import (BACKENDS, DTYPES, EPS32, FILTER_NUMPY_WARNINGS, NINF, 
 
 from aad_fast import mix_select
 from aad_fast.ops import mix_floor
-from aad_fast.reference import gumbel_noise, linear2, select_ref
+from aad_fast.ops.reference import gumbel_noise, linear2, select_ref
 
 pytestmark = FILTER_NUMPY_WARNINGS
 

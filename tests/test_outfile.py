@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from aad_fast.outfile import ResultsFile, check_writable, write_atomic
+from aad_fast.jobs.outfile import ResultsFile, check_writable, write_atomic
 
 S = {"rule": "AAD(alpha=0.1)", "max_new_tokens": 8}
 P = {"file": "/p.jsonl", "sha256": "0" * 64}
@@ -147,7 +147,7 @@ def _full_disk(monkeypatch, after=0):
     """``os.write`` in outfile writes ``after`` bytes, then fails with ENOSPC."""
     import errno
 
-    from aad_fast import outfile
+    from aad_fast.jobs import outfile
     real = os.write
 
     def write(fd, data):

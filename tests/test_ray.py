@@ -1,4 +1,4 @@
-"""aad_fast.ray_data / ``generate --ray`` / ``make-pairs --ray`` on a local Ray instance (CPU):
+"""aad_fast.jobs.ray_data / ``generate --ray`` / ``make-pairs --ray`` on a local Ray instance (CPU):
 the same rows as the single-process commands, every id exactly once after a killed driver or
 a killed worker, bad input named by row."""
 import json
@@ -14,7 +14,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'aad_fast[ray]')")
 pytest.importorskip("ray.data", reason="ray without Ray Data (pip install 'ray[data]')")
 
-from aad_fast import ray_data  # noqa: E402
+from aad_fast.jobs import ray_data  # noqa: E402
 from aad_fast.cli import main  # noqa: E402
 from aad_fast.toy import task  # noqa: E402
 
@@ -164,7 +164,7 @@ def test_per_row_parameters_and_timing(cluster):
 
 
 def test_ray_flag_without_ray_says_how_to_install(monkeypatch, prompts, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "aad_fast.ray_data", None)  # as if ray were missing
+    monkeypatch.setitem(sys.modules, "aad_fast.jobs.ray_data", None)  # as if ray were missing
     with pytest.raises(SystemExit, match=r"pip install 'aad_fast\[ray\]'"):
         main(gen_args(prompts, tmp_path / "o.jsonl") + ["--ray"])
 
@@ -183,7 +183,7 @@ def test_rows_of_a_retried_task_are_written_once(cluster, tmp_path, monkeypatch)
     monkeypatch.setattr(ray_data, "map_dataset", twice)
     rows = [{"id": i, "prompt": f"p{i}"} for i in range(6)]
     groups = [[{"_pos": i, "prompt": rows[i]["prompt"]} for i in (j, j + 1)] for j in (0, 2, 4)]
-    from aad_fast.outfile import ResultsFile
+    from aad_fast.jobs.outfile import ResultsFile
     with ResultsFile(tmp_path / "o.jsonl", {"x": 1}, {"y": 1}) as out:
         stats = ray_data.run_rows(rows, groups, lambda r, rec: {"id": r["id"],
                                                                 "tokens": list(rec["tokens"])},

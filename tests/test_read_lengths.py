@@ -14,8 +14,10 @@ import pytest
 import torch
 from conftest import aad_pick, naive_decode, tiny_model
 
-from aad_fast import AAD, Decoder, Greedy, cache, engine
-from aad_fast.cache import ReadBound, StaticKVCache, ladder_length, read_ladder
+from aad_fast import AAD, Decoder, Greedy
+from aad_fast.model import cache
+from aad_fast.decode import steps as engine
+from aad_fast.model.cache import ReadBound, StaticKVCache, ladder_length, read_ladder
 
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 9], [1, 20, 21, 22]]  # left-padded: width 6
 LONG = [1] + [(7 * i) % 50 + 5 for i in range(39)]       # 40 tokens

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from aad_fast import AAD, Contrastive, Decoder, EFT, Greedy
-from aad_fast import engine
-from aad_fast.fast_decoder import TYPES as SPLIT_TYPES
-from aad_fast.runner import SplitHead, engine_view
-from aad_fast.scheduler import Request
+from aad_fast.decode import steps as engine
+from aad_fast.model.forward import TYPES as SPLIT_TYPES
+from aad_fast.model.runner import SplitHead, engine_view
+from aad_fast.decode.scheduler import Request
 from conftest import PROMPTS, aad_pick, naive_decode, random_lora, tiny_model
 
 V = 512
@@ -135,7 +135,7 @@ def test_sparse_reference_logits_are_the_projection_on_the_candidates():
         pair = dec._pair(3, "ar", 40)
         ent = dec._entry(pair, 3, AAD(0.1))
         sel, st = ent["sel"], ent["st"]
-        from aad_fast.prompts import left_pad
+        from aad_fast.decode.prompt_rows import left_pad
         with torch.inference_mode():
             ids, real = left_pad(PROMPTS, 3, dec.device)
             engine.prefill(pair, sel, st, ids, real, ids, real)

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from aad_fast.reference import gumbel_noise, select_ref
+from aad_fast.ops.reference import gumbel_noise, select_ref
 
 
 def test_reference_matches_log_space_definition():
@@ -31,7 +31,7 @@ def _topk_by_sort(s, cand, k):
 def test_beam_topk_key_orders_like_two_stable_sorts():
     """``_best_ids`` (one topk on a unique key) against the stable-sort definition on rows full
     of ties, -0.0 next to +0.0, candidates scored -inf/+inf and fewer candidates than k."""
-    from aad_fast.reference import _best_ids
+    from aad_fast.ops.reference import _best_ids
     g = torch.Generator().manual_seed(1)
     for trial in range(40):
         b, v = 5, int(torch.randint(1, 70, (1,), generator=g))

@@ -13,8 +13,8 @@ from conftest import EOS, PROMPTS, tiny_model
 
 import aad_fast as af
 from aad_fast.cli import build_parser, main, rule_from_args
-from aad_fast.scheduler import Request
-from aad_fast.selectors import make_selector
+from aad_fast.decode.scheduler import Request
+from aad_fast.decode.selectors import make_selector
 
 HAVE_SERVE = all(importlib.util.find_spec(m) for m in ("fastapi", "httpx"))
 needs_serve = pytest.mark.skipif(not HAVE_SERVE, reason="needs aad_fast[serve] and httpx")
@@ -180,7 +180,7 @@ def byte_server():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from aad_fast import server
+    from aad_fast.serve import http as server
     a, r = tiny_model("llama", 0, vocab=256), tiny_model("llama", 1, vocab=256)
     plain = af.Decoder(a, r, max_batch_size=2, max_seq_len=64)
     toks = plain.generate(input_ids=[SERVE_PROMPT], rule=af.Greedy(), max_new_tokens=8).tokens[0]
@@ -346,8 +346,8 @@ def test_server_limits_given_as_zero_are_refused_not_defaulted(monkeypatch, caps
                                                                 byte_server):
     import uvicorn
 
-    from aad_fast import server
-    from aad_fast.openai_api import Limits
+    from aad_fast.serve import http as server
+    from aad_fast.serve.openai_api import Limits
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("the server started"))
     for flag in ("--max-seq-len", "--max-tokens"):
         assert main(["serve", flag, "0"]) == 2

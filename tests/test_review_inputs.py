@@ -12,7 +12,7 @@ import torch
 from conftest import VOCAB, mix_pick, naive_decode, opad_pick, tiny_config, tiny_model
 
 from aad_fast import AAD, CFG, EFT, OPAD, Decoder, Greedy
-from aad_fast.prompts import rule_rows
+from aad_fast.decode.prompt_rows import rule_rows
 from aad_fast.rules import CFGMix
 
 CORPUS = ["héllo wörld, ça va? naïve café — 東京 日本語 😀 emoji",

@@ -7,8 +7,7 @@ import torch
 from conftest import (PROMPTS, aad_pick, brute_beam, mix_pick, naive_decode, opad_pick,
                       tiny_model)
 
-from aad_fast import (AAD, CFG, EFT, OPAD, BeamAAD, BestOfN, Contrastive, DeRa, Decoder, Greedy,
-                      Mix)
+from aad_fast import AAD, CFG, EFT, OPAD, BeamAAD, BestOfN, Contrastive, DeRa, Decoder, Greedy, Mix
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +107,7 @@ def test_beam_aad_on_a_lora_pair_matches_brute_force_on_the_merged_pair():
 
 
 def test_beam_ranking_orders_best_first_ties_low_nan_last():
-    from aad_fast.search import rank_continuations
+    from aad_fast.decode.search import rank_continuations
     inf = math.inf
     score = torch.tensor([[inf, -inf]], dtype=torch.float64)
     s = torch.tensor([[[1.0, -inf, 0.5], [inf, 2.0, -inf]]], dtype=torch.float64)

@@ -8,9 +8,9 @@ import torch
 from conftest import aad_pick, naive_decode, tiny_model
 
 from aad_fast import AAD, BeamAAD, Decoder
-from aad_fast.cache import ReadBound
-from aad_fast.prompts import left_pad
-from aad_fast.runner import Runner
+from aad_fast.model.cache import ReadBound
+from aad_fast.decode.prompt_rows import left_pad
+from aad_fast.model.runner import Runner
 
 MAX_LEN = 200
 PROMPTS7 = [[1, 5, 6, 7, 8, 9], [1, 9], [1, 20, 21, 22], [1, 4], [1, 30, 31, 32, 33, 34, 35, 2],

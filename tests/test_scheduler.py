@@ -1,4 +1,4 @@
-"""Continuous batching (``aad_fast.scheduler``): every request's tokens equal decoding its prompt
+"""Continuous batching (``aad_fast.decode.scheduler``): every request's tokens equal decoding its prompt
 alone (the naive SPEC loop and ``Decoder`` on that prompt alone), whatever else is in the batch
 and whenever it was admitted: mixed lengths, stops at different steps, more prompts than rows,
 per-row values and seeds, two-model / LoRA / prompt (OPAD, CFG) pairs, sampled Mix."""
@@ -9,10 +9,11 @@ import torch
 from conftest import EOS, aad_pick, naive_decode, random_lora, tiny_model
 from test_rules import mix_pick, opad_pick
 
-from aad_fast import AAD, CFG, EFT, OPAD, BestOfN, Decoder, Greedy, Mix, engine
-from aad_fast.reference import gumbel_noise
-from aad_fast.scheduler import Request
-from aad_fast.selectors import row_seeds, unmix32
+from aad_fast import AAD, CFG, EFT, OPAD, BestOfN, Decoder, Greedy, Mix
+from aad_fast.decode import steps as engine
+from aad_fast.ops.reference import gumbel_noise
+from aad_fast.decode.scheduler import Request
+from aad_fast.decode.selectors import row_seeds, unmix32
 
 # seven prompts of mixed lengths: more than the rows of the batches below
 PROMPTS7 = [[1, 5, 6, 7, 8, 9], [1, 9], [1, 20, 21, 22], [1, 4], [1, 30, 31, 32, 33, 34, 35, 2],
@@ -191,7 +192,7 @@ def test_row_seeds_fold_each_rows_step_into_its_seed_exactly():
     seed = torch.randint(0, 2**40, (64,), generator=g)
     step = torch.randint(0, 2**33, (64,), generator=g)
     x = torch.randint(0, 2**32, (1000,), generator=g)
-    from aad_fast.reference import mix32
+    from aad_fast.ops.reference import mix32
     assert torch.equal(unmix32(mix32(x)), x)
     folded = row_seeds(seed, step)
     zero = torch.zeros((), dtype=torch.int64)

@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from aad_fast import AAD, CFG, EFT, Contrastive, DeRa, Greedy, Mix, backends
+from aad_fast import AAD, CFG, EFT, Contrastive, DeRa, Greedy, Mix
+from aad_fast.ops import backends
 from aad_fast.ops import mix_floor, select_core
-from aad_fast.selectors import make_selector, rule_kind, topk_topp_floor
+from aad_fast.decode.selectors import make_selector, rule_kind, topk_topp_floor
 
 CPU_BACKENDS = [b for b in ("torch", "cpp") if b in backends.available_backends("cpu")]
 

@@ -12,9 +12,10 @@ import time
 import pytest
 
 import aad_fast as af
-from aad_fast import server
-from aad_fast.openai_api import Limits
-from aad_fast.serving import Backend
+from aad_fast.cli import serve as serve_cli
+from aad_fast.serve import http as server
+from aad_fast.serve.openai_api import Limits
+from aad_fast.serve.loop import Backend
 
 HAVE_SERVE = all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "openai", "httpx"))
 if HAVE_SERVE:
@@ -27,18 +28,18 @@ needs_serve = pytest.mark.skipif(not HAVE_SERVE, reason="needs aad_fast[serve] a
 def test_cli_serve_subcommand_and_key_from_env(monkeypatch):
     from aad_fast.cli import build_parser
     a = build_parser().parse_args(["serve"])
-    assert a.func is server.run and a.host == "127.0.0.1" and a.aligned is None
+    assert a.func is serve_cli.run and a.host == "127.0.0.1" and a.aligned is None
     monkeypatch.delenv("AAD_FAST_API_KEY", raising=False)
-    assert server.api_key(a) is None
+    assert serve_cli.api_key(a) is None
     monkeypatch.setenv("AAD_FAST_API_KEY", "k1")
-    assert server.api_key(a) == "k1"
-    assert server.api_key(build_parser().parse_args(["serve", "--api-key", "k2"])) == "k2"
+    assert serve_cli.api_key(a) == "k1"
+    assert serve_cli.api_key(build_parser().parse_args(["serve", "--api-key", "k2"])) == "k2"
 
 
 def test_backend_close_answers_what_waits():
     from types import SimpleNamespace
 
-    from aad_fast.serving import DecodeRequest, QueueFull
+    from aad_fast.serve.loop import DecodeRequest, QueueFull
     backend = Backend(SimpleNamespace(max_batch_size=2), max_batch_size=2, max_queue=1)
     backend.pause()
     got = []
@@ -87,7 +88,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def models():
-    from aad_fast.default import default_pair
+    from aad_fast.toy.default import default_pair
     from aad_fast.toy import task
     from aad_fast.toy.assets import default_pair_dir
     aligned, reference, tok, trained = default_pair()
@@ -673,7 +674,7 @@ def test_disconnect_frees_its_row_while_the_batch_goes_on(guarded, models):
 def test_a_failing_request_does_not_fail_the_others(guarded, models, monkeypatch):
     """A burst fails while the "BOOM" request is in the batch (after its admission, mid-decode,
     in the server's scheduler and in any ``Decoder.generate``): only that request fails."""
-    from aad_fast.scheduler import Scheduler
+    from aad_fast.decode.scheduler import Scheduler
     real = guarded.dec.generate
     p = models[4][7]
     boom = guarded.dec.request("BOOM " + p, rule=af.Greedy()).ids_a
@@ -719,14 +720,14 @@ def test_an_empty_api_key_is_refused_before_a_model_loads(monkeypatch, capsys):
     monkeypatch.delenv("AAD_FAST_API_KEY", raising=False)
     for key in ("", "  "):
         with pytest.raises(ValueError, match="--api-key is empty"):
-            server.api_key(build_parser().parse_args(["serve", "--api-key", key]))
+            serve_cli.api_key(build_parser().parse_args(["serve", "--api-key", key]))
     monkeypatch.setenv("AAD_FAST_API_KEY", "")
     with pytest.raises(ValueError, match="AAD_FAST_API_KEY is set but empty"):
-        server.api_key(build_parser().parse_args(["serve"]))
+        serve_cli.api_key(build_parser().parse_args(["serve"]))
     monkeypatch.delenv("AAD_FAST_API_KEY")
     if HAVE_SERVE:
         loaded = []
-        monkeypatch.setattr(server, "load", lambda a: loaded.append(a))
+        monkeypatch.setattr(serve_cli, "load", lambda a: loaded.append(a))
         for argv, message in ((["--api-key", ""], "--api-key is empty"),
                               (["--port", "70000"], "--port must be in"),
                               (["--stop-id", "-3"], "--stop-id must be a token id >= 0")):

@@ -44,7 +44,7 @@ def full_window(m):
 
 
 def test_the_window_is_read_from_the_config():
-    from aad_fast.runner import sliding_layers
+    from aad_fast.model.runner import sliding_layers
     assert sliding_layers(model("mistral", 0).config, 64) == (WINDOW, None)
     assert sliding_layers(model("qwen2", 0).config, 64) == (
         WINDOW, ("full_attention", "sliding_attention", "sliding_attention"))

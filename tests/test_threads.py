@@ -1,4 +1,4 @@
-"""The thread count a Decoder's calls run with (``tuning.threads_choice``): the process's unless
+"""The thread count a Decoder's calls run with (``threads.threads_choice``): the process's unless
 fewer threads were measured faster (fake timings here), set only while a call holds the Decoder,
 forced by the switch; tokens do not depend on it."""
 import pytest
@@ -6,6 +6,7 @@ import torch
 
 from aad_fast import AAD, Decoder, tuning
 from conftest import PROMPTS, tiny_model
+from aad_fast.model import threads
 
 
 @pytest.fixture(autouse=True)
@@ -32,35 +33,35 @@ def _fake(one, many, stable=True):
 def test_fewer_threads_only_where_faster_at_one_row_and_not_slower_batched():
     model = tiny_model("llama", 0)
     faster, seen = _fake({"2": 10.0, "1": 6.0}, {"2": 20.0, "1": 20.5})
-    assert tuning.threads_choice(model, 8, measure=faster) == 1
+    assert threads.threads_choice(model, 8, measure=faster) == 1
     assert seen == [((2, 1), 1), ((2, 1), 8)]
-    assert tuning.threads_choice(model, 8, measure=lambda *a: 1 / 0) == 1  # cached
+    assert threads.threads_choice(model, 8, measure=lambda *a: 1 / 0) == 1  # cached
     slower_batched, _ = _fake({"2": 10.0, "1": 6.0}, {"2": 20.0, "1": 30.0})
-    assert tuning.threads_choice(model, 4, measure=slower_batched) is None
+    assert threads.threads_choice(model, 4, measure=slower_batched) is None
     noise, _ = _fake({"2": 10.0, "1": 9.8}, {"2": 20.0, "1": 19.0})
-    assert tuning.threads_choice(model, 2, measure=noise) is None
+    assert threads.threads_choice(model, 2, measure=noise) is None
     busy, _ = _fake({"2": 10.0, "1": 5.0}, {"2": 20.0, "1": 10.0}, stable=False)
-    assert tuning.threads_choice(model, 3, measure=busy) is None
-    real = tuning.measure_threads(model, [2, 1], 2)  # the real timer, count restored
+    assert threads.threads_choice(model, 3, measure=busy) is None
+    real = threads.measure_threads(model, [2, 1], 2)  # the real timer, count restored
     assert set(real) == {"2", "1", "stable"} and torch.get_num_threads() == 2
 
 
 def test_switch_forces_and_bad_values_name_the_argument(monkeypatch):
     model = tiny_model("llama", 0)
     boom = lambda *a: 1 / 0  # noqa: E731
-    assert tuning.threads_choice(model, 8, "keep", boom) is None
-    assert tuning.threads_choice(model, 8, 3, boom) == 3
+    assert threads.threads_choice(model, 8, "keep", boom) is None
+    assert threads.threads_choice(model, 8, 3, boom) == 3
     monkeypatch.setenv("AAD_FAST_THREADS", "1")
-    assert tuning.threads_choice(model, 8, measure=boom) == 1
+    assert threads.threads_choice(model, 8, measure=boom) == 1
     monkeypatch.setenv("AAD_FAST_THREADS", "keep")
-    assert tuning.threads_choice(model, 8, measure=boom) is None
+    assert threads.threads_choice(model, 8, measure=boom) is None
     for bad in (0, -2, True, "many", 1.5):
         with pytest.raises(ValueError, match="threads"):
             Decoder(model, threads=bad)
     monkeypatch.setenv("AAD_FAST_THREADS", "lots")
     with pytest.raises(ValueError, match="AAD_FAST_THREADS"):
         Decoder(model)
-    assert tuning.thread_candidates(8) == [8, 4, 2] and tuning.thread_candidates(1) == [1]
+    assert threads.thread_candidates(8) == [8, 4, 2] and threads.thread_candidates(1) == [1]
 
 
 def test_calls_run_with_the_chosen_count_and_put_the_process_count_back():
@@ -80,7 +81,7 @@ def test_calls_run_with_the_chosen_count_and_put_the_process_count_back():
 def test_a_stream_decodes_with_its_count_and_the_caller_runs_with_its_own(monkeypatch):
     """Between two pieces of a stream the caller's code runs with the process's count (it
     held the Decoder's count while suspended before); each burst runs with the Decoder's."""
-    from aad_fast.scheduler import Scheduler
+    from aad_fast.decode.scheduler import Scheduler
     from aad_fast.toy.assets import load_default_pair
     _, dpo, tok, _, _ = load_default_pair("cpu")
     process = torch.get_num_threads()

@@ -186,7 +186,7 @@ def test_shipped_pair_holds_one_tokenizer_that_every_loader_finds():
     """The tokenizer is shipped once, in sft/: the adapter directories find it through their base
     (``Decoder(adapter, sft)``), the picker shares it, and no file is shipped that nothing reads."""
     from aad_fast import AAD, Decoder
-    from aad_fast.hf import load_tokenizer
+    from aad_fast.model.loading import load_tokenizer
     from aad_fast.toy.assets import default_pair_dir
 
     root = default_pair_dir()

@@ -38,9 +38,9 @@ import torch
 
 from .. import available_backends, tuning
 from .decode import (DEFAULT_METHODS, ENGINE_RULES, METHODS, PRINCIPLE_IDS, QUICK_METHODS,
-                     SAME_TOKENS, TTFT_METHODS, Decoders,
-                     bench_shape, engine_run, hf_generate, interleaved, measure_decode,
-                     measure_ttft, method_runner, naive_hf_aad, weights_and_floor)
+                     SAME_TOKENS, TTFT_METHODS, Decoders, bench_shape, engine_run, hf_generate,
+                     interleaved, measure_decode, measure_ttft, method_runner, naive_hf_aad,
+                     weights_and_floor)
 from .kernels import bench_kernels, copy_bandwidth, eager_aad, time_op
 from .machine import (GIB, PeakMemory, device_name, free_bytes, git_info, guarded, is_oom,
                       load_average, log, portable_argv, portable_path, portable_settings, release,

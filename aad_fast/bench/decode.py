@@ -114,7 +114,7 @@ def _cache_of(out):
 def naive_hf_aad(model_a, model_r, ids, n, device, alpha: float = 0.1):
     """AAD as a user writes it without this package: two models, each with its own Hugging Face
     DynamicCache, ``eager_aad`` each step, and the usual per-step stop check (a host sync)."""
-    from ..runner import cache_kwarg
+    from ..model.runner import cache_kwarg
     stop = torch.tensor([-1], device=device)  # the models have no EOS; the check still runs
     kw_a, kw_r = cache_kwarg(type(model_a)), cache_kwarg(type(model_r))
     sync(device)
@@ -178,7 +178,7 @@ class Decoders:
         """``kind``: ``one`` | ``two`` | ``lora``, optionally ``+plain`` (plain ``F.linear`` and
         the model's own forward forced) or ``+compiled`` (``compile=True``); otherwise every choice is the default's."""
         if kind not in self.open:
-            from ..generation import Decoder
+            from ..decoder import Decoder
             m = self.models
             base, _, variant = kind.partition("+")
             pair = {"one": (m["a"], None), "two": (m["a"], m["r"]),

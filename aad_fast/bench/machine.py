@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 
 GIB = 1024 ** 3
 

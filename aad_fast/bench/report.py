@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .. import available_backends
+from ..ops.backends import available_backends
 from .decode import METHODS, SAME_TOKENS
 from .machine import GIB
 

@@ -46,7 +46,7 @@ def load_default_pair(device="cpu", *, root: str | Path | None = None, adapter: 
         weights (PEFT injects LoRA layers into the model it wraps, so the two never share
         modules); ``picker_model`` a ``LlamaForSequenceClassification`` with one output.
     """
-    from ..hf import load_adapter
+    from ..model.loading import load_adapter
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                               AutoTokenizer)
 

@@ -22,7 +22,7 @@ ALPHAS = (0.05, 0.1, 0.2, 0.5)
 
 def open_pair(a):
     """``(decoder, picker, picker_tokenizer, adapters)`` for the embedded pair or given paths."""
-    from .. import Decoder
+    from ..decoder import Decoder
     from .assets import default_pair_dir, load_default_pair
     if getattr(a, "aligned", None):
         dec = Decoder(a.aligned, a.reference, max_batch_size=64, max_seq_len=128)
@@ -36,7 +36,7 @@ def open_pair(a):
 
 
 def _methods(picker, picker_tok, alpha: float):
-    from .. import AAD, EFT, BestOfN, Contrastive, Greedy
+    from ..rules import AAD, EFT, BestOfN, Contrastive, Greedy
     rows = [("greedy SFT", Greedy("r")), ("greedy DPO", Greedy("a"))]
     if picker is not None:
         rows.append(("best-of-2 (picker)", BestOfN(2, picker=(picker, picker_tok))))
@@ -71,7 +71,8 @@ def evaluate(a) -> dict:
               file=sys.stderr)
     dec.close()
     for name, path in extra.items():  # adapters of iterative DPO rounds
-        from .. import AAD, Decoder, Greedy
+        from ..rules import AAD, Greedy
+        from ..decoder import Decoder
         from .assets import load_default_pair
         _, dpo_k, tok, _, _ = load_default_pair("cpu", adapter=name)
         with Decoder(dpo_k, tokenizer=tok, max_batch_size=64, max_seq_len=128) as d2:
@@ -132,7 +133,7 @@ def add_arguments_evaluate(p):
 
 
 def run_evaluate(a) -> int:
-    from ..outfile import check_writable, write_atomic
+    from ..jobs.outfile import check_writable, write_atomic
     if a.json:  # checked before the run, which is long, not after it
         check_writable(a.json, "--json")
     if a.dir and not a.iterations:
@@ -153,7 +154,7 @@ def run_evaluate(a) -> int:
 def pair_prompts(a):
     """``(rows, identity)`` of make-pairs' prompts: ``--prompts`` FILE, else the toy task's
     training split."""
-    from ..cli import prompts_identity, read_prompts_file
+    from ..jobs.prompt_files import prompts_identity, read_prompts_file
     if a.prompts:
         return read_prompts_file(a.prompts, "--prompts", text_lines=True), prompts_identity(
             a.prompts)
@@ -175,9 +176,9 @@ def make_pairs(a) -> int:
     conversational preference rows, appended as they are made (``outfile.ResultsFile``: one
     durable line per row, a torn last row repaired, a resume with other settings refused, one
     writer at a time); a rerun skips done ids."""
-    from .. import AAD, Mix
-    from ..cli import check_resume
-    from ..outfile import ResultsFile
+    from ..rules import AAD, Mix
+    from ..jobs.prompt_files import check_resume
+    from ..jobs.outfile import ResultsFile
     rows, ident = pair_prompts(a)
     with ResultsFile(a.out, pairs_settings(a), ident) as out:
         check_resume(out, rows, lambda row: row["prompt"][0]["content"])

@@ -52,20 +52,21 @@ def _decode(dec, rule, prompts, max_new_tokens, batch_size):
 
 def nucleus_rule(seed: int):
     """Nucleus sampling (p = 0.9, temperature 1) of the aligned stream, as ``make-pairs``."""
-    from .. import Mix
+    from ..rules import Mix
     return Mix(1.0, 0.0, temperature=1.0, top_p=0.9, seed=seed)
 
 
 def aad_chosen(aligned, tok, prompts, *, alpha, max_new_tokens=32, batch_size=32):
     """AAD(``alpha``) completions of ``aligned`` (a LoRA ``PeftModel``) against its base."""
-    from .. import AAD, Decoder
+    from ..rules import AAD
+    from ..decoder import Decoder
     with Decoder(aligned, tokenizer=tok, max_batch_size=batch_size, max_seq_len=128) as dec:
         return _decode(dec, AAD(alpha), prompts, max_new_tokens, batch_size)
 
 
 def nucleus_rejected(aligned, tok, prompts, *, seed, max_new_tokens=32, batch_size=32):
     """One nucleus sample of ``aligned`` per prompt; batch ``i`` uses seed ``seed + i``."""
-    from .. import Decoder
+    from ..decoder import Decoder
     out = []
     with Decoder(aligned, tokenizer=tok, max_batch_size=batch_size, max_seq_len=128) as dec:
         for k, i in enumerate(range(0, len(prompts), batch_size)):
@@ -123,7 +124,7 @@ def load_adapter_model(root: Path, adapter_dir: Path):
     """A fresh float32 copy of ``root/sft`` with the LoRA adapter at ``adapter_dir``."""
     from transformers import AutoModelForCausalLM
 
-    from ..hf import load_adapter
+    from ..model.loading import load_adapter
     base = AutoModelForCausalLM.from_pretrained(root / "sft", dtype=torch.float32,
                                                 local_files_only=True)
     return load_adapter(base, adapter_dir, is_trainable=False).eval()

@@ -56,7 +56,7 @@ def _merged(peft_model):
 
 def decoders(picker, picker_tok):
     """``(name, rule)`` of the three decoders of Table 9."""
-    from .. import AAD, BestOfN, Greedy
+    from ..rules import AAD, BestOfN, Greedy
     return [("greedy", Greedy("a")), ("best-of-2", BestOfN(2, picker=(picker, picker_tok))),
             (f"AAD ({ALPHA})", AAD(ALPHA))]
 
@@ -76,7 +76,8 @@ def win_rate(xs, ys) -> float:
 
 def table(root: Path, problems, *, max_new_tokens=32, batch_size=32):
     """Rewards of every (model, decoder) on ``problems``; returns ``(rows, texts, models)``."""
-    from .. import AAD, Decoder
+    from ..rules import AAD
+    from ..decoder import Decoder
     sft, tok, picker, picker_tok, models = _models(root)
     prompts = [p.prompt for p in problems]
     texts = {}
@@ -193,7 +194,7 @@ def answer_filter(sft, tok, models, problems, *, alpha=ALPHA):
     each model admits a wrong answer word, whether AAD (against SFT) and greedy pick the
     correct answer, the model's probability of the correct word, and the log-ratio against SFT
     of the correct word and (mean) of the wrong ones. Returns means per context and model."""
-    from .. import aad_select
+    from ..ops import aad_select
     vocab = len(tok)
     res = {}
     for ctx in ("full", "terse"):
@@ -239,8 +240,8 @@ def evaluate_iterations(a) -> dict:
     t0 = time.perf_counter()
     rows, texts, (sft, tok, models) = table(root, problems, max_new_tokens=a.max_new_tokens,
                                             batch_size=a.batch_size)
-    out = {"prompts": len(problems), "split": "held-out (10%)", "dir": portable_path(root, "PAIR_DIR"), "rows": rows,
-           "max_new_tokens": a.max_new_tokens}
+    out = {"prompts": len(problems), "split": "held-out (10%)",
+           "dir": portable_path(root, "PAIR_DIR"), "rows": rows, "max_new_tokens": a.max_new_tokens}
     if not getattr(a, "no_diagnose", False):
         out["log_ratio_ranking"] = log_ratio_ranking(sft, tok, models, problems)
         out["answer_filter"] = answer_filter(sft, tok, models, problems)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .. import aad_select, mix_select
+from ..ops import aad_select, mix_select
 from . import task
 from .tokenizer import render_prompt, stop_ids
 
@@ -149,7 +149,7 @@ def main(argv=None):
                    help="instead of evaluating, write AAD-vs-nucleus pairs for the prompts of "
                         "DIR/dpo_pairs.jsonl (input of `train --pairs`)")
     args = p.parse_args(argv)
-    from ..outfile import check_writable, write_atomic
+    from ..jobs.outfile import check_writable, write_atomic
     from .assets import load_default_pair
     try:  # refuse an unwritable output before the run, not after it
         for opt, path in (("--json", args.json), ("--pairs-out", args.pairs_out)):

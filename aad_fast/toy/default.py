@@ -30,7 +30,7 @@ def default_pair():
 
 
 def _default_pair():
-    from .toy.assets import load_default_pair
+    from .assets import load_default_pair
     try:
         sft, dpo, tok, _, _ = load_default_pair("cpu")
         return dpo, None, tok, True
@@ -38,7 +38,7 @@ def _default_pair():
         pass
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .toy.tokenizer import build_tokenizer
+    from .tokenizer import build_tokenizer
     tok = build_tokenizer()
     torch.manual_seed(0)  # inside fork_rng: the caller's generator is restored afterwards
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
@@ -82,14 +82,15 @@ def demo(a) -> int:
 
 
 def _demo(a) -> int:
-    from . import AAD, Decoder, Greedy
+    from ..rules import AAD, Greedy
+    from ..decoder import Decoder
     reward = None
     if a.aligned:
         dec = Decoder(a.aligned, a.reference)
         prompt, chat, stop = a.prompt or "Hello! Please introduce yourself.", False, None
     else:
-        from .toy import task
-        from .toy.tokenizer import stop_ids
+        from . import task
+        from .tokenizer import stop_ids
         aligned, reference, tok, trained = default_pair()
         if not trained:
             print("note: the trained default pair is not in this install; using a random-weight "

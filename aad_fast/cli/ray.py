@@ -60,7 +60,7 @@ def _check(a) -> None:
         if v is not None and v < 1:
             raise ValueError(f"--{name} must be >= 1, got {v}")
     if a.parquet:
-        from .outfile import check_writable
+        from ..jobs.outfile import check_writable
         check_writable(a.parquet, "--parquet")
     if a.out is None and a.parquet:
         raise ValueError("--parquet needs --out (the resumable JSONL it is made from)")
@@ -90,9 +90,9 @@ def run_generate(a) -> int:
 
     import aad_fast as af
 
-    from . import cli
-    from .cli import generate_settings, check_resume, generate_inputs, prompts_identity
-    from .outfile import ResultsFile
+    from .. import cli
+    from . import generate_settings, check_resume, generate_inputs, prompts_identity
+    from ..jobs.outfile import ResultsFile
     rd = _ray()
     _check(a)
     rule, rows = generate_inputs(a)
@@ -140,10 +140,11 @@ def run_generate(a) -> int:
 
 def run_make_pairs(a) -> int:
     """``make-pairs --ray``: chosen = AAD, rejected = nucleus sample, as ``make-pairs``."""
-    from .cli import check_resume
-    from .outfile import ResultsFile
-    from .toy.evaluate import pair_prompts, pairs_settings
+    from . import check_resume
+    from ..jobs.outfile import ResultsFile
+    from ..toy.evaluate import pair_prompts, pairs_settings
     rd = _ray()
+    from ..toy import ray_pairs  # imports Ray Data, which _ray() has just checked
     if a.batch_size < 1 or a.max_new_tokens < 1:
         raise ValueError(f"--batch-size and --max-new-tokens must be >= 1, got "
                          f"{a.batch_size} and {a.max_new_tokens}")
@@ -164,8 +165,8 @@ def run_make_pairs(a) -> int:
                     "chosen": [{"role": "assistant", "content": rec["chosen"]}],
                     "rejected": [{"role": "assistant", "content": rec["rejected"]}]}
         if todo:
-            decoder = functools.partial(rd.pairs_decoder, _abs(a.aligned), _abs(a.reference))
-            _run(rd, a, rows, out, [g for g in groups if g], record_of, worker=rd.MakePairs,
+            decoder = functools.partial(ray_pairs.pairs_decoder, _abs(a.aligned), _abs(a.reference))
+            _run(rd, a, rows, out, [g for g in groups if g], record_of, worker=ray_pairs.MakePairs,
                  decoder=decoder, alpha=a.alpha, max_new_tokens=a.max_new_tokens,
                  count=lambda r: len(r["chosen_tokens"]) + len(r["rejected_tokens"]))
         result = rd.sort_file(out, rows)

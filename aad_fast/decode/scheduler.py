@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import engine
-from .prompts import left_pad
-from .rules import as_int, check_int, check_seed
+from . import steps as engine
+from .prompt_rows import left_pad
+from ..rules import as_int, check_int, check_seed
 from .selectors import rule_kind
 
 

@@ -30,9 +30,9 @@ import dataclasses
 import time
 import uuid
 
-from . import rules as R
-from .prompts import rule_rows
-from .serving import DecodeRequest
+from .. import rules as R
+from ..decode.prompt_rows import rule_rows
+from .loop import DecodeRequest
 
 RULES = ("aad", "contrastive", "eft", "dera", "cfg", "opad", "beam-aad", "best-of-n", "greedy")
 _GREEDY = ("aad", "contrastive", "opad", "beam-aad", "greedy")  # never sample

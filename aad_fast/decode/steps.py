@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .cache import ladder_length
+from ..model.cache import ladder_length
 
 
 @dataclass

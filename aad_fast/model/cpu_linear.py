@@ -5,7 +5,7 @@ way of doing that streams the weights faster depends on the machine's BLAS and C
 AMD EPYC with MKL, ``F.linear`` with 1-2 rows read the weights at ~9 GB/s while ``W @ X^T``
 with ``X^T`` a column-major view read them at ~22 GB/s; on a 2-core Intel Xeon (AVX-512) it was
 the other way round (``F.linear`` 50-150 GB/s, ``W @ X^T`` 20-30 GB/s). So the layout is never
-assumed: ``tuning.plan_linears`` times both on the machine, per weight shape and row count, and
+assumed: ``plan_linears`` (below) times both on the machine, per weight shape and row count, and
 the engine's view of the model (``runner.engine_view``) puts a ``FewRowLinear`` only where the
 measurement chose it. Same product, another fp32 summation order.
 
@@ -23,11 +23,14 @@ compiled steps multiply alike.
 from __future__ import annotations
 
 import functools
+import os
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..tuning import cached, decide, store, time_candidates, valid
 
 
 def few_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -180,3 +183,141 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, packed up to {self.max_rows} rows"
+
+
+MAX_BYTES = 256 << 20  # weights of one shape timed per round (a subset beyond that)
+
+
+LINEAR_MODES = ("auto", "plain", "few_row", "packed")
+
+
+LAYOUTS = ("few_row", "packed")  # the alternatives to plain F.linear
+
+
+def measure_linear(weights: list, rows: int) -> dict:
+    """ms of ``rows`` rows through every weight in ``weights`` (in model order, as a decode
+    step streams them), for each layout."""
+    chosen, total = [], 0
+    for w in weights:
+        if chosen and total + w.numel() * w.element_size() > MAX_BYTES:
+            break
+        chosen.append(w)
+        total += w.numel() * w.element_size()
+    g = torch.Generator().manual_seed(0)  # never the caller's global RNG
+    x = torch.randn(rows, chosen[0].shape[1], dtype=chosen[0].dtype, generator=g)
+
+    def plain():
+        for w in chosen:
+            F.linear(x, w)
+
+    def few_row():
+        for w in chosen:
+            few_row_linear(x, w)
+    fns = {"plain": plain, "few_row": few_row}
+    with torch.inference_mode():
+        if packed_supported():  # temporary copies of the timed weights, not kept
+            packs = [torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT) for w in chosen]
+
+            def packed():
+                for pk in packs:
+                    torch.ops.mkldnn._linear_pointwise(x, pk, None, "none", [], "")
+            fns["packed"] = packed
+        return time_candidates(fns)
+
+
+def linear_mode(mode: str | None = None) -> str:
+    """The layout switch: ``mode`` if given, else the environment, else ``auto``."""
+    if mode is None:
+        mode = os.environ.get("AAD_FAST_CPU_LINEAR")
+        if mode is None and os.environ.get("AAD_FAST_CPU_FEW_ROW_LINEAR", "1") == "0":
+            mode = "plain"
+    mode = mode or "auto"
+    if mode not in LINEAR_MODES:
+        raise ValueError(f"cpu_linear (or AAD_FAST_CPU_LINEAR) must be one of {LINEAR_MODES}, "
+                         f"got {mode!r}")
+    return mode
+
+
+def plan_linears(model: nn.Module, rows: int, mode: str | None = None,
+                 measure=None) -> dict:
+    """Layout of each weight shape of ``model``'s plain ``nn.Linear`` layers for a decode step
+    of ``rows`` rows: ``{(N, K): {"choice": "plain" | "few_row" | "packed", "source": ...,
+    "<layout>_ms": ...}}``.
+
+    Only fp32 weights on CPU have a choice (everything else is ``plain``). ``measure(weights,
+    rows) -> {"plain": ms, "few_row": ms, ...}`` is the timer (tests inject fake timings)."""
+    mode = linear_mode(mode)
+    measure = measure or measure_linear
+    groups: dict = {}
+    for mod in model.modules():
+        if type(mod) is nn.Linear and mod.weight.device.type == "cpu" \
+                and mod.weight.dtype == torch.float32:
+            groups.setdefault(tuple(mod.weight.shape), []).append(mod.weight)
+    plan = {}
+    for shape, weights in groups.items():
+        if mode != "auto":
+            plan[shape] = {"choice": mode, "source": "forced"} \
+                if mode != "packed" or packed_supported() else \
+                {"choice": "plain", "source": "forced packed: no working oneDNN packed linear here"}
+            continue
+        entry = f"linear/{shape[0]}x{shape[1]}/float32/rows{rows}/" + \
+            ",".join(("plain",) + LAYOUTS[: 2 if packed_supported() else 1])
+        rec = cached(entry)
+        if not valid(rec, ("plain",) + LAYOUTS):
+            times = measure(weights, rows)
+            rec = {"choice": decide(times), "weights_timed": len(weights),
+                   "stable": times.get("stable", True),
+                   **{f"{k}_ms": v for k, v in times.items() if k != "stable"}}
+            store(entry, rec, persist=rec["stable"])
+            rec = dict(rec, source="measured")
+        else:
+            rec = dict(rec, source="cache")
+        plan[shape] = rec
+    return plan
+
+
+def measure_forward(view_plan: nn.Module, view_plain: nn.Module, rows: int) -> dict:
+    """ms of one token per row through each whole view (no cache: the linears dominate, as in
+    a decode step): ``{"planned": ms, "plain": ms}``."""
+    vocab = view_plain.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (rows, 1), generator=g)
+
+    def run(view):
+        return lambda: view(input_ids=ids, use_cache=False, logits_to_keep=1)
+    with torch.inference_mode():
+        return time_candidates({"planned": run(view_plan), "plain": run(view_plain)})
+
+
+def plan_pays(view_plan: nn.Module, view_plain: nn.Module, rows: int, layouts: dict,
+              measure=None) -> bool:
+    """Whether the model with ``layouts`` (``{(N, K): "few_row" | "packed"}``) beats plain
+    ``F.linear`` everywhere, timed on the whole forward (per-shape timings can mislead: cache
+    reuse inside one shape's loop, neighbouring layers). Cached like the per-shape choices."""
+    model = type(view_plain).__name__
+    entry = f"step/{model}/rows{rows}/" + ",".join(
+        f"{n}x{k}:{layouts[(n, k)]}" for n, k in sorted(layouts))
+    rec = cached(entry)
+    if not valid(rec, ("plain", "planned")):
+        times = (measure or measure_forward)(view_plan, view_plain, rows)
+        rec = {"choice": decide(times), "plain_ms": times["plain"],
+               "planned_ms": times["planned"], "stable": times.get("stable", True)}
+        store(entry, rec, persist=rec["stable"])
+    return rec["choice"] == "planned"
+
+
+def summarize(plan: dict) -> dict:
+    """``{"NxK": "few_row (measured: plain 0.52 ms, few_row 0.31 ms)"}`` for stats."""
+    out = {}
+    for (n, k), rec in plan.items():
+        text = rec["choice"]
+        if "plain_ms" in rec:
+            busy = "" if rec.get("stable", True) else ", machine busy: plain kept, not cached"
+            times = ", ".join(f"{name} {rec[f'{name}_ms']:.3f} ms"
+                              for name in ("plain",) + LAYOUTS
+                              if isinstance(rec.get(f"{name}_ms"), (int, float)))
+            text += f" ({rec['source']}: {times}{busy})"
+        else:
+            text += f" ({rec['source']})"
+        out[f"{n}x{k}"] = text
+    return out

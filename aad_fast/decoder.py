@@ -26,17 +26,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import engine, search
-from .cache import KVPool, check_fits, kv_bytes, ladder_length, read_ladder
-from .hf import load_pair
+from .decode import steps as engine
+from .decode import search
+from .model.cache import KVPool, check_fits, kv_bytes, ladder_length, read_ladder
+from .model.loading import load_pair
 from . import tuning
-from .lora_rows import RowLoRA
-from .pairs import SharedPair, SinglePair, TwoModelPair
-from .runner import sliding_unsupported
-from .prompts import MAX_STOP_IDS, Rows, resolve_stop_ids, rule_rows
+from .model.lora_rows import RowLoRA
+from .model.pairs import SharedPair, SinglePair, TwoModelPair
+from .model.runner import sliding_unsupported
+from .decode.prompt_rows import MAX_STOP_IDS, Rows, resolve_stop_ids, rule_rows
 from .rules import AAD, OPAD, BeamAAD, BestOfN, CFGMix, Rule, check_int
-from .scheduler import Request, Scheduler, new_state
-from .selectors import make_selector, rule_kind
+from .decode.scheduler import Request, Scheduler, new_state
+from .decode.selectors import make_selector, rule_kind
+from .model import cpu_linear as linear_layouts
+from .model import forward as fast_forward
+from .model import threads as thread_choice
 
 
 @dataclass
@@ -87,7 +91,7 @@ class Decoder:
             (``stats["capture_ms"]``).
         threads: the intra-op threads its calls run with on CPU: ``"auto"`` (default, or
             ``$AAD_FAST_THREADS``) keeps the process's count unless a half or a quarter of it
-            was measured faster for this model (``tuning.threads_choice``), ``"keep"`` never
+            was measured faster for this model (``thread_choice.threads_choice``), ``"keep"`` never
             changes it, an int uses that many; set while a call (``generate``, ``stream``, a
             server burst) holds the Decoder, the process's count put back after (a
             ``scheduler()`` you drive yourself runs with yours). ``stats["threads"]`` says
@@ -111,8 +115,8 @@ class Decoder:
         check_every = check_int("check_every", check_every, 1)
         if max_seq_len is not None:
             max_seq_len = check_int("max_seq_len", max_seq_len, 1)
-        self.cpu_linear = tuning.linear_mode(cpu_linear)
-        self.forward = tuning.decoder_mode(forward)
+        self.cpu_linear = linear_layouts.linear_mode(cpu_linear)
+        self.forward = fast_forward.decoder_mode(forward)
         if compile not in ("auto", True, False):
             raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
         self.compile = compile
@@ -135,8 +139,8 @@ class Decoder:
         if max_seq_len is None:  # the default, within a learned position table
             max_seq_len = min([self.DEFAULT_SEQ_LEN] + limits)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        # the intra-op threads its calls run with (None: the process's; tuning.threads_choice)
-        self.threads = tuning.threads_choice(self.base, max_batch_size, threads)
+        # the intra-op threads its calls run with (None: the process's; thread_choice.threads_choice)
+        self.threads = thread_choice.threads_choice(self.base, max_batch_size, threads)
         self.use_graphs = self.device.type == "cuda" and cuda_graphs in ("auto", True)
         self.backend, self.check_every = backend, check_every
         self.vocab = self._vocab()
@@ -733,10 +737,10 @@ def _read_stats(pair, reads: dict) -> dict:
 
 
 def _linear_stats(pair) -> dict:
-    """Which layout each weight shape of the pair's runners took (``tuning.summarize``)."""
+    """Which layout each weight shape of the pair's runners took (``linear_layouts.summarize``)."""
     out = {}
     for runner in pair.runners:
-        out.update(tuning.summarize(runner.plan))
+        out.update(linear_layouts.summarize(runner.plan))
     return out
 
 

@@ -11,163 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-RULES = ("aad", "contrastive", "eft", "dera", "cfg", "opad", "beam-aad", "best-of-n", "greedy")
-
-
-class _Given(argparse.Action):
-    """Store the value and note the flag as given (``a._given``): ``rule_from_args`` refuses
-    a rule flag the chosen rule does not use instead of ignoring it."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        namespace._given = getattr(namespace, "_given", set()) | {self.dest}
-
-
-SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "seed")
-RULE_FLAGS = {  # the rule flags each --rule reads (the rest would be ignored: refused)
-    "aad": ("alpha",), "contrastive": ("alpha", "beta"), "eft": ("beta",) + SAMPLING_FLAGS,
-    "dera": ("lam",) + SAMPLING_FLAGS, "cfg": ("g",) + SAMPLING_FLAGS,
-    "opad": ("k", "principle"), "beam-aad": ("alpha", "num_beams", "tau", "length_penalty"),
-    "best-of-n": ("n", "picker", "temperature", "top_p", "seed"), "greedy": ("stream",)}
-
-
-def check_rule_flags(a) -> None:
-    """``ValueError`` naming a given rule flag that ``a.rule`` does not read (``--top-k`` with
-    ``--rule aad``; a sampling filter or seed on eft/dera/cfg without ``--temperature > 0``,
-    which decode greedily)."""
-    given = getattr(a, "_given", set())
-    used = set(RULE_FLAGS[a.rule])
-    if a.rule in ("eft", "dera", "cfg") and not (a.temperature or 0) > 0:
-        used -= set(SAMPLING_FLAGS) - {"temperature"}
-    extra = sorted(given - used)
-    if extra:
-        flags = ", ".join("--" + f.replace("_", "-") for f in extra)
-        takes = ", ".join("--" + f.replace("_", "-") for f in RULE_FLAGS[a.rule]) or "none"
-        why = (" (greedy without --temperature > 0)" if a.rule in ("eft", "dera", "cfg")
-               and set(extra) & set(SAMPLING_FLAGS) else "")
-        raise ValueError(f"{flags} not used by --rule {a.rule}{why}; it takes {takes}")
-
-
-def add_rule_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("decoding rule (see docs/rules.md)")
-    g.add_argument("--rule", choices=RULES, default="aad", help="decoding rule (default: aad)")
-    given = dict(action=_Given)
-    g.add_argument("--alpha", **given, type=float, default=0.1,
-                   help="candidate threshold p_a >= alpha * max p_a (aad, contrastive, beam-aad)")
-    g.add_argument("--beta", **given, type=float, default=None,
-                   help="contrastive: weight of the amateur (default 1.0); eft: beta (default 4.0)")
-    g.add_argument("--lam", **given, type=float, default=1.0, help="dera: lambda (z = lam*a + (1-lam)*r)")
-    g.add_argument("--g", **given, type=float, default=1.5, help="cfg: guidance weight")
-    g.add_argument("--k", **given, type=float, default=1.0, help="opad: k")
-    g.add_argument("--principle", **given, default=None, help="opad: the principle text")
-    g.add_argument("--num-beams", **given, type=int, default=4, help="beam-aad: beams")
-    g.add_argument("--tau", **given, type=float, default=None, help="beam-aad: entropy threshold")
-    g.add_argument("--length-penalty", **given, type=float, default=0.0, help="beam-aad: length penalty")
-    g.add_argument("--n", **given, type=int, default=2, help="best-of-n: samples per prompt")
-    g.add_argument("--picker", **given, default=None, help="best-of-n: path of the picker reward model")
-    g.add_argument("--stream", **given, choices=("a", "r"), default="a", help="greedy: which model")
-    g.add_argument("--temperature", **given, type=float, default=None,
-                   help="sampling temperature (eft/dera/cfg: default 0 = greedy; best-of-n: 1.0)")
-    g.add_argument("--top-p", **given, type=float, default=None, help="nucleus p (best-of-n default 0.9)")
-    g.add_argument("--top-k", **given, type=int, default=0, help="top-k filter (0 = off)")
-    g.add_argument("--min-p", **given, type=float, default=0.0, help="min-p filter (0 = off)")
-    g.add_argument("--seed", **given, type=int, default=0, help="seed of sampled rules")
-
-
-def add_stop_arguments(p, scope: str = "") -> None:
-    """``--stop STR ...`` and ``--stop-id N`` (repeatable), both into one list ``a.stop`` of
-    strings and ints (``Decoder.stop_ids`` takes either)."""
-    p.add_argument("--stop", nargs="*", action="extend", default=None, metavar="STR",
-                   help=f"extra single-token stop strings{scope} (repeatable); a stop text that "
-                        "is several tokens: give its token id(s) with --stop-id")
-    p.add_argument("--stop-id", dest="stop", action="append", type=int, metavar="N",
-                   help=f"an extra stop token id{scope} (repeatable: --stop-id 13 --stop-id 42); "
-                        "joins the --stop list")
-
-
-def check_stop_ids(a) -> None:
-    """``--stop-id N`` below 0 is refused before a model loads (the upper bound, the
-    vocabulary, is checked once the model is there)."""
-    bad = [s for s in (a.stop or []) if isinstance(s, int) and s < 0]
-    if bad:
-        raise ValueError(f"--stop-id must be a token id >= 0, got {bad[0]}")
-
-
-def rule_from_args(a):
-    """The rule of the command line ``a``. A value the user gave reaches the rule as given (a
-    default only stands in for an absent flag), so the rule's own checks refuse a bad one."""
-    import aad_fast as af
-    check_rule_flags(a)
-    samp = dict(temperature=0.0 if a.temperature is None else a.temperature, top_k=a.top_k,
-                top_p=1.0 if a.top_p is None else a.top_p, min_p=a.min_p, seed=a.seed)
-    if a.rule == "aad":
-        return af.AAD(a.alpha)
-    if a.rule == "contrastive":
-        return af.Contrastive(a.alpha, 1.0 if a.beta is None else a.beta)
-    if a.rule == "eft":
-        return af.EFT(4.0 if a.beta is None else a.beta, **samp)
-    if a.rule == "dera":
-        return af.DeRa(a.lam, **samp)
-    if a.rule == "cfg":
-        return af.CFG(a.g, **samp)
-    if a.rule == "opad":
-        return af.OPAD(a.k, principle=a.principle)
-    if a.rule == "beam-aad":
-        return af.BeamAAD(a.num_beams, a.alpha, a.tau, a.length_penalty)
-    if a.rule == "best-of-n":
-        return af.BestOfN(a.n, top_p=0.9 if a.top_p is None else a.top_p,
-                          temperature=1.0 if a.temperature is None else a.temperature,
-                          picker=a.picker, seed=a.seed)
-    return af.Greedy(a.stream)
-
-
-def read_prompts_file(path, arg: str = "--prompts-file", text_lines: bool = False) -> list:
-    """Rows ``{"id": ..., "prompt": str, ...}`` of a JSONL file (a line may also be a bare JSON
-    string; with ``text_lines`` a line that does not start with ``{`` is the prompt itself).
-    Ids default to the line index; given ids must be ints or strings (never a float, a bool or
-    a list) and unique. Blank lines are skipped. Lines are split on ``\n`` only (a prompt may
-    hold U+2028, U+0085, ...; a ``\r`` before the ``\n`` is dropped); a UTF-8 BOM is skipped."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ValueError(f"{arg}={str(path)!r}: no such file")
-    if not p.is_file():
-        raise ValueError(f"{arg}={str(path)!r} is not a file (a directory?); give a JSONL file")
-    try:
-        lines = p.read_bytes().decode("utf-8-sig").split("\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{arg}={str(path)!r} cannot be read as UTF-8 text ({exc})") from None
-    rows, seen = [], {}
-    for i, line in enumerate(lines):
-        line = line[:-1] if line.endswith("\r") else line
-        if not line.strip():
-            continue
-        where = f"{arg} {path}: line {i + 1}"
-        if text_lines and not line.lstrip().startswith("{"):
-            line = json.dumps(line)
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where} is not JSON ({exc})") from None
-        if isinstance(obj, str):
-            obj = {"prompt": obj}
-        if not isinstance(obj, dict) or "prompt" not in obj:
-            raise ValueError(f"{where} has no 'prompt' (expected {{\"prompt\": \"...\"}})")
-        if not isinstance(obj["prompt"], str) or not obj["prompt"]:
-            raise ValueError(f"{where}: 'prompt' must be a non-empty string, got "
-                             f"{obj['prompt']!r}")
-        obj.setdefault("id", i)
-        rid = obj["id"]
-        if isinstance(rid, bool) or not isinstance(rid, (int, str)):
-            raise ValueError(f"{where}: 'id' must be an int or a string, got {rid!r} "
-                             f"({type(rid).__name__})")
-        key = (type(rid).__name__, rid)
-        if key in seen:
-            raise ValueError(f"{where}: id {rid!r} is also on line {seen[key]}; ids must be "
-                             "unique")
-        seen[key] = i + 1
-        rows.append(obj)
-    return rows
-
+from ..jobs.prompt_files import check_resume, prompts_identity, read_prompts_file
+from . import serve
+from .flags import (RULE_FLAGS, RULES, SAMPLING_FLAGS, add_rule_arguments, add_stop_arguments,
+                    check_rule_flags, check_stop_ids, rule_from_args)
 
 def _read_prompts(a) -> list:
     if a.prompt is not None:
@@ -184,25 +31,6 @@ def generate_settings(a, rule) -> dict:
     return {"command": "generate", "aligned": path(a.aligned), "reference": path(a.reference),
             "rule": repr(rule), "max_new_tokens": a.max_new_tokens, "chat": a.chat,
             "stop": a.stop or None, "dtype": a.dtype}
-
-
-def prompts_identity(path) -> dict:
-    from .outfile import sha256_of
-    return {"file": os.path.abspath(path), "sha256": sha256_of(path)}
-
-
-def check_resume(out, rows, prompt_of, arg: str = "--out") -> None:
-    """Refuse a resume whose done rows were made from other prompts (same id, other text)."""
-    if not out.prompts_changed:
-        return
-    current = {(type(r["id"]).__name__, r["id"]): r["prompt"] for r in rows}
-    for key, row in out.done.items():
-        if key in current and prompt_of(row) != current[key]:
-            raise ValueError(f"{arg}={str(out.path)!r}: id {row['id']!r} was made from the "
-                             f"prompt {prompt_of(row)!r} but the prompts now give "
-                             f"{current[key]!r}; pass another {arg} for the new prompts")
-    print(f"{out.path}: the prompts changed since it was started, but every done row's prompt "
-          "is unchanged; resuming", file=sys.stderr)
 
 
 CONTINUOUS_CHUNK = 16  # batches' worth of prompts per Decoder.generate call
@@ -238,7 +66,7 @@ def cmd_generate(a) -> int:
 
     import aad_fast as af
 
-    from .outfile import ResultsFile
+    from ..jobs.outfile import ResultsFile
     rule, rows = generate_inputs(a)
     with contextlib.ExitStack() as stack:
         out = None
@@ -287,7 +115,7 @@ def cmd_generate(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from .default import demo
+    from ..toy.default import demo
     return demo(a)
 
 
@@ -330,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     add_rule_arguments(g)
-    from .ray_cli import add_ray_arguments, dispatch
+    from .ray import add_ray_arguments, dispatch
     add_ray_arguments(g)
     g.set_defaults(func=dispatch(cmd_generate, "run_generate"))
 
@@ -349,15 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "API: /v1/completions, /v1/chat/completions, /v1/models, "
                                    "/health. The rule rides in the request body "
                                    "(docs/serving.md).")
-    from . import server
-    server.add_arguments(s)
-    s.set_defaults(func=server.run)
+    serve.add_arguments(s)
+    s.set_defaults(func=serve.run)
 
     b = sub.add_parser("bench", help="kernel and decode latency benchmarks",
                        description="Kernel and decode benchmarks against single-model greedy.")
     b.set_defaults(func=lambda a: _optional("aad_fast.bench", "bench").run(a))
     try:
-        from . import bench
+        from .. import bench
         bench.add_arguments(b)
     except ImportError:
         pass

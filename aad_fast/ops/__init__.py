@@ -7,12 +7,12 @@ capture see one opaque op with a fake (meta) implementation. The maths is in ``r
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 from torch import Tensor
 
 from . import backends
+from ..rules import check_real
 from .reference import aad_topk_ref, linear2, select_ref
 
 # ---------------------------------------------------------------------------------------------
@@ -160,19 +160,6 @@ def check_logits(logits_a: Tensor, logits_r: Tensor, vocab_size: int | None = No
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
         vocab = min(vocab, vocab_size)
     return vocab
-
-
-def check_real(name: str, value, lo=-math.inf, hi=math.inf, lo_open=False) -> float:
-    try:  # an int beyond float's range (10**400) is not finite either
-        finite = not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
-    except OverflowError:
-        finite = False
-    if not finite:
-        raise ValueError(f"{name} must be a finite real number, got {value!r}"[:300])
-    if value < lo or value > hi or (lo_open and value == lo):
-        lo_s = "(" if lo_open else "["
-        raise ValueError(f"{name} must be in {lo_s}{lo}, {hi}], got {value!r}")
-    return float(value)
 
 
 def alpha_to_log(alpha, batch: int, device) -> Tensor:

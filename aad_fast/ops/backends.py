@@ -23,6 +23,8 @@ from types import SimpleNamespace
 
 import torch
 
+from ..tuning import cached, decide, store, time_candidates, valid
+
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 # Preference for the default choice, per device type (fastest first).
 _PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
@@ -107,14 +109,13 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 def pick_backend(device: torch.device, backend: str | None) -> str:
     """Resolve ``backend`` (``None`` = the fastest available) for tensors on ``device``. Where
     more than one is available, the fastest is measured on this machine once and cached
-    (``tuning.fastest_backend``; the PyTorch reference is the plain candidate)."""
+    (``fastest_backend``; the PyTorch reference is the plain candidate)."""
     have = available_backends(device)
     if backend is None:
         cands = [n for n in _PREFERENCE.get(device.type, ("torch",)) if n in have]
         if len(cands) <= 1:
             return cands[0] if cands else "torch"
-        from . import tuning
-        return tuning.fastest_backend(torch.device(device), cands)
+        return fastest_backend(torch.device(device), cands)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if backend not in have:
@@ -122,3 +123,36 @@ def pick_backend(device: torch.device, backend: str | None) -> str:
             f"backend={backend!r} is not available for {device.type} tensors on this machine "
             f"(available: {have}); see docs/install.md 'Backends' for how to build it")
     return backend
+
+
+def measure_backends(device: torch.device, candidates: list) -> dict:
+    """ms of one AAD selection (B=1, V=131072, float32 logits) on each backend."""
+    from . import select_core  # the public op, which dispatches through this module
+    g = torch.Generator().manual_seed(0)
+    a, r = (torch.randn(1, 131072, generator=g).to(device) for _ in range(2))
+    log_rel = torch.full((1,), -2.302585, device=device)
+    floor = torch.full((1,), float("-inf"), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run(name):
+        def fn():
+            select_core(a, r, 131072, 1.0, 0.0, 1.0, -1.0, log_rel, floor, None, None, name)
+            sync()
+        return fn
+    with torch.inference_mode():
+        return time_candidates({name: run(name) for name in candidates})
+
+
+def fastest_backend(device: torch.device, candidates: list, measure=None) -> str:
+    """The default selection backend among ``candidates`` (preference order) on ``device``: the
+    measured fastest, unless it beats the PyTorch reference by no more than noise."""
+    entry = f"backend/{device.type}/{'+'.join(candidates)}"
+    rec = cached(entry)
+    if not valid(rec, candidates):
+        times = (measure or measure_backends)(device, candidates)
+        plain = "torch" if "torch" in times else candidates[0]
+        rec = {"choice": decide(times, plain),
+               "ms": {k: v for k, v in times.items() if k != "stable"},
+               "stable": times.get("stable", True)}
+        store(entry, rec, persist=rec["stable"])
+    return rec["choice"]

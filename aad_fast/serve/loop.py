@@ -34,7 +34,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from .rules import BeamAAD, BestOfN
+from ..rules import BeamAAD, BestOfN
 
 
 class QueueFull(Exception):
@@ -243,8 +243,8 @@ class Backend:
 
     def _route(self, tickets: list) -> None:
         """Hand each ticket to its kind's scheduler or to the generate queue."""
-        from .search import BeamSearch
-        from .selectors import rule_kind
+        from ..decode.search import BeamSearch
+        from ..decode.selectors import rule_kind
         keys = {}
         for t in tickets:
             rule = t.request.rule

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rules import OPAD, CFGMix
+from ..rules import OPAD, CFGMix
 
 MAX_STOP_IDS = 16
 

@@ -19,11 +19,11 @@ import os
 
 import torch
 
-from . import backends
-from .hf import check_dir, load_tokenizer
-from .ops import _no_f64
-from .reference import aad_topk_ref
-from .rules import BeamAAD, BestOfN, Mix
+from ..ops import backends
+from ..model.loading import check_dir, load_tokenizer
+from ..ops import _no_f64
+from ..ops.reference import aad_topk_ref
+from ..rules import BeamAAD, BestOfN, Mix
 
 
 class BeamSearch:

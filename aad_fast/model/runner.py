@@ -37,11 +37,13 @@ import itertools
 import torch
 from torch import Tensor, nn
 
-from . import tuning
+from .. import tuning
 from .cache import CacheLengthAsked, KVPool, ReadBound, StaticKVCache
 from .cpu_linear import FewRowLinear, PackedLinear, fits_in_memory, packed_bytes
-from .fast_decoder import TYPES as FAST_TYPES, FastDecoder
+from .forward import TYPES as FAST_TYPES, FastDecoder
 from .lora_rows import RowCount, RowLoRALinear
+from . import cpu_linear as linear_layouts
+from . import forward as fast_forward
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -83,8 +85,8 @@ def engine_view(model: nn.Module, n_rows: int, lora=None, lora_rows: int = 0,
 
     ``lora``: a ``lora_rows.RowLoRA`` of ``model``'s LoRA layers (``model`` is then the
     ``PeftModel``'s base model); the adapter goes on the first ``lora_rows`` rows (the view's
-    ``aad_rows.n``, changeable per forward). ``cpu_linear``: ``tuning.linear_mode`` switch.
-    ``plan``: ``tuning.plan_linears`` of the view's plain linears for ``n_rows`` rows."""
+    ``aad_rows.n``, changeable per forward). ``cpu_linear``: ``linear_layouts.linear_mode`` switch.
+    ``plan``: ``linear_layouts.plan_linears`` of the view's plain linears for ``n_rows`` rows."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     view = copy.deepcopy(model, shared)
     masked_attention(view)
@@ -95,7 +97,7 @@ def engine_view(model: nn.Module, n_rows: int, lora=None, lora_rows: int = 0,
             name = names[id(mod)]
             base = view.get_submodule(name).base_layer
             _set_module(view, name, RowLoRALinear(base, a_w, b_w, scale, view.aad_rows))
-    plan = tuning.plan_linears(view, n_rows, cpu_linear)
+    plan = linear_layouts.plan_linears(view, n_rows, cpu_linear)
     linears = [(name, mod) for name, mod in view.named_modules() if type(mod) is nn.Linear]
     packs = [mod.weight for _, mod in linears
              if plan.get(tuple(mod.weight.shape), {}).get("choice") == "packed"]
@@ -106,13 +108,13 @@ def engine_view(model: nn.Module, n_rows: int, lora=None, lora_rows: int = 0,
     layouts = {shape: rec["choice"] for shape, rec in plan.items() if rec["choice"] != "plain"}
     if not layouts:
         return view.eval(), plan
-    plain = copy.deepcopy(view, shared) if tuning.linear_mode(cpu_linear) == "auto" else None
+    plain = copy.deepcopy(view, shared) if linear_layouts.linear_mode(cpu_linear) == "auto" else None
     kinds = {"few_row": FewRowLinear, "packed": PackedLinear}
     for name, mod in linears:
         layout = layouts.get(tuple(mod.weight.shape))
         if layout is not None:
             _set_module(view, name, kinds[layout](mod, n_rows))
-    if plain is not None and not tuning.plan_pays(view.eval(), plain.eval(), n_rows, layouts):
+    if plain is not None and not linear_layouts.plan_pays(view.eval(), plain.eval(), n_rows, layouts):
         # per-shape timings chose a layout, the whole step says no: plain everywhere
         for shape in layouts:
             plan[shape] = dict(plan[shape], choice="plain", source="whole-step check")
@@ -232,7 +234,7 @@ class Runner:
         self.reads: dict = {}  # host counts: steps run per read length (Decoder stats)
         self.split = SplitHead.of(self.model)
         fast = FastDecoder.of(self.model)
-        self.fast = fast if tuning.decoder_pays(self.model, fast, n_rows, mode=forward) else None
+        self.fast = fast if fast_forward.decoder_pays(self.model, fast, n_rows, mode=forward) else None
 
     def _masks(self, mask: Tensor, smask: Tensor | None):
         """What the model's ``attention_mask`` gets (see the module docstring)."""

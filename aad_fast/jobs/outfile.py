@@ -150,7 +150,7 @@ class ResultsFile:
                                  + other) from None
             if not isinstance(row, dict) or "id" not in row:
                 raise ValueError(f"{self.path}: line {n} is not a result row (no 'id')" + other)
-            key = _key(row["id"])
+            key = row_key(row["id"])
             if key in where:
                 raise ValueError(f"{self.path}: id {row['id']!r} is on lines {where[key]} and "
                                  f"{n}; delete one of them")
@@ -213,11 +213,11 @@ class ResultsFile:
 
     # ------------------------------------------------------------------ rows
     def is_done(self, row_id) -> bool:
-        return _key(row_id) in self.done
+        return row_key(row_id) in self.done
 
     def write(self, row: dict) -> None:
         """Append ``row`` (a dict with an ``id`` not yet in the file) as one durable line."""
-        key = _key(row["id"])
+        key = row_key(row["id"])
         if key in self.done:
             raise RuntimeError(f"{self.path}: id {row['id']!r} is already in the file")
         data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
@@ -236,6 +236,6 @@ class ResultsFile:
         self.done[key] = row
 
 
-def _key(row_id):
+def row_key(row_id):
     """Ids compare as written: ``1`` and ``"1"`` are different ids."""
     return (type(row_id).__name__, row_id if isinstance(row_id, (int, str)) else repr(row_id))

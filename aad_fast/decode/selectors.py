@@ -33,10 +33,10 @@ import math
 import torch
 from torch import Tensor
 
-from . import backends
-from .ops import select_core
-from .reference import MASK32, mix32
-from .rules import OPAD, Contrastive, Greedy, Mix, Rule, check_seed
+from ..ops import backends
+from ..ops import select_core
+from ..ops.reference import MASK32, mix32
+from ..rules import OPAD, Contrastive, Greedy, Mix, Rule, check_seed
 
 
 def rule_kind(rule: Rule) -> tuple:

@@ -13,13 +13,18 @@ calls (``cache.StaticKVCache``). Same maths, another float32 summation order in 
 Only for the architectures written here (``TYPES``: Llama/SmolLM, Mistral, Qwen2, Qwen3 with its
 per-head q/k norms, OLMo-2 with its q/k norms over the whole projection and post-norms); the
 prefill stays Hugging Face's. Whether it is used is measured, not assumed
-(``tuning.decoder_pays``): it must beat the model's own forward on this machine.
+(``decoder_pays``, below): it must beat the model's own forward on this machine.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .cache import StaticKVCache
+from ..tuning import cached, decide, store, time_candidates, valid
 
 TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
 
@@ -111,3 +116,68 @@ class FastDecoder:
                 mlp = layer.mlp
                 h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         return _norm(h, m.norm)[:, -1, :]
+
+
+DECODER_MODES = ("auto", "hf", "fast")
+
+
+def decoder_mode(mode: str | None = None) -> str:
+    """The one-token forward switch: ``mode`` if given (``Decoder(forward=...)``), else
+    ``$AAD_FAST_DECODER``, else ``auto`` (measure); ``hf``: the model's own forward; ``fast``:
+    ``fast_decoder.FastDecoder`` where the architecture has one."""
+    if mode is None:
+        mode = os.environ.get("AAD_FAST_DECODER", "auto").strip().lower() or "auto"
+    if mode not in DECODER_MODES:
+        raise ValueError(f"forward (or AAD_FAST_DECODER) must be one of {DECODER_MODES}, "
+                         f"got {mode!r}")
+    return mode
+
+
+def measure_decoder(view: nn.Module, fast, rows: int) -> dict:
+    """ms of one one-token step of ``rows`` rows (over a 16-slot cache) through the model's own
+    forward (``plain``) and through ``fast`` plus the model's head (``fast``)."""
+    from .runner import cache_kwarg  # runner builds on this module's FastDecoder
+    vocab = view.get_output_embeddings().weight.shape[0]
+    p = next(view.parameters())
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (rows, 1), generator=g).to(p.device)
+    pos = torch.zeros((rows, 1), dtype=torch.int64, device=p.device)
+    mask = torch.zeros((rows, 1, 1, 16), dtype=p.dtype, device=p.device)
+    cache = StaticKVCache(16)
+    cache.row_pos = torch.zeros((rows,), dtype=torch.int64, device=p.device)
+    head, kw = view.get_output_embeddings(), cache_kwarg(type(view))
+
+    def plain():
+        view(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+             logits_to_keep=1, **{kw: cache})
+
+    def engine():
+        head(fast(ids, mask, pos, cache))
+    with torch.inference_mode():
+        plain()  # the cache's storage, before either is timed
+        return time_candidates({"plain": plain, "fast": engine})
+
+
+def decoder_pays(view: nn.Module, fast, rows: int, measure=None, mode: str | None = None) -> bool:
+    """Whether decode steps of ``rows`` rows run ``fast`` (a ``FastDecoder``) instead of the
+    model's forward: forced by ``$AAD_FAST_DECODER``, else measured on CPU (``measure_decoder``;
+    cached per model shape, rows and dtype) and kept only if faster beyond noise. Other devices
+    keep the model's forward (a captured CUDA graph has no per-op overhead to save)."""
+    mode = decoder_mode(mode)
+    if fast is None or mode == "hf":
+        return False
+    if mode == "fast":
+        return True
+    p = next(view.parameters())
+    if p.device.type != "cpu":
+        return False
+    cfg = view.config
+    entry = (f"decoder/{type(view).__name__}/h{cfg.hidden_size}/l{cfg.num_hidden_layers}/"
+             f"{str(p.dtype).replace('torch.', '')}/rows{rows}")
+    rec = cached(entry)
+    if not valid(rec, ("plain", "fast")):
+        times = (measure or measure_decoder)(view, fast, rows)
+        rec = {"choice": decide(times), "plain_ms": times["plain"], "fast_ms": times["fast"],
+               "stable": times.get("stable", True)}
+        store(entry, rec, persist=rec["stable"])
+    return rec["choice"] == "fast"
