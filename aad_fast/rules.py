@@ -274,3 +274,92 @@ class BestOfN(Rule):
     @property
     def streams(self) -> str:
         return "a"
+
+
+# ---------------------------------------------------------------------------- the rule table
+#: the sampling fields, in the order a rule lists them; ``seed`` fixes the sampled tokens
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed")
+#: the value of each sampling filter that samples nothing ("off")
+NEUTRAL = {"temperature": 0, "top_p": 1, "top_k": 0, "min_p": 0}
+_MIX_SAMPLING = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": 0}
+
+
+@dataclass(frozen=True)
+class RuleEntry:
+    """One rule of ``RULE_TABLE``: ``make(**fields)`` builds it; ``fields`` are the fields it
+    reads with their defaults, in order; ``samples``: ``"never"``, ``"temperature"`` (greedy
+    unless ``temperature > 0``: then the other sampling fields do nothing) or ``"always"``."""
+
+    make: object
+    fields: dict
+    samples: str = "never"
+
+    def reads(self, sampled: bool) -> tuple:
+        """The fields the rule reads when it samples (``sampled``) or decodes greedily."""
+        if self.samples != "temperature" or sampled:
+            return tuple(self.fields)
+        return tuple(f for f in self.fields if f not in SAMPLING or f == "temperature")
+
+
+#: every rule by its name (the command line's ``--rule``, the server's ``rule``)
+RULE_TABLE = {
+    "aad": RuleEntry(AAD, {"alpha": 0.1}),
+    "contrastive": RuleEntry(Contrastive, {"alpha": 0.1, "beta": 1.0}),
+    "eft": RuleEntry(EFT, {"beta": 4.0, **_MIX_SAMPLING}, "temperature"),
+    "dera": RuleEntry(DeRa, {"lam": 1.0, **_MIX_SAMPLING}, "temperature"),
+    "cfg": RuleEntry(CFG, {"g": 1.5, **_MIX_SAMPLING}, "temperature"),
+    "opad": RuleEntry(OPAD, {"k": 1.0, "principle": None}),
+    "beam-aad": RuleEntry(BeamAAD, {"alpha": 0.1, "num_beams": 4, "tau": None,
+                                    "length_penalty": 0.0}),
+    "best-of-n": RuleEntry(BestOfN, {"n": 2, "picker": None, "temperature": 1.0, "top_p": 0.9,
+                                     "seed": 0}, "always"),
+    "greedy": RuleEntry(Greedy, {"stream": "a"}),
+}
+RULE_NAMES = tuple(RULE_TABLE)
+
+
+class UnreadFields(ValueError):
+    """Fields given to a rule that it does not read (sorted); ``greedy``: the rule decodes
+    greedily, so a sampling field among them would do nothing."""
+
+    def __init__(self, rule: str, fields: list, greedy: bool):
+        self.rule, self.fields, self.greedy = rule, fields, greedy
+        super().__init__(f"{', '.join(fields)} not used by rule {rule}; it takes "
+                         f"{', '.join(RULE_TABLE[rule].fields) or 'none'}")
+
+
+def rule_entry(name: str) -> RuleEntry:
+    if name not in RULE_TABLE:
+        raise ValueError(f"unknown rule {name!r}; use one of {', '.join(RULE_NAMES)}")
+    return RULE_TABLE[name]
+
+
+def check_fields(name: str, given, sampled: bool) -> None:
+    """``UnreadFields`` naming each of ``given`` (field names) that rule ``name`` does not read
+    when it samples (``sampled``) or not: a sampling field on a greedy rule included."""
+    entry = rule_entry(name)
+    unread = sorted(set(given) - set(entry.reads(sampled)))
+    if unread:
+        raise UnreadFields(name, unread, entry.samples == "never" or
+                           (entry.samples == "temperature" and not sampled))
+
+
+def make_rule(name: str, values: dict):
+    """Rule ``name`` from ``values`` (fields it reads; the others take their defaults); the
+    rule's own checks refuse a bad value."""
+    entry = rule_entry(name)
+    extra = sorted(set(values) - set(entry.fields))
+    if extra:
+        raise UnreadFields(name, extra, entry.samples == "never")
+    return entry.make(**{**entry.fields, **values})
+
+
+def build_rule(name: str, values: dict, sampled: bool | None = None):
+    """Rule ``name`` from the fields ``values`` given, refusing one it does not read (a
+    sampling field on a greedy rule included). ``sampled`` (default: ``temperature > 0``)."""
+    if sampled is None:
+        t = values.get("temperature")
+        sampled = rule_entry(name).samples == "always" or (
+            isinstance(t, Real) and not isinstance(t, bool) and t > 0)
+    check_fields(name, values, sampled)
+    return make_rule(name, values)

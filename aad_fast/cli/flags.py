@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from ..rules import (RULE_NAMES, RULE_TABLE, SAMPLING, UnreadFields, check_fields,
+                     make_rule)
 
-RULES = ("aad", "contrastive", "eft", "dera", "cfg", "opad", "beam-aad", "best-of-n", "greedy")
+
+RULES = RULE_NAMES
 
 
 class _Given(argparse.Action):
@@ -17,29 +20,26 @@ class _Given(argparse.Action):
         namespace._given = getattr(namespace, "_given", set()) | {self.dest}
 
 
-SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "seed")
-RULE_FLAGS = {  # the rule flags each --rule reads (the rest would be ignored: refused)
-    "aad": ("alpha",), "contrastive": ("alpha", "beta"), "eft": ("beta",) + SAMPLING_FLAGS,
-    "dera": ("lam",) + SAMPLING_FLAGS, "cfg": ("g",) + SAMPLING_FLAGS,
-    "opad": ("k", "principle"), "beam-aad": ("alpha", "num_beams", "tau", "length_penalty"),
-    "best-of-n": ("n", "picker", "temperature", "top_p", "seed"), "greedy": ("stream",)}
+SAMPLING_FLAGS = SAMPLING
+#: the rule flags each --rule reads (the rest would be ignored: refused); rules.RULE_TABLE's
+RULE_FLAGS = {name: tuple(entry.fields) for name, entry in RULE_TABLE.items()}
+
+
+def _flags(fields) -> str:
+    return ", ".join("--" + f.replace("_", "-") for f in fields)
 
 
 def check_rule_flags(a) -> None:
     """``ValueError`` naming a given rule flag that ``a.rule`` does not read (``--top-k`` with
     ``--rule aad``; a sampling filter or seed on eft/dera/cfg without ``--temperature > 0``,
     which decode greedily)."""
-    given = getattr(a, "_given", set())
-    used = set(RULE_FLAGS[a.rule])
-    if a.rule in ("eft", "dera", "cfg") and not (a.temperature or 0) > 0:
-        used -= set(SAMPLING_FLAGS) - {"temperature"}
-    extra = sorted(given - used)
-    if extra:
-        flags = ", ".join("--" + f.replace("_", "-") for f in extra)
-        takes = ", ".join("--" + f.replace("_", "-") for f in RULE_FLAGS[a.rule]) or "none"
-        why = (" (greedy without --temperature > 0)" if a.rule in ("eft", "dera", "cfg")
-               and set(extra) & set(SAMPLING_FLAGS) else "")
-        raise ValueError(f"{flags} not used by --rule {a.rule}{why}; it takes {takes}")
+    try:
+        check_fields(a.rule, getattr(a, "_given", set()), (a.temperature or 0) > 0)
+    except UnreadFields as exc:
+        why = (" (greedy without --temperature > 0)" if RULE_TABLE[a.rule].samples ==
+               "temperature" and set(exc.fields) & set(SAMPLING) else "")
+        raise ValueError(f"{_flags(exc.fields)} not used by --rule {a.rule}{why}; it takes "
+                         f"{_flags(RULE_FLAGS[a.rule]) or 'none'}") from None
 
 
 def add_rule_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,26 +90,6 @@ def check_stop_ids(a) -> None:
 def rule_from_args(a):
     """The rule of the command line ``a``. A value the user gave reaches the rule as given (a
     default only stands in for an absent flag), so the rule's own checks refuse a bad one."""
-    import aad_fast as af
     check_rule_flags(a)
-    samp = dict(temperature=0.0 if a.temperature is None else a.temperature, top_k=a.top_k,
-                top_p=1.0 if a.top_p is None else a.top_p, min_p=a.min_p, seed=a.seed)
-    if a.rule == "aad":
-        return af.AAD(a.alpha)
-    if a.rule == "contrastive":
-        return af.Contrastive(a.alpha, 1.0 if a.beta is None else a.beta)
-    if a.rule == "eft":
-        return af.EFT(4.0 if a.beta is None else a.beta, **samp)
-    if a.rule == "dera":
-        return af.DeRa(a.lam, **samp)
-    if a.rule == "cfg":
-        return af.CFG(a.g, **samp)
-    if a.rule == "opad":
-        return af.OPAD(a.k, principle=a.principle)
-    if a.rule == "beam-aad":
-        return af.BeamAAD(a.num_beams, a.alpha, a.tau, a.length_penalty)
-    if a.rule == "best-of-n":
-        return af.BestOfN(a.n, top_p=0.9 if a.top_p is None else a.top_p,
-                          temperature=1.0 if a.temperature is None else a.temperature,
-                          picker=a.picker, seed=a.seed)
-    return af.Greedy(a.stream)
+    fields = RULE_TABLE[a.rule].fields
+    return make_rule(a.rule, {f: getattr(a, f) for f in fields if getattr(a, f) is not None})

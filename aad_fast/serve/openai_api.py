@@ -34,18 +34,16 @@ from .. import rules as R
 from ..decode.prompt_rows import rule_rows
 from .loop import DecodeRequest
 
-RULES = ("aad", "contrastive", "eft", "dera", "cfg", "opad", "beam-aad", "best-of-n", "greedy")
-_GREEDY = ("aad", "contrastive", "opad", "beam-aad", "greedy")  # never sample
-_MIXES = ("eft", "dera", "cfg")  # greedy unless temperature > 0
-_SAMPLING = {"temperature", "top_p", "top_k", "min_p"}
-_NEUTRAL = {"temperature": 0, "top_p": 1, "top_k": 0, "min_p": 0}  # the value that is "off"
+RULES = R.RULE_NAMES
+_SAMPLING = set(R.NEUTRAL)  # the sampling filters (the seed is accepted by every rule)
+_NEUTRAL = R.NEUTRAL  # the value that is "off"
+#: the body's names of the rule table's fields that differ (the picker is the server's own)
+_BODY_NAME = {"n": "best_of", "stream": "greedy_stream", "picker": None, "seed": None}
+_TABLE_NAME = {v: k for k, v in _BODY_NAME.items() if v}
 #: the rule-specific body fields each rule takes (temperature/top_p are checked separately)
-_PARAMS = {
-    "aad": {"alpha"}, "contrastive": {"alpha", "beta"},
-    "eft": {"beta"} | _SAMPLING, "dera": {"lam"} | _SAMPLING, "cfg": {"g"} | _SAMPLING,
-    "opad": {"k", "principle"}, "beam-aad": {"num_beams", "alpha", "tau", "length_penalty"},
-    "best-of-n": {"best_of", "temperature", "top_p"}, "greedy": {"greedy_stream"},
-}
+_PARAMS = {name: {_BODY_NAME.get(f, f) for f in entry.fields} - {None}
+           for name, entry in R.RULE_TABLE.items()}
+_RULE_FIELDS = set().union(*_PARAMS.values())  # every body field of a rule but seed
 _ALL_PARAMS = set().union(*_PARAMS.values()) - {"temperature", "top_p", "best_of"}
 _UNSUPPORTED = ("echo", "suffix", "logprobs", "top_logprobs", "logit_bias", "presence_penalty",
                 "frequency_penalty", "tools", "tool_choice", "functions", "function_call",
@@ -125,72 +123,91 @@ def _get(body, name, types, default=None):
     return v
 
 
-def build_rule(body: dict, picker=None):
-    """The ``aad_fast`` rule a request body asks for (400 naming the field otherwise)."""
+def _rule_name(body: dict) -> str:
     name = body.get("rule", "aad")
     if name is None:
         name = "aad"
     if name not in RULES:
         raise bad("rule", f"unknown rule {name!r}; use one of {', '.join(RULES)}")
-    given = {k for k in _ALL_PARAMS if body.get(k) is not None}
-    temp, top_p = body.get("temperature"), body.get("top_p")
-    # a greedy request (a greedy rule, or eft/dera/cfg without temperature > 0) takes the
-    # sampling fields only at their neutral values: anything else would be silently unused
-    mix_greedy = name in _MIXES and (temp is None or _real(temp) and temp == 0)
-    greedy = name in _GREEDY or mix_greedy
-    wrong = sorted(given - _PARAMS[name] - (_SAMPLING if greedy else set()))
+    return name
+
+
+def _given_fields(body: dict, name: str, greedy: bool) -> set:
+    """The rule table's names of the rule fields ``body`` gives: a greedy request's sampling
+    filters at their neutral values, and ``best_of`` 1 on another rule than best-of-n, are
+    not given (they ask for nothing)."""
+    given = set()
+    for f in _RULE_FIELDS:
+        v = body.get(f)
+        if v is None or (greedy and f in _SAMPLING and _real(v) and v == _NEUTRAL[f]) or \
+                (f == "best_of" and name != "best-of-n" and v in (None, 1)):
+            continue
+        given.add(_TABLE_NAME.get(f, f))
+    return given
+
+
+def _unread_error(exc: R.UnreadFields, body: dict, mix_greedy: bool) -> APIError:
+    """The 400 for the first field of ``exc`` (a rule's field, ``best_of``, then a sampling
+    filter of a greedy request) in the body's names."""
+    name, greedy = exc.rule, exc.greedy
+    wrong = sorted(_BODY_NAME.get(f, f) for f in exc.fields
+                   if f != "n" and not (greedy and f in _SAMPLING))
     if wrong:
         takes = ", ".join(sorted(_PARAMS[name] - _SAMPLING)) or "no parameters"
-        raise bad(wrong[0], f"{wrong[0]} does not apply to rule={name} (it takes {takes})")
-    if body.get("best_of") not in (None, 1) and name != "best-of-n":
-        raise bad("best_of", "best_of > 1 needs rule=best-of-n (best_of samples, the picker "
-                             "chooses one)")
-    for f in ("temperature", "top_p", "top_k", "min_p") if greedy else ():
-        v = body.get(f)
-        if v is None or (_real(v) and v == _NEUTRAL[f]) or (f == "temperature" and mix_greedy):
-            continue
-        if mix_greedy:
-            raise bad(f, f"rule={name} without temperature > 0 is greedy, so {f}={v!r} would "
-                         f"have no effect; give temperature > 0 to sample, or omit {f} (or "
-                         f"give {_NEUTRAL[f]})")
-        raise bad(f, f"rule={name} is greedy; {f} must be {_NEUTRAL[f]} or omitted, got {v!r} "
-                     "(sampling rules: eft, dera, cfg, best-of-n)")
+        return bad(wrong[0], f"{wrong[0]} does not apply to rule={name} (it takes {takes})")
+    if "n" in exc.fields:
+        return bad("best_of", "best_of > 1 needs rule=best-of-n (best_of samples, the picker "
+                              "chooses one)")
+    f = next(f for f in _NEUTRAL if f in exc.fields)
+    v = body.get(f)
+    if mix_greedy:
+        return bad(f, f"rule={name} without temperature > 0 is greedy, so {f}={v!r} would "
+                      f"have no effect; give temperature > 0 to sample, or omit {f} (or "
+                      f"give {_NEUTRAL[f]})")
+    return bad(f, f"rule={name} is greedy; {f} must be {_NEUTRAL[f]} or omitted, got {v!r} "
+                  "(sampling rules: eft, dera, cfg, best-of-n)")
+
+
+def _rule_values(body: dict, name: str, picker) -> dict:
+    """The rule table's fields of rule ``name`` that ``body`` gives (JSON null: not given), its
+    seed and the server's picker, each type-checked where the rule would misname it."""
     seed = _get(body, "seed", (int,), 0)
     try:
         seed = R.check_seed(seed)
     except ValueError as exc:
         raise bad("seed", str(exc)) from None
-    samp = dict(temperature=0.0 if temp is None else temp, top_p=1.0 if top_p is None else top_p,
-                top_k=_get(body, "top_k", (int,), 0), min_p=_get(body, "min_p", (int, float), 0.0),
-                seed=seed)
-    def g(name, default=None):  # JSON null means "not given": the default
-        v = body.get(name)
-        return default if v is None else v
+    _get(body, "top_k", (int,), 0)
+    _get(body, "min_p", (int, float), 0.0)
+    fields, values = R.RULE_TABLE[name].fields, {}
+    for f in fields:
+        key = _BODY_NAME.get(f, f)
+        if key is not None and body.get(key) is not None:
+            values[f] = body[key]
+    values.update({k: v for k, v in (("seed", seed), ("picker", picker)) if k in fields})
+    if name == "opad" and values.get("principle") is None:
+        raise bad("principle", "rule=opad needs principle (the principle text)")
+    if name == "best-of-n" and picker is None:
+        raise bad("rule", "rule=best-of-n needs a picker reward model and this server has none "
+                          "(start it with --picker PATH)")
+    return values
+
+
+def build_rule(body: dict, picker=None):
+    """The ``aad_fast`` rule a request body asks for (400 naming the field otherwise). A greedy
+    request (a greedy rule, or eft/dera/cfg without temperature > 0) takes the sampling fields
+    only at their neutral values: anything else would be silently unused."""
+    name = _rule_name(body)
+    temp = body.get("temperature")
+    mix_greedy = R.RULE_TABLE[name].samples == "temperature" and (
+        temp is None or _real(temp) and temp == 0)
+    greedy = R.RULE_TABLE[name].samples == "never" or mix_greedy
     try:
-        if name == "aad":
-            return R.AAD(g("alpha", 0.1))
-        if name == "contrastive":
-            return R.Contrastive(g("alpha", 0.1), g("beta", 1.0))
-        if name == "eft":
-            return R.EFT(g("beta", 4.0), **samp)
-        if name == "dera":
-            return R.DeRa(g("lam", 1.0), **samp)
-        if name == "cfg":
-            return R.CFG(g("g", 1.5), **samp)
-        if name == "opad":
-            if g("principle") is None:
-                raise bad("principle", "rule=opad needs principle (the principle text)")
-            return R.OPAD(g("k", 1.0), principle=g("principle"))
-        if name == "beam-aad":
-            return R.BeamAAD(g("num_beams", 4), g("alpha", 0.1), g("tau"),
-                             g("length_penalty", 0.0))
-        if name == "best-of-n":
-            if picker is None:
-                raise bad("rule", "rule=best-of-n needs a picker reward model and this server "
-                                  "has none (start it with --picker PATH)")
-            return R.BestOfN(g("best_of", 2), top_p=0.9 if top_p is None else top_p,
-                             temperature=1.0 if temp is None else temp, picker=picker, seed=seed)
-        return R.Greedy(g("greedy_stream", "a"))
+        R.check_fields(name, _given_fields(body, name, greedy), not greedy)
+    except R.UnreadFields as exc:
+        raise _unread_error(exc, body, mix_greedy) from None
+    values = _rule_values(body, name, picker)
+    try:
+        return R.make_rule(name, values)
     except ValueError as exc:
         msg = str(exc)
         param = {"w_a": "lam" if name == "dera" else "g", "n": "best_of",
