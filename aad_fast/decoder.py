@@ -468,15 +468,17 @@ class Decoder:
 
     def request(self, prompt=None, *, input_ids=None, rule: Rule = AAD(0.1),
                 max_new_tokens: int = 128, stop=None, chat: bool = False, seed=None,
-                tag=None) -> Request:
+                tag=None, rows: Rows | None = None) -> Request:
         """One ``Request`` for a ``scheduler(...)`` of ``rule``'s kind: ``prompt`` (a string,
         or with ``chat`` a conversation: a list of ``{"role", "content"}`` messages) or
         ``input_ids`` (one id list), both streams' ids as ``generate`` makes them (OPAD's
-        principle, CFG's negative prompt), stop ids with the model's EOS."""
+        principle, CFG's negative prompt), stop ids with the model's EOS. ``rows``: those ids
+        made already (``prompt_rows.rule_rows`` for ``rule``; the server), used as they are."""
         max_new_tokens = self._validate(rule, max_new_tokens)
         if input_ids is not None:
             input_ids = [input_ids]
-        rows = self._rows(rule, prompt, input_ids, None, chat)
+        if rows is None:
+            rows = self._rows(rule, prompt, input_ids, None, chat)
         if len(rows.a) != 1:
             raise ValueError(f"request() takes one prompt, got {len(rows.a)}")
         a, r = {"ar": (rows.a[0], rows.r[0]), "a": (rows.a[0], rows.a[0]),

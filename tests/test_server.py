@@ -191,6 +191,37 @@ def _chat_ids(tok, msgs):
 
 
 @needs_serve
+def test_each_prompt_is_tokenised_once(served, models, monkeypatch):
+    """The server tokenises a prompt once (to count and check it) and decodes those ids: the
+    scheduler's request and best-of-n's generate do not tokenise it again."""
+    from aad_fast.decode import prompt_rows
+    real, texts = prompt_rows.encode, []
+
+    def counting(tok, vocab, prompts, *a, **k):
+        if prompts is not None:
+            texts.append(prompts)
+        return real(tok, vocab, prompts, *a, **k)
+    prompt = models[4][5]
+    cases = [({}, af.AAD(0.1)), ({"rule": "beam-aad", "num_beams": 2}, af.BeamAAD(2))]
+    if models[3] is not None:
+        cases.append(({"rule": "best-of-n", "best_of": 2, "seed": 1},
+                      af.BestOfN(2, picker=models[3], seed=1)))
+    for extra, rule in cases:
+        want = alone(served, prompt, rule=rule, max_new=6)[0]
+        monkeypatch.setattr(prompt_rows, "encode", counting)
+        texts.clear()
+        r = served.client().completions.create(model="toy", prompt=prompt, max_tokens=6,
+                                               extra_body=extra)
+        monkeypatch.setattr(prompt_rows, "encode", real)
+        assert texts == [[prompt]] and r.choices[0].token_ids == want, extra
+    monkeypatch.setattr(prompt_rows, "encode", counting)
+    texts.clear()
+    served.client().chat.completions.create(model="toy", max_tokens=2,
+                                            messages=[{"role": "user", "content": prompt}])
+    assert texts == [[prompt]]
+
+
+@needs_serve
 def test_streaming_equals_generate(served, models):
     client = served.client()
     prompt = models[4][3]

@@ -56,8 +56,6 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
         backend: a ready ``Backend`` (tests); by default one is built and closed with the app.
     """
     fastapi, responses = _fastapi()
-    from contextlib import asynccontextmanager
-
     if decoder.tokenizer is None:
         raise ValueError("the served Decoder needs a tokenizer (pass tokenizer=)")
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
@@ -67,43 +65,100 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
     own = backend is None
     backend = backend or Backend(decoder, max_batch_size=mbs, max_queue=max_queue)
     limits = (limits or Limits()).resolve(decoder, backend.max_batch_size)
-    default_stop = tuple(decoder.stop_ids(list(default_stop)))
-
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        if own:
-            backend.close()
-
-    app = fastapi.FastAPI(title="aad-fast", lifespan=lifespan, docs_url=None, redoc_url=None,
-                          openapi_url=None)
+    server = _Server(decoder, backend, limits, tuple(decoder.stop_ids(list(default_stop))),
+                     api_key, picker, model_name, responses)
+    app = fastapi.FastAPI(title="aad-fast", lifespan=server.lifespan(own), docs_url=None,
+                          redoc_url=None, openapi_url=None)
     app.state.backend, app.state.limits, app.state.decoder = backend, limits, decoder
-    app.state.default_stop = default_stop
+    app.state.default_stop = server.default_stop
+    server.routes(app, fastapi.Request)
+    return app
 
-    def error(exc: APIError):
+
+def _event(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _failure(ev) -> APIError:
+    """The error answered for a request whose decoding failed (event ``("error", exc)``)."""
+    exc = ev[1]
+    if isinstance(exc, Unavailable):
+        return APIError(503, f"{exc}; retry later", code="unavailable")
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc))
+    return APIError(500, f"decoding failed: {type(exc).__name__}: {exc}")
+
+
+class _Server:
+    """What the app's routes share: the Decoder and its ``Backend``, the limits, the server's
+    stop ids, key, picker and model name; one method per route."""
+
+    def __init__(self, decoder, backend, limits, default_stop, api_key, picker, model_name,
+                 responses):
+        self.decoder, self.backend, self.limits = decoder, backend, limits
+        self.default_stop, self.api_key, self.picker = default_stop, api_key, picker
+        self.model_name, self.responses = model_name, responses
+
+    def routes(self, app, Request) -> None:
+        """Register the error handlers and the endpoints on ``app``."""
+        async def api_error(request, exc):
+            return self.error(exc)
+
+        async def server_error(request, exc):
+            return self.error(APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
+        async def completions(request: Request):
+            return await self.handle(request, chat=False)
+
+        async def chat_completions(request: Request):
+            return await self.handle(request, chat=True)
+
+        async def models(request: Request):
+            return self.models(request)
+
+        async def health():
+            """Open (no key): queue length, rows in use per rule kind and counters."""
+            return {"status": "ok", **self.backend.stats()}
+
+        app.exception_handler(APIError)(api_error)
+        app.exception_handler(Exception)(server_error)
+        app.post("/v1/completions")(completions)
+        app.post("/v1/chat/completions")(chat_completions)
+        app.get("/v1/models")(models)
+        app.get("/health")(health)
+
+    def lifespan(self, own: bool):
+        from contextlib import asynccontextmanager
+
+        @asynccontextmanager
+        async def lifespan(app):
+            yield
+            if own:
+                self.backend.close()
+        return lifespan
+
+    def error(self, exc: APIError):
         headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
-        return responses.JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        return self.responses.JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
-    @app.exception_handler(APIError)
-    async def _api_error(request, exc):
-        return error(exc)
-
-    @app.exception_handler(Exception)
-    async def _server_error(request, exc):
-        return error(APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
-
-    def check_key(request) -> None:
-        if api_key is None:
+    def check_key(self, request) -> None:
+        if self.api_key is None:
             return
         got = request.headers.get("authorization", "")
         scheme, _, token = got.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                 api_key.encode()):
+                                                                 self.api_key.encode()):
             raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
                            type_="invalid_request_error", code="invalid_api_key")
 
-    async def read_json(request) -> dict:
-        cap = limits.max_body_bytes
+    def models(self, request) -> dict:
+        self.check_key(request)
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                            "created": 0, "owned_by": "aad_fast",
+                                            "max_model_len": self.decoder.max_seq_len}]}
+
+    async def read_json(self, request) -> dict:
+        cap = self.limits.max_body_bytes
         size = request.headers.get("content-length")
         too_big = APIError(413, f"the request body exceeds this server's limit of {cap} bytes",
                            code="request_too_large")
@@ -124,13 +179,13 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
             raise APIError(400, "the request body must be a JSON object")
         return body
 
-    def submit(reqs, loop):
+    def submit(self, reqs, loop):
         """Submit every request, each with its own asyncio queue of events."""
         tickets, queues = [], []
         try:
             for r in reqs:
                 q: asyncio.Queue = asyncio.Queue()
-                tickets.append(backend.submit(
+                tickets.append(self.backend.submit(
                     r, lambda ev, q=q: loop.call_soon_threadsafe(q.put_nowait, ev)))
                 queues.append(q)
         except QueueFull as exc:
@@ -144,56 +199,50 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
             raise APIError(503, f"{exc}; retry later", code="unavailable") from None
         return tickets, queues
 
-    def failure(ev) -> APIError:
-        exc = ev[1]
-        if isinstance(exc, Unavailable):
-            return APIError(503, f"{exc}; retry later", code="unavailable")
-        if isinstance(exc, ValueError):
-            return APIError(400, str(exc))
-        return APIError(500, f"decoding failed: {type(exc).__name__}: {exc}")
-
-    async def handle(request, chat: bool):
-        check_key(request)
-        body = await read_json(request)
+    async def handle(self, request, chat: bool):
+        self.check_key(request)
+        body = await self.read_json(request)
         # tokenising (a prompt may be the whole body) and the chat template run off the event
         # loop, so one large request does not stall the other clients' streams
-        reqs, n_prompt = await asyncio.to_thread(parse_request, body, chat, decoder, limits,
-                                                 default_stop, picker)
-        loop = asyncio.get_running_loop()
-        tickets, queues = submit(reqs, loop)
+        reqs, n_prompt = await asyncio.to_thread(parse_request, body, chat, self.decoder,
+                                                 self.limits, self.default_stop, self.picker)
+        tickets, queues = self.submit(reqs, asyncio.get_running_loop())
         if reqs[0].stream:
             include = isinstance(body.get("stream_options"), dict) and \
                 body["stream_options"].get("include_usage") is True
-            return responses.StreamingResponse(
-                sse(request, chat, tickets[0], queues[0], n_prompt, include),
+            return self.responses.StreamingResponse(
+                self.sse(request, chat, tickets[0], queues[0], n_prompt, include),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             done = []
             for q in queues:
-                get = asyncio.ensure_future(q.get())  # one get, never cancelled mid-item
-                while not get.done():  # a client that goes away frees its row(s): below
-                    await asyncio.wait({get}, timeout=0.2)
-                    if not get.done() and await request.is_disconnected():
-                        get.cancel()
-                        return responses.Response(status_code=499)
-                ev = get.result()
+                ev = await self.next_event(request, q)
+                if ev is None:  # the client went away: its row(s) are freed below
+                    return self.responses.Response(status_code=499)
                 if ev[0] != "done":
-                    raise failure(ev) if ev[0] == "error" else APIError(500, "cancelled")
+                    raise _failure(ev) if ev[0] == "error" else APIError(500, "cancelled")
                 done.append(ev[1])
         finally:
             for t in tickets:
                 t.cancel()  # a no-op for finished ones; frees the rest if this one failed
-        return completion_body(chat, model_name, done, n_prompt)
+        return completion_body(chat, self.model_name, done, n_prompt)
 
-    async def sse(request, chat, ticket, q, n_prompt, include_usage):
-        rid, created = new_id(chat), int(time.time())
+    @staticmethod
+    async def next_event(request, q):
+        """The next event of ``q``, or ``None`` once the client has gone away."""
+        get = asyncio.ensure_future(q.get())  # one get, never cancelled mid-item
+        while not get.done():
+            await asyncio.wait({get}, timeout=0.2)
+            if not get.done() and await request.is_disconnected():
+                get.cancel()
+                return None
+        return get.result()
 
-        def event(obj) -> str:
-            return f"data: {json.dumps(obj)}\n\n"
-
+    async def sse(self, request, chat, ticket, q, n_prompt, include_usage):
+        rid, created, model = new_id(chat), int(time.time()), self.model_name
         try:
             if chat:
-                yield event(chunk(chat, rid, model_name, created, role=True))
+                yield _event(chunk(chat, rid, model, created, role=True))
             while True:
                 try:
                     ev = await asyncio.wait_for(q.get(), timeout=0.2)
@@ -202,45 +251,23 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
                         return
                     continue
                 if ev[0] == "delta":
-                    yield event(chunk(chat, rid, model_name, created, text=ev[1]))
+                    yield _event(chunk(chat, rid, model, created, text=ev[1]))
                     continue
                 if ev[0] == "done":
                     c = ev[1]
-                    yield event(chunk(chat, rid, model_name, created, finish=c.finish_reason,
-                                      tokens=c.tokens))
+                    yield _event(chunk(chat, rid, model, created, finish=c.finish_reason,
+                                       tokens=c.tokens))
                     if include_usage:
-                        yield event({"id": rid, "object": chunk(chat, rid, model_name,
-                                                                created)["object"],
-                                     "created": created, "model": model_name, "choices": [],
-                                     "usage": usage(n_prompt, len(c.tokens))})
+                        yield _event({"id": rid, "object": chunk(chat, rid, model,
+                                                                 created)["object"],
+                                      "created": created, "model": model, "choices": [],
+                                      "usage": usage(n_prompt, len(c.tokens))})
                 elif ev[0] == "error":
-                    yield event(failure(ev).body())
+                    yield _event(_failure(ev).body())
                 yield "data: [DONE]\n\n"
                 return
         finally:
             ticket.cancel()  # a client gone mid-stream frees its row before the next burst
-
-    @app.post("/v1/completions")
-    async def completions(request: fastapi.Request):
-        return await handle(request, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: fastapi.Request):
-        return await handle(request, chat=True)
-
-    @app.get("/v1/models")
-    async def models(request: fastapi.Request):
-        check_key(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "aad_fast",
-                                            "max_model_len": decoder.max_seq_len}]}
-
-    @app.get("/health")
-    async def health():
-        """Open (no key): queue length, rows in use per rule kind and counters."""
-        return {"status": "ok", **backend.stats()}
-
-    return app
 
 
 # ---------------------------------------------------------------------------------- CLI

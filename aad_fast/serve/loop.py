@@ -57,6 +57,9 @@ class DecodeRequest:
     chat: bool = False
     stop: tuple = ()
     stream: bool = False
+    #: both streams' prompt ids for ``rule`` (``prompt_rows.rule_rows``), when the server has
+    #: tokenised the prompt already (``openai_api.parse_request``): used instead of text/ids
+    prompt_rows: object = None
 
     @property
     def search(self) -> bool:
@@ -263,7 +266,8 @@ class Backend:
                     r = self.decoder.request(req.text, input_ids=req.ids, rule=req.rule,
                                              max_new_tokens=req.max_new_tokens,
                                              stop=list(req.stop), chat=req.chat,
-                                             tag=f"request {next(self._tags)}")
+                                             tag=f"request {next(self._tags)}",
+                                             rows=req.prompt_rows)
                     b = self._place(keys[t], req.rule, req.rows() * sum(
                         k == keys[t] for k in keys.values()))
                     t.res = b.sched.submit(r)
@@ -435,7 +439,11 @@ class Backend:
         kw = dict(rule=req.rule, max_new_tokens=req.max_new_tokens, stop=list(req.stop) or None,
                   chat=req.chat)
         try:
-            if req.text is not None:
+            if all(t.request.prompt_rows is not None for t in group):
+                # tokenised already (best-of-n reads stream a's ids): decoded as they are
+                ids = [t.request.prompt_rows.a[0] for t in group]
+                gen = self.decoder.generate(input_ids=ids, **{**kw, "chat": False})
+            elif req.text is not None:
                 gen = self.decoder.generate([t.request.text for t in group], **kw)
             else:
                 gen = self.decoder.generate(input_ids=[t.request.ids for t in group], **kw)

@@ -269,10 +269,9 @@ def prompt_input(body: dict, chat: bool, tokenizer) -> dict:
     return {"text": clean, "chat": True}
 
 
-def parse_request(body: dict, chat: bool, decoder, limits: Limits, default_stop=(),
-                  picker=None) -> tuple[list, int]:
-    """``(requests, prompt_tokens)``: one ``DecodeRequest`` per choice, all validated against
-    ``decoder`` (rule and pair, prompt length, context) and ``limits``."""
+def _check_body(body: dict, chat: bool) -> None:
+    """Refuse a field the endpoint does not know or support, and a malformed ``stream``,
+    ``user`` or ``stream_options``."""
     unknown = sorted(set(body) - (_KNOWN - _NOT_FOR[chat]))
     if unknown:
         raise bad(unknown[0], f"unknown field {unknown[0]!r} for /v1/"
@@ -294,46 +293,62 @@ def parse_request(body: dict, chat: bool, decoder, limits: Limits, default_stop=
                 not isinstance(opts.get("include_usage", False), bool):
             raise bad("stream_options", "stream_options must be {\"include_usage\": true|false}"
                                         f", got {opts!r}")
-    rule = build_rule(body, picker)
-    inp = prompt_input(body, chat, decoder.tokenizer)
+
+
+def _choices(body: dict, rule, limits: Limits) -> int:
+    """``n``, the choices per prompt: distinct only for a sampling rule, not streamed, each
+    choice's seed (``seed + i``) within int64."""
     n = _get(body, "n", (int,), 1)
     if not 1 <= n <= limits.max_n:
         raise bad("n", f"n must be in [1, {limits.max_n}] on this server, got {n}")
     if n > 1 and not rule.sampled:
         raise bad("n", f"n={n} with a greedy rule would give {n} copies; n > 1 needs a sampling "
                        "rule (eft/dera/cfg with temperature > 0)")
-    stream = body.get("stream") is True
-    if n > 1 and stream:
+    if n > 1 and body.get("stream") is True:
         raise bad("n", "n > 1 is not supported with stream=true")
     if n > 1:  # choice i is sampled with seed + i
         try:
             R.check_seed(rule.seed, room=n)
         except ValueError as exc:
             raise bad("seed", f"{exc} (n={n})") from None
+    return n
+
+
+def _check_rule_fits(body: dict, rule, decoder, limits: Limits) -> None:
+    """The rule's rows within this server's limits, and the Decoder's own rule/pair check."""
     if isinstance(rule, R.BeamAAD) and rule.num_beams > limits.max_num_beams:
         raise bad("num_beams", f"num_beams={rule.num_beams} exceeds this server's limit "
                                f"{limits.max_num_beams}")
     if isinstance(rule, R.BestOfN) and rule.n > limits.max_num_beams:
         raise bad("best_of", f"best_of={rule.n} exceeds this server's limit "
                              f"{limits.max_num_beams}")
-    validate = getattr(decoder, "_validate", None)  # the Decoder's own rule/pair check
+    validate = getattr(decoder, "_validate", None)
     if validate is not None:
         try:
             validate(rule, 1)
         except ValueError as exc:
             raise bad("rule", f"rule={body.get('rule', 'aad')}: {exc}") from None
-    where = "messages" if chat else "prompt"
+
+
+def _prompt_rows(rule, inp: dict, decoder, limits: Limits, where: str):
+    """``(rows, longest)``: both streams' prompt ids (the one tokenisation of the prompt) and
+    the longer one's length, within ``limits.max_prompt_tokens``."""
     try:
         rows = rule_rows(rule, decoder.kind, decoder.tokenizer, decoder.vocab,
                          None if "text" not in inp else [inp["text"]],
                          None if "ids" not in inp else [inp["ids"]], None, inp["chat"])
     except ValueError as exc:
         raise bad(_value_error_param(str(exc), where), f"{where}: {exc}") from None
-    prompt_tokens = len(rows.a[0])
     longest = max(len(rows.a[0]), len(rows.r[0]))
     if longest > limits.max_prompt_tokens:
         raise bad(where, f"the prompt is {longest} tokens; this server takes at most "
                          f"{limits.max_prompt_tokens}", code="context_length_exceeded")
+    return rows, longest
+
+
+def _max_new_tokens(body: dict, chat: bool, decoder, limits: Limits, longest: int) -> int:
+    """``max_tokens`` (chat: or ``max_completion_tokens``), or its default, within the limits and
+    the context left after a prompt of ``longest`` tokens."""
     room = decoder.max_seq_len - longest
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None \
         else "max_tokens"
@@ -348,6 +363,11 @@ def parse_request(body: dict, chat: bool, decoder, limits: Limits, default_stop=
         raise bad(key, f"a prompt of {longest} tokens plus {key}={max_new} exceeds the "
                        f"context of {decoder.max_seq_len} tokens; ask for at most {room}",
                   code="context_length_exceeded")
+    return max_new
+
+
+def _stop_ids(body: dict, decoder, default_stop) -> list:
+    """The server's stop ids plus the body's ``stop`` strings and ``stop_token_ids``."""
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else (stop or [])
     extra_ids = body.get("stop_token_ids") or []
@@ -358,16 +378,32 @@ def parse_request(body: dict, chat: bool, decoder, limits: Limits, default_stop=
         raise bad("stop_token_ids", f"stop_token_ids must be a list of token ids (ints), got "
                                     f"{extra_ids!r}; stop strings go in stop")
     try:
-        ids = decoder.stop_ids(list(default_stop) + stop + extra_ids)
+        return decoder.stop_ids(list(default_stop) + stop + extra_ids)
     except ValueError as exc:
         raise bad("stop_token_ids" if extra_ids and "id" in str(exc).split(" ")[1] else "stop",
                   str(exc)) from None
+
+
+def parse_request(body: dict, chat: bool, decoder, limits: Limits, default_stop=(),
+                  picker=None) -> tuple[list, int]:
+    """``(requests, prompt_tokens)``: one ``DecodeRequest`` per choice, all validated against
+    ``decoder`` (rule and pair, prompt length, context) and ``limits``. The prompt is tokenised
+    here, once: each request carries its ``prompt_rows``."""
+    _check_body(body, chat)
+    rule = build_rule(body, picker)
+    inp = prompt_input(body, chat, decoder.tokenizer)
+    n = _choices(body, rule, limits)
+    _check_rule_fits(body, rule, decoder, limits)
+    rows, longest = _prompt_rows(rule, inp, decoder, limits, "messages" if chat else "prompt")
+    max_new = _max_new_tokens(body, chat, decoder, limits, longest)
+    ids = _stop_ids(body, decoder, default_stop)
     rules = [rule] if n == 1 else [dataclasses.replace(rule, seed=rule.seed + i)
                                    for i in range(n)]
     reqs = [DecodeRequest(rule=r, max_new_tokens=max_new, text=inp.get("text"),
-                          ids=inp.get("ids"), chat=inp["chat"], stop=tuple(ids), stream=stream)
+                          ids=inp.get("ids"), chat=inp["chat"], stop=tuple(ids),
+                          stream=body.get("stream") is True, prompt_rows=rows)
             for r in rules]
-    return reqs, prompt_tokens
+    return reqs, len(rows.a[0])
 
 
 def completion_body(chat: bool, model: str, done: list, prompt_tokens: int) -> dict:
