@@ -144,6 +144,19 @@ class Decoder:
         self.use_graphs = self.device.type == "cuda" and cuda_graphs in ("auto", True)
         self.backend, self.check_every = backend, check_every
         self.vocab = self._vocab()
+        self._check_positions(max_seq_len)
+        self._slots: dict = {}
+        # every runner of this Decoder works on views of these (one decode at a time: below)
+        self._pools = self._make_pools(max_batch_size)
+        check_fits(self.kv_cache_bytes, self.device, max_batch_size, max_seq_len)
+        self._entries: OrderedDict = OrderedDict()
+        self._pickers: dict = {}  # best-of-n picker models loaded from paths
+        self._init_hold()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _check_positions(self, max_seq_len: int) -> None:
+        """Refuse ``max_seq_len`` past a learned position table; warn where sliding-window
+        attention is mixed with layer types that are not masked."""
         for model in (self.base, self.model_r):
             limit = None if model is None else position_limit(model)
             if limit is not None and max_seq_len > limit:
@@ -159,26 +172,21 @@ class Decoder:
                               f"({sorted(set(model.config.layer_types))}); it attends over the "
                               f"full cache, so sequences longer than {window} tokens will differ "
                               f"from the model's own generate(). Pass max_seq_len<={window} to "
-                              f"rule this out.", stacklevel=2)
-        self._slots: dict = {}
-        # every runner of this Decoder works on views of these (one decode at a time: below)
-        self._pools = self._make_pools(max_batch_size)
-        check_fits(self.kv_cache_bytes, self.device, max_batch_size, max_seq_len)
-        self._entries: OrderedDict = OrderedDict()
-        self._pickers: dict = {}  # best-of-n picker models loaded from paths
-        # A decode reuses this Decoder's static buffers (caches, state, captured graphs), so
-        # calls must not overlap: each holds the Decoder for a whole generate()/stream().
-        # Decoders never share buffers or layers (each runs its own view of the models), so
-        # they don't. The hold is not owned by a thread: a stream suspended at a yield may be
-        # resumed, closed or garbage-collected in any thread, and that releases it (an RLock
-        # across the yields could only be released by the thread that took it).
+                              f"rule this out.", stacklevel=3)
+
+    def _init_hold(self) -> None:
+        """A decode reuses this Decoder's static buffers (caches, state, captured graphs), so
+        calls must not overlap: each holds the Decoder for a whole generate()/stream().
+        Decoders never share buffers or layers (each runs its own view of the models), so
+        they don't. The hold is not owned by a thread: a stream suspended at a yield may be
+        resumed, closed or garbage-collected in any thread, and that releases it (an RLock
+        across the yields could only be released by the thread that took it)."""
         self._free = threading.Condition(threading.Lock())
         self._depth = 0         # nested holds (0: free)
         self._running = None    # the thread running inside the hold; None while a stream waits
         self._home = None       # a waiting stream's thread, while it has run in that one only
         self._owner = None  # the thread inside _run (re-entry from it is refused)
 
-    # ------------------------------------------------------------------ setup helpers
     def _vocab(self) -> int:
         sizes = [self.base.get_output_embeddings().weight.shape[0]]
         if self.model_r is not None:
@@ -650,18 +658,9 @@ class Decoder:
         sync = sched.sync
         t0, t1 = _first_admission(sched)
         with torch.inference_mode():
-            lsteps, compiles = None, 0
-            graphs = self.use_graphs and max_new > 1
-            if graphs or compiled:
-                # one entry per (bucket, rule kind) keeps one step per read length (LRU: _entry)
-                skey = ("steps", graphs, compiled)
-                if skey not in ent:
-                    ent[skey] = engine.LengthSteps(
-                        pair, sel, st, type(self.base).__name__,
-                        read_ladder(pair.runners[0].max_len, self.device), graphs=graphs,
-                        compiled=compiled)
-                lsteps = ent[skey]
-                compiles = lsteps.compiles
+            lsteps = self._length_steps(ent, pair, max_new, compiled)
+            compiles = lsteps.compiles if lsteps is not None else 0
+            if lsteps is not None:
                 lsteps.prepare()  # the first step's length, outside the timed decode
             sched.step = lsteps
             st.ref_head.update(sparse=0, full=0, candidates=0)  # not the compile's warm-up
@@ -680,6 +679,38 @@ class Decoder:
         tokens = [h.tokens for h in handles]
         out = Generation(tokens=tokens, text=self._text(tokens),
                          finish_reason=[h.finish_reason for h in handles])
+        out.stats = self._decode_stats(sched, out, pair, sel, st, lsteps, streams, n,
+                                       (t0, t1, t2, t3, late_s))
+        compile_s = None
+        if lsteps is not None and lsteps.compiles > compiles:
+            compile_s = lsteps.compile_s  # compiled in this call (for compile="auto")
+        if out.stats["steps"] > 8 and b <= n:  # enough steps to say what the step costs
+            tuning.observe_step(ckey, out.stats["compiled"], out.stats["ms_per_token"],
+                                compile_s)  # for compile="auto"
+        yield out
+
+    def _length_steps(self, ent: dict, pair, max_new: int, compiled: bool):
+        """The entry's ``engine.LengthSteps`` for graphs and/or a compiled step (made on first
+        use; one entry per (bucket, rule kind) keeps one step per read length, LRU: ``_entry``),
+        or ``None`` for the eager step."""
+        graphs = self.use_graphs and max_new > 1
+        if not (graphs or compiled):
+            return None
+        skey = ("steps", graphs, compiled)
+        if skey not in ent:
+            ent[skey] = engine.LengthSteps(
+                pair, ent["sel"], ent["st"], type(self.base).__name__,
+                read_ladder(pair.runners[0].max_len, self.device), graphs=graphs,
+                compiled=compiled)
+        return ent[skey]
+
+    def _decode_stats(self, sched, out: Generation, pair, sel, st, lsteps, streams: str,
+                      n: int, times: tuple) -> dict:
+        """``Generation.stats`` of a ``_decode``: ``times`` are the perf-counter seconds
+        before and after the first admission, at the timed decode's start and end, and the
+        build time of steps first reached mid-decode."""
+        t0, t1, t2, t3, late_s = times
+        b = len(out.tokens)
         steps = sched.steps + 1
         n_tok = sum(len(t) + (r == "stop") for t, r in zip(out.tokens, out.finish_reason))
         # admissions after the first are part of the decode time (they are what refill costs)
@@ -687,10 +718,7 @@ class Decoder:
         reads = pair.runners[0].reads
         ran = [lsteps.kinds[n] for n in reads if n in lsteps.kinds] \
             if lsteps is not None and not lsteps.failed else []
-        compile_s = None
-        if lsteps is not None and lsteps.compiles > compiles:
-            compile_s = lsteps.compile_s  # compiled in this call (for compile="auto")
-        out.stats = {
+        return {
             "prefill_ms": (t1 - t0) * 1e3,
             "capture_ms": (t2 - t1 + late_s) * 1e3,
             "steps": steps,
@@ -710,10 +738,6 @@ class Decoder:
             "threads": torch.get_num_threads(),
             **_read_stats(pair, reads),
         }
-        if steps > 8 and b <= n:  # enough steps to say what the step costs, for compile="auto"
-            tuning.observe_step(ckey, out.stats["compiled"], out.stats["ms_per_token"],
-                                compile_s)
-        yield out
 
     def _text(self, tokens):
         if self.tokenizer is None:
