@@ -28,6 +28,7 @@ import torch
 
 from .decode import steps as engine
 from .decode import search
+from .decode.driver import bucket, text_delta
 from .model.cache import KVPool, check_fits, kv_bytes, ladder_length, read_ladder
 from .model.loading import load_pair
 from . import tuning
@@ -279,12 +280,7 @@ class Decoder:
         self.close()
 
     def _bucket(self, b: int) -> int:
-        if not self.use_graphs:
-            return b
-        n = 1
-        while n < b:
-            n *= 2
-        return min(n, self.max_batch_size)
+        return bucket(b, self.max_batch_size) if self.use_graphs else b
 
     def _make_pools(self, rows: int, streams: str = "ar") -> dict:
         """KV pools (``cache.KVPool``) for ``rows`` rows of ``streams`` (default: every stream
@@ -508,16 +504,11 @@ class Decoder:
             for out in self._run(prompt, input_ids, None, rule, max_new_tokens, stop, chat,
                                  partial=True):
                 final = isinstance(out, Generation)
-                text = out.text[0] if final else out
-                if not final:
-                    # a burst may end inside a multi-byte character, which decodes to a
-                    # trailing U+FFFD that the next bytes replace: hold it back until then
-                    # (the final text is yielded whole, a U+FFFD it really ends in included)
-                    text = text.rstrip("\ufffd")
-                if text.startswith(shown) and len(text) > len(shown):
+                piece, now = text_delta(shown, out.text[0] if final else out, final)
+                if piece:  # a trailing U+FFFD held back until its bytes come (text_delta)
                     with self._caller_turn():
-                        yield text[len(shown):]
-                    shown = text
+                        yield piece
+                    shown = now
 
     def _validate(self, rule, max_new_tokens):
         if not isinstance(rule, Rule):
