@@ -13,50 +13,33 @@ requests over time (a server).
 Beam search and best-of-n run on the scheduler too, with ``search``'s pieces (which never
 import this module): a beam request is a slot of ``num_beams`` rows (``search.BeamSearch``
 ranks), refilled like any row past ``max_batch_size``; best-of-n's samples are ordinary rows.
+
+The buffers, the hold (one call at a time) and the decodes themselves are
+``decode.driver.Driver``'s, which ``Decoder`` extends with loading, validation and the public
+calls (``generate``, ``stream``, ``scheduler``, ``request``).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
-import time
 import warnings
-from collections import OrderedDict
-from dataclasses import dataclass, field
 
 import torch
 
-from .decode import steps as engine
-from .decode import search
-from .model.cache import KVPool, check_fits, kv_bytes, ladder_length, read_ladder
+from .decode.driver import Driver, Generation, text_delta
 from .model.loading import load_pair
-from . import tuning
 from .model.lora_rows import RowLoRA
-from .model.pairs import SharedPair, SinglePair, TwoModelPair
 from .model.runner import sliding_unsupported
-from .decode.prompt_rows import MAX_STOP_IDS, Rows, resolve_stop_ids, rule_rows
+from .decode.prompt_rows import Rows, resolve_stop_ids, rule_rows
 from .rules import AAD, OPAD, BeamAAD, BestOfN, CFGMix, Rule, check_int
-from .decode.scheduler import Request, Scheduler, new_state
-from .decode.selectors import make_selector, rule_kind
+from .decode.scheduler import Request, Scheduler
 from .model import cpu_linear as linear_layouts
 from .model import forward as fast_forward
 from .model import threads as thread_choice
 
 
-@dataclass
-class Generation:
-    """Result of ``Decoder.generate``: per row the completion ids (stop id excluded), the text
-    (when a tokenizer is known), ``"stop"`` or ``"length"``, and run statistics."""
-
-    tokens: list
-    text: list | None
-    finish_reason: list
-    stats: dict = field(default_factory=dict)
-    scores: list | None = None
-    candidates: list | None = None
-
-
-class Decoder:
+class Decoder(Driver):
     """Decode with two next-token distributions at close to one model's cost.
 
     Args:
@@ -103,7 +86,6 @@ class Decoder:
             ``stats["forward"]`` says which ran.
     """
 
-    MAX_ENTRIES = 16  # entries kept (batch bucket, rule kind; a step per read length), LRU
     DEFAULT_SEQ_LEN = 2048
 
     def __init__(self, aligned, reference=None, *, tokenizer=None, dtype=None, device=None,
@@ -144,6 +126,14 @@ class Decoder:
         self.use_graphs = self.device.type == "cuda" and cuda_graphs in ("auto", True)
         self.backend, self.check_every = backend, check_every
         self.vocab = self._vocab()
+        self._check_positions(max_seq_len)
+        self._init_buffers()
+        self._init_hold()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _check_positions(self, max_seq_len: int) -> None:
+        """Refuse ``max_seq_len`` past a learned position table; warn where sliding-window
+        attention is mixed with layer types that are not masked."""
         for model in (self.base, self.model_r):
             limit = None if model is None else position_limit(model)
             if limit is not None and max_seq_len > limit:
@@ -159,26 +149,8 @@ class Decoder:
                               f"({sorted(set(model.config.layer_types))}); it attends over the "
                               f"full cache, so sequences longer than {window} tokens will differ "
                               f"from the model's own generate(). Pass max_seq_len<={window} to "
-                              f"rule this out.", stacklevel=2)
-        self._slots: dict = {}
-        # every runner of this Decoder works on views of these (one decode at a time: below)
-        self._pools = self._make_pools(max_batch_size)
-        check_fits(self.kv_cache_bytes, self.device, max_batch_size, max_seq_len)
-        self._entries: OrderedDict = OrderedDict()
-        self._pickers: dict = {}  # best-of-n picker models loaded from paths
-        # A decode reuses this Decoder's static buffers (caches, state, captured graphs), so
-        # calls must not overlap: each holds the Decoder for a whole generate()/stream().
-        # Decoders never share buffers or layers (each runs its own view of the models), so
-        # they don't. The hold is not owned by a thread: a stream suspended at a yield may be
-        # resumed, closed or garbage-collected in any thread, and that releases it (an RLock
-        # across the yields could only be released by the thread that took it).
-        self._free = threading.Condition(threading.Lock())
-        self._depth = 0         # nested holds (0: free)
-        self._running = None    # the thread running inside the hold; None while a stream waits
-        self._home = None       # a waiting stream's thread, while it has run in that one only
-        self._owner = None  # the thread inside _run (re-entry from it is refused)
+                              f"rule this out.", stacklevel=3)
 
-    # ------------------------------------------------------------------ setup helpers
     def _vocab(self) -> int:
         sizes = [self.base.get_output_embeddings().weight.shape[0]]
         if self.model_r is not None:
@@ -198,189 +170,11 @@ class Decoder:
             self._entries.clear()
             self._pickers.clear()
 
-    def _acquire(self) -> None:
-        """Hold this Decoder: wait while another call holds it; re-entry from the thread
-        running inside the hold nests. A stream left open at a yield in this very thread (and
-        only ever run in it) would never be resumed while this thread waits: refused."""
-        me = threading.get_ident()
-        with self._free:
-            while self._depth and self._running != me:
-                if self._running is None and self._home == me:
-                    raise RuntimeError("this Decoder is already decoding in this thread (a "
-                                       "stream() that is still open?); exhaust or close() the "
-                                       "stream first")
-                self._free.wait()
-            self._depth += 1
-            self._running = me
-
-    def _release(self) -> None:
-        """Let go of one hold; from any thread (a stream may end in another than began it)."""
-        with self._free:
-            self._depth -= 1
-            if not self._depth:
-                self._running = self._home = None
-                self._free.notify_all()
-
-    @contextlib.contextmanager
-    def _locked(self):
-        """Hold this Decoder (other threads' calls wait for it), with ``self.threads`` intra-op
-        threads while it is held (the process's count put back after)."""
-        self._acquire()
-        try:
-            before = torch.get_num_threads()
-            change = self.threads is not None and self.threads != before
-            if change:
-                torch.set_num_threads(self.threads)
-            self._caller_threads = before if change else None
-            try:
-                yield
-            finally:
-                self._caller_threads = None
-                if change:
-                    torch.set_num_threads(before)
-        finally:
-            self._release()
-
-    @contextlib.contextmanager
-    def _caller_turn(self):
-        """Around a ``stream`` yield: the hold stays the stream's, but no thread runs inside it
-        (the stream may be resumed from any thread, which then runs inside it); the caller's
-        code between two pieces runs with its own intra-op thread count, the Decoder's is set
-        again when the stream resumes."""
-        me = threading.get_ident()
-        with self._free:
-            self._home = me if self._home in (None, me) and self._running == me else -1
-            self._running = None
-        before = getattr(self, "_caller_threads", None)
-        if before is not None:
-            torch.set_num_threads(before)
-        try:
-            yield
-        finally:
-            with self._free:
-                self._running = threading.get_ident()
-                if self._home != self._running:
-                    self._home = -1  # resumed elsewhere: driven by several threads (a pool)
-            if before is not None:
-                torch.set_num_threads(self.threads)
-
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
-
-    def _bucket(self, b: int) -> int:
-        if not self.use_graphs:
-            return b
-        n = 1
-        while n < b:
-            n *= 2
-        return min(n, self.max_batch_size)
-
-    def _make_pools(self, rows: int, streams: str = "ar") -> dict:
-        """KV pools (``cache.KVPool``) for ``rows`` rows of ``streams`` (default: every stream
-        set), one per set of weights: ``{"a", "r"}`` (``rows`` each) for two models, else
-        ``{"base"}`` with ``2 * rows`` (a shared pair runs both streams as rows of one batch; a
-        single stream, beams and samples use the first rows). Nothing is allocated until a
-        runner's first forward."""
-        L = self.max_seq_len
-        if self.kind == "two":
-            models = {"a": self.base, "r": self.model_r}
-            return {s: KVPool(rows, L, kv_bytes(models[s], rows, L))
-                    for s in ("a", "r") if s in streams}
-        n = 2 * rows if streams == "ar" else rows
-        return {"base": KVPool(n, L, kv_bytes(self.base, n, L))}
-
-    @property
-    def kv_cache_bytes(self) -> int:
-        """Bytes of this Decoder's KV pools: ``2 * layers * rows * kv_heads * max_seq_len *
-        head_dim * itemsize`` per set of weights (``cache.kv_bytes``), whatever the buckets and
-        rule kinds used. A ``scheduler(...)`` holds a pool of its own besides."""
-        return sum(pool.nbytes for pool in self._pools.values())
-
-    def _pair(self, n: int, streams: str, needed: int, static: bool | None = None):
-        """Runners for ``n`` rows, their caches views of the Decoder's KV pools (so keeping
-        several costs no KV memory: one decode runs at a time, and each prefill/admission
-        rewrites what its rows read). Static runners (CUDA graphs, a compiled step) are kept:
-        the graphs or the compiled code hold their buffers; they have ``max_seq_len`` slots
-        (at most ``MAX_STATIC`` kept), and their steps read only a rung of the read ladder
-        (``engine.LengthSteps``). Eager runners are sized to this call's need, so attention
-        never reads unused slots."""
-        static = self.use_graphs if static is None else static
-        L = self.max_seq_len if static else needed
-        key = (n, streams, L, static)
-        for old in [k for k in self._slots if not k[3] and k != key]:
-            self._drop(old)
-        if key not in self._slots:
-            kept = [k for k in self._slots if k[3]]
-            if static and len(kept) >= MAX_STATIC:
-                self._drop(kept[0])
-            self._slots[key] = self._new_pair(n, streams, L)
-        return self._slots[key]
-
-    def _new_pair(self, n: int, streams: str, L: int, pools: dict | None = None):
-        """Runners of ``n`` rows and ``L`` cache slots for ``streams`` on this Decoder's pair,
-        over ``pools`` (``_make_pools``; default the Decoder's own)."""
-        lin, fwd = self.cpu_linear, self.forward
-        pools = self._pools if pools is None else pools
-        if streams == "ar":
-            if self.kind == "two":
-                return TwoModelPair(self.model_a, self.model_r, n, L, lin,
-                                    (pools["a"], pools["r"]), fwd)
-            # LoRA pair or prompt pair
-            return SharedPair(self.base, n, L, self.lora, lin, pools["base"], fwd)
-        pool = pools[streams] if self.kind == "two" else pools["base"]
-        if streams == "a":
-            return SinglePair(self.base, n, L, self.lora, n, lin, pool, fwd)
-        model = self.model_r if self.kind == "two" else self.base
-        return SinglePair(model, n, L, self.lora if self.kind == "lora" else None, 0, lin, pool,
-                          fwd)
-
-    def _drop(self, key) -> None:
-        pair = self._slots.pop(key)
-        for k in [k for k in self._entries if k[0] == id(pair)]:
-            del self._entries[k]
-
-    def _compile_key(self, streams: str, n: int) -> str:
-        """The tuning entry of the compiled-vs-eager choice: model shape, pair, rows, device."""
-        model = self.base if streams != "r" or self.kind != "two" else self.model_r
-        cfg = model.config
-        sig = (f"{type(model).__name__}-h{getattr(cfg, 'hidden_size', '?')}"
-               f"-l{getattr(cfg, 'num_hidden_layers', '?')}-v{self.vocab}-"
-               f"{str(next(model.parameters()).dtype).replace('torch.', '')}")
-        pair = self.kind if streams == "ar" else f"single-{streams}"
-        return f"compile/{self.device.type}/{sig}/{pair}/rows{n}"
-
-    def _wants_compile(self, key: str, max_new: int, longest: int = 1) -> bool:
-        """``compile``, or for ``"auto"`` whether this machine's record says compiling pays
-        for ``max_new`` tokens after a prompt of ``longest``: one compile per rung of the read
-        ladder the call's rows reach (``cache.read_ladder``)."""
-        if self.compile is True or self.compile is False:
-            return self.compile and max_new > 1
-        ladder = read_ladder(self.max_seq_len, self.device)
-        lo = ladder_length(ladder, longest + 1)
-        hi = ladder_length(ladder, longest + max_new)
-        return tuning.compile_pays(key, max_new - 1, sum(lo <= r <= hi for r in ladder))
-
-    def _entry(self, pair, n: int, rule: Rule):
-        """Selector, decode state and captured graph for ``n`` rows of ``rule``'s kind
-        (``selectors.rule_kind``): one entry, so one graph, serves every value of the kind;
-        ``rule``'s values are written into the selector's tensors here. At most
-        ``MAX_ENTRIES`` are kept, least recently used dropped first."""
-        key = (id(pair), rule.streams, rule_kind(rule))  # the pair fixes the row count
-        ent = self._entries.get(key)
-        if ent is None or ent["pair"] is not pair:
-            sel = make_selector(rule, n, self.vocab, self.device, self.backend)
-            st = new_state(n, pair.runners[0].max_len, MAX_STOP_IDS, self.device)
-            ent = {"sel": sel, "st": st, "pair": pair}
-            self._entries[key] = ent
-            while len(self._entries) > self.MAX_ENTRIES:
-                self._entries.popitem(last=False)
-        else:
-            ent["sel"].set_rule(rule)
-        self._entries.move_to_end(key)
-        return ent
 
     # ------------------------------------------------------------------ inputs
     def stop_ids(self, stop=None) -> list:
@@ -441,30 +235,7 @@ class Decoder:
                              f", got {rows!r}")
         if self.lora is not None:
             self.lora.check_unmerged()
-        streams = rule.streams
-        pools = self._make_pools(n, streams)  # its own: its rows stay live between other calls
-        check_fits(sum(p.nbytes for p in pools.values()), self.device, n, self.max_seq_len,
-                   "a scheduler's KV cache", "rows")
-        pair = self._new_pair(n, streams, self.max_seq_len, pools)
-        if isinstance(rule, BeamAAD):
-            if rule.num_beams > n:
-                raise ValueError(f"num_beams={rule.num_beams} exceeds rows={n}: a request's "
-                                 "beams are rows of the scheduler; give it more rows")
-            bs = search.BeamSearch(rule, n, self.max_seq_len, MAX_STOP_IDS, self.vocab,
-                                   self.backend, self.device)
-            return Scheduler(pair, bs, None, rule, check_every=self.check_every)
-        sel = make_selector(rule, n, self.vocab, self.device, self.backend)
-        st = new_state(n, self.max_seq_len, MAX_STOP_IDS, self.device)
-        st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
-        name = type(self.base).__name__
-
-        def prepare():  # a step per read length, captured on first use
-            if not self.use_graphs:
-                return None
-            return engine.LengthSteps(pair, sel, st, name,
-                                      read_ladder(self.max_seq_len, self.device),
-                                      graphs=True, compiled=False)
-        return Scheduler(pair, sel, st, rule, check_every=self.check_every, prepare=prepare)
+        return self._new_scheduler(rule, n)
 
     def request(self, prompt=None, *, input_ids=None, rule: Rule = AAD(0.1),
                 max_new_tokens: int = 128, stop=None, chat: bool = False, seed=None,
@@ -502,16 +273,11 @@ class Decoder:
             for out in self._run(prompt, input_ids, None, rule, max_new_tokens, stop, chat,
                                  partial=True):
                 final = isinstance(out, Generation)
-                text = out.text[0] if final else out
-                if not final:
-                    # a burst may end inside a multi-byte character, which decodes to a
-                    # trailing U+FFFD that the next bytes replace: hold it back until then
-                    # (the final text is yielded whole, a U+FFFD it really ends in included)
-                    text = text.rstrip("\ufffd")
-                if text.startswith(shown) and len(text) > len(shown):
+                piece, now = text_delta(shown, out.text[0] if final else out, final)
+                if piece:  # a trailing U+FFFD held back until its bytes come (text_delta)
                     with self._caller_turn():
-                        yield text[len(shown):]
-                    shown = text
+                        yield piece
+                    shown = now
 
     def _validate(self, rule, max_new_tokens):
         if not isinstance(rule, Rule):
@@ -524,17 +290,6 @@ class Decoder:
             raise ValueError("OPAD runs one model with two prompts: build Decoder(model) "
                              "without a reference (and without a LoRA adapter)")
         return max_new_tokens
-
-    def _check_lengths(self, rows: Rows, max_new: int, n_rows: int, refill: bool = False):
-        """``refill``: more rows than ``max_batch_size`` are fine (continuous batching)."""
-        if n_rows > self.max_batch_size and not refill:
-            raise ValueError(f"{n_rows} rows exceed max_batch_size={self.max_batch_size}; "
-                             "pass a larger Decoder(max_batch_size=...)")
-        longest = max(len(r) for r in rows.a + rows.r)
-        if longest + max_new > self.max_seq_len:
-            raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new} exceeds "
-                             f"max_seq_len={self.max_seq_len}; pass a larger "
-                             "Decoder(max_seq_len=...) or fewer new tokens")
 
     def _run(self, prompts, input_ids, attention_mask, rule, max_new_tokens, stop, chat,
              partial=False):
@@ -564,203 +319,6 @@ class Decoder:
             yield self._best_of_n(rule, rows, max_new_tokens, stop_ids)
             return
         yield from self._decode(rule, rows, max_new_tokens, stop_ids, partial=partial)
-
-    def _beam(self, rule: BeamAAD, rows: Rows, max_new, stop_ids) -> Generation:
-        """BeamAAD through a ``Scheduler`` of beam slots (``search.BeamSearch``): each prompt
-        takes ``k = num_beams`` rows of this Decoder's kept runners; all prompts at once when
-        their beams fit ``max_batch_size``, else as many as fit, each finished slot refilled
-        with the next prompt."""
-        k, b = rule.num_beams, len(rows.a)
-        self._check_beams(k)
-        self._check_lengths(rows, max_new, b * k, refill=True)
-        n = self._bucket(min(b, self.max_batch_size // k) * k)
-        longest = max(len(r) for r in rows.a)
-        pair = self._pair(n, "ar", longest + max_new)
-        bs = search.BeamSearch(rule, n, max_new, max(len(set(stop_ids)), 1), self.vocab,
-                               self.backend, self.device)
-        sched = Scheduler(pair, bs, None, rule, check_every=self.check_every)
-        for r in pair.runners:  # this call's read lengths only
-            r.reads = {}
-        handles = [sched.submit(Request(ids_a=rows.a[i], ids_r=rows.a[i], rule=rule,
-                                        max_new_tokens=max_new, stop_ids=tuple(stop_ids), tag=i))
-                   for i in range(b)]
-        sync = sched.sync
-        t0, t1 = _first_admission(sched)
-        with torch.inference_mode():
-            while sched.step_burst():
-                pass
-            sync()
-        decode_s = time.perf_counter() - t1
-        tokens = [h.tokens for h in handles]
-        steps = sched.steps + 1  # the first selection, then one forward of every row per step
-        stats = {"prefill_ms": (t1 - t0) * 1e3, "steps": steps,
-                 "ms_per_token": decode_s * 1e3 / max(steps - 1, 1),
-                 "tokens_per_s": (sum(h.steps - 1 for h in handles) / decode_s
-                                  if steps > 1 and decode_s > 0 else float("nan")),
-                 # aad_beam_topk has a fused C++ step; every other backend runs the reference
-                 "backend": "cpp" if bs.backend == "cpp" else "torch",
-                 "cuda_graphs": False, "compiled": False, "batch": b, "num_beams": k, "rows": n,
-                 "pair": self.kind, "device": str(self.device),
-                 "linear": _linear_stats(pair), "forward": _forward_stats(pair),
-                 "kv_cache_bytes": self.kv_cache_bytes, "threads": torch.get_num_threads(),
-                 **_read_stats(pair, pair.runners[0].reads)}
-        return Generation(tokens=tokens, text=self._text(tokens),
-                          finish_reason=[h.finish_reason for h in handles], stats=stats,
-                          scores=[h.score for h in handles])
-
-    def _check_beams(self, k: int) -> None:
-        if k > self.max_batch_size:
-            raise ValueError(f"num_beams={k} exceeds max_batch_size={self.max_batch_size}: a "
-                             "prompt's beams are rows of one batch; pass a larger "
-                             "Decoder(max_batch_size=...) or fewer beams")
-
-    def _best_of_n(self, rule: BestOfN, rows: Rows, max_new, stop_ids) -> Generation:
-        """BestOfN: ``rule.n`` samples per prompt (``search.samples``: each an ordinary
-        request with its own seed) through the one decode loop (``_decode``, continuous batching
-        past ``max_batch_size``), then the picker's choice (``search.pick_best``)."""
-        sample, rep, seeds = search.samples(rule, rows.a)
-        for got in self._decode(sample, Rows(rep, rep), max_new, stop_ids, seeds=seeds):
-            pass
-        model, ptok = search.load_picker(rule.picker, self.device, self._pickers)
-        best = search.pick_best(rule.n, rep, got, model, ptok or self.tokenizer, self.tokenizer)
-        return Generation(text=self._text(best["tokens"]), stats=dict(got.stats, n=rule.n),
-                          **best)
-
-    def _decode(self, rule, rows: Rows, max_new, stop_ids, seeds=None, partial=False):
-        """Every row of ``rows`` through a ``Scheduler``: all admitted at once when they fit
-        ``max_batch_size`` (a static batch), else the rows that fit first and each freed row
-        refilled with the next prompt (continuous batching). ``seeds``: one int per row, its
-        request's seed (best-of-n's samples); ``None``: the rule's."""
-        b = len(rows.a)
-        self._check_lengths(rows, max_new, b, refill=True)
-        n = self._bucket(min(b, self.max_batch_size))
-        streams = rule.streams
-        longest = max(len(r) for r in rows.a + rows.r)
-        ckey = self._compile_key(streams, n)
-        compiled = self._wants_compile(ckey, max_new, longest)
-        pair = self._pair(n, streams, longest + max_new, static=self.use_graphs or compiled)
-        ent = self._entry(pair, n, rule)
-        sel, st = ent["sel"], ent["st"]
-        st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
-        stream_rows = {"ar": (rows.a, rows.r), "a": (rows.a, rows.a), "r": (rows.r, rows.r)}
-        ra, rr = stream_rows[streams]
-        sched = Scheduler(pair, sel, st, rule, check_every=self.check_every)
-        handles = [sched.submit(Request(ids_a=ra[i], ids_r=rr[i], max_new_tokens=max_new,
-                                        stop_ids=tuple(stop_ids), tag=i,
-                                        seed=None if seeds is None else seeds[i]))
-                   for i in range(b)]
-        sync = sched.sync
-        t0, t1 = _first_admission(sched)
-        with torch.inference_mode():
-            lsteps, compiles = None, 0
-            graphs = self.use_graphs and max_new > 1
-            if graphs or compiled:
-                # one entry per (bucket, rule kind) keeps one step per read length (LRU: _entry)
-                skey = ("steps", graphs, compiled)
-                if skey not in ent:
-                    ent[skey] = engine.LengthSteps(
-                        pair, sel, st, type(self.base).__name__,
-                        read_ladder(pair.runners[0].max_len, self.device), graphs=graphs,
-                        compiled=compiled)
-                lsteps = ent[skey]
-                compiles = lsteps.compiles
-                lsteps.prepare()  # the first step's length, outside the timed decode
-            sched.step = lsteps
-            st.ref_head.update(sparse=0, full=0, candidates=0)  # not the compile's warm-up
-            for r in pair.runners:
-                r.reads = {}
-            sync()
-            t2 = time.perf_counter()
-            built_s = lsteps.build_s if lsteps is not None else 0.0
-            while sched.step_burst():
-                if partial and sched.busy:
-                    yield self._text([sched.partial(handles[0])])[0]
-            sync()
-            t3 = time.perf_counter()
-            # lengths first reached mid-decode were built then: capture time, not decode time
-            late_s = lsteps.build_s - built_s if lsteps is not None else 0.0
-        tokens = [h.tokens for h in handles]
-        out = Generation(tokens=tokens, text=self._text(tokens),
-                         finish_reason=[h.finish_reason for h in handles])
-        steps = sched.steps + 1
-        n_tok = sum(len(t) + (r == "stop") for t, r in zip(out.tokens, out.finish_reason))
-        # admissions after the first are part of the decode time (they are what refill costs)
-        decode_s = t3 - t2 - late_s
-        reads = pair.runners[0].reads
-        ran = [lsteps.kinds[n] for n in reads if n in lsteps.kinds] \
-            if lsteps is not None and not lsteps.failed else []
-        compile_s = None
-        if lsteps is not None and lsteps.compiles > compiles:
-            compile_s = lsteps.compile_s  # compiled in this call (for compile="auto")
-        out.stats = {
-            "prefill_ms": (t1 - t0) * 1e3,
-            "capture_ms": (t2 - t1 + late_s) * 1e3,
-            "steps": steps,
-            "ms_per_token": decode_s * 1e3 / max(steps - 1, 1),
-            "tokens_per_s": (n_tok - b) / decode_s if decode_s > 0 and n_tok > b else float("nan"),
-            "backend": getattr(sel, "backend", "torch"),
-            "cuda_graphs": any(graph for graph, _ in ran),
-            "compiled": any(comp for _, comp in ran),
-            "pair": self.kind if streams == "ar" else f"single:{streams}",
-            "batch": b,
-            "rows": n,
-            "device": str(self.device),
-            "linear": _linear_stats(pair),
-            "forward": _forward_stats(pair),
-            "reference_head": _ref_head_stats(st.ref_head),
-            "kv_cache_bytes": self.kv_cache_bytes,
-            "threads": torch.get_num_threads(),
-            **_read_stats(pair, reads),
-        }
-        if steps > 8 and b <= n:  # enough steps to say what the step costs, for compile="auto"
-            tuning.observe_step(ckey, out.stats["compiled"], out.stats["ms_per_token"],
-                                compile_s)
-        yield out
-
-    def _text(self, tokens):
-        if self.tokenizer is None:
-            return None
-        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-
-
-MAX_STATIC = 4  # kept static runner sets (each holds a KV cache and maybe compiled code)
-
-
-def _read_stats(pair, reads: dict) -> dict:
-    """``read_lengths``: steps run per attention read length (slots) in this call;
-    ``kv_read_bytes_per_step``: the KV bytes those steps read, on average (keys and values of
-    every layer, row and read slot of the pair's runners)."""
-    steps = sum(reads.values())
-    per_slot = sum(t.numel() // t.shape[2] * t.element_size()
-                   for r in pair.runners for t in r.cache.keys + r.cache.values)
-    mean = sum(n * c for n, c in reads.items()) / steps if steps else 0
-    return {"read_lengths": dict(sorted(reads.items())),
-            "kv_read_bytes_per_step": int(per_slot * mean)}
-
-
-def _linear_stats(pair) -> dict:
-    """Which layout each weight shape of the pair's runners took (``linear_layouts.summarize``)."""
-    out = {}
-    for runner in pair.runners:
-        out.update(linear_layouts.summarize(runner.plan))
-    return out
-
-
-def _forward_stats(pair) -> str:
-    """``"fast"`` (every runner on ``FastDecoder``), ``"hf"`` (none) or ``"mixed"``."""
-    fast = {r.fast is not None for r in pair.runners}
-    return "mixed" if len(fast) == 2 else "fast" if fast.pop() else "hf"
-
-
-def _ref_head_stats(counts: dict) -> dict:
-    """How the decode steps computed stream r's logits (``engine.reference_logits``):
-    ``sparse_steps`` on the aligned stream's candidates only (``candidates_per_step``: their
-    mean count over the batch), ``full_steps`` over the whole vocabulary by that path (steps
-    of rules that need the whole reference are in neither)."""
-    s = counts["sparse"]
-    return {"sparse_steps": s, "full_steps": counts["full"],
-            "candidates_per_step": counts["candidates"] / s if s else None}
-
 
 def _tokenizer_ids(tokenizer) -> int | None:
     """The size of ``tokenizer``'s id range: 1 + its largest id (vocabulary and added tokens),
@@ -800,17 +358,6 @@ def position_limit(model) -> int | None:
         if isinstance(val, int) and not isinstance(val, bool) and 0 < val <= table.num_embeddings:
             return val
     return table.num_embeddings
-
-
-def _first_admission(sched: Scheduler) -> tuple:
-    """Admit what fits of ``sched``'s queue (the call's first prefill), timed from a synced
-    device: ``(t0, t1)`` perf-counter seconds around it."""
-    sched.sync()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        sched.admit()
-    sched.sync()
-    return t0, time.perf_counter()
 
 
 def generate(aligned, reference=None, prompts=None, **kwargs) -> Generation:

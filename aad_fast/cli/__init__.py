@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..jobs.prompt_files import check_resume, prompts_identity, read_prompts_file
@@ -60,55 +61,88 @@ def generate_inputs(a):
     return rule, rows
 
 
+@dataclass
+class GenerateJob:
+    """What ``generate`` and ``generate --ray`` share: the checked ``rule`` and ``rows``,
+    ``out`` (the ``ResultsFile`` of ``--out``, resume checked, or ``None``), ``todo`` (positions
+    in ``rows`` still to do), ``per_prompt`` (Decoder rows a prompt takes: beams or samples)
+    and ``per_call`` (prompts per ``Decoder.generate`` call)."""
+
+    rule: object
+    rows: list
+    out: object
+    todo: list
+    per_prompt: int
+    per_call: int
+
+    def chunks(self) -> list:
+        """``todo`` cut into the prompts of each ``Decoder.generate`` call."""
+        return [self.todo[j:j + self.per_call] for j in range(0, len(self.todo), self.per_call)]
+
+
+def open_generate(a, stack: contextlib.ExitStack) -> GenerateJob:
+    """The ``GenerateJob`` of a ``generate`` command line (``--out`` entered on ``stack``)."""
+    from ..jobs.outfile import ResultsFile
+    from ..rules import BestOfN
+    rule, rows = generate_inputs(a)
+    out, todo = None, list(range(len(rows)))
+    if a.out:
+        ident = prompts_identity(a.prompts_file) if a.prompts_file else {"prompt": a.prompt}
+        out = stack.enter_context(ResultsFile(a.out, generate_settings(a, rule), ident))
+        check_resume(out, rows, lambda row: row.get("prompt"))
+        todo = [i for i in todo if not out.is_done(rows[i]["id"])]
+        if out.done:
+            print(f"{a.out}: {len(out.done)} prompt(s) already done, {len(todo)} to go",
+                  file=sys.stderr)
+    searched = isinstance(rule, BestOfN)
+    per_prompt = rule.n if searched else getattr(rule, "num_beams", 1)
+    # per-token rules and beam search: Decoder.generate batches continuously (a finished
+    # row, or a prompt's slot of beams, is refilled with the next prompt), so give it many
+    # prompts per call; results are still written every chunk (resumable)
+    per_call = a.batch_size if searched else a.batch_size * CONTINUOUS_CHUNK
+    return GenerateJob(rule, rows, out, todo, per_prompt, per_call)
+
+
+def generate_decoder(a, job: GenerateJob, path=lambda x: x) -> dict:
+    """The ``Decoder`` options of a ``generate`` command line (``path``: applied to paths)."""
+    return {"aligned": path(a.aligned), "reference": path(a.reference),
+            "tokenizer": path(getattr(a, "tokenizer", None)), "dtype": a.dtype,
+            "device": a.device, "max_seq_len": a.max_seq_len,
+            "max_batch_size": a.batch_size * job.per_prompt}
+
+
+def generate_record(a, row: dict, completion, tokens, finish_reason) -> dict:
+    """The result row of one prompt (``--out`` line, or printed)."""
+    return {"id": row["id"], "prompt": row["prompt"], "completion": completion,
+            "tokens": [int(t) for t in tokens], "finish_reason": finish_reason, "rule": a.rule}
+
+
 def cmd_generate(a) -> int:
     import torch
     from tqdm import tqdm
 
     import aad_fast as af
-
-    from ..jobs.outfile import ResultsFile
-    rule, rows = generate_inputs(a)
     with contextlib.ExitStack() as stack:
-        out = None
-        todo = rows
-        if a.out:
-            ident = prompts_identity(a.prompts_file) if a.prompts_file else {"prompt": a.prompt}
-            out = stack.enter_context(ResultsFile(a.out, generate_settings(a, rule), ident))
-            check_resume(out, rows, lambda row: row.get("prompt"))
-            todo = [r for r in rows if not out.is_done(r["id"])]
-            if out.done:
-                print(f"{a.out}: {len(out.done)} prompt(s) already done, {len(todo)} to go",
-                      file=sys.stderr)
-        if not todo:
+        job = open_generate(a, stack)
+        if not job.todo:
             return 0
-        dtype = getattr(torch, a.dtype) if a.dtype else None
-        per_prompt = rule.n if isinstance(rule, af.BestOfN) else getattr(rule, "num_beams", 1)
-        dec = stack.enter_context(af.Decoder(a.aligned, a.reference, dtype=dtype,
-                                             device=a.device, tokenizer=a.tokenizer,
-                                             max_batch_size=a.batch_size * per_prompt,
-                                             max_seq_len=a.max_seq_len))
-        bar = stack.enter_context(tqdm(total=len(todo), desc="generate", unit="prompt",
-                                       disable=out is None))
-        # per-token rules and beam search: Decoder.generate batches continuously (a finished
-        # row, or a prompt's slot of beams, is refilled with the next prompt), so give it many
-        # prompts per call; results are still written every chunk (resumable)
-        searched = isinstance(rule, af.BestOfN)
-        per_call = a.batch_size if searched else a.batch_size * CONTINUOUS_CHUNK
-        for i in range(0, len(todo), per_call):
-            chunk = todo[i:i + per_call]
-            gen = dec.generate([r["prompt"] for r in chunk], rule=rule, chat=a.chat,
-                               max_new_tokens=a.max_new_tokens, stop=a.stop or None)
-            for j, r in enumerate(chunk):
+        opts = generate_decoder(a, job)
+        opts["dtype"] = getattr(torch, a.dtype) if a.dtype else None
+        dec = stack.enter_context(af.Decoder(opts.pop("aligned"), opts.pop("reference"), **opts))
+        bar = stack.enter_context(tqdm(total=len(job.todo), desc="generate", unit="prompt",
+                                       disable=job.out is None))
+        for chunk in job.chunks():
+            gen = dec.generate([job.rows[i]["prompt"] for i in chunk], rule=job.rule,
+                               chat=a.chat, max_new_tokens=a.max_new_tokens, stop=a.stop or None)
+            for j, i in enumerate(chunk):
                 text = gen.text[j] if gen.text is not None else None
-                rec = {"id": r["id"], "prompt": r["prompt"], "completion": text,
-                       "tokens": gen.tokens[j], "finish_reason": gen.finish_reason[j],
-                       "rule": a.rule}
-                if out is not None:
-                    out.write(rec)
+                rec = generate_record(a, job.rows[i], text, gen.tokens[j], gen.finish_reason[j])
+                if job.out is not None:
+                    job.out.write(rec)
                 else:
-                    print(text if len(todo) == 1 else json.dumps(rec))
+                    print(text if len(job.todo) == 1 else json.dumps(rec))
             bar.update(len(chunk))
-            if out is None and gen.stats.get("ms_per_token"):
+            if job.out is None and gen.stats.get("ms_per_token"):
                 print(f"[{gen.stats['ms_per_token']:.2f} ms/token on {gen.stats['device']}, "
                       f"backend {gen.stats['backend']}]", file=sys.stderr)
     return 0

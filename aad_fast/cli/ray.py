@@ -85,46 +85,25 @@ def _run(rd, a, rows, out, groups, record_of, **kw):
 
 
 def run_generate(a) -> int:
-    """``generate --ray``: what ``cli.cmd_generate`` writes, decoded on Ray workers."""
+    """``generate --ray``: what ``cli.cmd_generate`` writes, decoded on Ray workers (the same
+    ``cli.open_generate`` job: inputs, resume checks, calls; the same ``cli.generate_record``)."""
     import contextlib
 
-    import aad_fast as af
-
-    from .. import cli
-    from . import generate_settings, check_resume, generate_inputs, prompts_identity
-    from ..jobs.outfile import ResultsFile
+    from . import generate_decoder, generate_record, open_generate
     rd = _ray()
     _check(a)
-    rule, rows = generate_inputs(a)
     with contextlib.ExitStack() as stack:
-        out = None
-        todo = list(range(len(rows)))
-        if a.out:
-            ident = prompts_identity(a.prompts_file) if a.prompts_file else {"prompt": a.prompt}
-            out = stack.enter_context(ResultsFile(a.out, generate_settings(a, rule), ident))
-            check_resume(out, rows, lambda row: row.get("prompt"))
-            todo = [i for i in todo if not out.is_done(rows[i]["id"])]
-            if out.done:
-                print(f"{a.out}: {len(out.done)} prompt(s) already done, {len(todo)} to go",
-                      file=sys.stderr)
-        per_prompt = rule.n if isinstance(rule, af.BestOfN) else getattr(rule, "num_beams", 1)
-        decoder = {"aligned": _abs(a.aligned), "reference": _abs(a.reference),
-                   "tokenizer": _abs(getattr(a, "tokenizer", None)),
-                   "dtype": a.dtype, "device": a.device, "max_seq_len": a.max_seq_len,
-                   "max_batch_size": a.batch_size * per_prompt}
-        # the generate calls of cmd_generate: with the continuous scheduler (cli's
-        # CONTINUOUS_CHUNK) a per-token rule takes several batches' worth of prompts per call
-        searched = isinstance(rule, (af.BeamAAD, af.BestOfN))
-        per_call = a.batch_size * (1 if searched else getattr(cli, "CONTINUOUS_CHUNK", 1))
-        groups = [[{"_pos": i, "prompt": rows[i]["prompt"]} for i in todo[j:j + per_call]]
-                  for j in range(0, len(todo), per_call)]
+        job = open_generate(a, stack)
+        rows, out = job.rows, job.out
+        groups = [[{"_pos": i, "prompt": rows[i]["prompt"]} for i in chunk]
+                  for chunk in job.chunks()]
 
         def record_of(row, rec):
-            return {"id": row["id"], "prompt": row["prompt"], "completion": rec["completion"],
-                    "tokens": [int(t) for t in rec["tokens"]],
-                    "finish_reason": rec["finish_reason"], "rule": a.rule}
-        if todo:
-            _, got = _run(rd, a, rows, out, groups, record_of, decoder=decoder, rule=rule,
+            return generate_record(a, row, rec["completion"], rec["tokens"],
+                                   rec["finish_reason"])
+        if job.todo:
+            _, got = _run(rd, a, rows, out, groups, record_of,
+                          decoder=generate_decoder(a, job, _abs), rule=job.rule,
                           max_new_tokens=a.max_new_tokens, chat=a.chat, stop=a.stop or None)
             if out is None:
                 got = rd.in_order(got, rows)

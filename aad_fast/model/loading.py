@@ -192,66 +192,84 @@ def load_pair(aligned, reference=None, *, dtype=None, device=None, tokenizer=Non
     name_r = (str(reference) if isinstance(reference, (str, os.PathLike))
               else (type(reference).__name__ if reference is not None else None))
     tok = resolve_tokenizer(tokenizer)
-    tok_a = tok_r = None
+    tok_a = None
     # --- the aligned side: a model, a PeftModel, a model dir or an adapter dir
     if isinstance(aligned, (str, os.PathLike)):
         p = check_dir(aligned, "aligned")
         tok_a = load_tokenizer(p)
         if is_adapter_dir(p):
-            cfg = json.loads((p / "adapter_config.json").read_text())
-            recorded = cfg.get("base_model_name_or_path")
-            base_dir = recorded_base(p, recorded)
-            base_path = reference
-            if base_path is None:
-                if base_dir is None:
-                    raise ValueError(
-                        f"aligned={name_a!r} is a LoRA adapter whose base {recorded!r} is not a "
-                        "local directory (neither beside the adapter nor from here); pass "
-                        "reference=PATH_TO_BASE")
-                base_path = base_dir
-            same_dir = isinstance(base_path, (str, os.PathLike)) and base_dir is not None and \
-                Path(base_path).resolve() == base_dir
-            if isinstance(base_path, (str, os.PathLike)):
-                check_dir(base_path, "reference")
-                tok_r = load_tokenizer(base_path)
-                base = load_causal_lm(base_path, "reference", dtype, device)
-                name_r = str(base_path)
-                if base_dir is not None and not same_dir:
-                    _check_same_config(base_dir, base.config, name_a, name_r)
-            else:
-                base = reference
-            if base_dir is not None and not same_dir:
-                _refuse_wrong_base(str(base_dir), base, name_a, name_r,
-                                   f"the adapter's recorded base {str(base_dir)!r}")
-            try:
-                model_a = load_adapter(base, p)
-            except Exception as exc:
-                raise ValueError(f"the LoRA adapter {name_a!r} does not fit the reference model "
-                                 f"{name_r!r}: {exc}") from exc
-            if device is not None:
-                model_a = model_a.to(device)
-            check_same_tokenizer(tok_a, tok_r, name_a, name_r)
-            check_same_tokenizer(tok, tok_a or tok_r, "tokenizer", name_a)
-            tok = tok or tok_a or tok_r
-            return "lora", model_a, None, tok, (name_a, name_r)
+            return _adapter_dir_pair(p, reference, name_a, name_r, tok, tok_a, dtype, device)
         model_a = load_causal_lm(p, "aligned", dtype, device)
     else:
         model_a = aligned
     if is_peft_model(model_a):
-        if reference is not None:
-            if isinstance(reference, (str, os.PathLike)):
-                check_dir(reference, "reference")
-                tok_r = load_tokenizer(reference)
-                _refuse_wrong_base(model_a, str(reference), name_a, name_r, "its checkpoint")
-            elif model_a.get_base_model() is not reference:
-                _refuse_wrong_base(model_a, reference, name_a, name_r, "the adapter's base")
-        check_same_tokenizer(tok, tok_a or tok_r, "tokenizer", name_a)
-        tok = tok or tok_a or tok_r
-        return "lora", model_a, None, tok, (name_a, name_r or "its base model")
-    # --- plain model: a second model or none (one model, two prompts)
+        return _peft_pair(model_a, reference, name_a, name_r, tok, tok_a)
+    return _plain_pair(model_a, reference, name_a, name_r, tok, tok_a, dtype, device)
+
+
+def _adapter_dir_pair(p: Path, reference, name_a, name_r, tok, tok_a, dtype, device):
+    """``load_pair`` of an adapter directory ``p``: its base is ``reference`` (a path or a
+    model) or else the base it records."""
+    tok_r = None
+    cfg = json.loads((p / "adapter_config.json").read_text())
+    recorded = cfg.get("base_model_name_or_path")
+    base_dir = recorded_base(p, recorded)
+    base_path = reference
+    if base_path is None:
+        if base_dir is None:
+            raise ValueError(
+                f"aligned={name_a!r} is a LoRA adapter whose base {recorded!r} is not a "
+                "local directory (neither beside the adapter nor from here); pass "
+                "reference=PATH_TO_BASE")
+        base_path = base_dir
+    same_dir = isinstance(base_path, (str, os.PathLike)) and base_dir is not None and \
+        Path(base_path).resolve() == base_dir
+    if isinstance(base_path, (str, os.PathLike)):
+        check_dir(base_path, "reference")
+        tok_r = load_tokenizer(base_path)
+        base = load_causal_lm(base_path, "reference", dtype, device)
+        name_r = str(base_path)
+        if base_dir is not None and not same_dir:
+            _check_same_config(base_dir, base.config, name_a, name_r)
+    else:
+        base = reference
+    if base_dir is not None and not same_dir:
+        _refuse_wrong_base(str(base_dir), base, name_a, name_r,
+                           f"the adapter's recorded base {str(base_dir)!r}")
+    try:
+        model_a = load_adapter(base, p)
+    except Exception as exc:
+        raise ValueError(f"the LoRA adapter {name_a!r} does not fit the reference model "
+                         f"{name_r!r}: {exc}") from exc
+    if device is not None:
+        model_a = model_a.to(device)
+    check_same_tokenizer(tok_a, tok_r, name_a, name_r)
+    check_same_tokenizer(tok, tok_a or tok_r, "tokenizer", name_a)
+    tok = tok or tok_a or tok_r
+    return "lora", model_a, None, tok, (name_a, name_r)
+
+
+def _peft_pair(model_a, reference, name_a, name_r, tok, tok_a):
+    """``load_pair`` of a ``PeftModel``: a reference given must be its base."""
+    tok_r = None
+    if reference is not None:
+        if isinstance(reference, (str, os.PathLike)):
+            check_dir(reference, "reference")
+            tok_r = load_tokenizer(reference)
+            _refuse_wrong_base(model_a, str(reference), name_a, name_r, "its checkpoint")
+        elif model_a.get_base_model() is not reference:
+            _refuse_wrong_base(model_a, reference, name_a, name_r, "the adapter's base")
+    check_same_tokenizer(tok, tok_a or tok_r, "tokenizer", name_a)
+    tok = tok or tok_a or tok_r
+    return "lora", model_a, None, tok, (name_a, name_r or "its base model")
+
+
+def _plain_pair(model_a, reference, name_a, name_r, tok, tok_a, dtype, device):
+    """``load_pair`` of a plain model: a second model or none (one model, two prompts)."""
     if reference is None:
         check_same_tokenizer(tok, tok_a, "tokenizer", name_a)
         return "one", model_a, None, tok or tok_a, (name_a, None)
+    tok_r = None
     if isinstance(reference, (str, os.PathLike)):
         check_dir(reference, "reference")
         tok_r = load_tokenizer(reference)

@@ -34,6 +34,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..decode.driver import bucket, text_delta
 from ..rules import BeamAAD, BestOfN
 
 
@@ -285,7 +286,7 @@ class Backend:
                 return self._used(cur)
             want = self.max_batch_size  # more than it has rows: the full batch takes over
         else:
-            want = min(_pow2(arriving), self.max_batch_size)
+            want = bucket(arriving, self.max_batch_size)
         same = [b for b in self._batches if b.key == key and b.sched.n == want]
         if same and not same[-1].sched.busy:
             self._current[key] = same[-1]
@@ -372,11 +373,11 @@ class Backend:
         """Send ``t`` the part of ``text`` (its whole text so far) not yet shown. While it is
         decoding, a trailing U+FFFD may be a character whose remaining bytes are still to come,
         so it is held back; the ``final`` text is sent whole (a U+FFFD it ends with stays), so
-        the joined deltas equal the non-streamed text."""
-        stable = text if final else text.rstrip("\ufffd")
-        if stable.startswith(t.shown) and len(stable) > len(t.shown):
-            _send(t, ("delta", stable[len(t.shown):]))
-            t.shown = stable
+        the joined deltas equal the non-streamed text (``driver.text_delta``)."""
+        piece, shown = text_delta(t.shown, text, final)
+        if piece:
+            _send(t, ("delta", piece))
+            t.shown = shown
 
     def _failed(self, b: _Batch, exc) -> None:
         """A burst of ``b`` raised: drop its scheduler (its buffers may be mid-step). The
@@ -486,13 +487,6 @@ class Backend:
         self._generate.clear()
         for t in left:
             self._finish(t, ("error", Unavailable("the server is shutting down")))
-
-
-def _pow2(n: int) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return p
 
 
 def _send(ticket: Ticket, event) -> None:
