@@ -22,7 +22,14 @@ OpenAI's fields map as follows:
 - ``best_of``: with ``rule=best-of-n``, the number of samples the picker chooses from (OpenAI's
   legacy meaning); one choice comes back.
 - ``echo``, ``suffix``, ``logprobs``, ``top_logprobs``, ``logit_bias``, presence/frequency
-  penalties, tools and response formats are refused when set.
+  penalties, tools and response formats are refused when set (``response_format`` ``{"type":
+  "text"}``, the neutral value, is accepted).
+- ``model``: the served name ``NAME`` (or none) is the server's default rule (``aad`` unless
+  ``aad-fast serve --rule``) and a body ``rule`` still chooses another; ``NAME:RULE`` chooses
+  ``RULE`` with the rule table's defaults (``ServedModels``), and a body ``rule`` that
+  disagrees with it is a 400 naming both; any other name is a 404 listing the served ones.
+
+``tokenize``, ``detokenize`` and ``tokenizer_info`` answer vLLM's endpoints of those names.
 """
 from __future__ import annotations
 
@@ -368,7 +375,7 @@ def _choices(body: dict, rule, limits: Limits) -> int:
     return n
 
 
-def _check_rule_fits(body: dict, rule, decoder, limits: Limits) -> None:
+def _check_rule_fits(body: dict, rule, decoder, limits: Limits, name: str = "aad") -> None:
     """The rule's rows within this server's limits, and the Decoder's own rule/pair check."""
     if isinstance(rule, R.BeamAAD) and rule.num_beams > limits.max_num_beams:
         raise bad("num_beams", f"num_beams={rule.num_beams} exceeds this server's limit "
@@ -381,7 +388,7 @@ def _check_rule_fits(body: dict, rule, decoder, limits: Limits) -> None:
         try:
             validate(rule, 1)
         except ValueError as exc:
-            raise bad("rule", f"rule={body.get('rule', 'aad')}: {exc}") from None
+            raise bad("rule", f"rule={name}: {exc}") from None
 
 
 def _prompt_rows(rule, inp: dict, decoder, limits: Limits, where: str):
@@ -447,7 +454,9 @@ def parse_request(body: dict, chat: bool, decoder, limits: Limits, default_stop=
     rule = build_rule(body, picker, models)
     inp = prompt_input(body, chat, decoder.tokenizer)
     n = _choices(body, rule, limits)
-    _check_rule_fits(body, rule, decoder, limits)
+    models = models or ServedModels("")
+    _check_rule_fits(body, rule, decoder, limits, _rule_name(
+        body, models.rule_of(body.get("model")) if models.name else None, models.rule))
     rows, longest = _prompt_rows(rule, inp, decoder, limits, "messages" if chat else "prompt")
     max_new = _max_new_tokens(body, chat, decoder, limits, longest)
     ids = _stop_ids(body, decoder, default_stop)
