@@ -192,7 +192,8 @@ def test_cli_rule_and_alpha_flags():
     assert a.rule == "aad" and serve_cli.rule_defaults(a) == {}
     a = build_parser().parse_args(["serve", "--rule", "contrastive", "--alpha", "0.25"])
     assert serve_cli.rule_defaults(a) == {"alpha": 0.25}
-    with pytest.raises(ValueError, match="--alpha is not used by --rule eft"):
+    with pytest.raises(ValueError, match=r"--alpha not used by --rule eft \(the rules that "
+                                         r"take it: aad, contrastive, beam-aad\)"):
         serve_cli.rule_defaults(build_parser().parse_args(["serve", "--rule", "eft",
                                                            "--alpha", "0.2"]))
     with pytest.raises(ValueError, match="alpha"):

@@ -94,8 +94,9 @@ def rule_defaults(a) -> dict:
     if getattr(a, "alpha", None) is None:
         return {}
     if "alpha" not in RULE_TABLE[a.rule].fields:
-        raise ValueError(f"--alpha is not used by --rule {a.rule}; it takes "
-                         f"{', '.join(f for f in RULE_TABLE[a.rule].fields if f != 'picker')}")
+        takes = [r for r in RULE_NAMES if "alpha" in RULE_TABLE[r].fields]
+        raise ValueError(f"--alpha not used by --rule {a.rule} (the rules that take it: "
+                         f"{', '.join(takes)})")
     check_real("--alpha", a.alpha, 0.0, 1.0)
     return {"alpha": a.alpha}
 
