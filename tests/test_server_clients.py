@@ -271,42 +271,65 @@ def test_tokenizer_endpoints_want_the_key(pair):
 
 
 # ------------------------------------------------- request bodies as the clients send them
-def test_lm_eval_generate_until_body(client, pair):
-    """lm-evaluation-harness ``local-completions`` (batch size 1), generate_until: the prompt
-    as a one-element list, temperature 0, a seed, a stop list; ``tokenizer_backend=remote``
-    reads /tokenizer_info and calls /tokenize first."""
+def test_lm_eval_remote_tokenizer_and_generate_until(client, pair):
+    """lm-evaluation-harness 0.4.13 ``local-completions`` (read from its source, not run here):
+    ``tokenizer_backend="auto"`` probes ``GET /tokenizer_info`` (wants ``eos_token``) and
+    ``POST /tokenize {"prompt": "test", "add_special_tokens": false}`` (wants ``tokens``), then
+    encodes with those and takes ``eos_token_id`` as ``encode(eos)[0]``; generate_until sends
+    the prompt as token ids (``tokenized_requests=True``, one-element batch), ``temperature``
+    0, ``seed`` 1234 and ``stop`` = the task's ``until`` plus the eos text."""
     dec, tok, _, stop, prompts = pair
-    assert client.get("/tokenizer_info").status_code == 200
-    assert client.post("/tokenize", json={"model": f"{NAME}:greedy",
-                                          "prompt": prompts[2]}).status_code == 200
-    eos = tok.eos_token
-    body = {"model": f"{NAME}:greedy", "prompt": [prompts[2]], "max_tokens": 10,
-            "temperature": 0, "seed": 1234, "stop": [eos]}
+    info = client.get("/tokenizer_info").json()
+    assert "eos_token" in info and isinstance(info["chat_template"], str)
+    probe = client.post("/tokenize", json={"prompt": "test", "add_special_tokens": False})
+    assert isinstance(probe.json()["tokens"], list)
+    enc = client.post("/tokenize", json={"prompt": info["eos_token"],
+                                         "add_special_tokens": False}).json()["tokens"]
+    assert enc[0] == tok.eos_token_id
+    ids = client.post("/tokenize", json={"prompt": prompts[2],
+                                         "add_special_tokens": False}).json()["tokens"]
+    assert client.post("/detokenize", json={"tokens": ids}).json()["prompt"] == \
+        tok.decode(ids)
+    body = {"prompt": [ids], "model": f"{NAME}:greedy", "max_tokens": 10, "temperature": 0,
+            "stop": [info["eos_token"]], "seed": 1234}
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
+    want = dec.generate(input_ids=[ids], rule=af.Greedy(), max_new_tokens=10,
+                        stop=list(stop) + [tok.eos_token_id])
+    assert r.json()["choices"][0]["token_ids"] == want.tokens[0]
+    # the text form (tokenized_requests=False) of the same request
+    r = client.post("/v1/completions", json={**body, "prompt": [prompts[2]]})
     assert r.json()["choices"][0]["token_ids"] == alone(pair, prompts[2], af.Greedy(), 10)
-    # loglikelihood (echo + logprobs) is not served yet: a 400 naming the field
-    r = client.post("/v1/completions", json={"model": NAME, "prompt": prompts[2],
-                                             "max_tokens": 1, "echo": True, "logprobs": 1,
-                                             "temperature": 0})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
-    # several prompts in one request are not served yet either
-    r = client.post("/v1/completions", json={**body, "prompt": prompts[:2]})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    # not served yet: loglikelihood (echo + logprobs), a stop phrase of several tokens, and
+    # several prompts in one request: each a 400 naming the field
+    ll = {"model": NAME, "prompt": [ids], "temperature": 0, "max_tokens": 1, "logprobs": 1,
+          "seed": 1234, "echo": True}
+    for extra, param in (({}, "echo"), ({"stop": ["Question:"]}, "stop"),
+                         ({"prompt": [ids, ids]}, "prompt")):
+        r = client.post("/v1/completions", json={**(body if extra else ll), **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+
+
+def _sse(client, body):
+    import json
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200, r.read()
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
 
 
 def test_guidellm_streamed_completion_body(client, pair):
-    """guidellm's text-completions request: streamed with usage; its ``ignore_eos`` is not
-    served yet (400 naming it)."""
+    """guidellm 0.8.1's text-completions request (read from its source, not run here):
+    ``stream`` with ``stream_options {"include_usage": true, "continuous_usage_stats": true}``,
+    and for a fixed output length ``max_tokens``, ``stop: null``, ``ignore_eos: true``. Today
+    the usage comes last only and ``ignore_eos`` is not served: both are 400s naming them;
+    the same stream without them works and equals the Python API."""
     p = pair[4][3]
     body = {"model": NAME, "prompt": p, "max_tokens": 8, "stream": True,
-            "stream_options": {"include_usage": True}}
-    with client.stream("POST", "/v1/completions", json=body) as r:
-        assert r.status_code == 200
-        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
-    import json
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
+            "stream_options": {"include_usage": True, "continuous_usage_stats": False},
+            "stop": None}
+    chunks = _sse(client, body)
     assert all(c["model"] == NAME for c in chunks)
     text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
     toks = next(c["choices"][0]["token_ids"] for c in chunks
@@ -316,9 +339,13 @@ def test_guidellm_streamed_completion_body(client, pair):
                                                  "stream_options": None}).json()
     assert text == whole["choices"][0]["text"] and whole["choices"][0]["token_ids"] == toks
     assert chunks[-1]["usage"]["completion_tokens"] == len(toks)
-    r = client.post("/v1/completions", json={**body, "stream": False, "stream_options": None,
-                                             "ignore_eos": True})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "ignore_eos"
+    for extra, param, words in (
+            ({"ignore_eos": True}, "ignore_eos", "ignore_eos"),
+            ({"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+             "stream_options", "continuous_usage_stats")):
+        r = client.post("/v1/completions", json={**body, **extra})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == param and words in err["message"]
 
 
 def test_inspect_ai_chat_body(client, pair):

@@ -350,10 +350,14 @@ def _check_body(body: dict, chat: bool) -> None:
     if opts is not None:
         if body.get("stream") is not True:
             raise bad("stream_options", "stream_options applies only with stream=true")
-        if not isinstance(opts, dict) or set(opts) - {"include_usage"} or \
-                not isinstance(opts.get("include_usage", False), bool):
-            raise bad("stream_options", "stream_options must be {\"include_usage\": true|false}"
-                                        f", got {opts!r}")
+        if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"} \
+                or not all(isinstance(opts.get(k, False), bool) for k in opts):
+            raise bad("stream_options", "stream_options must be {\"include_usage\": true|false} "
+                                        f"(continuous_usage_stats: false), got {opts!r}")
+        if opts.get("continuous_usage_stats") is True:  # vLLM's: usage in every chunk
+            raise bad("stream_options", "stream_options.continuous_usage_stats (usage in every "
+                                        "chunk) is not supported yet; the usage comes last "
+                                        "with include_usage")
 
 
 def _choices(body: dict, rule, limits: Limits) -> int:
