@@ -183,6 +183,8 @@ def test_server_default_rule_and_alpha(pair):
         create_app(pair[0], rule="aad", rule_defaults={"beta": 1.0})
     with pytest.raises(ValueError, match="alpha"):
         create_app(pair[0], rule="aad", rule_defaults={"alpha": 2.0})
+    with pytest.raises(ValueError, match="unknown rule 'nope'"):
+        create_app(pair[0], rule="nope")
 
 
 def test_cli_rule_and_alpha_flags():

@@ -71,11 +71,11 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise ValueError(f"api_key={api_key!r} is empty: it would accept an empty key; give "
                          "a key, or None for no key")
+    served = served_models(decoder, model_name, rule, rule_defaults or {}, picker)
     mbs = decoder.max_batch_size if max_batch_size is None else max_batch_size
     own = backend is None
     backend = backend or Backend(decoder, max_batch_size=mbs, max_queue=max_queue)
     limits = (limits or Limits()).resolve(decoder, backend.max_batch_size)
-    served = served_models(decoder, model_name, rule, rule_defaults or {}, picker)
     server = _Server(decoder, backend, limits, tuple(decoder.stop_ids(list(default_stop))),
                      api_key, picker, served, responses)
     app = fastapi.FastAPI(title="aad-fast", lifespan=server.lifespan(own), docs_url=None,
@@ -101,7 +101,7 @@ def served_models(decoder, name: str, rule: str, defaults: dict, picker) -> Serv
         return r != "best-of-n" or picker is not None
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model_name must be a non-empty name, got {name!r}")
-    R.check_fields(rule, set(defaults), R.RULE_TABLE[rule].samples == "always")
+    R.check_fields(rule, set(defaults), R.rule_entry(rule).samples == "always")
     R.make_rule(rule, {**defaults, **({"principle": "-"} if rule == "opad" else {}),
                        **({"picker": picker or "-"} if rule == "best-of-n" else {})})
     return ServedModels(name, rule, dict(defaults), tuple(r for r in R.RULE_NAMES if runs(r)))
