@@ -121,8 +121,10 @@ def alone(srv, prompt=None, *, ids=None, rule, max_new, chat=False):
 
 @needs_serve
 def test_models_and_health(served):
-    models = served.client().models.list()
-    assert [m.id for m in models.data] == ["toy"]
+    models = served.client().models.list()  # the pair under its name, then once per rule
+    rules = [r for r in af.rules.RULE_NAMES if r != "opad" and
+             (r != "best-of-n" or served.app.state.picker is not None)]
+    assert [m.id for m in models.data] == ["toy"] + [f"toy:{r}" for r in rules]
     with httpx.Client(trust_env=False) as c:
         assert c.get(served.url + "/health").json()["status"] == "ok"
 
@@ -408,7 +410,7 @@ def guarded(models):
     backend = Backend(dec, max_batch_size=4, max_queue=2,
                       on_piece=lambda t: [h(t) for h in list(hooks)])
     app = server.create_app(dec, api_key="sekret", backend=backend, default_stop=stop_ids(tok),
-                     limits=Limits(max_body_bytes=4096, max_tokens=64, max_n=2))
+                     limits=Limits(max_body_bytes=4096, max_tokens=64, max_n=2), model_name="m")
     srv = Served(app)
     srv.dec, srv.stop_ids, srv.backend, srv.hooks = dec, app.state.default_stop, backend, hooks
     srv.auth = {"Authorization": "Bearer sekret"}
@@ -428,7 +430,7 @@ def test_api_key(guarded, models):
     with httpx.Client(trust_env=False) as c:
         assert c.get(guarded.url + "/v1/models").status_code == 401
         assert c.get(guarded.url + "/health").status_code == 200  # open
-    assert guarded.client("sekret").models.list().data[0].id == "aad-fast"
+    assert guarded.client("sekret").models.list().data[0].id == "m"
     assert guarded.post("/v1/completions", body, headers=guarded.auth).status_code == 200
 
 
@@ -642,7 +644,7 @@ def test_closed_backend_answers_503(guarded, models):
     backend.close()
     srv = Served(server.create_app(guarded.dec, backend=backend))
     try:
-        r = srv.post("/v1/completions", {"model": "m", "prompt": models[4][0], "max_tokens": 2,
+        r = srv.post("/v1/completions", {"model": "aad-fast", "prompt": models[4][0], "max_tokens": 2,
                                          "rule": "greedy"})
     finally:
         srv.stop()

@@ -6,6 +6,7 @@ import os
 import sys
 
 from ..decoder import Decoder
+from ..rules import RULE_NAMES, RULE_TABLE, check_real
 from ..serve.http import INSTALL_HINT, _fastapi, create_app
 from ..serve.openai_api import Limits
 from ..toy.assets import default_pair_dir
@@ -39,7 +40,14 @@ def add_arguments(p) -> None:
     p.add_argument("--picker", default=None,
                    help="reward model directory for rule=best-of-n (embedded pair: its picker)")
     add_stop_arguments(p, " added to every request")
-    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--served-model-name", default=None,
+                   help="the name served (default: the aligned directory's name; aad-default "
+                        "for the embedded pair); NAME:RULE selects each rule (docs/clients.md)")
+    p.add_argument("--rule", choices=RULE_NAMES, default="aad",
+                   help="the rule of the bare model name and of a request naming none "
+                        "(default: aad); NAME:RULE names each rule")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="the default rule's alpha (aad, contrastive, beam-aad; default 0.1)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
@@ -81,6 +89,18 @@ def api_key(a) -> str | None:
     return env
 
 
+def rule_defaults(a) -> dict:
+    """The default rule's values from ``--alpha`` (refused for a ``--rule`` that reads none)."""
+    if getattr(a, "alpha", None) is None:
+        return {}
+    if "alpha" not in RULE_TABLE[a.rule].fields:
+        takes = [r for r in RULE_NAMES if "alpha" in RULE_TABLE[r].fields]
+        raise ValueError(f"--alpha not used by --rule {a.rule} (the rules that take it: "
+                         f"{', '.join(takes)})")
+    check_real("--alpha", a.alpha, 0.0, 1.0)
+    return {"alpha": a.alpha}
+
+
 def run(a) -> int:
     try:
         import uvicorn
@@ -92,6 +112,7 @@ def run(a) -> int:
         if getattr(a, name) is not None and getattr(a, name) < 1:  # None: the default
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     check_stop_ids(a)
+    defaults = rule_defaults(a)
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {a.port}")
     key = api_key(a)
@@ -101,8 +122,9 @@ def run(a) -> int:
     dec, stop, picker, name = load(a)
     limits = Limits(max_body_bytes=a.max_body_bytes, max_tokens=a.max_tokens, max_n=a.max_n)
     app = create_app(dec, api_key=key, max_batch_size=a.max_batch_size, max_queue=a.max_queue,
-                     limits=limits, default_stop=stop, picker=picker, model_name=name)
-    print(f"aad-fast serve: {name} ({dec.kind} pair on {dec.device}) at "
-          f"http://{a.host}:{a.port}/v1", file=sys.stderr)
+                     limits=limits, default_stop=stop, picker=picker, model_name=name,
+                     rule=a.rule, rule_defaults=defaults)
+    print(f"aad-fast serve: {name} (rule {a.rule}; {name}:RULE for the others; "
+          f"{dec.kind} pair on {dec.device}) at http://{a.host}:{a.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=a.host, port=a.port, log_level="info")
     return 0

@@ -1,8 +1,11 @@
 """``aad-fast serve``: an OpenAI-compatible HTTP server for a model pair (FastAPI on uvicorn).
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` as
-server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``. The rule
-and its parameters ride in the body beside the OpenAI fields (``openai_api``); decoding is done
+server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /v1/models/{id}``,
+vLLM's ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``, and ``GET /health``.
+The served pair is listed once per rule (``NAME`` the default rule, ``NAME:RULE`` each rule:
+``openai_api.ServedModels``), so the ``model`` field alone can choose the rule; the rule and its
+parameters may also ride in the body beside the OpenAI fields (``openai_api``); decoding is done
 by a ``serving.Backend``: one decode thread running a continuous-batching scheduler per rule
 kind, so concurrent requests (streamed or not, of any values of a kind) share its rows.
 
@@ -24,7 +27,9 @@ import os
 import sys
 import time
 
-from .openai_api import APIError, Limits, chunk, completion_body, new_id, parse_request, usage
+from .. import rules as R
+from .openai_api import (APIError, Limits, ServedModels, chunk, completion_body, detokenize,
+                         new_id, parse_request, tokenize, tokenizer_info, usage)
 from .loop import Backend, QueueFull, Unavailable
 
 INSTALL_HINT = "aad-fast serve needs fastapi and uvicorn: pip install 'aad_fast[serve]'"
@@ -41,7 +46,8 @@ def _fastapi():
 
 def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | None = None,
                max_queue: int = 64, limits: Limits | None = None, default_stop=(),
-               picker=None, model_name: str = "aad-fast", backend: Backend | None = None):
+               picker=None, model_name: str = "aad-fast", backend: Backend | None = None,
+               rule: str = "aad", rule_defaults: dict | None = None):
     """The FastAPI app serving ``decoder`` (an ``aad_fast.Decoder`` with a tokenizer).
 
     Args:
@@ -52,7 +58,11 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
         limits: per-request caps (``openai_api.Limits``).
         default_stop: stop ids/strings added to every request (e.g. a chat turn marker).
         picker: the reward model of ``rule=best-of-n`` (a path or model), or ``None``.
-        model_name: the id ``/v1/models`` lists and responses carry.
+        model_name: the served name: ``/v1/models`` lists it (the default rule) and
+            ``model_name:RULE`` for each rule this pair runs; a request naming another model
+            is a 404. Responses carry the name the request gave.
+        rule, rule_defaults: the rule of the bare ``model_name`` (and of a request that names
+            none) and its values (rule-table fields, e.g. ``{"alpha": 0.2}``) under the body's.
         backend: a ready ``Backend`` (tests); by default one is built and closed with the app.
     """
     fastapi, responses = _fastapi()
@@ -61,18 +71,40 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise ValueError(f"api_key={api_key!r} is empty: it would accept an empty key; give "
                          "a key, or None for no key")
+    served = served_models(decoder, model_name, rule, rule_defaults or {}, picker)
     mbs = decoder.max_batch_size if max_batch_size is None else max_batch_size
     own = backend is None
     backend = backend or Backend(decoder, max_batch_size=mbs, max_queue=max_queue)
     limits = (limits or Limits()).resolve(decoder, backend.max_batch_size)
     server = _Server(decoder, backend, limits, tuple(decoder.stop_ids(list(default_stop))),
-                     api_key, picker, model_name, responses)
+                     api_key, picker, served, responses)
     app = fastapi.FastAPI(title="aad-fast", lifespan=server.lifespan(own), docs_url=None,
                           redoc_url=None, openapi_url=None)
     app.state.backend, app.state.limits, app.state.decoder = backend, limits, decoder
-    app.state.default_stop = server.default_stop
+    app.state.default_stop, app.state.picker = server.default_stop, picker
+    app.state.served = served
     server.routes(app, fastapi.Request)
     return app
+
+
+def served_models(decoder, name: str, rule: str, defaults: dict, picker) -> ServedModels:
+    """The names served: a rule is listed when this Decoder runs it (two-model rules need a
+    pair, OPAD one model; best-of-n a picker). The default rule and its values are checked
+    here, before a request comes."""
+    def runs(r):
+        sample = R.make_rule(r, {"principle": "-"} if r == "opad" else
+                             {"picker": "-"} if r == "best-of-n" else {})
+        try:
+            decoder._validate(sample, 1)
+        except ValueError:
+            return False
+        return r != "best-of-n" or picker is not None
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model_name must be a non-empty name, got {name!r}")
+    R.check_fields(rule, set(defaults), R.rule_entry(rule).samples == "always")
+    R.make_rule(rule, {**defaults, **({"principle": "-"} if rule == "opad" else {}),
+                       **({"picker": picker or "-"} if rule == "best-of-n" else {})})
+    return ServedModels(name, rule, dict(defaults), tuple(r for r in R.RULE_NAMES if runs(r)))
 
 
 def _event(obj) -> str:
@@ -93,11 +125,11 @@ class _Server:
     """What the app's routes share: the Decoder and its ``Backend``, the limits, the server's
     stop ids, key, picker and model name; one method per route."""
 
-    def __init__(self, decoder, backend, limits, default_stop, api_key, picker, model_name,
+    def __init__(self, decoder, backend, limits, default_stop, api_key, picker, served,
                  responses):
         self.decoder, self.backend, self.limits = decoder, backend, limits
         self.default_stop, self.api_key, self.picker = default_stop, api_key, picker
-        self.model_name, self.responses = model_name, responses
+        self.served, self.model_name, self.responses = served, served.name, responses
 
     def routes(self, app, Request) -> None:
         """Register the error handlers and the endpoints on ``app``."""
@@ -116,6 +148,21 @@ class _Server:
         async def models(request: Request):
             return self.models(request)
 
+        async def model(model_id: str, request: Request):
+            self.check_key(request)
+            self.served.rule_of(model_id)  # 404 for a name not served
+            return self.served.card(model_id, self.decoder.max_seq_len)
+
+        async def tokenize_(request: Request):
+            return await self.tokenizer_call(request, tokenize)
+
+        async def detokenize_(request: Request):
+            return await self.tokenizer_call(request, detokenize)
+
+        async def tokenizer_info_(request: Request):
+            self.check_key(request)
+            return tokenizer_info(self.decoder)
+
         async def health():
             """Open (no key): queue length, rows in use per rule kind and counters."""
             return {"status": "ok", **self.backend.stats()}
@@ -125,6 +172,10 @@ class _Server:
         app.post("/v1/completions")(completions)
         app.post("/v1/chat/completions")(chat_completions)
         app.get("/v1/models")(models)
+        app.get("/v1/models/{model_id:path}")(model)
+        app.post("/tokenize")(tokenize_)
+        app.post("/detokenize")(detokenize_)
+        app.get("/tokenizer_info")(tokenizer_info_)
         app.get("/health")(health)
 
     def lifespan(self, own: bool):
@@ -153,9 +204,16 @@ class _Server:
 
     def models(self, request) -> dict:
         self.check_key(request)
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model",
-                                            "created": 0, "owned_by": "aad_fast",
-                                            "max_model_len": self.decoder.max_seq_len}]}
+        return {"object": "list", "data": [self.served.card(m, self.decoder.max_seq_len)
+                                           for m in self.served.ids()]}
+
+    async def tokenizer_call(self, request, fn) -> dict:
+        """``/tokenize`` or ``/detokenize``: the key, the body, its ``model`` (404 if not
+        served), then ``fn(body, decoder)`` off the event loop."""
+        self.check_key(request)
+        body = await self.read_json(request)
+        self.served.rule_of(body.get("model"))
+        return await asyncio.to_thread(fn, body, self.decoder)
 
     async def read_json(self, request) -> dict:
         cap = self.limits.max_body_bytes
@@ -202,16 +260,19 @@ class _Server:
     async def handle(self, request, chat: bool):
         self.check_key(request)
         body = await self.read_json(request)
+        self.served.rule_of(body.get("model"))  # 404 for a model not served, before parsing
         # tokenising (a prompt may be the whole body) and the chat template run off the event
         # loop, so one large request does not stall the other clients' streams
         reqs, n_prompt = await asyncio.to_thread(parse_request, body, chat, self.decoder,
-                                                 self.limits, self.default_stop, self.picker)
+                                                 self.limits, self.default_stop, self.picker,
+                                                 self.served)
+        model = body["model"] if isinstance(body.get("model"), str) else self.model_name
         tickets, queues = self.submit(reqs, asyncio.get_running_loop())
         if reqs[0].stream:
             include = isinstance(body.get("stream_options"), dict) and \
                 body["stream_options"].get("include_usage") is True
             return self.responses.StreamingResponse(
-                self.sse(request, chat, tickets[0], queues[0], n_prompt, include),
+                self.sse(request, chat, tickets[0], queues[0], n_prompt, include, model),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             done = []
@@ -225,7 +286,7 @@ class _Server:
         finally:
             for t in tickets:
                 t.cancel()  # a no-op for finished ones; frees the rest if this one failed
-        return completion_body(chat, self.model_name, done, n_prompt)
+        return completion_body(chat, model, done, n_prompt)
 
     @staticmethod
     async def next_event(request, q):
@@ -238,8 +299,8 @@ class _Server:
                 return None
         return get.result()
 
-    async def sse(self, request, chat, ticket, q, n_prompt, include_usage):
-        rid, created, model = new_id(chat), int(time.time()), self.model_name
+    async def sse(self, request, chat, ticket, q, n_prompt, include_usage, model):
+        rid, created = new_id(chat), int(time.time())
         try:
             if chat:
                 yield _event(chunk(chat, rid, model, created, role=True))

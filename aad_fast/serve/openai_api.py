@@ -22,7 +22,14 @@ OpenAI's fields map as follows:
 - ``best_of``: with ``rule=best-of-n``, the number of samples the picker chooses from (OpenAI's
   legacy meaning); one choice comes back.
 - ``echo``, ``suffix``, ``logprobs``, ``top_logprobs``, ``logit_bias``, presence/frequency
-  penalties, tools and response formats are refused when set.
+  penalties, tools and response formats are refused when set (``response_format`` ``{"type":
+  "text"}``, the neutral value, is accepted).
+- ``model``: the served name ``NAME`` (or none) is the server's default rule (``aad`` unless
+  ``aad-fast serve --rule``) and a body ``rule`` still chooses another; ``NAME:RULE`` chooses
+  ``RULE`` with the rule table's defaults (``ServedModels``), and a body ``rule`` that
+  disagrees with it is a 400 naming both; any other name is a 404 listing the served ones.
+
+``tokenize``, ``detokenize`` and ``tokenizer_info`` answer vLLM's endpoints of those names.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ import time
 import uuid
 
 from .. import rules as R
-from ..decode.prompt_rows import rule_rows
+from ..decode.prompt_rows import encode, rule_rows
 from .loop import DecodeRequest
 
 RULES = R.RULE_NAMES
@@ -123,13 +130,55 @@ def _get(body, name, types, default=None):
     return v
 
 
-def _rule_name(body: dict) -> str:
-    name = body.get("rule", "aad")
-    if name is None:
-        name = "aad"
-    if name not in RULES:
+def _rule_name(body: dict, model_rule: str | None = None, default: str = "aad") -> str:
+    """The body's ``rule``, else the rule the model name's suffix selects (``model_rule``),
+    else the server's default; a body ``rule`` that disagrees with the suffix is a 400."""
+    name = body.get("rule")
+    if name is not None and name not in RULES:
         raise bad("rule", f"unknown rule {name!r}; use one of {', '.join(RULES)}")
-    return name
+    if name is not None and model_rule is not None and name != model_rule:
+        raise bad("rule", f"model={body.get('model')!r} selects rule {model_rule} but the body "
+                          f"says rule={name!r}: give one of them (or the same rule in both)")
+    return name or model_rule or default
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedModels:
+    """The served pair under one name per rule: ``name`` is the server's default rule
+    (``rule`` with ``defaults``, rule-table field -> value, e.g. ``--alpha``), ``name:RULE``
+    each rule of ``rules`` (``name:`` + the default rule is ``name`` itself)."""
+
+    name: str
+    rule: str = "aad"
+    defaults: dict = dataclasses.field(default_factory=dict)
+    rules: tuple = RULES
+
+    def ids(self) -> list:
+        return [self.name] + [f"{self.name}:{r}" for r in self.rules]
+
+    def rule_of(self, model) -> str | None:
+        """The rule ``model`` selects: ``None`` for the bare name or no ``model`` (the body's
+        ``rule``, else the default, decides); 404 listing the served ids for any other name."""
+        if model is None or model == self.name:
+            return None
+        base, _, suffix = model.rpartition(":") if isinstance(model, str) else ("", "", "")
+        if base == self.name and suffix in self.rules:
+            return suffix
+        raise APIError(404, f"the model {model!r} does not exist on this server; it serves "
+                            f"{', '.join(self.ids())}", "model", code="model_not_found")
+
+    def card(self, model_id: str, max_model_len: int) -> dict:
+        """One ``/v1/models`` entry; ``aad_rule``: the rule and the defaults it uses."""
+        rule = self.rule_of(model_id) or self.rule
+        fields = dict(R.RULE_TABLE[rule].fields)
+        if rule == self.rule:
+            fields.update(self.defaults)
+        fields.pop("picker", None)
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "aad_fast",
+                "root": self.name, "parent": None if model_id == self.name else self.name,
+                "max_model_len": max_model_len,
+                "aad_rule": {"rule": rule, "defaults": {_BODY_NAME.get(k) or k: v
+                                                        for k, v in fields.items()}}}
 
 
 def _given_fields(body: dict, name: str, greedy: bool) -> set:
@@ -192,11 +241,18 @@ def _rule_values(body: dict, name: str, picker) -> dict:
     return values
 
 
-def build_rule(body: dict, picker=None):
+def build_rule(body: dict, picker=None, models: ServedModels | None = None):
     """The ``aad_fast`` rule a request body asks for (400 naming the field otherwise). A greedy
     request (a greedy rule, or eft/dera/cfg without temperature > 0) takes the sampling fields
-    only at their neutral values: anything else would be silently unused."""
-    name = _rule_name(body)
+    only at their neutral values: anything else would be silently unused. ``models``: the
+    served names (the body's ``model`` may select the rule; the server's default rule and its
+    default values)."""
+    models = models or ServedModels("")
+    name = _rule_name(body, models.rule_of(body.get("model")) if models.name else None,
+                      models.rule)
+    if name == models.rule and models.defaults:  # the server's values, under the body's
+        body = {**{_BODY_NAME.get(k) or k: v for k, v in models.defaults.items()},
+                **{k: v for k, v in body.items() if v is not None}}
     temp = body.get("temperature")
     mix_greedy = R.RULE_TABLE[name].samples == "temperature" and (
         temp is None or _real(temp) and temp == 0)
@@ -278,8 +334,13 @@ def _check_body(body: dict, chat: bool) -> None:
                               f"{'chat/completions' if chat else 'completions'}; it would be "
                               "ignored (see the API's fields in the docs)")
     for k in _UNSUPPORTED:
-        if body.get(k) not in (None, False, 0, {}, []):
-            raise bad(k, f"{k} is not supported by aad-fast serve")
+        v = body.get(k)
+        if k == "response_format" and v == {"type": "text"}:
+            continue  # the neutral value: plain text, as without it
+        if v not in (None, False, 0, {}, []):
+            what = f" (type {v.get('type')!r}; only {{\"type\": \"text\"}})" if \
+                k == "response_format" and isinstance(v, dict) else ""
+            raise bad(k, f"{k} is not supported by aad-fast serve{what}")
     for k in ("stream", "user"):
         want = bool if k == "stream" else str
         if body.get(k) is not None and not isinstance(body[k], want):
@@ -289,10 +350,14 @@ def _check_body(body: dict, chat: bool) -> None:
     if opts is not None:
         if body.get("stream") is not True:
             raise bad("stream_options", "stream_options applies only with stream=true")
-        if not isinstance(opts, dict) or set(opts) - {"include_usage"} or \
-                not isinstance(opts.get("include_usage", False), bool):
-            raise bad("stream_options", "stream_options must be {\"include_usage\": true|false}"
-                                        f", got {opts!r}")
+        if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"} \
+                or not all(isinstance(opts.get(k, False), bool) for k in opts):
+            raise bad("stream_options", "stream_options must be {\"include_usage\": true|false} "
+                                        f"(continuous_usage_stats: false), got {opts!r}")
+        if opts.get("continuous_usage_stats") is True:  # vLLM's: usage in every chunk
+            raise bad("stream_options", "stream_options.continuous_usage_stats (usage in every "
+                                        "chunk) is not supported yet; the usage comes last "
+                                        "with include_usage")
 
 
 def _choices(body: dict, rule, limits: Limits) -> int:
@@ -314,7 +379,7 @@ def _choices(body: dict, rule, limits: Limits) -> int:
     return n
 
 
-def _check_rule_fits(body: dict, rule, decoder, limits: Limits) -> None:
+def _check_rule_fits(body: dict, rule, decoder, limits: Limits, name: str = "aad") -> None:
     """The rule's rows within this server's limits, and the Decoder's own rule/pair check."""
     if isinstance(rule, R.BeamAAD) and rule.num_beams > limits.max_num_beams:
         raise bad("num_beams", f"num_beams={rule.num_beams} exceeds this server's limit "
@@ -327,7 +392,7 @@ def _check_rule_fits(body: dict, rule, decoder, limits: Limits) -> None:
         try:
             validate(rule, 1)
         except ValueError as exc:
-            raise bad("rule", f"rule={body.get('rule', 'aad')}: {exc}") from None
+            raise bad("rule", f"rule={name}: {exc}") from None
 
 
 def _prompt_rows(rule, inp: dict, decoder, limits: Limits, where: str):
@@ -385,15 +450,17 @@ def _stop_ids(body: dict, decoder, default_stop) -> list:
 
 
 def parse_request(body: dict, chat: bool, decoder, limits: Limits, default_stop=(),
-                  picker=None) -> tuple[list, int]:
+                  picker=None, models: ServedModels | None = None) -> tuple[list, int]:
     """``(requests, prompt_tokens)``: one ``DecodeRequest`` per choice, all validated against
     ``decoder`` (rule and pair, prompt length, context) and ``limits``. The prompt is tokenised
     here, once: each request carries its ``prompt_rows``."""
     _check_body(body, chat)
-    rule = build_rule(body, picker)
+    rule = build_rule(body, picker, models)
     inp = prompt_input(body, chat, decoder.tokenizer)
     n = _choices(body, rule, limits)
-    _check_rule_fits(body, rule, decoder, limits)
+    models = models or ServedModels("")
+    _check_rule_fits(body, rule, decoder, limits, _rule_name(
+        body, models.rule_of(body.get("model")) if models.name else None, models.rule))
     rows, longest = _prompt_rows(rule, inp, decoder, limits, "messages" if chat else "prompt")
     max_new = _max_new_tokens(body, chat, decoder, limits, longest)
     ids = _stop_ids(body, decoder, default_stop)
@@ -444,3 +511,88 @@ def chunk(chat: bool, rid: str, model: str, created: int, text=None, finish=None
         ch["token_ids"] = tokens
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created, "model": model, "choices": [ch]}
+
+
+# ------------------------------------------------------------------ vLLM's tokenizer endpoints
+_TOKENIZE = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
+             "continue_final_message", "return_token_strs"}
+
+
+def _flag(body: dict, name: str, default: bool) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad(name, f"{name} must be true or false, got {v!r}")
+    return v
+
+
+def tokenize(body: dict, decoder) -> dict:
+    """``POST /tokenize`` (vLLM's shape): ``{"prompt": str}`` or ``{"messages": [...]}`` ->
+    ``{"count", "max_model_len", "tokens", "token_strs"}``. With the defaults
+    (``add_special_tokens`` true for a prompt, ``add_generation_prompt`` true for messages) the
+    ids are exactly those a completion of that prompt decodes from (the aligned stream's)."""
+    unknown = sorted(set(body) - _TOKENIZE)
+    if unknown:
+        raise bad(unknown[0], f"unknown field {unknown[0]!r} for /tokenize; it would be ignored")
+    if ("prompt" in body) == ("messages" in body):
+        raise bad("prompt", "give exactly one of prompt (a string) or messages (a chat)")
+    tok, strs = decoder.tokenizer, _flag(body, "return_token_strs", False)
+    if _flag(body, "continue_final_message", False):
+        raise bad("continue_final_message", "continue_final_message is not supported")
+    if "prompt" in body:
+        p = body["prompt"]
+        if not isinstance(p, str):
+            raise bad("prompt", f"prompt must be a string, got {p!r}")
+        if _flag(body, "add_special_tokens", True):
+            ids = encode(tok, decoder.vocab, [p], None, None, False)[0] if p.strip() else []
+        else:
+            ids = list(tok(p, add_special_tokens=False)["input_ids"])
+    else:
+        msgs = prompt_input({"messages": body["messages"]}, True, tok)["text"]
+        msgs = [{"role": "user", "content": msgs}] if isinstance(msgs, str) else msgs
+        if _flag(body, "add_special_tokens", False):
+            raise bad("add_special_tokens", "add_special_tokens applies to prompt; the chat "
+                                            "template places the special tokens of messages")
+        if getattr(tok, "chat_template", None) is None:
+            raise bad("messages", "the served tokenizer has no chat template")
+        gen = _flag(body, "add_generation_prompt", True)
+        if gen and len(msgs) == 1 and msgs[0]["role"] == "user":
+            ids = encode(tok, decoder.vocab, [msgs[0]["content"]], None, None, True)[0]
+        else:
+            out = tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True)
+            ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+    ids = [int(i) for i in ids]
+    return {"count": len(ids), "max_model_len": decoder.max_seq_len, "tokens": ids,
+            "token_strs": tok.convert_ids_to_tokens(ids) if strs else None}
+
+
+def detokenize(body: dict, decoder) -> dict:
+    """``POST /detokenize`` (vLLM's shape): ``{"tokens": [int]}`` -> ``{"prompt": str}``."""
+    unknown = sorted(set(body) - {"model", "tokens"})
+    if unknown:
+        raise bad(unknown[0], f"unknown field {unknown[0]!r} for /detokenize")
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                            and 0 <= i < decoder.vocab for i in ids):
+        raise bad("tokens", f"tokens must be a list of token ids in [0, {decoder.vocab}), "
+                            f"got {ids!r}"[:300])
+    return {"prompt": decoder.tokenizer.decode(ids)}
+
+
+def tokenizer_info(decoder) -> dict:
+    """``GET /tokenizer_info`` (vLLM's shape): the tokenizer's class and configuration, so a
+    client (lm-evaluation-harness) need not fetch the tokenizer from a hub."""
+    tok = decoder.tokenizer
+    info = {"tokenizer_class": type(tok).__name__, "model_max_length": decoder.max_seq_len,
+            "max_model_len": decoder.max_seq_len, "vocab_size": decoder.vocab,
+            "chat_template": getattr(tok, "chat_template", None)}
+    for k in ("bos_token", "eos_token", "pad_token", "unk_token", "bos_token_id",
+              "eos_token_id", "pad_token_id", "unk_token_id", "padding_side",
+              "truncation_side", "clean_up_tokenization_spaces"):
+        v = getattr(tok, k, None)
+        if v is None or isinstance(v, (str, int, bool, float)):
+            info[k] = v
+        else:
+            info[k] = str(v)
+    return info
