@@ -88,9 +88,13 @@ def make_prompts(a):
     return [held[i % len(held)].prompt for i in range(a.prompts)], True
 
 
+SERVED = "bench"
+
+
 def start_server(a, port):
     cmd = [sys.executable, "-m", "aad_fast.cli", "serve", "--port", str(port),
-           "--max-batch-size", str(a.max_batch_size), "--max-queue", "1024"]
+           "--max-batch-size", str(a.max_batch_size), "--max-queue", "1024",
+           "--served-model-name", SERVED]  # the name every request sends (others get 404)
     if a.aligned:
         cmd += ["--aligned", a.aligned] + (["--reference", a.reference] if a.reference else [])
     if a.max_seq_len:
@@ -150,12 +154,12 @@ def one_request(client, prompt, a, chat, stream):
     body = dict(messages=msgs) if chat else dict(prompt=prompt)
     t0 = time.perf_counter()
     if not stream:
-        r = make(model="m", max_tokens=a.max_tokens, extra_body=extra, **body)
+        r = make(model=SERVED, max_tokens=a.max_tokens, extra_body=extra, **body)
         dt = time.perf_counter() - t0
         return dt, dt, dt, r.usage.completion_tokens + (r.choices[0].finish_reason == "stop")
     ttft = last = None
     n, stopped = 0, False
-    for c in make(model="m", max_tokens=a.max_tokens, stream=True, extra_body=extra,
+    for c in make(model=SERVED, max_tokens=a.max_tokens, stream=True, extra_body=extra,
                   stream_options={"include_usage": True}, **body):
         piece = (c.choices[0].delta.content if chat else c.choices[0].text) if c.choices else ""
         if piece:
