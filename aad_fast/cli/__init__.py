@@ -10,7 +10,6 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..jobs.prompt_files import check_resume, prompts_identity, read_prompts_file
 from . import serve

@@ -23,7 +23,7 @@ positions from its first real token). The model gets ``{"full_attention": mask,
 parameter and buffer (no weight is copied) with the decode-path layers replaced once, for the
 runner's life: LoRA layers by ``lora_rows.RowLoRALinear`` (adapter on the aligned rows only), and
 on CPU each plain fp32 ``nn.Linear`` by ``cpu_linear.FewRowLinear`` or
-``cpu_linear.PackedLinear`` where ``tuning`` measured that layout faster for the runner's row
+``cpu_linear.PackedLinear`` where ``cpu_linear.plan_linears`` measured that layout faster for the runner's row
 count. Nothing is swapped around a forward, so two runners (or two threads) never see each
 other's layers, and ``torch.compile`` can trace the step.
 """
@@ -37,7 +37,6 @@ import itertools
 import torch
 from torch import Tensor, nn
 
-from .. import tuning
 from .cache import CacheLengthAsked, KVPool, ReadBound, StaticKVCache
 from .cpu_linear import FewRowLinear, PackedLinear, fits_in_memory, packed_bytes
 from .forward import TYPES as FAST_TYPES, FastDecoder

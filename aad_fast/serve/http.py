@@ -23,8 +23,6 @@ Needs the ``serve`` extra: ``pip install 'aad_fast[serve]'`` (fastapi, uvicorn).
 import asyncio
 import hmac
 import json
-import os
-import sys
 import time
 
 from .. import rules as R
