@@ -55,6 +55,19 @@ def text_delta(shown: str, text: str, final: bool = False) -> tuple:
     return "", shown
 
 
+def partial_text(sched: Scheduler, res, tokenizer) -> str:
+    """The text a stream of ``res`` may show now: its final text once done (a stop string's
+    cut included), else the text of its tokens so far without the end that could begin one
+    of its stop strings (``StopStrings.shown``: a later match would cut it)."""
+    if res.done and res.text is not None:
+        return res.text
+    text = tokenizer.decode(sched.partial(res), skip_special_tokens=True)
+    stops = res.request.stops
+    if stops is None or res.done:
+        return text
+    return stops.shown(text.rstrip("\ufffd"))
+
+
 @dataclass
 class Generation:
     """Result of ``Decoder.generate``: per row the completion ids (stop id excluded), the text
@@ -165,9 +178,10 @@ class Driver:
         self._entries: OrderedDict = OrderedDict()
         self._pickers: dict = {}  # best-of-n picker models loaded from paths
 
-    def _new_scheduler(self, rule: Rule, n: int) -> Scheduler:
+    def _new_scheduler(self, rule: Rule, n: int, min_tokens: bool = False) -> Scheduler:
         """``Decoder.scheduler``'s ``Scheduler`` of ``n`` rows for ``rule``'s kind, over KV pools,
-        runners, selector and state of its own (checked by the caller)."""
+        runners, selector and state of its own (checked by the caller); ``min_tokens``: its
+        state takes per-row ``min_new_tokens`` (``new_state``)."""
         streams = rule.streams
         pools = self._make_pools(n, streams)  # its own: its rows stay live between other calls
         check_fits(sum(p.nbytes for p in pools.values()), self.device, n, self.max_seq_len,
@@ -181,7 +195,7 @@ class Driver:
                                    self.backend, self.device)
             return Scheduler(pair, bs, None, rule, check_every=self.check_every)
         sel = make_selector(rule, n, self.vocab, self.device, self.backend)
-        st = new_state(n, self.max_seq_len, MAX_STOP_IDS, self.device)
+        st = new_state(n, self.max_seq_len, MAX_STOP_IDS, self.device, min_tokens)
         st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
         name = type(self.base).__name__
 
@@ -281,16 +295,18 @@ class Driver:
         hi = ladder_length(ladder, longest + max_new)
         return tuning.compile_pays(key, max_new - 1, sum(lo <= r <= hi for r in ladder))
 
-    def _entry(self, pair, n: int, rule: Rule):
+    def _entry(self, pair, n: int, rule: Rule, min_tokens: bool = False):
         """Selector, decode state and captured graph for ``n`` rows of ``rule``'s kind
         (``selectors.rule_kind``): one entry, so one graph, serves every value of the kind;
-        ``rule``'s values are written into the selector's tensors here. At most
-        ``MAX_ENTRIES`` are kept, least recently used dropped first."""
-        key = (id(pair), rule.streams, rule_kind(rule))  # the pair fixes the row count
+        ``rule``'s values are written into the selector's tensors here. ``min_tokens``: an
+        entry whose step masks stop ids until each row's ``min_new_tokens`` (a decode without
+        them runs none of that). At most ``MAX_ENTRIES`` are kept, least recently used
+        dropped first."""
+        key = (id(pair), rule.streams, rule_kind(rule), min_tokens)  # the pair fixes the rows
         ent = self._entries.get(key)
         if ent is None or ent["pair"] is not pair:
             sel = make_selector(rule, n, self.vocab, self.device, self.backend)
-            st = new_state(n, pair.runners[0].max_len, MAX_STOP_IDS, self.device)
+            st = new_state(n, pair.runners[0].max_len, MAX_STOP_IDS, self.device, min_tokens)
             ent = {"sel": sel, "st": st, "pair": pair}
             self._entries[key] = ent
             while len(self._entries) > self.MAX_ENTRIES:
@@ -360,23 +376,29 @@ class Driver:
                              "prompt's beams are rows of one batch; pass a larger "
                              "Decoder(max_batch_size=...) or fewer beams")
 
-    def _best_of_n(self, rule: BestOfN, rows: Rows, max_new, stop_ids) -> Generation:
+    def _best_of_n(self, rule: BestOfN, rows: Rows, max_new, stop_ids,
+                   min_new: int = 0) -> Generation:
         """BestOfN: ``rule.n`` samples per prompt (``search.samples``: each an ordinary
         request with its own seed) through the one decode loop (``_decode``, continuous batching
         past ``max_batch_size``), then the picker's choice (``search.pick_best``)."""
         sample, rep, seeds = search.samples(rule, rows.a)
-        for got in self._decode(sample, Rows(rep, rep), max_new, stop_ids, seeds=seeds):
+        for got in self._decode(sample, Rows(rep, rep), max_new, stop_ids, seeds=seeds,
+                                min_new=min_new):
             pass
         model, ptok = search.load_picker(rule.picker, self.device, self._pickers)
         best = search.pick_best(rule.n, rep, got, model, ptok or self.tokenizer, self.tokenizer)
         return Generation(text=self._text(best["tokens"]), stats=dict(got.stats, n=rule.n),
                           **best)
 
-    def _decode(self, rule, rows: Rows, max_new, stop_ids, seeds=None, partial=False):
+    def _decode(self, rule, rows: Rows, max_new, stop_ids, seeds=None, partial=False,
+                min_new: int = 0, stops=None):
         """Every row of ``rows`` through a ``Scheduler``: all admitted at once when they fit
         ``max_batch_size`` (a static batch), else the rows that fit first and each freed row
         refilled with the next prompt (continuous batching). ``seeds``: one int per row, its
-        request's seed (best-of-n's samples); ``None``: the rule's."""
+        request's seed (best-of-n's samples); ``None``: the rule's. ``min_new``: the rows'
+        ``min_new_tokens``; ``stops``: a function making a row's ``StopStrings`` (or ``None``).
+        ``partial``: yield row 0's text after each burst (``partial_text``), then the
+        ``Generation``."""
         b = len(rows.a)
         self._check_lengths(rows, max_new, b, refill=True)
         n = self._bucket(min(b, self.max_batch_size))
@@ -385,7 +407,7 @@ class Driver:
         ckey = self._compile_key(streams, n)
         compiled = self._wants_compile(ckey, max_new, longest)
         pair = self._pair(n, streams, longest + max_new, static=self.use_graphs or compiled)
-        ent = self._entry(pair, n, rule)
+        ent = self._entry(pair, n, rule, min_new > 0)
         sel, st = ent["sel"], ent["st"]
         st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
         stream_rows = {"ar": (rows.a, rows.r), "a": (rows.a, rows.a), "r": (rows.r, rows.r)}
@@ -393,7 +415,9 @@ class Driver:
         sched = Scheduler(pair, sel, st, rule, check_every=self.check_every)
         handles = [sched.submit(Request(ids_a=ra[i], ids_r=rr[i], max_new_tokens=max_new,
                                         stop_ids=tuple(stop_ids), tag=i,
-                                        seed=None if seeds is None else seeds[i]))
+                                        seed=None if seeds is None else seeds[i],
+                                        min_new_tokens=min_new,
+                                        stops=None if stops is None else stops()))
                    for i in range(b)]
         sync = sched.sync
         t0, t1 = _first_admission(sched)
@@ -411,13 +435,16 @@ class Driver:
             built_s = lsteps.build_s if lsteps is not None else 0.0
             while sched.step_burst():
                 if partial and sched.busy:
-                    yield self._text([sched.partial(handles[0])])[0]
+                    yield partial_text(sched, handles[0], self.tokenizer)
             sync()
             t3 = time.perf_counter()
             # lengths first reached mid-decode were built then: capture time, not decode time
             late_s = lsteps.build_s - built_s if lsteps is not None else 0.0
         tokens = [h.tokens for h in handles]
-        out = Generation(tokens=tokens, text=self._text(tokens),
+        text = self._text(tokens)
+        if text is not None:  # a stop string's match cut the text
+            text = [t if h.text is None else h.text for t, h in zip(text, handles)]
+        out = Generation(tokens=tokens, text=text,
                          finish_reason=[h.finish_reason for h in handles])
         out.stats = self._decode_stats(sched, out, pair, sel, st, lsteps, streams, n,
                                        (t0, t1, t2, t3, late_s))

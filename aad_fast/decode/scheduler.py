@@ -43,7 +43,10 @@ class Request:
     sees as ``a`` and ``r`` (``ids_r`` defaults to ``ids_a``); ``rule``: this request's values
     (its kind must be the scheduler's; ``None`` = the scheduler's ``rule``);
     ``stop_ids``: ids that end it (excluded from ``tokens``); ``seed`` overrides the rule's seed
-    (sampled rules); ``tag``: the caller's name for it in error messages."""
+    (sampled rules); ``tag``: the caller's name for it in error messages; ``min_new_tokens``:
+    its stop ids cannot be chosen before this many tokens (a scheduler whose state has
+    ``min_new``: ``new_state(min_tokens=True)``); ``stops``: a ``stop_strings.StopStrings`` of
+    its own, matched on its text at every check (the match ends it, ``Result.text``)."""
 
     ids_a: list
     ids_r: list | None = None
@@ -52,6 +55,8 @@ class Request:
     stop_ids: tuple = ()
     seed: int | None = None
     tag: object = None
+    min_new_tokens: int = 0
+    stops: object = None
 
     def __post_init__(self):
         self.check()
@@ -64,6 +69,10 @@ class Request:
         who = "" if self.tag is None else f"request {self.tag!r}: "
         try:
             self.max_new_tokens = check_int("max_new_tokens", self.max_new_tokens, 1)
+            self.min_new_tokens = check_int("min_new_tokens", self.min_new_tokens, 0)
+            if self.min_new_tokens > self.max_new_tokens:
+                raise ValueError(f"min_new_tokens={self.min_new_tokens} exceeds "
+                                 f"max_new_tokens={self.max_new_tokens}")
             if self.seed is not None:
                 self.seed = check_seed(self.seed)
             self.stop_ids = tuple(_ids("stop_ids", self.stop_ids, None))
@@ -109,6 +118,8 @@ class Result:
     first_token: float | None = None
     finished: float | None = None
     score: float | None = None  # beam search: the returned beam's summed score
+    text: str | None = None  # the output text when a stop string cut it (else decode tokens)
+    stop_reason: str | None = None  # the stop string that ended it
     steps: int = field(default=0, repr=False)  # tokens chosen so far (host count)
     width: int = field(default=0, repr=False)  # beam search: the slots its prompt took
 
@@ -196,6 +207,11 @@ class Scheduler:
         if len(set(r.stop_ids)) > self.max_stop:
             raise ValueError(f"at most {self.max_stop} stop ids per request, got "
                              f"{len(set(r.stop_ids))}")
+        if r.min_new_tokens and (self.beam or self.st.min_new is None):
+            raise ValueError(f"{who}min_new_tokens needs a scheduler built for it "
+                             "(Decoder.scheduler(rule, min_tokens=True)); beam search has none")
+        if r.stops is not None and self.beam:
+            raise ValueError(f"{who}stop strings are not supported with beam search")
         if r.rule is not None and self.kind_of(r.rule) != self.sel.kind:
             raise ValueError(f"{who}rule {r.rule!r} is of kind {self.kind_of(r.rule)}, this "
                              f"scheduler runs {self.sel.kind} (built for {self.rule!r}); give "
@@ -259,7 +275,9 @@ class Scheduler:
             engine.beam_admit(self.pair, self.sel, rows, ids_a, real_a, ids_r, real_r,
                               [self.rule if r.rule is None else r.rule for r in reqs], stop, lim)
         else:
-            engine.admit(self.pair, self.sel, st, dst, ids_a, real_a, ids_r, real_r, stop, lim)
+            low = torch.tensor([r.min_new_tokens for r in reqs], dtype=torch.int64)
+            engine.admit(self.pair, self.sel, st, dst, ids_a, real_a, ids_r, real_r, stop, lim,
+                         low)
         self.sync()
         t1 = time.perf_counter()
         self.prefill_s += t1 - t0
@@ -315,7 +333,8 @@ class Scheduler:
             tags = {row: res.request.tag if res.request.tag is not None else row
                     for row, res in self.live.items()}
             engine.check(st, rows=[tags.get(i, i) for i in range(self.n)])
-        ended = [row for row in self.live if flags[0][row]]
+        matched = self._match_stop_strings(flags[0])
+        ended = [row for row in self.live if flags[0][row] or row in matched]
         if not ended:
             return
         width = max(min(self.live[row].steps, self.live[row].request.max_new_tokens)
@@ -330,10 +349,42 @@ class Scheduler:
             cut = next((i for i, t in enumerate(toks) if t in stops), None)
             res.tokens = toks if cut is None else toks[:cut]
             res.finish_reason = "length" if cut is None else "stop"
+            if row in matched:  # a stop string: its completing token is the last kept
+                m = matched[row]
+                res.tokens, res.text, res.stop_reason = toks[:m.n_tokens], m.text, m.stop
+                res.finish_reason = "stop"
             res.done, res.finished, res.steps = True, now, len(toks)
             self.free.append(row)
         self.free.sort()
         self._idle(ended)
+
+    def _match_stop_strings(self, done: list) -> dict:
+        """Rows with stop strings: their tokens read once (one host copy of those rows), their
+        text searched (``StopStrings.check``; ``final`` for a row that ended). A live row that
+        matched is marked done on the device. Returns ``{row: StopMatch}``."""
+        rows = [row for row, res in self.live.items() if res.request.stops is not None]
+        if not rows:
+            return {}
+        width = max(min(self.live[row].steps, self.live[row].request.max_new_tokens)
+                    for row in rows)
+        matched = {}
+        for row, out in zip(rows, self.st.out[rows, :width].tolist()):
+            res = self.live[row]
+            toks = self._kept(res, out[:min(res.steps, res.request.max_new_tokens)])
+            m = res.request.stops.check(toks, final=bool(done[row]))
+            if m is not None:
+                matched[row] = m
+        if matched:
+            with torch.inference_mode():
+                self.st.done[list(matched)] = True
+        return matched
+
+    @staticmethod
+    def _kept(res: Result, toks: list) -> list:
+        """``toks`` up to the first of ``res``'s stop ids."""
+        stops = set(res.request.stop_ids)
+        cut = next((i for i, t in enumerate(toks) if t in stops), None)
+        return toks if cut is None else toks[:cut]
 
     def _retire_beams(self) -> None:
         """``_retire`` for beam slots: one look at the searches' flags (raise for a search
@@ -402,16 +453,18 @@ class Scheduler:
         if res.done or res.row is None or self.beam:
             return list(res.tokens or [])
         toks = self.st.out[res.row, :min(res.steps, res.request.max_new_tokens)].tolist()
-        stops = set(res.request.stop_ids)
-        cut = next((i for i, t in enumerate(toks) if t in stops), None)
-        return toks if cut is None else toks[:cut]
+        return self._kept(res, toks)
 
 
-def new_state(n_rows: int, max_new: int, max_stop: int, device) -> engine.DecodeState:
+def new_state(n_rows: int, max_new: int, max_stop: int, device,
+              min_tokens: bool = False) -> engine.DecodeState:
     """A ``DecodeState`` for a ``Scheduler``: ``n_rows`` rows, outputs up to ``max_new`` ids,
-    per-row stop ids (up to ``max_stop``)."""
+    per-row stop ids (up to ``max_stop``); ``min_tokens``: with per-row ``min_new`` (its step
+    masks each row's stop ids until then: ``engine.early_stops``)."""
     st = engine.DecodeState.new(n_rows, max_new, device)
     st.stop = torch.full((n_rows, max_stop), -2, dtype=torch.int64, device=device)
+    if min_tokens:
+        st.min_new = torch.zeros(n_rows, dtype=torch.int64, device=device)
     return st
 
 
