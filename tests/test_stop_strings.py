@@ -118,3 +118,77 @@ def test_check_stop_strings():
     for bad in ([""], [3], 3, [None]):
         with pytest.raises(ValueError, match="stop"):
             check_stop_strings(bad)
+
+
+# ------------------------------------------------------------------ through the Decoder
+def _decoder(tok, seed=0):
+    from test_review_inputs import model_for
+
+    from aad_fast import Decoder
+    return Decoder(model_for(tok, seed), model_for(tok, seed + 1), tokenizer=tok,
+                   max_batch_size=2, max_seq_len=96, check_every=3, compile=False)
+
+
+@pytest.mark.parametrize("name,tok", TOKENIZERS, ids=[n for n, _ in TOKENIZERS])
+def test_decoder_stop_strings_equal_decode_then_search(name, tok):
+    """``generate(stop=[...])`` equals decoding with the strings' stop ids only (a single-token
+    string is also an id: the device path, tested against the naive loop elsewhere), then the
+    brute-force search of the strings on those tokens (the row's text cut, the tokens up to
+    the completing one), for phrases taken from the free text across token boundaries, with
+    min_tokens and include; the streamed pieces join to the same text."""
+    from aad_fast import AAD, EFT
+    dec = _decoder(tok)
+    prompts = ["the quick brown fox", "héllo wörld, ça va?", "Question: what is 2 plus 3?"]
+    checked = matched = 0
+    rules = (AAD(0.1), EFT(2.0, temperature=1.0, seed=5))
+    if name == "mistral-sp":  # a 32000-token vocabulary: fewer cases, the same checks
+        rules, prompts = rules[:1], prompts[1:]
+    for rule in rules:
+        free = dec.generate(prompts, rule=rule, max_new_tokens=30)
+        for p, text in zip(prompts, free.text):
+            stable = text.rstrip("\ufffd")
+            phrases = [stable[i:i + 3] for i in (2, 7, 13) if len(stable) > i + 3]
+            for stops, kw in ((phrases[:1], {}), (phrases[1:], {"include_stop": True}),
+                              (phrases, {"min_tokens": 6}), (["zz\nzz"], {})):
+                if not stops or not all(stops):
+                    continue
+                got = dec.generate(p, rule=rule, max_new_tokens=30, stop=stops, **kw)
+                ids, strings = dec.stops(stops)
+                base = dec.generate(p, rule=rule, max_new_tokens=30, stop=ids,
+                                    min_tokens=kw.get("min_tokens", 0))
+                toks = base.tokens[0]
+                want = reference_match(toks, strings, _decode(tok),
+                                       include=kw.get("include_stop", False),
+                                       min_tokens=kw.get("min_tokens", 0))
+                if want is None:
+                    assert (got.tokens[0], got.text[0]) == (toks, base.text[0])
+                else:
+                    assert (got.tokens[0], got.text[0]) == (toks[:want.n_tokens], want.text)
+                    assert got.finish_reason[0] == "stop"
+                    matched += 1
+                joined = "".join(dec.stream(p, rule=rule, max_new_tokens=30, stop=stops, **kw))
+                assert joined == got.text[0]
+                checked += 1
+    assert matched > 3 and checked > matched
+
+
+def test_scheduler_stop_strings_per_request():
+    """Requests with and without stop strings in one scheduler, admitted as rows free up:
+    each equals its own decode-then-search."""
+    from aad_fast import AAD
+    tok = byte_tokenizer()
+    dec = _decoder(tok, seed=2)
+    prompts = ["the quick brown fox", "what is 2 plus 3 ?", "naïve café", "東京", "Hello , world"]
+    free = dec.generate(prompts, rule=AAD(0.1), max_new_tokens=20)
+    sched = dec.scheduler(AAD(0.1), rows=2)
+    stops = [[t.rstrip("\ufffd")[3:6]] if i % 2 == 0 else None
+             for i, t in enumerate(free.text)]
+    hs = [sched.submit(dec.request(p, rule=AAD(0.1), max_new_tokens=20, stop=s))
+          for p, s in zip(prompts, stops)]
+    sched.run_until_idle()
+    for h, toks, text, s in zip(hs, free.tokens, free.text, stops):
+        want = reference_match(toks, s, _decode(tok)) if s else None
+        if want is None:
+            assert h.tokens == toks and h.text is None
+        else:
+            assert (h.tokens, h.text, h.stop_reason) == (toks[:want.n_tokens], want.text, s[0])
