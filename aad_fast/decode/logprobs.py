@@ -62,7 +62,7 @@ def sequence_logprobs(model, ids: list, vocab: int, top: int = 0, start: int = 1
                        **kw).logits[0]
     logits = logits[-(len(ids) - first + 1):-1, :vocab].float()
     lp = torch.log_softmax(logits, dim=-1)
-    chosen = torch.tensor(ids[first:], device=lp.device)
+    chosen = torch.tensor(ids[first:], dtype=torch.int64, device=lp.device)
     got = lp.gather(1, chosen[:, None])[:, 0].tolist() if len(chosen) else []
     best = []
     if top > 0 and len(chosen):
