@@ -3,8 +3,9 @@
 
 The decode path is not touched: after a request is decoded, one forward (a prefill, no cache) of
 prompt + completion through the stream's model gives every position's next-token distribution
-at once; position ``j - 1``'s log-softmax (float32, over the Decoder's vocabulary) scores token
-``j``. The stream's model: ``"a"`` the aligned model (a LoRA pair: the adapter on), ``"r"`` the
+at once; position ``j - 1``'s log-softmax (float32, over all of the model's output rows, as a
+plain Hugging Face forward or vLLM gives it) scores token ``j``; the alternatives (``top``) are
+among the ids the Decoder can choose (below ``vocab``: no embedding padding rows). The stream's model: ``"a"`` the aligned model (a LoRA pair: the adapter on), ``"r"`` the
 reference (a LoRA pair: the adapter off; one model with two prompts, OPAD / CFG: the same model,
 which the caller gives the stream's own prompt). The rule's choice is not a probability of
 either stream; these are the stream's own, as a single-model server would report them.
@@ -49,7 +50,8 @@ def stream_model(kind: str, model_a, model_r, stream: str):
 
 def sequence_logprobs(model, ids: list, vocab: int, top: int = 0, start: int = 1):
     """``TokenLogprobs`` of ``ids[start:]`` under ``model`` (a causal LM): one forward of
-    ``ids``; ``top`` alternatives per position (0: none), over ids below ``vocab``."""
+    ``ids``, log-softmax over the model's output rows; ``top`` alternatives per position (0:
+    none), among the ids below ``vocab``."""
     if start < 0 or start > len(ids):
         raise ValueError(f"start must be in [0, {len(ids)}], got {start}")
     first = max(start, 1)  # position 0 has no distribution
@@ -60,13 +62,13 @@ def sequence_logprobs(model, ids: list, vocab: int, top: int = 0, start: int = 1
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([ids], device=dev), use_cache=False,
                        **kw).logits[0]
-    logits = logits[-(len(ids) - first + 1):-1, :vocab].float()
+    logits = logits[-(len(ids) - first + 1):-1].float()
     lp = torch.log_softmax(logits, dim=-1)
     chosen = torch.tensor(ids[first:], dtype=torch.int64, device=lp.device)
     got = lp.gather(1, chosen[:, None])[:, 0].tolist() if len(chosen) else []
     best = []
     if top > 0 and len(chosen):
-        val, idx = torch.sort(lp, dim=1, descending=True, stable=True)
+        val, idx = torch.sort(lp[:, :vocab], dim=1, descending=True, stable=True)
         val, idx = val[:, :top].tolist(), idx[:, :top].tolist()
         best = [list(zip(i, v)) for i, v in zip(idx, val)]
     else:

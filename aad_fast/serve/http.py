@@ -54,7 +54,8 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
             ``max_batch_size``).
         max_queue: requests waiting for a row beyond which a request gets 429.
         limits: per-request caps (``openai_api.Limits``).
-        default_stop: stop ids/strings added to every request (e.g. a chat turn marker).
+        default_stop: stop ids/strings added to every request (e.g. a chat turn marker; a
+            request with ``ignore_eos`` drops them with the model's EOS).
         picker: the reward model of ``rule=best-of-n`` (a path or model), or ``None``.
         model_name: the served name: ``/v1/models`` lists it (the default rule) and
             ``model_name:RULE`` for each rule this pair runs; a request naming another model
@@ -75,7 +76,8 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
     own = decode_loop is None
     decode_loop = decode_loop or DecodeLoop(decoder, max_batch_size=mbs, max_queue=max_queue)
     limits = (limits or Limits()).resolve(decoder, decode_loop.max_batch_size)
-    server = _Server(decoder, decode_loop, limits, tuple(decoder.stop_ids(list(default_stop))),
+    ids, strings = decoder.stops(list(default_stop))  # checked now, before a request comes
+    server = _Server(decoder, decode_loop, limits, tuple(ids) + strings,
                      api_key, picker, served, responses)
     app = fastapi.FastAPI(title="aad-fast", lifespan=server.lifespan(own), docs_url=None,
                           redoc_url=None, openapi_url=None)
