@@ -8,8 +8,13 @@ OpenAI's fields map as follows:
 
 - ``max_tokens`` (chat also ``max_completion_tokens``) -> ``max_new_tokens``; default 16 for
   completions (as OpenAI), for chat the most the context and the server's limit allow.
-- ``stop`` (single-token strings) and ``stop_token_ids`` (ints) are added to the server's stop
-  ids.
+- ``stop`` (strings of any length, matched on the text: ``stop_strings``; the text is cut where
+  the match starts, or ends with ``include_stop_str_in_output``; the match is the choice's
+  ``stop_reason``) and ``stop_token_ids`` (ints) are added to the server's stop ids.
+  ``ignore_eos``: neither the model's EOS nor the server's ``--stop`` ends a row (the body's
+  stops still do); ``min_tokens``: no stop id or string ends a row before that many tokens.
+- ``prompt`` (completions): a string, a token-id list, or a list of several of either (at
+  most ``Limits.max_prompts``): one choice per prompt and ``n``, prompt-major, decoded together.
 - ``temperature``, ``top_p``, ``seed``: the sampling of eft/dera/cfg (default greedy; with
   ``top_k``, ``min_p``) and best-of-n (default 1.0 / 0.9). A greedy request (aad, contrastive,
   opad, beam-aad, greedy; eft/dera/cfg without ``temperature > 0``) refuses every sampling field
@@ -18,12 +23,17 @@ OpenAI's fields map as follows:
   effect there, since evaluation clients (lm-evaluation-harness) send one with every request.
 - ``n``: choices per prompt. Only a sampling rule (temperature > 0) has distinct choices;
   choice ``i`` is sampled with ``seed + i``. ``n > 1`` is refused for the greedy rules (the
-  choices would be copies) and with ``stream``.
+  choices would be copies). A stream's chunks carry their choice's ``index``;
+  ``stream_options.continuous_usage_stats`` puts the choice's usage so far in every chunk.
 - ``best_of``: with ``rule=best-of-n``, the number of samples the picker chooses from (OpenAI's
   legacy meaning); one choice comes back.
-- ``echo``, ``suffix``, ``logprobs``, ``top_logprobs``, ``logit_bias``, presence/frequency
-  penalties, tools and response formats are refused when set (``response_format`` ``{"type":
-  "text"}``, the neutral value, is accepted).
+- ``logprobs`` (completions: an int, the alternatives per token, 0 = the chosen token's only)
+  and ``logprobs: true`` + ``top_logprobs`` (chat), ``echo`` (completions: the prompt and its
+  log-probabilities first; with ``max_tokens`` 0 the prompt alone): OpenAI's shapes, computed
+  after decoding by one forward of prompt + completion through the stream ``logprobs_stream``
+  (``"a"``, the aligned model, default; ``"r"``, the reference); not with ``stream``.
+- ``suffix``, ``logit_bias``, presence/frequency penalties, tools and response formats are
+  refused when set (``response_format`` ``{"type": "text"}``, the neutral value, is accepted).
 - ``model``: the served name ``NAME`` (or none) is the server's default rule (``aad`` unless
   ``aad-fast serve --rule``) and a body ``rule`` still chooses another; ``NAME:RULE`` chooses
   ``RULE`` with the rule table's defaults (``ServedModels``), and a body ``rule`` that
