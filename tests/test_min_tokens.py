@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import EOS, full_logits, tiny_model
+from conftest import EOS, naive_decode, tiny_model
 
 from aad_fast import AAD, CFG, EFT, OPAD, Contrastive, Decoder, DeRa, Greedy
 from aad_fast.ops.reference import gumbel_noise
@@ -70,22 +70,7 @@ def opad_choose(k):
 def naive_min(choose, models, prompts, max_new, stops, min_tokens, prompts_r=None):
     """conftest's ``naive_decode`` with ``min_tokens``: ``choose`` is told the ids it may not
     choose (the stop ids while ``t < min_tokens``)."""
-    out = []
-    for i, p in enumerate(prompts):
-        seq_a, seq_r = list(p), list(prompts_r[i] if prompts_r else p)
-        toks, hist = [], []
-        for t in range(max_new):
-            a = full_logits(models[0], seq_a)
-            r = full_logits(models[-1], seq_r)
-            y = choose(a, r, t, hist, set(stops) if t < min_tokens else set())
-            hist.append((a, r))
-            if y in stops:
-                break
-            toks.append(y)
-            seq_a.append(y)
-            seq_r.append(y)
-        out.append(toks)
-    return out
+    return naive_decode(choose, models, prompts, max_new, stops, prompts_r, min_tokens)
 
 
 def _early_stops(dec, rule, prompts, **kw):

@@ -312,10 +312,9 @@ class Driver:
         """Every row of ``rows`` through a ``Scheduler``: all admitted at once when they fit
         ``max_batch_size`` (a static batch), else the rows that fit first and each freed row
         refilled with the next prompt (continuous batching). ``seeds``: one int per row, its
-        request's seed (best-of-n's samples); ``None``: the rule's. ``min_new``: the rows'
-        ``min_new_tokens``; ``stops``: a function making a row's ``StopStrings`` (or ``None``).
-        ``partial``: yield row 0's text after each burst (``partial_text``), then the
-        ``Generation``."""
+        request's seed (best-of-n's samples); ``None``: the rule's. ``min_new``, ``stops`` (a
+        row's ``StopStrings`` maker): as ``Request``. ``partial``: yield row 0's text after
+        each burst (``partial_text``), then the ``Generation``."""
         b = len(rows.a)
         self._check_lengths(rows, max_new, b, refill=True)
         n = self._bucket(min(b, self.max_batch_size))
@@ -333,8 +332,7 @@ class Driver:
         handles = [sched.submit(Request(ids_a=ra[i], ids_r=rr[i], max_new_tokens=max_new,
                                         stop_ids=tuple(stop_ids), tag=i,
                                         seed=None if seeds is None else seeds[i],
-                                        min_new_tokens=min_new,
-                                        stops=None if stops is None else stops()))
+                                        min_new_tokens=min_new, stops=stops and stops()))
                    for i in range(b)]
         sync = sched.sync
         t0, t1 = _first_admission(sched)
@@ -358,10 +356,7 @@ class Driver:
             # lengths first reached mid-decode were built then: capture time, not decode time
             late_s = lsteps.build_s - built_s if lsteps is not None else 0.0
         tokens = [h.tokens for h in handles]
-        text = self._text(tokens)
-        if text is not None:  # a stop string's match cut the text
-            text = [t if h.text is None else h.text for t, h in zip(text, handles)]
-        out = Generation(tokens=tokens, text=text,
+        out = Generation(tokens=tokens, text=self._text(tokens, handles),
                          finish_reason=[h.finish_reason for h in handles])
         out.stats = self._decode_stats(sched, out, pair, sel, st, lsteps, streams, n,
                                        (t0, t1, t2, t3, late_s))
@@ -423,10 +418,14 @@ class Driver:
             **_read_stats(pair, reads),
         }
 
-    def _text(self, tokens):
+    def _text(self, tokens, results=None):
+        """The decoded ``tokens``; ``results``: their ``Result``s, whose ``text`` (cut at a
+        stop string) stands where it is set."""
         if self.tokenizer is None:
             return None
-        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        text = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return text if results is None else [t if r.text is None else r.text
+                                              for t, r in zip(text, results)]
 
 
 MAX_STATIC = 4  # kept static runner sets (each holds a KV cache and maybe compiled code)
