@@ -502,3 +502,28 @@ def test_inspect_ai_stop_seqs_and_logprobs(client, pair):
         assert len(c["top_logprobs"]) == 3 and c["bytes"] == list(c["token"].encode())
         row = full[len(prompt_ids) - 1 + j]
         assert c["top_logprobs"][0]["token"] == tok.decode([int(row[:dec.vocab].argmax())])
+
+
+def test_streamed_stop_phrase_never_shows_what_it_cuts(client, pair):
+    """A stream with a stop phrase of several tokens: every piece is a prefix of the final
+    text (the phrase's start is held back until the match), the pieces join to the
+    non-streamed text, and the phrase is the choice's stop_reason."""
+    dec, tok, _, stop, prompts = pair
+    free = dec.generate(prompts, rule=af.AAD(0.1), max_new_tokens=16, stop=list(stop))
+    text, prompt = max(zip(free.text, prompts), key=lambda x: len(x[0].split()))
+    phrase = " ".join(text.split()[-3:-1])  # late: text is shown before the match
+    assert len(tok.encode(phrase, add_special_tokens=False)) > 1
+    body = {"model": NAME, "prompt": prompt, "max_tokens": 16, "stop": [phrase],
+            "stream": True}
+    chunks = _sse(client, body)
+    pieces = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+    assert len([p for p in pieces if p]) > 1  # text was shown before the match
+    whole = client.post("/v1/completions", json={**body, "stream": False}).json()["choices"][0]
+    assert "".join(pieces) == whole["text"] and phrase not in whole["text"]
+    assert whole["stop_reason"] == phrase and chunks[-1]["choices"][0]["stop_reason"] == phrase
+    shown = ""
+    for p in pieces:
+        shown += p
+        assert whole["text"].startswith(shown)
+    assert whole["token_ids"] == dec.generate(prompt, rule=af.AAD(0.1), max_new_tokens=16,
+                                              stop=list(stop) + [phrase]).tokens[0]
