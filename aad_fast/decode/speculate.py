@@ -184,7 +184,10 @@ def settle(st: DecodeState, c: Tensor, draft: Tensor, ndraft: Tensor):
 
 def _row_stops(st: DecodeState, width: int) -> Tensor:
     """The stop ids of every flattened position (row ``i`` repeated ``width`` times)."""
-    return st.stop if st.stop.dim() == 1 else st.stop.repeat_interleave(width, dim=0)
+    if st.stop.dim() == 1:
+        return st.stop
+    n, s = st.stop.shape
+    return st.stop.view(n, 1, s).expand(n, width, s).reshape(n * width, s)
 
 
 def flag_reference(st: DecodeState, logits_r: Tensor | None, valid: Tensor) -> None:
@@ -201,12 +204,14 @@ def verify_one(pair, selector, st: DecodeState, buf: dict, width: int):
     choose at every position, record what is emitted. Returns ``(count, run, c)``: tokens
     emitted per row, drafted ids accepted per row, the choices ``[N, width]``. The rows'
     positions are not moved on (``pair.advance``, once the counts are read). Graph-safe."""
-    tokens = buf.setdefault(("tokens", width), st.tok.new_zeros((st.tok.shape[0], width)))
+    n = st.tok.shape[0]
+    if ("tokens", width) not in buf:  # per width, made once: a captured step keeps them
+        buf["tokens", width] = st.tok.new_zeros((n, width))
+        buf["rows", width] = torch.arange(n * width, device=st.tok.device) // width
+    tokens, rows = buf["tokens", width], buf["rows", width]
     tokens[:, 0].copy_(st.tok)
     tokens[:, 1:].copy_(buf["draft"][:, :width - 1])
     logits_a, logits_r = pair.verify(tokens)
-    rows = buf.setdefault(("rows", width), torch.arange(
-        st.tok.shape[0], device=st.tok.device).repeat_interleave(width))
     c = choose(selector, logits_a, logits_r, st.t, rows)
     count, run = settle(st, c, buf["draft"], buf["ndraft"])
     ahead = torch.arange(width, dtype=torch.int64, device=c.device)
