@@ -398,9 +398,7 @@ class Driver:
         stream_rows = {"ar": (rows.a, rows.r), "a": (rows.a, rows.a), "r": (rows.r, rows.r)}
         ra, rr = stream_rows[streams]
         sched = Scheduler(pair, sel, st, rule, check_every=self.check_every)
-        draft, k = getattr(self, "draft", None), getattr(self, "speculate", 0)
-        if k:  # verify steps of drafted tokens (eager), in place of the one-token step
-            sched.spec = Speculator(draft, k, pair, sel, st, self.vocab)
+        k = self._speculating(sched)
         handles = [sched.submit(Request(ids_a=ra[i], ids_r=rr[i], max_new_tokens=max_new,
                                         stop_ids=tuple(stop_ids), tag=i,
                                         seed=None if seeds is None else seeds[i]))
@@ -440,6 +438,15 @@ class Driver:
             tuning.observe_step(ckey, out.stats["compiled"], out.stats["ms_per_token"],
                                 compile_s)  # for compile="auto"
         yield out
+
+    def _speculating(self, sched: Scheduler) -> int:
+        """Give ``sched`` a ``speculate.Speculator`` of this Decoder's draft when it
+        speculates (verify steps of drafted tokens, eager, in place of the one-token step);
+        returns ``k`` (0: no speculation)."""
+        k = getattr(self, "speculate", 0)
+        if k:
+            sched.spec = Speculator(self.draft, k, sched.pair, sched.sel, sched.st, self.vocab)
+        return k
 
     def _length_steps(self, ent: dict, pair, max_new: int, compiled: bool):
         """The entry's ``engine.LengthSteps`` for graphs and/or a compiled step (made on first

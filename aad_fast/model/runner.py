@@ -378,7 +378,7 @@ class Runner:
                 self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             self.bound.off()
             return None
-        return self.bound.length(extra)
+        return self.bound.length(extra) if extra else self.bound.length()
 
     def idle(self, rows, period: int | None = None) -> None:
         """Rows ``rows`` (host ints) are idle until refilled (``admit``): their outputs are not
