@@ -279,3 +279,13 @@ def test_the_verify_step_is_capture_safe(models, monkeypatch, backend, kind, rul
     dec.generate(input_ids=PROMPTS, rule=rule, max_new_tokens=4)
     assert len(checks) == 1
     checks[0].assert_safe(f"verify_one of {rule} on the {kind} pair ({backend} backend)")
+
+
+def test_cli_draft_and_speculate_flags_reach_the_decoder(model_dirs, capsys):
+    from aad_fast.cli import main
+    base = ["generate", "--aligned", str(model_dirs / "dpo"), "--reference",
+            str(model_dirs / "sft"), "--prompt", "hi", "--max-new-tokens", "3"]
+    assert main(base + ["--speculate", "2"]) == 2
+    assert "speculate=2 needs a draft" in capsys.readouterr().err
+    assert main(base + ["--draft", "ngram", "--speculate", "9"]) == 2
+    assert "speculate must be an int in [0, 8]" in capsys.readouterr().err
