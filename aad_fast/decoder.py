@@ -14,9 +14,9 @@ Beam search and best-of-n run on the scheduler too, with ``search``'s pieces (wh
 import this module): a beam request is a slot of ``num_beams`` rows (``search.BeamSearch``
 ranks), refilled like any row past ``max_batch_size``; best-of-n's samples are ordinary rows.
 
-The buffers, the hold (one call at a time) and the decodes themselves are
-``decode.driver.Driver``'s, which ``Decoder`` extends with loading, validation and the public
-calls (``generate``, ``stream``, ``scheduler``, ``request``).
+The buffers and the decodes themselves are ``decode.driver.Driver``'s, which ``Decoder``
+extends with loading, validation, the hold (one call at a time: ``decode.hold.Hold``) and the
+public calls (``generate``, ``stream``, ``scheduler``, ``request``).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from .decode.driver import Driver, Generation, text_delta
+from .decode.hold import Hold
 from .model.loading import load_pair
 from .model.lora_rows import RowLoRA
 from .model.runner import sliding_unsupported
@@ -138,7 +139,8 @@ class Decoder(Driver):
         self.vocab = self._vocab()
         self._check_positions(max_seq_len)
         self._init_buffers()
-        self._init_hold()
+        self._hold = Hold()
+        self._owner = None  # the thread inside _run (re-entry from it is refused)
         self._draft_spec = draft
         self.draft = resolve_draft(draft, self)
 
@@ -173,10 +175,15 @@ class Decoder(Driver):
             v = n_tok  # ids at or beyond the tokenizer's range are padding rows: never chosen
         return v
 
+    def _locked(self):
+        """Hold this Decoder (``hold.Hold``: other threads' calls wait) with its intra-op
+        thread count; every call takes it, the server's loop per burst."""
+        return self._hold.locked(self.threads)
+
     def close(self) -> None:
         """Free the caches and captured graphs (the models are never modified)."""
         with self._locked():
-            self._slots.clear()
+            self._runner_sets.clear()
             for pool in self._pools.values():
                 pool.free()
             self._entries.clear()
@@ -287,7 +294,7 @@ class Decoder(Driver):
                 final = isinstance(out, Generation)
                 piece, now = text_delta(shown, out.text[0] if final else out, final)
                 if piece:  # a trailing U+FFFD held back until its bytes come (text_delta)
-                    with self._caller_turn():
+                    with self._hold.caller_turn(self.threads):
                         yield piece
                     shown = now
 
