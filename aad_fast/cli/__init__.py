@@ -107,7 +107,8 @@ def generate_decoder(a, job: GenerateJob, path=lambda x: x) -> dict:
     return {"aligned": path(a.aligned), "reference": path(a.reference),
             "tokenizer": path(getattr(a, "tokenizer", None)), "dtype": a.dtype,
             "device": a.device, "max_seq_len": a.max_seq_len,
-            "max_batch_size": a.batch_size * job.per_prompt}
+            "max_batch_size": a.batch_size * job.per_prompt,
+            "draft": getattr(a, "draft", None), "speculate": getattr(a, "speculate", 0)}
 
 
 def generate_record(a, row: dict, completion, tokens, finish_reason) -> dict:
@@ -190,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "position limit where smaller)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--draft", default=None,
+                   help="speculative decoding's draft: 'ngram' (prompt lookup) or a draft "
+                        "model's local path (same tokenizer); the tokens are the rule's own "
+                        "(docs/speculative.md). Needs --speculate")
+    g.add_argument("--speculate", type=int, default=0,
+                   help="drafted tokens per verify step, 1..8 (default 0: off); needs --draft")
     add_rule_arguments(g)
     from .ray import add_ray_arguments, dispatch
     add_ray_arguments(g)

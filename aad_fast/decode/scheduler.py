@@ -248,8 +248,8 @@ class Scheduler:
             if plan.admit and on_admit is not None:
                 on_admit([res for group in plan.admit for _, res in group])
             if plan.steps > 0 and self.live:
-                self.executor.run(plan.steps, self.live, self.step)
-                self.steps += plan.steps
+                ran = self.executor.run(plan.steps, self.live, self.step)
+                self.steps += plan.steps if ran is None else ran  # (speculation may stop early)
 
     def update(self) -> list:
         """One look at the device (the executor's ``finished``): finished requests get their
