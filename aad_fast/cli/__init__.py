@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from ..jobs.prompt_files import check_resume, prompts_identity, read_prompts_file
 from . import serve
-from .flags import (RULE_FLAGS, RULES, SAMPLING_FLAGS, add_rule_arguments, add_stop_arguments,
-                    check_rule_flags, check_stop_ids, rule_from_args)
+from .flags import (RULE_FLAGS, RULES, SAMPLING_FLAGS, add_rule_arguments,  # noqa: F401
+                    add_speculate_arguments, add_stop_arguments, check_rule_flags, check_stop_ids,
+                    rule_from_args)
 
 def _read_prompts(a) -> list:
     if a.prompt is not None:
@@ -191,12 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "position limit where smaller)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    g.add_argument("--draft", default=None,
-                   help="speculative decoding's draft: 'ngram' (prompt lookup) or a draft "
-                        "model's local path (same tokenizer); the tokens are the rule's own "
-                        "(docs/speculative.md). Needs --speculate")
-    g.add_argument("--speculate", type=int, default=0,
-                   help="drafted tokens per verify step, 1..8 (default 0: off); needs --draft")
+    add_speculate_arguments(g)
     add_rule_arguments(g)
     from .ray import add_ray_arguments, dispatch
     add_ray_arguments(g)
