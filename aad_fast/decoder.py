@@ -20,23 +20,21 @@ public calls (``generate``, ``stream``, ``scheduler``, ``request``).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-import warnings
 
 import torch
 
 from .decode.driver import Driver, Generation, text_delta
 from .decode.hold import Hold
-from .model.loading import load_pair
+from .model.loading import check_positions, load_pair, pair_vocab, position_limit
 from .model.lora_rows import RowLoRA
-from .model.runner import sliding_unsupported
 from .decode.prompt_rows import Rows, resolve_stop_ids, resolve_stops, rule_rows
 from .decode.logprobs import sequence_logprobs, stream_model
 from .decode.stop_strings import StopStrings
 from .rules import AAD, OPAD, BeamAAD, BestOfN, CFGMix, Rule, check_int
 from .decode.scheduler import Request, Scheduler
+from .decode.speculate import check_speculate, resolve_draft
 from .model import cpu_linear as linear_layouts
 from .model import forward as fast_forward
 from .model import threads as thread_choice
@@ -87,6 +85,14 @@ class Decoder(Driver):
             (``fast_decoder.FastDecoder``, for Llama/Mistral/Qwen2/Qwen3/OLMo-2) per model shape
             and row count and keeps the faster (cached); ``"hf"`` / ``"fast"`` force one.
             ``stats["forward"]`` says which ran.
+        draft, speculate: exact speculative decoding (docs/speculative.md): ``draft``
+            proposes up to ``speculate`` (1..8) tokens per row and step, both streams score
+            them in one forward, and the rule's own choices are kept, so the tokens are those
+            of ``speculate=0``. ``draft``: ``"ngram"`` (prompt lookup), a draft model (a causal
+            LM or a local path, same tokenizer), or an object with ``start``/``propose``/
+            ``accept``/``free`` (``decode.speculate.Draft``). Not for BeamAAD or BestOfN.
+            ``stats`` adds ``drafted``, ``accepted``, ``emitted`` per row and
+            ``mean_accepted``.
     """
 
     DEFAULT_SEQ_LEN = 2048
@@ -95,8 +101,9 @@ class Decoder(Driver):
                  max_batch_size: int = 8, max_seq_len: int | None = None, cuda_graphs="auto",
                  backend: str | None = None, check_every: int = 8,
                  cpu_linear: str | None = None, compile="auto", forward: str | None = None,
-                 threads=None):
+                 threads=None, draft=None, speculate: int = 0):
         max_batch_size = check_int("max_batch_size", max_batch_size, 1)
+        self.speculate = check_speculate(speculate, draft)
         check_every = check_int("check_every", check_every, 1)
         if max_seq_len is not None:
             max_seq_len = check_int("max_seq_len", max_seq_len, 1)
@@ -128,42 +135,13 @@ class Decoder(Driver):
         self.threads = thread_choice.threads_choice(self.base, max_batch_size, threads)
         self.use_graphs = self.device.type == "cuda" and cuda_graphs in ("auto", True)
         self.backend, self.check_every = backend, check_every
-        self.vocab = self._vocab()
-        self._check_positions(max_seq_len)
+        self.vocab = pair_vocab(self.base, self.model_r, self.tokenizer)
+        check_positions((self.base, self.model_r), max_seq_len)
         self._init_buffers()
         self._hold = Hold()
         self._owner = None  # the thread inside _run (re-entry from it is refused)
-
-    # ------------------------------------------------------------------ setup helpers
-    def _check_positions(self, max_seq_len: int) -> None:
-        """Refuse ``max_seq_len`` past a learned position table; warn where sliding-window
-        attention is mixed with layer types that are not masked."""
-        for model in (self.base, self.model_r):
-            limit = None if model is None else position_limit(model)
-            if limit is not None and max_seq_len > limit:
-                raise ValueError(f"max_seq_len={max_seq_len} exceeds {type(model).__name__}'s "
-                                 f"{limit} learned positions (its position table has no row "
-                                 f"beyond position {limit - 1}); pass "
-                                 f"Decoder(max_seq_len<={limit})")
-        for model in (self.base, self.model_r):
-            window = sliding_unsupported(getattr(model, "config", None), max_seq_len)
-            if window is not None:
-                warnings.warn(f"{type(model).__name__} mixes sliding-window attention ({window} "
-                              f"tokens) with layer types aad_fast does not mask "
-                              f"({sorted(set(model.config.layer_types))}); it attends over the "
-                              f"full cache, so sequences longer than {window} tokens will differ "
-                              f"from the model's own generate(). Pass max_seq_len<={window} to "
-                              f"rule this out.", stacklevel=3)
-
-    def _vocab(self) -> int:
-        sizes = [self.base.get_output_embeddings().weight.shape[0]]
-        if self.model_r is not None:
-            sizes.append(self.model_r.get_output_embeddings().weight.shape[0])
-        v = min(sizes)
-        n_tok = _tokenizer_ids(self.tokenizer) if self.tokenizer is not None else None
-        if n_tok is not None and n_tok < v:
-            v = n_tok  # ids at or beyond the tokenizer's range are padding rows: never chosen
-        return v
+        self._draft_spec = draft
+        self.draft = resolve_draft(draft, self)
 
     def _locked(self):
         """Hold this Decoder (``hold.Hold``: other threads' calls wait) with its intra-op
@@ -313,6 +291,9 @@ class Decoder(Driver):
                              f"supported with {type(rule).__name__}; give stop ids")
         if min_tokens and isinstance(rule, BeamAAD):
             raise ValueError("min_tokens is not supported with BeamAAD")
+        if min_tokens and self.speculate:  # its verify steps do not mask the stop ids
+            raise ValueError("min_tokens is not supported with speculative decoding "
+                             f"(this Decoder has speculate={self.speculate}) yet")
         return ids, strings
 
     def stream(self, prompt=None, *, input_ids=None, rule: Rule = AAD(0.1),
@@ -356,6 +337,7 @@ class Decoder(Driver):
         if not isinstance(rule, Rule):
             raise ValueError(f"rule must be an aad_fast rule (AAD(0.1), Greedy(), ...), got {rule!r}")
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+        check_speculate(self.speculate, self.draft, rule)
         if "r" in rule.streams and self.kind == "one" and not isinstance(rule, (OPAD, CFGMix)):
             raise ValueError(f"{type(rule).__name__} needs a reference model: pass reference= "
                              "(or an aligned LoRA adapter); only OPAD and CFG run on one model")
@@ -398,52 +380,13 @@ class Decoder(Driver):
                                 min_new=min_new,
                                 stops=self._stop_matcher(strings, include, min_new))
 
-def _tokenizer_ids(tokenizer) -> int | None:
-    """The size of ``tokenizer``'s id range: 1 + its largest id (vocabulary and added tokens),
-    at least ``len(tokenizer)``; ids may have gaps, so ``len()`` alone can miss real ones."""
-    n = len(tokenizer) if hasattr(tokenizer, "__len__") else None
-    ids = []
-    with contextlib.suppress(Exception):  # a tokenizer-like object without these
-        ids += list(tokenizer.get_vocab().values())
-    with contextlib.suppress(Exception):
-        ids += list(tokenizer.added_tokens_decoder)
-    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
-    if ids:
-        n = max(n or 0, 1 + max(ids))
-    return n
-
-
-def position_limit(model) -> int | None:
-    """The number of positions of ``model``'s learned absolute position table (GPT-2's
-    ``wpe``, OPT/BioGPT-style ``embed_positions``, ...), or ``None`` for models without one
-    (rotary, ALiBi): an ``nn.Embedding`` besides the input embeddings whose name says
-    "pos"/``wpe``. Its limit is the config's ``n_positions`` / ``max_position_embeddings``
-    when given (a table may hold offset rows), else the table's rows."""
-    model = getattr(model, "get_base_model", lambda: model)()
-    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    table = None
-    for name, mod in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1].lower()
-        if isinstance(mod, torch.nn.Embedding) and mod is not inp and \
-                ("pos" in leaf or leaf == "wpe"):
-            table = mod
-            break
-    if table is None:
-        return None
-    cfg = getattr(model, "config", None)
-    for key in ("n_positions", "max_position_embeddings"):
-        val = getattr(cfg, key, None)
-        if isinstance(val, int) and not isinstance(val, bool) and 0 < val <= table.num_embeddings:
-            return val
-    return table.num_embeddings
-
-
 def generate(aligned, reference=None, prompts=None, **kwargs) -> Generation:
     """One-shot ``Decoder(aligned, reference, ...).generate(prompts, ...)``. Decoder options
     (``tokenizer, dtype, device, max_batch_size, max_seq_len, cuda_graphs, backend``) and
     ``generate`` options are both accepted."""
     dec_keys = ("tokenizer", "dtype", "device", "max_batch_size", "max_seq_len", "cuda_graphs",
-                "backend", "check_every", "cpu_linear", "compile", "forward", "threads")
+                "backend", "check_every", "cpu_linear", "compile", "forward", "threads",
+                "draft", "speculate")
     dec_kw = {k: kwargs.pop(k) for k in dec_keys if k in kwargs}
     n = len(prompts) if isinstance(prompts, list) else 1
     if "input_ids" in kwargs and kwargs["input_ids"] is not None:

@@ -192,3 +192,34 @@ def test_scheduler_stop_strings_per_request():
             assert h.tokens == toks and h.text is None
         else:
             assert (h.tokens, h.text, h.stop_reason) == (toks[:want.n_tokens], want.text, s[0])
+
+
+def test_stop_strings_with_speculative_decoding():
+    """A speculating Decoder (prompt-lookup draft, several tokens per verify step) stops on the
+    same phrases with the same tokens and text as the plain one: the match is made on the
+    host at each check, whatever ran in between."""
+    from test_review_inputs import model_for
+
+    from aad_fast import AAD, Decoder
+    tok = byte_tokenizer()
+    models = (model_for(tok, 4), model_for(tok, 5))
+    kw = dict(tokenizer=tok, max_batch_size=2, max_seq_len=96, compile=False)
+    from aad_fast.decode.speculate import FixedDraft
+    plain = Decoder(*models, **kw)
+    prompts = ["the quick brown fox", "what is 2 plus 3 ?", "Hello , world"]
+    free = plain.generate(prompts, rule=AAD(0.1), max_new_tokens=24)
+    truth = [(tok.encode(p), t) for p, t in zip(prompts, free.tokens)]
+
+    def oracle(row, context, k):  # the true continuation: several tokens per verify step
+        ids, rest = next((ids, t) for ids, t in truth if context[:len(ids)] == ids)
+        return rest[len(context) - len(ids):][:k]
+    fast = Decoder(*models, draft=FixedDraft(oracle), speculate=3, **kw)
+    stops = [t.rstrip("\ufffd")[4:7] for t in free.text if len(t) > 8]
+    got = fast.generate(prompts, rule=AAD(0.1), max_new_tokens=24, stop=stops)
+    want = plain.generate(prompts, rule=AAD(0.1), max_new_tokens=24, stop=stops)
+    assert (got.tokens, got.text, got.finish_reason) == (want.tokens, want.text,
+                                                         want.finish_reason)
+    assert want.finish_reason.count("stop") >= 2
+    assert sum(got.stats["accepted"]) > 0  # several tokens per verify step did run
+    with pytest.raises(ValueError, match="min_tokens is not supported with speculative"):
+        fast.generate(prompts, rule=AAD(0.1), max_new_tokens=8, min_tokens=2)

@@ -211,7 +211,7 @@ class Scheduler:
                                         None) is None:
             raise ValueError(f"{who}min_new_tokens needs a scheduler built for it "
                              "(Decoder.scheduler(rule, min_tokens=True)); beam search has none")
-        if r.stops is not None and not isinstance(self.executor, RowExecutor):
+        if r.stops is not None and isinstance(self.executor, BeamExecutor):
             raise ValueError(f"{who}stop strings are not supported with beam search")
         if r.rule is not None and self.kind_of(r.rule) != self.sel.kind:
             raise ValueError(f"{who}rule {r.rule!r} is of kind {self.kind_of(r.rule)}, this "
@@ -265,8 +265,8 @@ class Scheduler:
             if plan.admit and on_admit is not None:
                 on_admit([res for group in plan.admit for _, res in group])
             if plan.steps > 0 and self.live:
-                self.executor.run(plan.steps, self.live, self.step)
-                self.steps += plan.steps
+                ran = self.executor.run(plan.steps, self.live, self.step)
+                self.steps += plan.steps if ran is None else ran  # (speculation may stop early)
 
     def update(self) -> list:
         """One look at the device (the executor's ``finished``): finished requests get their
