@@ -318,10 +318,8 @@ class Driver:
                 min_new: int = 0, stops=None):
         """Every row of ``rows`` through a ``Scheduler``: all admitted at once when they fit
         ``max_batch_size`` (a static batch), else the rows that fit first and each freed row
-        refilled with the next prompt (continuous batching). ``seeds``: one int per row, its
-        request's seed (best-of-n's samples); ``None``: the rule's. ``min_new``, ``stops`` (a
-        row's ``StopStrings`` maker): as ``Request``. ``partial``: yield row 0's text after
-        each burst (``partial_text``), then the ``Generation``."""
+        refilled with the next prompt (continuous batching). ``seeds``, ``min_new``, ``stops``:
+        ``_submit_rows``. ``partial``: yield row 0's text after each burst, then the result."""
         b = len(rows.a)
         self._check_lengths(rows, max_new, b, refill=True)
         n = self._bucket(min(b, self.max_batch_size))
@@ -337,11 +335,7 @@ class Driver:
         ra, rr = stream_rows[streams]
         sched = Scheduler(pair, sel, st, rule, check_every=self.check_every)
         k = self._speculating(sched)
-        handles = [sched.submit(Request(ids_a=ra[i], ids_r=rr[i], max_new_tokens=max_new,
-                                        stop_ids=tuple(stop_ids), tag=i,
-                                        seed=None if seeds is None else seeds[i],
-                                        min_new_tokens=min_new, stops=stops and stops()))
-                   for i in range(b)]
+        handles = _submit_rows(sched, ra, rr, max_new, stop_ids, seeds, min_new, stops)
         sync = sched.sync
         t0, t1 = _first_admission(sched)
         with torch.inference_mode():
@@ -497,6 +491,18 @@ def _spec_stats(spec: Speculator, handles, stats: dict, decode_s: float, rows: i
     out["ms_per_token"] = decode_s * 1e3 / max(after_first, 1)
     out["ms_per_verify_step"] = stats["ms_per_token"]
     return out
+
+
+def _submit_rows(sched: Scheduler, ra, rr, max_new, stop_ids, seeds, min_new, stops) -> list:
+    """One ``Request`` per row (prompt ids ``ra[i]``/``rr[i]``, tag ``i``) submitted to
+    ``sched``: ``seeds`` one int per row, its request's seed (best-of-n's samples; ``None``:
+    the rule's), ``min_new`` their ``min_new_tokens``, ``stops`` a maker of a row's
+    ``StopStrings`` (or ``None``). Returns their ``Result``s."""
+    return [sched.submit(Request(ids_a=ra[i], ids_r=rr[i], max_new_tokens=max_new,
+                                 stop_ids=tuple(stop_ids), tag=i,
+                                 seed=None if seeds is None else seeds[i],
+                                 min_new_tokens=min_new, stops=stops and stops()))
+            for i in range(len(ra))]
 
 
 def _first_admission(sched: Scheduler) -> tuple:
