@@ -204,14 +204,14 @@ class Driver:
     def _wants_compile(self, key: str, max_new: int, longest: int = 1) -> bool:
         """``compile``, or for ``"auto"`` whether this machine's record says compiling pays
         for ``max_new`` tokens after a prompt of ``longest``: one compile per rung of the read
-        ladder the call's rows reach (``cache.read_ladder``), times the widths of a Decoder
-        that speculates ``k`` (a verify step per width ``1 .. k + 1``: ``k + 1`` at most)."""
+        ladder the call's rows reach (``cache.read_ladder``), twice for a Decoder that
+        speculates (a verify step of ``k + 1`` positions and one of ``1``: ``VerifySteps``)."""
         if self.compile is True or self.compile is False:
             return self.compile and max_new > 1
         ladder = read_ladder(self.max_seq_len, self.device)
         lo = ladder_length(ladder, longest + 1)
         hi = ladder_length(ladder, longest + max_new)
-        widths = getattr(self, "speculate", 0) + 1
+        widths = 2 if getattr(self, "speculate", 0) else 1
         return tuning.compile_pays(key, max_new - 1,
                                    widths * sum(lo <= r <= hi for r in ladder))
 

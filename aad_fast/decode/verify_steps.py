@@ -2,11 +2,15 @@
 CUDA graph and/or compiled with ``torch.compile``, as ``steps.LengthSteps`` builds the
 one-token step per read length (docs/speculative.md, docs/engine.md).
 
-A step is ``speculate.verify_advance`` of one (pair, selector, state) at one width ``T``
-(``1 + `` the most ids a row drafted this step) with the runners' ``fixed_len`` set to one rung
-of the read ladder: the forward of ``T`` positions per row, the rule's choice at each, the
-accepted runs recorded, the rows' device positions moved on, what the host reads packed into
-one buffer. Its inputs are the drafted ids in the static buffers ``buf["draft"]`` /
+A step is ``speculate.verify_advance`` of one (pair, selector, state) at one width with the
+runners' ``fixed_len`` set to one rung of the read ladder: the forward of that many positions
+per row, the rule's choice at each, the accepted runs recorded, the rows' device positions
+moved on, what the host reads packed into one buffer. Two widths: ``k + 1`` for a step in
+which any row drafted, ``1`` for one in which none did. A row that drafted fewer than ``k``
+ids computes the spare positions and drops them (``settle`` accepts real drafted ids only), as
+the rows of an eager step of width ``1 + max drafted`` already do for the widest row: two
+builds per rung instead of ``k + 1`` (a compile on CPU costs tens of seconds; one more
+position per row costs a decode step little, the weights being read once either way). Its inputs are the drafted ids in the static buffers ``buf["draft"]`` /
 ``buf["ndraft"]`` (``Speculator.step`` writes them before each replay) and the state's own
 tensors; its output is ``buf["got", T]``, read by the host once per step (the step's one sync),
 after which the host moves the runners' read bounds (``speculate.advance_bounds``): the part of
@@ -46,18 +50,19 @@ class VerifySteps:
     fallback warning). ``buf``: the drafted ids' static buffers (``"draft"`` int64 ``[N, k]``,
     ``"ndraft"`` int64 ``[N]``) and the per-width ones (``speculate.width_buffers``).
 
-    A call ``steps(T)`` picks the smallest rung of ``ladder`` that covers the last slot any
-    live row writes in a step of ``T`` positions (``ReadBound.needed(T - 1)``: host
+    A call ``steps(T)`` (``T``: ``1 +`` the most ids a row drafted) runs the step of width
+    ``W`` (``1`` if ``T`` is, else ``k + 1``) at the smallest rung of ``ladder`` that covers
+    the last slot any live row writes in it (``ReadBound.needed(W - 1)``: host
     bookkeeping), runs that step with the runners' ``fixed_len`` set to it, counts the read
-    (``Runner.count_read``) and returns ``buf["got", T]`` (``speculate.verify_advance``);
+    (``Runner.count_read``) and returns ``buf["got", W]`` (``speculate.verify_advance``);
     ``last``: that step's ``(captured, compiled)`` mode. It returns ``None`` once a build has
     failed (``engine.try_capture`` / ``compile_verify`` warned): the caller runs the eager
     step from then on. ``build_s``: seconds spent building; ``compile_s``: the last compile's;
-    ``compiles``: how many; ``modes``: per built ``(T, length)``, ``(captured, compiled)``."""
+    ``compiles``: how many; ``modes``: per built ``(W, length)``, ``(captured, compiled)``."""
 
     def __init__(self, pair, selector, st, k: int, name: str, ladder, *, graphs: bool,
                  compiled: bool):
-        self.pair, self.sel, self.st, self.name = pair, selector, st, name
+        self.pair, self.sel, self.st, self.name, self.k = pair, selector, st, name, k
         self.ladder, self.graphs, self.compiled = tuple(ladder), graphs, compiled
         n = st.tok.shape[0]
         self.buf = {"draft": st.tok.new_zeros((n, k)), "ndraft": st.tok.new_zeros(n)}
@@ -110,6 +115,7 @@ class VerifySteps:
     def __call__(self, width: int):
         if self.failed:
             return None
+        width = 1 if width == 1 else self.k + 1
         n = self.length(width)
         step = self.build(width, n)
         if step is None:
