@@ -348,7 +348,7 @@ class Speculator:
         """``Generation.stats`` entries of ``results`` (in order): per request ``drafted``,
         ``accepted`` (drafted ids the rule chose), ``emitted`` (tokens, the first and a stop id
         included), ``verify_steps``; ``mean_accepted``: accepted drafted ids per verify step
-        of a row."""
+        of a row; ``cuda_graphs``/``compiled``: whether a captured/compiled verify step ran."""
         rows = [self.stats.get(id(res.request), (None, [0, 0, 0, 0]))[1] for res in results]
         steps = sum(r[3] for r in rows)
         return {"speculate": self.k, "drafted": [r[0] for r in rows],
