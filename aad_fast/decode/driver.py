@@ -29,6 +29,7 @@ from .prompt_rows import MAX_STOP_IDS, Rows
 from .scheduler import Request, Scheduler, new_state
 from .selectors import make_selector, rule_kind
 from .speculate import SpecExecutor, Speculator, resolve_draft
+from .verify_steps import VerifySteps
 
 
 def bucket(rows: int, cap: int) -> int:
@@ -128,8 +129,11 @@ class Driver:
                                       graphs=True, compiled=False)
         sched = Scheduler(pair, sel, st, rule, check_every=self.check_every, prepare=prepare)
         if k:  # a draft of its own (its rows are this scheduler's), unless given as an object
+            vsteps = VerifySteps(pair, sel, st, k, name, read_ladder(
+                self.max_seq_len, self.device), graphs=True, compiled=False) \
+                if self.use_graphs else None  # (captured per width and length on first use)
             sched.executor = SpecExecutor(sched.executor, Speculator(
-                resolve_draft(self._draft_spec, self), k, pair, sel, st, self.vocab))
+                resolve_draft(self._draft_spec, self), k, pair, sel, st, self.vocab, vsteps))
         return sched
 
     def _bucket(self, b: int) -> int:
@@ -200,25 +204,30 @@ class Driver:
             del self._entries[k]
 
     def _compile_key(self, streams: str, n: int) -> str:
-        """The tuning entry of the compiled-vs-eager choice: model shape, pair, rows, device."""
+        """The tuning entry of the compiled-vs-eager choice: model shape, pair, rows, device,
+        and ``/verify{k}`` for a Decoder that speculates ``k`` (its step is a verify step)."""
         model = self.base if streams != "r" or self.kind != "two" else self.model_r
         cfg = model.config
         sig = (f"{type(model).__name__}-h{getattr(cfg, 'hidden_size', '?')}"
                f"-l{getattr(cfg, 'num_hidden_layers', '?')}-v{self.vocab}-"
                f"{str(next(model.parameters()).dtype).replace('torch.', '')}")
         pair = self.kind if streams == "ar" else f"single-{streams}"
-        return f"compile/{self.device.type}/{sig}/{pair}/rows{n}"
+        k = getattr(self, "speculate", 0)
+        return f"compile/{self.device.type}/{sig}/{pair}/rows{n}" + (f"/verify{k}" if k else "")
 
     def _wants_compile(self, key: str, max_new: int, longest: int = 1) -> bool:
         """``compile``, or for ``"auto"`` whether this machine's record says compiling pays
         for ``max_new`` tokens after a prompt of ``longest``: one compile per rung of the read
-        ladder the call's rows reach (``cache.read_ladder``)."""
+        ladder the call's rows reach (``cache.read_ladder``), twice for a Decoder that
+        speculates (a verify step of ``k + 1`` positions and one of ``1``: ``VerifySteps``)."""
         if self.compile is True or self.compile is False:
             return self.compile and max_new > 1
         ladder = read_ladder(self.max_seq_len, self.device)
         lo = ladder_length(ladder, longest + 1)
         hi = ladder_length(ladder, longest + max_new)
-        return tuning.compile_pays(key, max_new - 1, sum(lo <= r <= hi for r in ladder))
+        widths = 2 if getattr(self, "speculate", 0) else 1
+        return tuning.compile_pays(key, max_new - 1,
+                                   widths * sum(lo <= r <= hi for r in ladder))
 
     def _entry(self, pair, n: int, rule: Rule, min_tokens: bool = False):
         """Selector, decode state and captured graph for ``n`` rows of ``rule``'s kind
@@ -334,53 +343,61 @@ class Driver:
         stream_rows = {"ar": (rows.a, rows.r), "a": (rows.a, rows.a), "r": (rows.r, rows.r)}
         ra, rr = stream_rows[streams]
         sched = Scheduler(pair, sel, st, rule, check_every=self.check_every)
-        k = self._speculating(sched)
+        k = self._speculating(sched, ent, max_new, compiled)
         handles = _submit_rows(sched, ra, rr, max_new, stop_ids, seeds, min_new, stops)
-        sync = sched.sync
         t0, t1 = _first_admission(sched)
         with torch.inference_mode():
             lsteps = None if k else self._length_steps(ent, pair, max_new, compiled)
-            compiles = lsteps.compiles if lsteps is not None else 0
+            built = sched.executor.spec.steps if k else lsteps  # (build times, compiles)
+            compiles = built.compiles if built is not None else 0
             if lsteps is not None:
                 lsteps.prepare()  # the first step's length, outside the timed decode
             sched.step = lsteps
             st.ref_head.update(sparse=0, full=0, candidates=0)  # not the compile's warm-up
             for r in pair.runners:
                 r.reads = {}
-            sync()
+            sched.sync()
             t2 = time.perf_counter()
-            built_s = lsteps.build_s if lsteps is not None else 0.0
+            built_s = built.build_s if built is not None else 0.0
             while sched.burst() is not None:
                 if partial and sched.busy:
                     yield partial_text(sched, handles[0], self.tokenizer)
-            sync()
+            sched.sync()
             t3 = time.perf_counter()
             # lengths first reached mid-decode were built then: capture time, not decode time
-            late_s = lsteps.build_s - built_s if lsteps is not None else 0.0
+            late_s = built.build_s - built_s if built is not None else 0.0
         tokens = [h.tokens for h in handles]
         out = Generation(tokens=tokens, text=self._text(tokens, handles),
                          finish_reason=[h.finish_reason for h in handles])
         out.stats = self._decode_stats(sched, out, pair, sel, st, lsteps, streams, n,
                                        (t0, t1, t2, t3, late_s))
         if k:
-            out.stats.update(_spec_stats(sched.executor.spec, handles, out.stats, t3 - t2,
-                                         min(b, n)))
+            out.stats.update(_spec_stats(sched.executor.spec, handles, out.stats,
+                                         t3 - t2 - late_s, min(b, n)))
         compile_s = None
-        if lsteps is not None and lsteps.compiles > compiles:
-            compile_s = lsteps.compile_s  # compiled in this call (for compile="auto")
-        if out.stats["steps"] > 8 and b <= n and not k:  # enough steps to say what the step costs
+        if built is not None and built.compiles > compiles:
+            compile_s = built.compile_s  # compiled in this call (for compile="auto")
+        if out.stats["steps"] > 8 and b <= n:  # enough steps to say what the step costs
             tuning.observe_step(ckey, out.stats["compiled"], out.stats["ms_per_token"],
                                 compile_s)  # for compile="auto"
         yield out
 
-    def _speculating(self, sched: Scheduler) -> int:
+    def _speculating(self, sched: Scheduler, ent: dict, max_new: int, compiled: bool) -> int:
         """Give ``sched`` a ``speculate.SpecExecutor`` with this Decoder's draft when it
-        speculates (verify steps of drafted tokens, eager, in place of the one-token step);
+        speculates (verify steps of drafted tokens in place of the one-token step: the entry's
+        ``VerifySteps`` for graphs and/or a compiled step, made on first use, else eager);
         returns ``k`` (0: no speculation)."""
         k = getattr(self, "speculate", 0)
         if k:
+            graphs = self.use_graphs and max_new > 1
+            skey = ("verify", k, graphs, compiled)
+            if (graphs or compiled) and skey not in ent:
+                ent[skey] = VerifySteps(
+                    sched.pair, ent["sel"], ent["st"], k, type(self.base).__name__,
+                    read_ladder(sched.pair.runners[0].max_len, self.device), graphs=graphs,
+                    compiled=compiled)
             sched.executor = SpecExecutor(sched.executor, Speculator(
-                self.draft, k, sched.pair, sched.sel, sched.st, self.vocab))
+                self.draft, k, sched.pair, sched.sel, sched.st, self.vocab, ent.get(skey)))
         return k
 
     def _length_steps(self, ent: dict, pair, max_new: int, compiled: bool):
