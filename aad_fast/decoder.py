@@ -34,6 +34,7 @@ from .model.runner import sliding_unsupported
 from .decode.prompt_rows import Rows, resolve_stop_ids, rule_rows
 from .rules import AAD, OPAD, BeamAAD, BestOfN, CFGMix, Rule, check_int
 from .decode.scheduler import Request, Scheduler
+from .decode.speculate import check_speculate, resolve_draft
 from .model import cpu_linear as linear_layouts
 from .model import forward as fast_forward
 from .model import threads as thread_choice
@@ -84,6 +85,14 @@ class Decoder(Driver):
             (``fast_decoder.FastDecoder``, for Llama/Mistral/Qwen2/Qwen3/OLMo-2) per model shape
             and row count and keeps the faster (cached); ``"hf"`` / ``"fast"`` force one.
             ``stats["forward"]`` says which ran.
+        draft, speculate: exact speculative decoding (docs/speculative.md): ``draft``
+            proposes up to ``speculate`` (1..8) tokens per row and step, both streams score
+            them in one forward, and the rule's own choices are kept, so the tokens are those
+            of ``speculate=0``. ``draft``: ``"ngram"`` (prompt lookup), a draft model (a causal
+            LM or a local path, same tokenizer), or an object with ``start``/``propose``/
+            ``accept``/``free`` (``decode.speculate.Draft``). Not for BeamAAD or BestOfN.
+            ``stats`` adds ``drafted``, ``accepted``, ``emitted`` per row and
+            ``mean_accepted``.
     """
 
     DEFAULT_SEQ_LEN = 2048
@@ -92,8 +101,9 @@ class Decoder(Driver):
                  max_batch_size: int = 8, max_seq_len: int | None = None, cuda_graphs="auto",
                  backend: str | None = None, check_every: int = 8,
                  cpu_linear: str | None = None, compile="auto", forward: str | None = None,
-                 threads=None):
+                 threads=None, draft=None, speculate: int = 0):
         max_batch_size = check_int("max_batch_size", max_batch_size, 1)
+        self.speculate = check_speculate(speculate, draft)
         check_every = check_int("check_every", check_every, 1)
         if max_seq_len is not None:
             max_seq_len = check_int("max_seq_len", max_seq_len, 1)
@@ -129,6 +139,8 @@ class Decoder(Driver):
         self._check_positions(max_seq_len)
         self._init_buffers()
         self._init_hold()
+        self._draft_spec = draft
+        self.draft = resolve_draft(draft, self)
 
     # ------------------------------------------------------------------ setup helpers
     def _check_positions(self, max_seq_len: int) -> None:
@@ -283,6 +295,7 @@ class Decoder(Driver):
         if not isinstance(rule, Rule):
             raise ValueError(f"rule must be an aad_fast rule (AAD(0.1), Greedy(), ...), got {rule!r}")
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+        check_speculate(self.speculate, self.draft, rule)
         if "r" in rule.streams and self.kind == "one" and not isinstance(rule, (OPAD, CFGMix)):
             raise ValueError(f"{type(rule).__name__} needs a reference model: pass reference= "
                              "(or an aligned LoRA adapter); only OPAD and CFG run on one model")
@@ -365,7 +378,8 @@ def generate(aligned, reference=None, prompts=None, **kwargs) -> Generation:
     (``tokenizer, dtype, device, max_batch_size, max_seq_len, cuda_graphs, backend``) and
     ``generate`` options are both accepted."""
     dec_keys = ("tokenizer", "dtype", "device", "max_batch_size", "max_seq_len", "cuda_graphs",
-                "backend", "check_every", "cpu_linear", "compile", "forward", "threads")
+                "backend", "check_every", "cpu_linear", "compile", "forward", "threads",
+                "draft", "speculate")
     dec_kw = {k: kwargs.pop(k) for k in dec_keys if k in kwargs}
     n = len(prompts) if isinstance(prompts, list) else 1
     if "input_ids" in kwargs and kwargs["input_ids"] is not None:

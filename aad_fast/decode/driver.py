@@ -31,6 +31,7 @@ from ..rules import BeamAAD, BestOfN, Rule
 from .prompt_rows import MAX_STOP_IDS, Rows
 from .scheduler import Request, Scheduler, new_state
 from .selectors import make_selector, rule_kind
+from .speculate import Speculator, resolve_draft
 
 
 def bucket(rows: int, cap: int) -> int:
@@ -185,13 +186,19 @@ class Driver:
         st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
         name = type(self.base).__name__
 
+        k = getattr(self, "speculate", 0)
+
         def prepare():  # a step per read length, captured on first use
-            if not self.use_graphs:
+            if not self.use_graphs or k:
                 return None
             return engine.LengthSteps(pair, sel, st, name,
                                       read_ladder(self.max_seq_len, self.device),
                                       graphs=True, compiled=False)
-        return Scheduler(pair, sel, st, rule, check_every=self.check_every, prepare=prepare)
+        sched = Scheduler(pair, sel, st, rule, check_every=self.check_every, prepare=prepare)
+        if k:  # a draft of its own (its rows are this scheduler's), unless given as an object
+            sched.spec = Speculator(resolve_draft(self._draft_spec, self), k, pair, sel, st,
+                                    self.vocab)
+        return sched
 
     def _bucket(self, b: int) -> int:
         return bucket(b, self.max_batch_size) if self.use_graphs else b
@@ -391,6 +398,9 @@ class Driver:
         stream_rows = {"ar": (rows.a, rows.r), "a": (rows.a, rows.a), "r": (rows.r, rows.r)}
         ra, rr = stream_rows[streams]
         sched = Scheduler(pair, sel, st, rule, check_every=self.check_every)
+        draft, k = getattr(self, "draft", None), getattr(self, "speculate", 0)
+        if k:  # verify steps of drafted tokens (eager), in place of the one-token step
+            sched.spec = Speculator(draft, k, pair, sel, st, self.vocab)
         handles = [sched.submit(Request(ids_a=ra[i], ids_r=rr[i], max_new_tokens=max_new,
                                         stop_ids=tuple(stop_ids), tag=i,
                                         seed=None if seeds is None else seeds[i]))
@@ -398,7 +408,7 @@ class Driver:
         sync = sched.sync
         t0, t1 = _first_admission(sched)
         with torch.inference_mode():
-            lsteps = self._length_steps(ent, pair, max_new, compiled)
+            lsteps = None if k else self._length_steps(ent, pair, max_new, compiled)
             compiles = lsteps.compiles if lsteps is not None else 0
             if lsteps is not None:
                 lsteps.prepare()  # the first step's length, outside the timed decode
@@ -421,10 +431,12 @@ class Driver:
                          finish_reason=[h.finish_reason for h in handles])
         out.stats = self._decode_stats(sched, out, pair, sel, st, lsteps, streams, n,
                                        (t0, t1, t2, t3, late_s))
+        if sched.spec is not None:
+            out.stats.update(_spec_stats(sched.spec, handles, out.stats, t3 - t2, min(b, n)))
         compile_s = None
         if lsteps is not None and lsteps.compiles > compiles:
             compile_s = lsteps.compile_s  # compiled in this call (for compile="auto")
-        if out.stats["steps"] > 8 and b <= n:  # enough steps to say what the step costs
+        if out.stats["steps"] > 8 and b <= n and not k:  # enough steps to say what the step costs
             tuning.observe_step(ckey, out.stats["compiled"], out.stats["ms_per_token"],
                                 compile_s)  # for compile="auto"
         yield out
@@ -522,6 +534,17 @@ def _ref_head_stats(counts: dict) -> dict:
     s = counts["sparse"]
     return {"sparse_steps": s, "full_steps": counts["full"],
             "candidates_per_step": counts["candidates"] / s if s else None}
+
+
+def _spec_stats(spec: Speculator, handles, stats: dict, decode_s: float, rows: int) -> dict:
+    """A speculative decode's stats (``Speculator.summary``): ``steps`` count verify steps, so
+    ``ms_per_token`` is the decode time over the tokens a row got after its first, averaged
+    over the rows that ran at once (``rows``)."""
+    out = spec.summary(handles)
+    after_first = sum(e - 1 for e in out["emitted"]) / max(rows, 1)
+    out["ms_per_token"] = decode_s * 1e3 / max(after_first, 1)
+    out["ms_per_verify_step"] = stats["ms_per_token"]
+    return out
 
 
 def _first_admission(sched: Scheduler) -> tuple:

@@ -143,6 +143,7 @@ class Scheduler:
         self.device = runner.device
         self.check_every = check_every
         self.step, self.prepare = step, prepare
+        self.spec = None  # a speculate.Speculator: verify steps of drafted tokens instead
         self.beam = hasattr(selector, "rows_per_request")  # a search.BeamSearch
         self.width = selector.rows_per_request if self.beam else 1  # rows per slot
         if self.beam:
@@ -268,6 +269,8 @@ class Scheduler:
             res.row, res.admitted, res.first_token, res.steps = row, t0, t1, 1
             res.width = width
             self.live[row] = res
+        if self.spec is not None:
+            self.spec.admitted(members)
 
     # ------------------------------------------------------------------ decoding
     def step_burst(self) -> bool:
@@ -291,6 +294,11 @@ class Scheduler:
                     for res in self.live.values():
                         res.steps += 1
                 self.steps += burst
+            elif burst > 0 and self.spec is not None:
+                for _ in range(burst):  # each emits 1 or more tokens per live row
+                    self.steps += 1
+                    if self.spec.step(self.live):
+                        break  # a row ended: retire and refill it now
             elif burst > 0:
                 step = self.step or engine.default_step(self.pair, self.sel, self.st)
                 for _ in range(burst):
@@ -332,6 +340,8 @@ class Scheduler:
             res.finish_reason = "length" if cut is None else "stop"
             res.done, res.finished, res.steps = True, now, len(toks)
             self.free.append(row)
+            if self.spec is not None:
+                self.spec.free(row)
         self.free.sort()
         self._idle(ended)
 
@@ -390,6 +400,8 @@ class Scheduler:
                     self.sel.stop_group(row)
                 else:
                     self.st.done[row] = True
+            if self.spec is not None:
+                self.spec.free(row)
             self.free.append(row)
             self.free.sort()
             self._idle([row])

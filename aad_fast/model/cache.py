@@ -223,21 +223,31 @@ class ReadBound:
     def step(self) -> None:
         self.steps += 1
 
+    def advance(self, counts) -> None:
+        """After a verify step (``Runner.verify``/``Runner.advance``): row ``i`` moved on by
+        ``counts[i]`` (host ints) slots, each row by its own count; idle rows stay idle."""
+        for i, c in enumerate(counts):
+            if self.base[i] is not None:
+                self.base[i] += c
+        self._update()
+
     def off(self) -> None:
         self.on = False
 
-    def needed(self) -> int | None:
+    def needed(self, extra: int = 0) -> int | None:
         """One past the largest slot a live row writes in the next step (``None``: no live
-        row). Known while ``on``; a ``LengthSteps`` replay keeps it counted (``step``)."""
+        row); ``extra``: the step writes that many slots more per row (a verify step of
+        ``extra + 1`` positions). Known while ``on``; a ``LengthSteps`` replay keeps it counted
+        (``step``)."""
         if self.hi is None:
             return None
-        return min(self.max_len, self.hi + self.steps + 1)
+        return min(self.max_len, self.hi + self.steps + 1 + extra)
 
-    def length(self) -> int | None:
+    def length(self, extra: int = 0) -> int | None:
         if not self.on or self.hi is None:
             return None
         g = self.granule
-        return min(self.max_len, -(-(self.hi + self.steps + 1) // g) * g)
+        return min(self.max_len, -(-(self.hi + self.steps + 1 + extra) // g) * g)
 
     def state(self):
         return self.steps, list(self.base), self.hi
@@ -252,8 +262,9 @@ class StaticKVCache:
 
     ``write_pos`` (int64 ``[T]``) says which cache slots a prefill's ``T`` tokens go to (the
     same for every row). ``row_pos`` (int64 ``[N]``, or ``None``) is set for one-token decode
-    steps: row ``i`` writes slot ``row_pos[i]`` (a per-row scatter); the runner points it at its
-    static slot buffer, so a captured graph keeps writing through the same tensor. Storage is
+    steps: row ``i`` writes slot ``row_pos[i]`` (a per-row scatter; ``[N, T]`` for a verify
+    step's ``T`` tokens per row, ``Runner.verify``); the runner points it at its static slot
+    buffer, so a captured graph keeps writing through the same tensor. Storage is
     made on the first update (dtype, heads and head size come from the model's own key states),
     or by ``adopt``/``admit``: views of ``pool`` (``KVPool``) for ``rows`` rows when given,
     else its own zeroed buffers (a prefill's temporary cache). ``read_len`` (host int or
@@ -291,11 +302,11 @@ class StaticKVCache:
         if self.row_pos is None:
             k.index_copy_(2, self.write_pos, key_states)
             v.index_copy_(2, self.write_pos, value_states)
-        else:  # one token per row, each to its own slot
-            n, h, _, _ = key_states.shape
-            at = self.row_pos.view(n, 1, 1, 1)
-            k.scatter_(2, at.expand(n, h, 1, k.shape[3]), key_states)
-            v.scatter_(2, at.expand(n, h, 1, v.shape[3]), value_states)
+        else:  # one token per row (row_pos [N]) or T (a verify step: [N, T]), own slots
+            n, h, t, _ = key_states.shape
+            at = self.row_pos.view(n, 1, t, 1)
+            k.scatter_(2, at.expand(n, h, t, k.shape[3]), key_states)
+            v.scatter_(2, at.expand(n, h, t, v.shape[3]), value_states)
         n = self.read_len
         return (k, v) if n is None else (k[:, :, :n], v[:, :, :n])
 

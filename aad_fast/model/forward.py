@@ -80,9 +80,12 @@ class FastDecoder:
             return None
         return cls(view)
 
-    def __call__(self, ids: Tensor, mask: Tensor, pos: Tensor, cache) -> Tensor:
+    def __call__(self, ids: Tensor, mask: Tensor, pos: Tensor, cache,
+                 every: bool = False) -> Tensor:
+        """``every``: ``ids``/``pos`` are ``[N, T]`` (a verify step, ``mask``
+        ``[N, 1, T, S]``) and the hidden states of all ``T`` positions ``[N, T, H]`` return."""
         m = self.model
-        n = ids.shape[0]
+        n, t = ids.shape
         h = m.embed_tokens(ids)  # [N, 1, H]
         cos, sin = m.rotary_emb(h, pos)  # [N, 1, D]
         cos, sin = cos[:, None], _signed_sin(sin[:, None])  # [N, 1, 1, D]: over heads
@@ -96,7 +99,8 @@ class FastDecoder:
                 q, k = _norm(q, at.q_norm), _norm(k, at.k_norm)
             # [N, 1, heads * D] -> [N, heads, 1, D]: with one token per row, HF's
             # view-then-transpose is this view (the same elements in the same order)
-            q, k, v = q.view(n, nh, 1, d), k.view(n, nkv, 1, d), v.view(n, nkv, 1, d)
+            q, k, v = (_heads(q, n, t, nh, d), _heads(k, n, t, nkv, d),
+                       _heads(v, n, t, nkv, d))
             if qwen3:  # per-head q/k norms
                 q, k = _norm(q, at.q_norm), _norm(k, at.k_norm)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -104,7 +108,9 @@ class FastDecoder:
             am = mask[self.kinds[i]] if isinstance(mask, dict) else mask  # Runner._masks
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=am[..., : k.shape[2]],
                                                scale=self.scaling, enable_gqa=nkv != nh)
-            o = at.o_proj(o.reshape(n, 1, nh * d))  # [N, heads, 1, D]: one token per row
+            # [N, heads, 1, D]: one token per row
+            o = at.o_proj(o.reshape(n, 1, nh * d) if t == 1 else
+                          o.transpose(1, 2).reshape(n, t, nh * d))
             if olmo2:
                 h = h + _norm(o, layer.post_attention_layernorm)
                 mlp = layer.mlp
@@ -115,7 +121,14 @@ class FastDecoder:
                 x = _norm(h, layer.post_attention_layernorm)
                 mlp = layer.mlp
                 h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-        return _norm(h, m.norm)[:, -1, :]
+        h = _norm(h, m.norm)
+        return h if every else h[:, -1, :]
+
+
+def _heads(x: Tensor, n: int, t: int, heads: int, d: int) -> Tensor:
+    """``[N, T, heads * D]`` -> ``[N, heads, T, D]`` (HF's view then transpose; one view
+    where ``T == 1``)."""
+    return x.view(n, heads, 1, d) if t == 1 else x.view(n, t, heads, d).transpose(1, 2)
 
 
 DECODER_MODES = ("auto", "hf", "fast")

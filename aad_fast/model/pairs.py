@@ -14,6 +14,10 @@ with stream r's last hidden state in place of its logits, for rules that need th
 logits on the aligned stream's candidates only (``engine.decode_one_split``): it skips the
 reference's whole LM head. A shared pair reads one head for both streams anyway, so it has none.
 
+``verify(tokens)`` (int64 ``[B, T]``) is ``step`` over ``T`` positions per row (a speculative
+verify step, ``decode.speculate``): both streams' logits ``[B, T, V]``; ``advance(count,
+host)`` then moves each row on by its own accepted count (``Runner.verify``/``advance``).
+
 ``admit(dst, ids_a, real_a, ids_r, real_r)`` refills rows ``dst`` (int64 ``[U]``) of a running
 batch with ``U`` new prompts (``Runner.admit``) and returns their first logits ``[U, V]`` per
 stream; the other rows go on untouched.
@@ -55,6 +59,13 @@ class TwoModelPair:
 
     def step(self, tokens: Tensor):
         return self.a.step(tokens), self.r.step(tokens)
+
+    def verify(self, tokens: Tensor):
+        return self.a.verify(tokens), self.r.verify(tokens)
+
+    def advance(self, count: Tensor, host=None) -> None:
+        self.a.advance(count, host)
+        self.r.advance(count, host)
 
     def step_split(self, tokens: Tensor):
         """``step`` with stream r's last hidden state ``[B, H]`` in place of its logits (its
@@ -113,6 +124,14 @@ class SharedPair:
         logits = self.runner.step(self._tok2)
         return logits[: self.n], logits[self.n:]
 
+    def verify(self, tokens: Tensor):
+        """Both streams' ``T`` positions per row in one forward of ``2B`` rows."""
+        logits = self.runner.verify(tokens.repeat(2, 1))
+        return logits[: self.n], logits[self.n:]
+
+    def advance(self, count: Tensor, host=None) -> None:
+        self.runner.advance(count.repeat(2), None if host is None else list(host) * 2)
+
     def reorder(self, index: Tensor, start: int = 0, stop: int | None = None) -> None:
         self.runner.reorder(torch.cat([index, index + self.n]), start, stop)
 
@@ -138,6 +157,12 @@ class SinglePair:
 
     def step(self, tokens: Tensor):
         return self.runner.step(tokens), None
+
+    def verify(self, tokens: Tensor):
+        return self.runner.verify(tokens), None
+
+    def advance(self, count: Tensor, host=None) -> None:
+        self.runner.advance(count, host)
 
 
 def _stack_left_padded(ids_a, real_a, ids_r, real_r):

@@ -231,6 +231,8 @@ class Runner:
         # build and replays; None: eager, read_len() decides per step)
         self.fixed_len: int | None = None
         self.reads: dict = {}  # host counts: steps run per read length (Decoder stats)
+        self.cols = torch.arange(max_len, dtype=torch.int64, device=dev)  # slot indices
+        self._verify: dict = {}  # per verify width T: ids, positions, write slots [N, T]
         self.split = SplitHead.of(self.model)
         fast = FastDecoder.of(self.model)
         self.fast = fast if fast_forward.decoder_pays(self.model, fast, n_rows, mode=forward) else None
@@ -362,20 +364,21 @@ class Runner:
             self.bound.fill(dst.tolist(), length)
         return logits
 
-    def read_len(self) -> int | None:
+    def read_len(self, extra: int = 0) -> int | None:
         """Cache slots the next step attends over: ``fixed_len`` when set (a step of
         ``engine.LengthSteps``, made for that length, whose replays the host counts); else
         ``None`` (all ``max_len``) inside a CUDA-graph capture or a ``torch.compile`` trace,
         whose fixed shapes are replayed without this host bookkeeping (so the runner reads its
         whole cache from then on: ``ReadBound.off``), else one past the largest slot a live
-        row writes in it (``ReadBound``), when known."""
+        row writes in it (``ReadBound``; ``extra`` slots more per row for a verify step of
+        ``extra + 1`` positions), when known."""
         if self.fixed_len is not None:
             return self.fixed_len
         if torch.compiler.is_compiling() or (
                 self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             self.bound.off()
             return None
-        return self.bound.length()
+        return self.bound.length(extra)
 
     def idle(self, rows, period: int | None = None) -> None:
         """Rows ``rows`` (host ints) are idle until refilled (``admit``): their outputs are not
@@ -463,6 +466,92 @@ class Runner:
         out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                       **{cache_kwarg(type(decoder)): self.cache})
         return out.last_hidden_state[:, -1, :]
+
+    # ------------------------------------------------------------------ verify steps
+    def verify(self, tokens: Tensor) -> Tensor:
+        """Feed ``T`` tokens per row (int64 ``[n_rows, T]``, valid ids: the last accepted
+        token, then the drafted ones) at each row's own next ``T`` positions and cache slots,
+        causal within the block, and return the logits of every position ``[n_rows, T, V]``
+        (position ``j`` predicts the token after ``tokens[:, j]``). Positions, slots and masks
+        are *not* moved on: ``advance`` does that once the accepted counts are known; the KV
+        written at the slots of rejected positions is masked until a later step overwrites
+        it. Slots and positions past the cache's last are clamped to it (only positions past a
+        row's ``max_new_tokens`` get there, whose logits are never read). Graph-safe like
+        ``step`` (per-width buffers made on the first call of a width); eagerly, attention
+        reads the first ``read_len(T - 1)`` slots."""
+        t = tokens.shape[1]
+        if t not in self._verify:
+            self._verify[t] = tuple(torch.zeros((self.n_rows, t), dtype=torch.int64,
+                                                device=self.device) for _ in range(3))
+        ids, pos, slots = self._verify[t]
+        ids.copy_(tokens)
+        last = self.max_len - 1
+        ahead = self.cols[:t]
+        torch.add(self.pos, ahead, out=pos).clamp_(max=last)
+        torch.add(self.slot.view(-1, 1), ahead, out=slots).clamp_(max=last)
+        n = self.read_len(t - 1)
+        width = self.max_len if n is None else n
+        masks = self._masks(*self._verify_masks(t, width))
+        self.cache.row_pos, self.cache.read_len = slots, n
+        try:
+            out = (self._fast_every if self.fast is not None else self._forward_every)(
+                ids, masks, pos)
+        finally:
+            self.cache.row_pos, self.cache.read_len = self.slot, None
+        if self.fixed_len is None and not torch.compiler.is_compiling():
+            self.count_read(n)
+        return out
+
+    def _verify_masks(self, t: int, width: int):
+        """The ``[N, 1, T, width]`` masks of a verify step: query ``j`` of a row at slot ``s``
+        sees what the row's mask shows plus slots ``s .. s + j`` (the block's causal part);
+        where the model slides, its window ``(s + j - window, s + j]`` over ``smask`` (which
+        shows the row's last ``window - 1`` slots before ``s``). A query that sees nothing (an
+        idle row past the read length) sees slot 0, as ``idle`` arranges for the one-token
+        step, so no attention row is all masked (NaN)."""
+        d = (self.cols[:width].view(1, 1, -1) - self.slot.view(-1, 1, 1))  # [N, 1, W]: c - s
+        j = self.cols[:t].view(1, -1, 1)
+        new = ((d >= 0) & (d <= j))[:, None]  # [N, 1, T, W]
+        full = torch.where(new, 0.0, self.mask[..., :width])
+        slide = None
+        if self.smask is not None:
+            near = (d > j - self.window)[:, None]
+            slide = torch.where(near, torch.where(new, 0.0, self.smask[..., :width]), self.neg)
+        for m in (full, slide):
+            if m is not None:
+                dead = (m == self.neg).all(dim=-1, keepdim=True)
+                m[..., :1].masked_fill_(dead, 0.0)
+        return full, slide
+
+    def _forward_every(self, ids: Tensor, mask, pos: Tensor) -> Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         logits_to_keep=0, **{self._cache_kw: self.cache})
+        return out.logits
+
+    def _fast_every(self, ids: Tensor, mask, pos: Tensor) -> Tensor:
+        return self.model.get_output_embeddings()(self.fast(ids, mask, pos, self.cache, True))
+
+    def advance(self, count: Tensor, host=None) -> None:
+        """After a ``verify``: row ``i`` keeps its first ``count[i]`` positions (int64
+        ``[n_rows]``, ``0 .. T``), as ``count[i]`` one-token steps would have: its mask opens
+        those slots (``smask``: and closes the slots that leave its window), its position and
+        slot move on by ``count[i]``. ``host``: the same counts as host ints (the
+        ``ReadBound``'s bookkeeping; ``None`` where the caller replays a captured step and
+        counts on its own). Graph-safe."""
+        d = self.cols.view(1, -1) - self.slot.view(-1, 1)  # [N, max_len]: c - s
+        c = count.view(-1, 1)
+        kept = ((d >= 0) & (d < c)).view(self.n_rows, 1, 1, -1)
+        self.mask.masked_fill_(kept, 0.0)
+        if self.smask is not None:
+            # each kept step at slot s + i closed slot s + i - window, then opened its own
+            w = self.window
+            gone = ((d >= -w) & (d < c - w)).view(self.n_rows, 1, 1, -1)
+            self.smask.masked_fill_(kept, 0.0).masked_fill_(gone, self.neg)
+        last = self.max_len - 1
+        self.pos.add_(c).clamp_(max=last)
+        self.slot.add_(count).clamp_(max=last)
+        if host is not None:
+            self.bound.advance(host)
 
     def reorder(self, index: Tensor, start: int = 0, stop: int | None = None) -> None:
         """Row ``i`` continues from row ``index[i]`` (beam search): cache slots
