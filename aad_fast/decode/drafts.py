@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -37,25 +36,10 @@ from torch import nn
 from ..model.loading import load_causal_lm, load_tokenizer
 from ..model.runner import Runner
 from ..rules import check_int
-
-#: the longest speculation a verify step takes (``speculate=k``, ``k`` up to this)
-MAX_SPECULATE = 8
+from .speculate import MAX_SPECULATE, Draft  # noqa: F401 (the protocol the drafts keep)
 
 #: the tiny draft shipped for the embedded toy pair (``draft="default"``)
 DEFAULT_DRAFT_DIR = Path(__file__).resolve().parents[1] / "default_pair" / "draft"
-
-
-@runtime_checkable
-class Draft(Protocol):
-    """What the verify loop calls (module docstring). Rows are the scheduler's row indices."""
-
-    def start(self, row: int, prompt: list[int]) -> None: ...
-
-    def propose(self, rows: list[int], k: int) -> list[list[int]]: ...
-
-    def accept(self, row: int, tokens: list[int]) -> None: ...
-
-    def free(self, row: int) -> None: ...
 
 
 class NgramDraft:

@@ -1,0 +1,273 @@
+"""Speculative rows of ``aad-fast bench --speculative`` (issue 26): what exact speculation
+costs and gives, as ratios to the engine's non-speculative decoding measured in the same run.
+
+- **The embedded toy pair** (trained, so drafts are accepted for real): the caller
+  (``toy.spec_bench``, which knows the toy task's held-out prompts) gives the models, the
+  shipped draft and the prompt ids; ``time_methods`` runs every method on every prompt at
+  batch 1, in interleaved rounds.
+- **The oracle sweep on a real shape** (``oracle_sweep``, random weights: no draft would be
+  accepted): ``OracleDraft`` proposes the true continuation of a non-speculative run with each
+  token corrupted with probability ``1 - p``; ms/token of AAD on the LoRA pair against ``p``
+  for ``k`` in 2, 4, 8 beside the engine's greedy and non-speculative AAD.
+
+ms/token here is the **wall time of a whole ``generate()``** of one prompt (prefill, the
+draft's own prefill and every step) over the tokens it emitted (a stop id included), summed
+over the prompts: the same clock for the engine and for Hugging Face ``generate()``
+(``assistant_model=`` included); the median of the rounds is reported. The mean accepted
+length (drafted tokens the rule kept per verify step) is the engine's ``stats``.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import statistics
+import time
+
+import torch
+
+from ..decode.drafts import OracleDraft
+from ..rules import AAD, Greedy
+from .machine import log, sync
+from .shapes import add_lora, default_config_dir, load_shape, make_config, random_model
+
+ORACLE_PS = (0.0, 0.3, 0.5, 0.7, 0.85, 1.0)
+ORACLE_KS = (2, 4, 8)
+CLOCK_NOTE = ("ms/token: wall time of each prompt's whole generate() (prefill, the draft's own "
+              "prefill and every step) over the tokens it emitted (a stop id included), summed "
+              "over the prompts; median of the rounds. mean accepted: drafted tokens the rule "
+              "kept per verify step (engine stats).")
+
+
+def engine_method(dec, rule, max_new: int, stop):
+    """``run(ids) -> (tokens emitted, wall ms, stats)`` of ``dec.generate`` on one prompt."""
+    def run(ids):
+        sync(dec.device)
+        t0 = time.perf_counter()
+        g = dec.generate(input_ids=torch.tensor([ids]), rule=rule, max_new_tokens=max_new,
+                         stop=stop)
+        sync(dec.device)
+        ms = (time.perf_counter() - t0) * 1e3
+        n = len(g.tokens[0]) + (g.finish_reason[0] == "stop")
+        return g.tokens[0], n, ms, g.stats
+    return run
+
+
+def hf_method(model, max_new: int, stop, assistant=None, k: int | None = None):
+    """Hugging Face ``generate()`` greedy on one prompt, with ``assistant`` (its assisted
+    generation: HF's own speculative greedy, ``k`` drafted tokens per step) or without."""
+    from transformers import GenerationConfig
+    kw = {}
+    if assistant is not None:
+        assistant = copy.copy(assistant)
+        assistant.generation_config = GenerationConfig(
+            num_assistant_tokens=k, num_assistant_tokens_schedule="constant",
+            eos_token_id=list(stop), pad_token_id=0)
+        kw["assistant_model"] = assistant
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new, eos_token_id=list(stop),
+                           pad_token_id=0)
+
+    def run(ids):
+        x = torch.tensor([ids], device=model.device)
+        sync(x.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg,
+                                 **kw)
+        sync(x.device)
+        ms = (time.perf_counter() - t0) * 1e3
+        toks = out[0, len(ids):].tolist()
+        cut = next((j for j, t in enumerate(toks) if t in stop), None)
+        return (toks if cut is None else toks[:cut]), (len(toks) if cut is None else cut + 1), \
+            ms, {}
+    return run
+
+
+def time_methods(methods: dict, prompts: list, rounds: int) -> dict:
+    """Every method (``name: run``) on every prompt, one warm-up pass, then ``rounds`` rounds
+    in an order rotated each round. Returns ``name: {"ms_per_token", "ms_per_token_runs",
+    "tokens" (per prompt, from the warm-up), "mean_accepted", "emitted"}``."""
+    out = {}
+    for name, run in methods.items():
+        res = [run(p) for p in prompts]
+        acc = [r[3]["mean_accepted"] for r in res if "mean_accepted" in r[3]]
+        out[name] = {"tokens": [r[0] for r in res], "emitted": sum(r[1] for r in res),
+                     "mean_accepted": statistics.mean(acc) if acc else None,
+                     "ms_per_token_runs": []}
+    names = list(methods)
+    for rnd in range(rounds):
+        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        for name in order:
+            res = [methods[name](p) for p in prompts]
+            out[name]["ms_per_token_runs"].append(sum(r[2] for r in res) /
+                                                  sum(r[1] for r in res))
+        log(f"speculative: round {rnd + 1}/{rounds} done")
+    for name, rec in out.items():
+        rec["ms_per_token"] = statistics.median(rec["ms_per_token_runs"])
+    return out
+
+
+def oracle_sweep(args, device, dtype, shape: str = "smollm2-135m", ps=ORACLE_PS,
+                 ks=ORACLE_KS) -> list:
+    """The oracle sweep on ``shape`` (random weights, no EOS: exactly ``args.new_tokens``
+    tokens per prompt, batch 1): engine greedy, AAD LoRA pair and two models without
+    speculation, and AAD LoRA pair with ``OracleDraft(p)`` for every ``p`` x ``k``.
+    Returns result rows (``x_greedy``, ``x_aad``: ratios to the same run's baselines)."""
+    from ..decoder import Decoder
+    config = make_config(load_shape(shape, args.configs))
+    a = random_model(config, dtype, device, args.seed)
+    r = random_model(config, dtype, device, args.seed + 1)
+    lora = add_lora(copy.deepcopy(r), args.seed + 2)
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = [torch.randint(3, config.vocab_size, (args.decode_prompt_len,), generator=g)
+               .tolist() for _ in range(args.spec_prompts)]
+    n, L = args.new_tokens, args.decode_prompt_len + args.new_tokens
+    dec = lambda *m, **kw: Decoder(*m, max_batch_size=1, max_seq_len=L, **kw)  # noqa: E731
+    base = {"greedy": (dec(a), Greedy("a")), "aad_lora": (dec(lora), AAD(0.1)),
+            "aad_two": (dec(a, r), AAD(0.1))}
+    truth_run = engine_method(base["aad_lora"][0], AAD(0.1), n, [])
+    truth = {tuple(p): truth_run(p)[0] for p in prompts}
+    methods = {name: engine_method(d, rule, n, []) for name, (d, rule) in base.items()}
+    for k in ks:
+        for p in ps:
+            d = dec(lora, draft=OracleDraft(truth, p, seed=args.seed, vocab_size=config.vocab_size),
+                    speculate=k)
+            methods[f"aad_lora_oracle_p{p}_k{k}"] = engine_method(d, AAD(0.1), n, [])
+    log(f"oracle sweep on {shape}: {len(methods)} methods x {len(prompts)} prompts, "
+        f"{n} new tokens")
+    res = time_methods(methods, prompts, args.repeats)
+    rows = []
+    for name, rec in res.items():
+        k = p = None
+        if "_oracle_" in name:
+            p, k = float(name.split("_p")[1].split("_k")[0]), int(name.rsplit("_k", 1)[1])
+        rows.append({"model": shape, "method": name, "k": k, "p": p, "batch": 1,
+                     "prompts": len(prompts), "new_tokens": n,
+                     "ms_per_token": rec["ms_per_token"],
+                     "ms_per_token_runs": rec["ms_per_token_runs"],
+                     "mean_accepted": rec["mean_accepted"],
+                     "same_tokens_as_aad_lora": (rec["tokens"] == res["aad_lora"]["tokens"]
+                                                 if name.startswith("aad_lora") else None)})
+    add_spec_ratios(rows, "greedy", "aad_lora")
+    return rows
+
+
+def add_spec_ratios(rows: list, greedy: str, aad: str | None = None) -> None:
+    """``x_greedy`` (and with ``aad``, ``x_aad``): each row's ms/token over the same run's
+    ``greedy`` (``aad``) method's."""
+    by = {r["method"]: r["ms_per_token"] for r in rows}
+    for r in rows:
+        r["x_greedy"] = r["ms_per_token"] / by[greedy] if greedy in by else None
+        if aad is not None:
+            r["x_aad"] = r["ms_per_token"] / by[aad] if aad in by else None
+
+
+def plot_oracle(rows: list, path, title: str) -> bool:
+    """ms/token against ``p`` per ``k`` (and the baselines as lines) to ``path``; ``False``
+    when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for k in sorted({r["k"] for r in rows if r["k"] is not None}):
+        pts = sorted((r["p"], r["ms_per_token"]) for r in rows if r["k"] == k)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"AAD LoRA, k={k}")
+    styles = {"greedy": ("engine greedy, 1 model", "k"), "aad_lora": ("AAD LoRA, no draft", "C3"),
+              "aad_two": ("AAD two models, no draft", "C7")}
+    for r in rows:
+        if r["method"] in styles:
+            label, color = styles[r["method"]]
+            ax.axhline(r["ms_per_token"], ls="--", color=color, label=label)
+    ax.set_xlabel("p (chance a drafted token is the rule's)")
+    ax.set_ylabel("ms / token")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _meta(args, device) -> dict:
+    from .. import tuning
+    from .machine import device_name, git_info, load_average, portable_argv, versions
+    import sys
+    commit, dirty = git_info()
+    return {"schema": 1, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "device": {"type": device.type, "name": device_name(device),
+                       "threads": torch.get_num_threads(), "machine": tuning.machine(),
+                       "load_average_at_start": load_average()},
+            "versions": versions(), "commit": commit, "git_dirty": dirty,
+            "argv": portable_argv(sys.argv)}
+
+
+def run_speculative(args, toy_rows) -> int:
+    """``aad-fast bench --speculative``: ``toy_rows(args, device)`` (the toy pair's rows, from
+    the toy layer) and the oracle sweep, written to ``OUT/spec-<device>-<date>.{json,md,png}``."""
+    from .machine import load_average
+    from .report import out_stem
+    device = torch.device(args.device or "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    args.new_tokens = args.new_tokens or 32
+    args.decode_prompt_len = args.decode_prompt_len or 128
+    args.repeats = args.repeats or 3
+    args.configs = args.configs or default_config_dir()
+    result = _meta(args, device)
+    result["dtype"] = str(dtype).replace("torch.", "")
+    result["notes"] = [CLOCK_NOTE]
+    with torch.inference_mode():
+        if not args.no_toy:
+            result["toy"] = toy_rows(args, device)
+        if not args.no_oracle:
+            result["oracle"] = oracle_sweep(args, device, dtype, args.spec_shape)
+    result["device"]["load_average_at_end"] = load_average()
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = out_stem(device, args.out)
+    stem = stem.with_name("spec-" + stem.name)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    table = spec_markdown(result)
+    stem.with_suffix(".md").write_text(table)
+    if result.get("oracle") and not plot_oracle(
+            result["oracle"], stem.with_suffix(".png"),
+            f"{args.spec_shape}, batch 1, {result['device']['name']}"):
+        log("matplotlib is not installed: no plot (pip install matplotlib)")
+    print(table)
+    log(f"wrote {stem}.json, .md and .png")
+    return 0
+
+
+def _fmt(v, spec="{:.2f}"):
+    return "-" if v is None else spec.format(v)
+
+
+def spec_markdown(result: dict) -> str:
+    """The toy rows and the oracle sweep as markdown tables, device named."""
+    dev = result["device"]
+    lines = [f"# Speculative decoding: {dev['name']}, {dev['threads']} threads, "
+             f"{result['dtype']}, {result['date']}", "",
+             f"load average at start {dev['load_average_at_start']}, at end "
+             f"{dev.get('load_average_at_end')}; commit {result['commit']}", "",
+             result["notes"][0], ""]
+    if result.get("toy"):
+        lines += ["## The embedded toy pair, batch 1", "",
+                  "| method | k | ms/token | x engine greedy (SFT) | x same pair, no draft | "
+                  "mean accepted | same tokens |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for r in result["toy"]:
+            lines.append(f"| {r['label']} | {r['k'] or '-'} | {r['ms_per_token']:.2f} | "
+                         f"{_fmt(r['x_greedy'])} | {_fmt(r.get('x_aad'))} | "
+                         f"{_fmt(r['mean_accepted'])} | {r.get('same_tokens', '-')} |")
+        lines.append("")
+    if result.get("oracle"):
+        o = result["oracle"]
+        lines += [f"## Oracle draft on the {o[0]['model']} shape (random weights), batch 1, "
+                  f"{o[0]['new_tokens']} new tokens, {o[0]['prompts']} prompts", "",
+                  "| method | k | p | ms/token | x engine greedy | x AAD LoRA, no draft | "
+                  "mean accepted | same tokens |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for r in o:
+            lines.append(f"| {r['method']} | {r['k'] or '-'} | {_fmt(r['p'])} | "
+                         f"{r['ms_per_token']:.2f} | {_fmt(r['x_greedy'])} | {_fmt(r['x_aad'])} | "
+                         f"{_fmt(r['mean_accepted'])} | {_fmt(r['same_tokens_as_aad_lora'], '{}')} |")
+    return "\n".join(lines) + "\n"
