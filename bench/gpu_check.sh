@@ -77,7 +77,7 @@ if [ "$dry" = 1 ]; then
            --decode-prompt-len 8 --repeats 1)
     limits=(60 90)
     spec=(python -m aad_fast.cli bench --speculative --device cpu --spec-shape tiny
-          --spec-prompts 1 --new-tokens 4 --decode-prompt-len 8 --repeats 1)
+          --spec-prompts 1 --new-tokens 4 --decode-prompt-len 8 --repeats 1 --no-toy)
     spec_limit=120
 else
     phase build "${GPU_CHECK_T_BUILD:-130}" env AAD_FAST_CUDA_ARCHS=9.0 AAD_FAST_SKIP_CPU_BUILD=1 \

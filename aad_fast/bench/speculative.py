@@ -218,11 +218,10 @@ def run_speculative(args, toy_rows) -> int:
     result = _meta(args, device)
     result["dtype"] = str(dtype).replace("torch.", "")
     result["notes"] = [CLOCK_NOTE]
-    with torch.inference_mode():
-        if not args.no_toy:
-            result["toy"] = toy_rows(args, device)
-        if not args.no_oracle:
-            result["oracle"] = oracle_sweep(args, device, dtype, args.spec_shape)
+    if not args.no_toy:  # (models are built outside inference mode: the engine packs weights)
+        result["toy"] = toy_rows(args, device)
+    if not args.no_oracle:
+        result["oracle"] = oracle_sweep(args, device, dtype, args.spec_shape)
     result["device"]["load_average_at_end"] = load_average()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = out_stem(device, args.out)
