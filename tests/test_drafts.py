@@ -235,3 +235,25 @@ def test_oracle_proposes_the_truth_corrupted_at_rate_one_minus_p():
         a.start(1, [1, 2, 3])
     with pytest.raises(ValueError, match="p must be"):
         OracleDraft(truth, 1.5)
+
+
+def test_the_shipped_toy_draft_is_found_by_default_and_fits_the_toy_tokenizer():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from aad_fast.decode.drafts import DEFAULT_DRAFT_DIR
+    pair = DEFAULT_DRAFT_DIR.parent
+    tok = AutoTokenizer.from_pretrained(pair / "sft", local_files_only=True)
+    sft = AutoModelForCausalLM.from_pretrained(pair / "sft", dtype=torch.float32,
+                                               local_files_only=True)
+    dec = SimpleNamespace(tokenizer=tok, vocab=len(tok), device=torch.device("cpu"),
+                          max_batch_size=1, max_seq_len=64, base=sft, cpu_linear=None,
+                          forward=None)
+    draft = make_draft("default", dec)
+    assert isinstance(draft, ModelDraft) and draft.limit == len(tok)
+    assert sum(p.numel() for p in draft.model.parameters()) < 0.1 * sum(
+        p.numel() for p in sft.parameters())  # a tenth of the SFT model's size at most
+    prompt = tok(tok.apply_chat_template([{"role": "user", "content": "what is 2 plus 3 ?"}],
+                                         tokenize=False, add_generation_prompt=True))["input_ids"]
+    draft.start(0, prompt)
+    (got,) = draft.propose([0], 4)
+    assert got == hf_greedy(draft.model, prompt, 4)
+    assert len(got) == 4 and all(0 <= t < len(tok) for t in got)
