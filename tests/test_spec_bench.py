@@ -28,13 +28,14 @@ def test_time_methods_sums_wall_time_over_emitted_tokens_and_takes_the_median():
     res = time_methods({"a": method("a", 2), "b": method("b", 5)}, [7, 8], rounds=3)
     assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] \
         + ["a", "a", "b", "b"]  # warm-up, then rounds in a rotated order
-    assert res["a"]["ms_per_token_runs"] == [10.0, 10.0, 20.0]  # (10 + 30) / 4, ...
-    assert res["a"]["ms_per_token"] == 10.0 and res["b"]["ms_per_token"] == 1.0
+    # decode ms over the tokens after each prompt's first: (10 + 30) / (1 + 1), ...
+    assert res["a"]["ms_per_token_runs"] == [20.0, 20.0, 40.0]
+    assert res["a"]["ms_per_token"] == 20.0 and res["b"]["ms_per_token"] == 10 / 8
     assert res["a"]["tokens"] == [[7], [8]] and res["a"]["emitted"] == 4
     assert res["b"]["mean_accepted"] == 1.5 and res["a"]["mean_accepted"] is None
     rows = [{"method": m, "ms_per_token": r["ms_per_token"]} for m, r in res.items()]
     add_spec_ratios(rows, "b", "a")
-    assert [(r["x_greedy"], r["x_aad"]) for r in rows] == [(10.0, 1.0), (1.0, 0.1)]
+    assert [(r["x_greedy"], r["x_aad"]) for r in rows] == [(16.0, 1.0), (1.0, 1 / 16)]
 
 
 def test_method_names_of_the_toy_rows():

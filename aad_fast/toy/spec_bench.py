@@ -52,7 +52,7 @@ def _decoders(sft, dpo, tok, ks):
     """``name: (Decoder, rule)`` of every engine method."""
     from ..decoder import Decoder
     merged = copy.deepcopy(dpo).merge_and_unload().eval()
-    kw = dict(tokenizer=tok, max_batch_size=1, max_seq_len=128)
+    kw = dict(tokenizer=tok, max_batch_size=1, max_seq_len=128, threads="keep")
     pairs = {"greedy_sft": ((sft,), Greedy("a")), "aad_lora": ((dpo,), AAD(0.1)),
              "aad_two": ((merged, sft), AAD(0.1))}
     out = {}
@@ -66,8 +66,25 @@ def _decoders(sft, dpo, tok, ks):
     return out
 
 
+#: intra-op threads of every toy method: the toy model is too small for a second thread to pay
+#: (the engine's own measurement, ``model.threads``, picks one for it), and every method,
+#: Hugging Face's included, runs with the same count
+TOY_THREADS = 1
+
+
 def toy_rows(args, device) -> list:
-    """Result rows of the toy pair (``bench.speculative.run_speculative``'s ``toy_rows``)."""
+    """Result rows of the toy pair (``bench.speculative.run_speculative``'s ``toy_rows``),
+    measured with ``TOY_THREADS`` intra-op threads (the process's count put back after)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(TOY_THREADS)
+    try:
+        return _toy_rows(args, device)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _toy_rows(args, device) -> list:
     from transformers import AutoModelForCausalLM
     sft, dpo, tok, _, _ = load_default_pair(device)
     held = task.split_problems()[1][:args.spec_prompts]
@@ -87,7 +104,7 @@ def toy_rows(args, device) -> list:
     for name, rec in res.items():
         base, _, k = split_name(name)
         rows.append({"model": "toy", "method": name, "label": _label(name), "k": k,
-                     "batch": 1, "prompts": len(prompts), "emitted": rec["emitted"],
+                     "batch": 1, "threads": TOY_THREADS, "prompts": len(prompts), "emitted": rec["emitted"],
                      "ms_per_token": rec["ms_per_token"],
                      "ms_per_token_runs": rec["ms_per_token_runs"],
                      "mean_accepted": rec["mean_accepted"],
