@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..model.loading import load_causal_lm, load_tokenizer
+from ..model.loading import check_same_tokenizer, load_causal_lm, load_tokenizer
 from ..model.runner import Runner
 from ..rules import check_int
 from .speculate import MAX_SPECULATE, Draft  # noqa: F401 (the protocol the drafts keep)
@@ -126,16 +126,7 @@ def check_draft_vocab(model, tokenizer, target_tokenizer, target_vocab: int | No
     naming ``draft`` otherwise."""
     v_draft = _vocab_of(model)
     if tokenizer is not None and target_tokenizer is not None:
-        va, vd = target_tokenizer.get_vocab(), tokenizer.get_vocab()
-        if va != vd:
-            diff = next((t for t in va if vd.get(t) != va[t]), None)
-            if diff is None:
-                diff = next(t for t in vd if va.get(t) != vd[t])
-            raise ValueError(
-                f"draft: its tokenizer maps tokens to ids differently from the decoder's (token "
-                f"{diff!r} has id {vd.get(diff)} in the draft's and {va.get(diff)} in the "
-                f"decoder's; {len(vd)} vs {len(va)} tokens); a draft must share the decoder's "
-                "tokenizer")
+        check_same_tokenizer(tokenizer, target_tokenizer, "draft", "the decoder")
         sa, sd = _special_ids(target_tokenizer), _special_ids(tokenizer)
         if sa != sd:
             raise ValueError(f"draft: its tokenizer's special ids {sd} differ from the "

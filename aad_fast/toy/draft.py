@@ -120,20 +120,10 @@ def speculative_acceptance(model, tok, questions, completions, k: int,
 
 def train_draft(a, tok, examples, meta: dict):
     """The draft model, trained by ``train.train_sft`` and rounded to bfloat16 as stored."""
-    from transformers import GenerationConfig, LlamaForCausalLM
-
-    from .train import model_config, train_sft
-    torch.manual_seed(a.seed)
-    model = LlamaForCausalLM(model_config(tok, a.hidden, a.layers, a.heads, a.heads))
-    t0 = time.time()
-    losses = train_sft(model, examples, epochs=a.epochs, batch_size=a.batch, lr=a.lr,
-                       seed=a.seed)
-    meta["training"] = {"examples": len(examples), "epoch_losses": losses,
-                        "params": sum(p.numel() for p in model.parameters()),
-                        "seconds": round(time.time() - t0, 1)}
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id,
-                                               eos_token_id=stop_ids(tok),
-                                               pad_token_id=tok.pad_token_id)
+    from .train import train_lm
+    model, meta["training"] = train_lm(tok, examples, (a.hidden, a.layers, a.heads, a.heads),
+                                       epochs=a.epochs, batch_size=a.batch, lr=a.lr,
+                                       seed=a.seed)
     return model.to(torch.bfloat16).to(torch.float32).eval()
 
 
