@@ -69,3 +69,19 @@ def test_oracle_sweep_on_the_tiny_shape(tmp_path):
     json.dumps(result)
     pytest.importorskip("matplotlib")
     assert plot_oracle(rows, tmp_path / "o.png", "tiny") and (tmp_path / "o.png").stat().st_size
+
+
+def test_spec_targets_take_the_best_draft_and_the_oracle_point():
+    from aad_fast.bench.speculative import spec_targets
+    toy = [{"method": "aad_lora", "k": None, "x_greedy": 2.0},
+           {"method": "aad_lora_ngram_k2", "k": 2, "x_greedy": 1.5},
+           {"method": "aad_lora_draft_k6", "k": 6, "x_greedy": 0.65},
+           {"method": "aad_two_draft_k4", "k": 4, "x_greedy": 1.2}]
+    oracle = [{"model": "m", "method": "aad_lora_oracle_p0.7_k4", "k": 4, "p": 0.7,
+               "x_greedy": 0.9},
+              {"model": "m", "method": "aad_lora_oracle_p0.7_k2", "k": 2, "p": 0.7,
+               "x_greedy": 0.5}]
+    got = spec_targets({"toy": toy, "oracle": oracle})
+    assert [(t["method"], t["value"], t["bound"], t["met"]) for t in got] == [
+        ("aad_lora_draft_k6", 0.65, 0.7, True), ("aad_two_draft_k4", 1.2, 1.0, False),
+        ("aad_lora_oracle_p0.7_k4", 0.9, 0.8, False)]

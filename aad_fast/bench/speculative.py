@@ -231,6 +231,7 @@ def run_speculative(args, toy_rows) -> int:
     if not args.no_oracle:
         result["oracle"] = oracle_sweep(args, device, dtype, args.spec_shape)
     result["device"]["load_average_at_end"] = load_average()
+    result["targets"] = spec_targets(result)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = out_stem(device, args.out)
     stem = stem.with_name("spec-" + stem.name)
@@ -244,6 +245,27 @@ def run_speculative(args, toy_rows) -> int:
     print(table)
     log(f"wrote {stem}.json, .md and .png")
     return 0
+
+
+def spec_targets(result: dict) -> list:
+    """Issue 26's CPU bounds where this run measured them: the toy LoRA pair with its best
+    draft <= 0.7x and two-model AAD <= 1.0x the engine's greedy on the SFT model; AAD LoRA at
+    p = 0.7, k = 4 of the oracle sweep <= 0.8x the engine's greedy."""
+    out = []
+    toy = result.get("toy") or []
+    for pair, bound in (("aad_lora", 0.7), ("aad_two", 1.0)):
+        rows = [r for r in toy if r["method"].startswith(pair + "_") and r["k"]]
+        if rows:
+            best = min(rows, key=lambda r: r["x_greedy"])
+            out.append({"target": f"toy {pair}, best draft / engine greedy (SFT)",
+                        "method": best["method"], "value": best["x_greedy"], "bound": bound,
+                        "met": best["x_greedy"] <= bound})
+    for r in result.get("oracle") or []:
+        if r["k"] == 4 and r["p"] == 0.7:
+            out.append({"target": f"{r['model']} AAD LoRA, oracle p 0.7, k 4 / engine greedy",
+                        "method": r["method"], "value": r["x_greedy"], "bound": 0.8,
+                        "met": r["x_greedy"] <= 0.8})
+    return out
 
 
 def _fmt(v, spec="{:.2f}"):
@@ -277,4 +299,9 @@ def spec_markdown(result: dict) -> str:
             lines.append(f"| {r['method']} | {r['k'] or '-'} | {_fmt(r['p'])} | "
                          f"{r['ms_per_token']:.2f} | {_fmt(r['x_greedy'])} | {_fmt(r['x_aad'])} | "
                          f"{_fmt(r['mean_accepted'])} | {_fmt(r['same_tokens_as_aad_lora'], '{}')} |")
+    if result.get("targets"):
+        lines += ["", "## Issue 26's bounds on this run", "", "| bound | method | value | met |",
+                  "| --- | --- | ---: | --- |"]
+        lines += [f"| {t['target']} <= {t['bound']} | {t['method']} | {t['value']:.2f} | "
+                  f"{'yes' if t['met'] else 'NO'} |" for t in result["targets"]]
     return "\n".join(lines) + "\n"
