@@ -14,23 +14,21 @@ Beam search and best-of-n run on the scheduler too, with ``search``'s pieces (wh
 import this module): a beam request is a slot of ``num_beams`` rows (``search.BeamSearch``
 ranks), refilled like any row past ``max_batch_size``; best-of-n's samples are ordinary rows.
 
-The buffers, the hold (one call at a time) and the decodes themselves are
-``decode.driver.Driver``'s, which ``Decoder`` extends with loading, validation and the public
-calls (``generate``, ``stream``, ``scheduler``, ``request``).
+The buffers and the decodes themselves are ``decode.driver.Driver``'s, which ``Decoder``
+extends with loading, validation, the hold (one call at a time: ``decode.hold.Hold``) and the
+public calls (``generate``, ``stream``, ``scheduler``, ``request``).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-import warnings
 
 import torch
 
 from .decode.driver import Driver, Generation, text_delta
-from .model.loading import load_pair
+from .decode.hold import Hold
+from .model.loading import check_positions, load_pair, pair_vocab, position_limit
 from .model.lora_rows import RowLoRA
-from .model.runner import sliding_unsupported
 from .decode.prompt_rows import Rows, resolve_stop_ids, rule_rows
 from .rules import AAD, OPAD, BeamAAD, BestOfN, CFGMix, Rule, check_int
 from .decode.scheduler import Request, Scheduler
@@ -135,48 +133,23 @@ class Decoder(Driver):
         self.threads = thread_choice.threads_choice(self.base, max_batch_size, threads)
         self.use_graphs = self.device.type == "cuda" and cuda_graphs in ("auto", True)
         self.backend, self.check_every = backend, check_every
-        self.vocab = self._vocab()
-        self._check_positions(max_seq_len)
+        self.vocab = pair_vocab(self.base, self.model_r, self.tokenizer)
+        check_positions((self.base, self.model_r), max_seq_len)
         self._init_buffers()
-        self._init_hold()
+        self._hold = Hold()
+        self._owner = None  # the thread inside _run (re-entry from it is refused)
         self._draft_spec = draft
         self.draft = resolve_draft(draft, self)
 
-    # ------------------------------------------------------------------ setup helpers
-    def _check_positions(self, max_seq_len: int) -> None:
-        """Refuse ``max_seq_len`` past a learned position table; warn where sliding-window
-        attention is mixed with layer types that are not masked."""
-        for model in (self.base, self.model_r):
-            limit = None if model is None else position_limit(model)
-            if limit is not None and max_seq_len > limit:
-                raise ValueError(f"max_seq_len={max_seq_len} exceeds {type(model).__name__}'s "
-                                 f"{limit} learned positions (its position table has no row "
-                                 f"beyond position {limit - 1}); pass "
-                                 f"Decoder(max_seq_len<={limit})")
-        for model in (self.base, self.model_r):
-            window = sliding_unsupported(getattr(model, "config", None), max_seq_len)
-            if window is not None:
-                warnings.warn(f"{type(model).__name__} mixes sliding-window attention ({window} "
-                              f"tokens) with layer types aad_fast does not mask "
-                              f"({sorted(set(model.config.layer_types))}); it attends over the "
-                              f"full cache, so sequences longer than {window} tokens will differ "
-                              f"from the model's own generate(). Pass max_seq_len<={window} to "
-                              f"rule this out.", stacklevel=3)
-
-    def _vocab(self) -> int:
-        sizes = [self.base.get_output_embeddings().weight.shape[0]]
-        if self.model_r is not None:
-            sizes.append(self.model_r.get_output_embeddings().weight.shape[0])
-        v = min(sizes)
-        n_tok = _tokenizer_ids(self.tokenizer) if self.tokenizer is not None else None
-        if n_tok is not None and n_tok < v:
-            v = n_tok  # ids at or beyond the tokenizer's range are padding rows: never chosen
-        return v
+    def _locked(self):
+        """Hold this Decoder (``hold.Hold``: other threads' calls wait) with its intra-op
+        thread count; every call takes it, the server's loop per burst."""
+        return self._hold.locked(self.threads)
 
     def close(self) -> None:
         """Free the caches and captured graphs (the models are never modified)."""
         with self._locked():
-            self._slots.clear()
+            self._runner_sets.clear()
             for pool in self._pools.values():
                 pool.free()
             self._entries.clear()
@@ -287,7 +260,7 @@ class Decoder(Driver):
                 final = isinstance(out, Generation)
                 piece, now = text_delta(shown, out.text[0] if final else out, final)
                 if piece:  # a trailing U+FFFD held back until its bytes come (text_delta)
-                    with self._caller_turn():
+                    with self._hold.caller_turn(self.threads):
                         yield piece
                     shown = now
 
@@ -332,46 +305,6 @@ class Decoder(Driver):
             yield self._best_of_n(rule, rows, max_new_tokens, stop_ids)
             return
         yield from self._decode(rule, rows, max_new_tokens, stop_ids, partial=partial)
-
-def _tokenizer_ids(tokenizer) -> int | None:
-    """The size of ``tokenizer``'s id range: 1 + its largest id (vocabulary and added tokens),
-    at least ``len(tokenizer)``; ids may have gaps, so ``len()`` alone can miss real ones."""
-    n = len(tokenizer) if hasattr(tokenizer, "__len__") else None
-    ids = []
-    with contextlib.suppress(Exception):  # a tokenizer-like object without these
-        ids += list(tokenizer.get_vocab().values())
-    with contextlib.suppress(Exception):
-        ids += list(tokenizer.added_tokens_decoder)
-    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
-    if ids:
-        n = max(n or 0, 1 + max(ids))
-    return n
-
-
-def position_limit(model) -> int | None:
-    """The number of positions of ``model``'s learned absolute position table (GPT-2's
-    ``wpe``, OPT/BioGPT-style ``embed_positions``, ...), or ``None`` for models without one
-    (rotary, ALiBi): an ``nn.Embedding`` besides the input embeddings whose name says
-    "pos"/``wpe``. Its limit is the config's ``n_positions`` / ``max_position_embeddings``
-    when given (a table may hold offset rows), else the table's rows."""
-    model = getattr(model, "get_base_model", lambda: model)()
-    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    table = None
-    for name, mod in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1].lower()
-        if isinstance(mod, torch.nn.Embedding) and mod is not inp and \
-                ("pos" in leaf or leaf == "wpe"):
-            table = mod
-            break
-    if table is None:
-        return None
-    cfg = getattr(model, "config", None)
-    for key in ("n_positions", "max_position_embeddings"):
-        val = getattr(cfg, key, None)
-        if isinstance(val, int) and not isinstance(val, bool) and 0 < val <= table.num_embeddings:
-            return val
-    return table.num_embeddings
-
 
 def generate(aligned, reference=None, prompts=None, **kwargs) -> Generation:
     """One-shot ``Decoder(aligned, reference, ...).generate(prompts, ...)``. Decoder options

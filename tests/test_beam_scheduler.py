@@ -156,17 +156,17 @@ def test_bad_beam_input_names_the_argument(two):
 
 
 def test_server_backend_runs_beam_requests_on_one_beam_scheduler(two):
-    """``serving.Backend``: beam requests with their own alpha, length_penalty, stop ids and
+    """``loop.DecodeLoop``: beam requests with their own alpha, length_penalty, stop ids and
     max_new_tokens share one beam scheduler (more of them than it has slots: they queue and
     refill), and each answer equals that request searched alone."""
     import threading
 
     from test_search import word_tokenizer
 
-    from aad_fast.serve.loop import Backend, DecodeRequest
+    from aad_fast.serve.loop import DecodeLoop, DecodeRequest
     dec = Decoder(*two["models"], tokenizer=word_tokenizer(), max_batch_size=4, max_seq_len=48,
                   check_every=2)
-    backend = Backend(dec, max_batch_size=4, max_queue=16)
+    decode_loop = DecodeLoop(dec, max_batch_size=4, max_queue=16)
     specs = [(PROMPTS7[i], BeamAAD(2, a, length_penalty=lp), m, s) for i, (a, lp, m, s) in
              enumerate([(0.1, 0.0, 9, ()), (0.5, 1.0, 3, (5,)), (0.0, 0.0, 12, (17, 9)),
                         (0.3, 2.0, 10, (42,)), (0.2, 0.0, 6, ())])]
@@ -179,16 +179,16 @@ def test_server_backend_runs_beam_requests_on_one_beam_scheduler(two):
             if ev[0] != "delta":
                 done.release()
         return put
-    backend.pause()  # all five arrive together: one scheduler of 4 rows (2 slots)
+    decode_loop.pause()  # all five arrive together: one scheduler of 4 rows (2 slots)
     for i, (p, r, m, s) in enumerate(specs):
-        backend.submit(DecodeRequest(rule=r, max_new_tokens=m, ids=p, stop=s), sink(i))
-    backend.resume()
+        decode_loop.submit(DecodeRequest(rule=r, max_new_tokens=m, ids=p, stop=s), sink(i))
+    decode_loop.resume()
     try:
         for _ in specs:
             assert done.acquire(timeout=60)
-        stats = backend.stats()
+        stats = decode_loop.stats()
     finally:
-        backend.close()
+        decode_loop.close()
     assert [x["kind"] for x in stats["schedulers"]] == ["beam-aad-2-None"]
     assert stats["schedulers"][0]["rows"] == 4 and stats["rows_peak"] == 4
     for ev, (p, r, m, s) in zip(events, specs):

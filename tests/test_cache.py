@@ -53,7 +53,7 @@ def _poison(dec, seed):
 def _storages(dec):
     """Distinct KV storages of every runner the Decoder keeps, with their bytes."""
     out = {}
-    for pair in dec._slots.values():
+    for pair in dec._runner_sets.values():
         for r in pair.runners:
             for t in r.cache.keys + r.cache.values:
                 s = t.untyped_storage()
@@ -136,7 +136,7 @@ def test_kv_cache_bytes_is_the_pool_formula_and_what_is_allocated(models, lora, 
     held = sum(t.numel() * t.element_size()
                for p in two._pools.values() for t in p.keys + p.values)
     assert held == 2 * 4 * per_row
-    assert len(two._slots) >= 3  # buckets 1, 2, 4 kept, all on the one pool
+    assert len(two._runner_sets) >= 3  # buckets 1, 2, 4 kept, all on the one pool
     assert sum(_storages(two).values()) == held
     shared = Decoder(lora[0], max_batch_size=4, max_seq_len=48)
     assert shared.kv_cache_bytes == 2 * 4 * per_row  # one set of weights, 2 x 4 rows

@@ -180,7 +180,7 @@ def test_beam_search_over_a_bounded_runner_equals_the_full_length_one(monkeypatc
         dec = Decoder(*models, max_batch_size=4, max_seq_len=256)
         dec.use_graphs = True  # graph-mode bookkeeping: runners of 256 slots, stepped eagerly
         out = dec.generate(input_ids=PROMPTS7[:2], rule=rule, max_new_tokens=9)
-        (pair,) = dec._slots.values()
+        (pair,) = dec._runner_sets.values()
         return out, pair.runners[0]
     seen, length = [], ReadBound.length
 

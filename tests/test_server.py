@@ -2,7 +2,7 @@
 on 127.0.0.1 (a free port, uvicorn in a thread), every answer compared token for token with
 ``Decoder.generate`` on that prompt alone; concurrency (requests of mixed values sharing one
 scheduler batch, concurrent streams), limits, keys, queue overflow, disconnects, a failing
-request and a closed backend."""
+request and a closed decode_loop."""
 import importlib.util
 import socket
 import sys
@@ -15,7 +15,7 @@ import aad_fast as af
 from aad_fast.cli import serve as serve_cli
 from aad_fast.serve import http as server
 from aad_fast.serve.openai_api import Limits
-from aad_fast.serve.loop import Backend
+from aad_fast.serve.loop import DecodeLoop
 
 HAVE_SERVE = all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "openai", "httpx"))
 if HAVE_SERVE:
@@ -40,13 +40,13 @@ def test_backend_close_answers_what_waits():
     from types import SimpleNamespace
 
     from aad_fast.serve.loop import DecodeRequest, QueueFull
-    backend = Backend(SimpleNamespace(max_batch_size=2), max_batch_size=2, max_queue=1)
-    backend.pause()
+    decode_loop = DecodeLoop(SimpleNamespace(max_batch_size=2), max_batch_size=2, max_queue=1)
+    decode_loop.pause()
     got = []
-    backend.submit(DecodeRequest(rule=af.AAD(0.1), max_new_tokens=2, text="hi"), got.append)
+    decode_loop.submit(DecodeRequest(rule=af.AAD(0.1), max_new_tokens=2, text="hi"), got.append)
     with pytest.raises(QueueFull):
-        backend.submit(DecodeRequest(rule=af.AAD(0.1), max_new_tokens=2, text="hi"), got.append)
-    backend.close()
+        decode_loop.submit(DecodeRequest(rule=af.AAD(0.1), max_new_tokens=2, text="hi"), got.append)
+    decode_loop.close()
     assert len(got) == 1 and got[0][0] == "error" and "shutting down" in str(got[0][1])
 
 
@@ -269,8 +269,8 @@ def test_32_concurrent_clients_exact(served, models):
               af.DeRa(0.7, temperature=1.0, seed=2))]
     jobs = [(prompts[i % len(prompts)] + " ?" * (i % 3), rules[i % 4], 3 + (i * 7) % 11,
              i % 8 == 7) for i in range(32)]
-    backend = served.app.state.backend
-    before = dict(backend.counts)
+    decode_loop = served.app.state.decode_loop
+    before = dict(decode_loop.counts)
     results = [None] * 32
     client = served.client()
 
@@ -289,23 +289,23 @@ def test_32_concurrent_clients_exact(served, models):
             results[i] = (ch.text, ch.token_ids, ch.finish_reason, r.id)
 
     t0 = time.time()
-    backend.pause()
+    decode_loop.pause()
     threads = [threading.Thread(target=call, args=(i,)) for i in range(32)]
     try:
         for t in threads:
             t.start()
-        while backend.waiting() < 32 and time.time() - t0 < 30:
+        while decode_loop.waiting() < 32 and time.time() - t0 < 30:
             time.sleep(0.02)
-        assert backend.waiting() == 32
+        assert decode_loop.waiting() == 32
     finally:
-        backend.resume()
+        decode_loop.resume()
     for t in threads:
         t.join(60)
     assert time.time() - t0 < 60
     assert all(r is not None for r in results)
     assert len({r[3] for r in results}) == 32  # 32 distinct answers
-    done = backend.counts["done"] - before["done"]
-    batches = backend.counts["batches"] - before["batches"]
+    done = decode_loop.counts["done"] - before["done"]
+    batches = decode_loop.counts["batches"] - before["batches"]
     assert done == 32 and batches < 28  # 28 non-streamed requests shared decode calls
     for i, (prompt, (_, rule), mt, _) in enumerate(jobs):
         toks, text, reason = alone(served, prompt, rule=rule, max_new=mt)
@@ -319,7 +319,7 @@ def test_mixed_alphas_and_max_tokens_share_one_batch_exact(served, models):
     prompts = models[4]
     jobs = [(prompts[i], alpha, mt) for i, (alpha, mt) in
             enumerate(((0.05, 3), (0.1, 12), (0.3, 5), (0.5, 20), (0.8, 8), (1.0, 16)))]
-    backend = served.app.state.backend
+    decode_loop = served.app.state.decode_loop
     client = served.client()
     results = [None] * len(jobs)
 
@@ -336,21 +336,21 @@ def test_mixed_alphas_and_max_tokens_share_one_batch_exact(served, models):
                                            extra_body={"alpha": alpha}).choices[0]
             results[i] = (ch.token_ids, ch.text, ch.finish_reason)
 
-    before = dict(backend.counts)
-    backend.pause()
+    before = dict(decode_loop.counts)
+    decode_loop.pause()
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(jobs))]
     try:
         for t in threads:
             t.start()
         deadline = time.time() + 30
-        while backend.waiting() < len(jobs) and time.time() < deadline:
+        while decode_loop.waiting() < len(jobs) and time.time() < deadline:
             time.sleep(0.02)
-        assert backend.waiting() == len(jobs)
+        assert decode_loop.waiting() == len(jobs)
     finally:
-        backend.resume()
+        decode_loop.resume()
     for t in threads:
         t.join(60)
-    counts = backend.counts
+    counts = decode_loop.counts
     assert counts["done"] - before["done"] == len(jobs)
     assert counts["batches"] - before["batches"] == 1  # one admission: one batch of six rows
     assert counts["rows_peak"] >= len(jobs)
@@ -407,16 +407,18 @@ def guarded(models):
     dec = af.Decoder(base, tokenizer=tok, max_batch_size=4, max_seq_len=128, check_every=1,
                      compile=False)
     hooks = []
-    backend = Backend(dec, max_batch_size=4, max_queue=2,
+    decode_loop = DecodeLoop(dec, max_batch_size=4, max_queue=2,
                       on_piece=lambda t: [h(t) for h in list(hooks)])
-    app = server.create_app(dec, api_key="sekret", backend=backend, default_stop=stop_ids(tok),
+    app = server.create_app(dec, api_key="sekret", decode_loop=decode_loop,
+                            default_stop=stop_ids(tok),
                      limits=Limits(max_body_bytes=4096, max_tokens=64, max_n=2), model_name="m")
     srv = Served(app)
-    srv.dec, srv.stop_ids, srv.backend, srv.hooks = dec, app.state.default_stop, backend, hooks
+    srv.dec, srv.stop_ids, srv.hooks = dec, app.state.default_stop, hooks
+    srv.decode_loop = decode_loop
     srv.auth = {"Authorization": "Bearer sekret"}
     yield srv
     srv.stop()
-    backend.close()
+    decode_loop.close()
 
 
 @needs_serve
@@ -459,19 +461,19 @@ def test_one_model_rules_and_limits(guarded, models):
 def test_full_queue_gets_429(guarded, models):
     body = {"model": "m", "prompt": models[4][0], "max_tokens": 4, "rule": "greedy"}
     out = {}
-    guarded.backend.pause()
+    guarded.decode_loop.pause()
     try:
         threads = [threading.Thread(target=lambda i=i: out.__setitem__(
             i, guarded.post("/v1/completions", body, headers=guarded.auth))) for i in range(2)]
         for t in threads:
             t.start()
         deadline = time.time() + 20
-        while guarded.backend.waiting() < 2 and time.time() < deadline:
+        while guarded.decode_loop.waiting() < 2 and time.time() < deadline:
             time.sleep(0.02)
         r = guarded.post("/v1/completions", body, headers=guarded.auth)
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
     finally:
-        guarded.backend.resume()
+        guarded.decode_loop.resume()
     for t in threads:
         t.join(30)
     assert [out[i].status_code for i in range(2)] == [200, 200]
@@ -492,7 +494,7 @@ def test_disconnect_mid_stream_frees_the_decoder(guarded, models):
             assert ticket.cancelled.wait(20)
 
     guarded.hooks.append(hold)
-    before = dict(guarded.backend.counts)
+    before = dict(guarded.decode_loop.counts)
     try:
         with httpx.Client(trust_env=False, timeout=30) as c:
             with c.stream("POST", guarded.url + "/v1/completions", json=body,
@@ -501,12 +503,12 @@ def test_disconnect_mid_stream_frees_the_decoder(guarded, models):
                 first = next(r.iter_lines())
                 assert first.startswith("data: ")
         deadline = time.time() + 20
-        while guarded.backend.counts["cancelled"] == before["cancelled"] and \
+        while guarded.decode_loop.counts["cancelled"] == before["cancelled"] and \
                 time.time() < deadline:
             time.sleep(0.02)
     finally:
         guarded.hooks.remove(hold)
-    assert guarded.backend.counts["cancelled"] == before["cancelled"] + 1
+    assert guarded.decode_loop.counts["cancelled"] == before["cancelled"] + 1
     assert len(pieces) == 1  # stopped at the first burst, not decoded to the end
     r = guarded.post("/v1/completions", {**body, "stream": False}, headers=guarded.auth)
     assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == full.tokens[0]
@@ -547,28 +549,28 @@ def test_two_streams_run_in_one_batch(guarded, models):
                 last = c.choices[0]
         got[name] = (text, last.token_ids, last.finish_reason, times)
 
-    backend = guarded.backend
-    before = dict(backend.counts)
+    decode_loop = guarded.decode_loop
+    before = dict(decode_loop.counts)
     guarded.hooks.append(hold)
-    backend.pause()
+    decode_loop.pause()
     threads = [threading.Thread(target=call, args=a) for a in (("long", p_long, 40),
                                                                 ("short", p_short, 3))]
     try:
         for t in threads:
             t.start()
         deadline = time.time() + 20
-        while backend.waiting() < 2 and time.time() < deadline:
+        while decode_loop.waiting() < 2 and time.time() < deadline:
             time.sleep(0.02)
-        assert backend.waiting() == 2
-        backend.resume()
+        assert decode_loop.waiting() == 2
+        decode_loop.resume()
         for t in threads:
             t.join(60)
     finally:
-        backend.resume()
+        decode_loop.resume()
         guarded.hooks.remove(hold)
     assert seen["waited"] is True  # the short stream's text came while the long one decoded
     assert got["short"][3][0] < got["long"][3][-1]
-    assert backend.counts["batches"] - before["batches"] == 1  # admitted together
+    assert decode_loop.counts["batches"] - before["batches"] == 1  # admitted together
     assert got["long"][:3] == (want_long.text[0], want_long.tokens[0], want_long.finish_reason[0])
     short = guarded.dec.generate(p_short, rule=af.Greedy(), max_new_tokens=3,
                                  stop=list(guarded.stop_ids))
@@ -584,7 +586,7 @@ def test_lone_request_runs_in_one_row_and_a_full_batch_takes_over(guarded, model
     want_long = guarded.dec.generate(p_long, rule=af.Greedy(), max_new_tokens=40,
                                      stop=list(guarded.stop_ids))
     assert len(want_long.tokens[0]) >= 6
-    backend, client = guarded.backend, guarded.client("sekret")
+    decode_loop, client = guarded.decode_loop, guarded.client("sekret")
     seen = {"schedulers": []}
 
     def hold(ticket):  # the long stream: after its first burst, wait for the second request
@@ -592,9 +594,9 @@ def test_lone_request_runs_in_one_row_and_a_full_batch_takes_over(guarded, model
             if not seen.get("second"):
                 seen["second"] = True
                 deadline = time.time() + 10
-                while backend.waiting() < 1 and time.time() < deadline:
+                while decode_loop.waiting() < 1 and time.time() < deadline:
                     time.sleep(0.005)
-            seen["schedulers"].append(backend.stats()["schedulers"])
+            seen["schedulers"].append(decode_loop.stats()["schedulers"])
             time.sleep(0.02)  # so the short request's answer clearly comes first
 
     order, got = [], {}
@@ -640,9 +642,9 @@ def test_lone_request_runs_in_one_row_and_a_full_batch_takes_over(guarded, model
 
 @needs_serve
 def test_closed_backend_answers_503(guarded, models):
-    backend = Backend(guarded.dec, max_batch_size=2, max_queue=2)
-    backend.close()
-    srv = Served(server.create_app(guarded.dec, backend=backend))
+    decode_loop = DecodeLoop(guarded.dec, max_batch_size=2, max_queue=2)
+    decode_loop.close()
+    srv = Served(server.create_app(guarded.dec, decode_loop=decode_loop))
     try:
         r = srv.post("/v1/completions", {"model": "aad-fast", "prompt": models[4][0], "max_tokens": 2,
                                          "rule": "greedy"})
@@ -661,15 +663,15 @@ def test_disconnect_frees_its_row_while_the_batch_goes_on(guarded, models):
     want = guarded.dec.generate(p_kept, rule=af.Greedy(), max_new_tokens=30,
                                 stop=list(guarded.stop_ids))
     assert len(want.tokens[0]) >= 4
-    backend = guarded.backend
+    decode_loop = guarded.decode_loop
     rows = []
 
     def hold(ticket):
         if ticket.request.text == p_gone:
-            rows.append(backend.stats()["rows_in_use"]["greedy-a"])
+            rows.append(decode_loop.stats()["rows_in_use"]["greedy-a"])
             assert ticket.cancelled.wait(20)
 
-    before = dict(backend.counts)
+    before = dict(decode_loop.counts)
     out = {}
 
     def kept():
@@ -678,7 +680,7 @@ def test_disconnect_frees_its_row_while_the_batch_goes_on(guarded, models):
                                    headers=guarded.auth)
 
     guarded.hooks.append(hold)
-    backend.pause()
+    decode_loop.pause()
     t = threading.Thread(target=kept)
     try:
         t.start()
@@ -687,20 +689,20 @@ def test_disconnect_frees_its_row_while_the_batch_goes_on(guarded, models):
                           json={"model": "m", "prompt": p_gone, "max_tokens": 40,
                                 "rule": "greedy", "stream": True}) as r:
                 deadline = time.time() + 20
-                while backend.waiting() < 2 and time.time() < deadline:
+                while decode_loop.waiting() < 2 and time.time() < deadline:
                     time.sleep(0.02)
-                backend.resume()
+                decode_loop.resume()
                 assert r.status_code == 200 and next(r.iter_lines()).startswith("data: ")
         t.join(30)
     finally:
-        backend.resume()
+        decode_loop.resume()
         guarded.hooks.remove(hold)
     assert rows == [2]  # both in the batch when the stream's client left
-    assert backend.counts["cancelled"] == before["cancelled"] + 1
-    assert backend.counts["batches"] - before["batches"] == 1
+    assert decode_loop.counts["cancelled"] == before["cancelled"] + 1
+    assert decode_loop.counts["batches"] - before["batches"] == 1
     assert out["kept"].status_code == 200
     assert out["kept"].json()["choices"][0]["token_ids"] == want.tokens[0]
-    assert backend.stats()["rows_in_use"]["greedy-a"] == 0
+    assert decode_loop.stats()["rows_in_use"]["greedy-a"] == 0
 
 
 @needs_serve
@@ -711,18 +713,18 @@ def test_a_failing_request_does_not_fail_the_others(guarded, models, monkeypatch
     real = guarded.dec.generate
     p = models[4][7]
     boom = guarded.dec.request("BOOM " + p, rule=af.Greedy()).ids_a
-    burst = Scheduler.step_burst
+    burst = Scheduler.burst
 
-    def flaky(sched):
-        ran = burst(sched)
+    def flaky(sched, on_admit=None):
+        ran = burst(sched, on_admit)
         if any(res.request.ids_a == boom for res in sched.live.values()):
             raise RuntimeError("injected failure")
         return ran
 
-    monkeypatch.setattr(Scheduler, "step_burst", flaky)
-    before = dict(guarded.backend.counts)
+    monkeypatch.setattr(Scheduler, "burst", flaky)
+    before = dict(guarded.decode_loop.counts)
     out = {}
-    guarded.backend.pause()
+    guarded.decode_loop.pause()
     try:
         ts = [threading.Thread(target=lambda i=i, q=q: out.__setitem__(i, guarded.post(
             "/v1/completions", {"model": "m", "prompt": q, "max_tokens": 5, "rule": "greedy"},
@@ -730,10 +732,10 @@ def test_a_failing_request_does_not_fail_the_others(guarded, models, monkeypatch
         for t in ts:
             t.start()
         deadline = time.time() + 20
-        while guarded.backend.waiting() < 2 and time.time() < deadline:
+        while guarded.decode_loop.waiting() < 2 and time.time() < deadline:
             time.sleep(0.02)
     finally:
-        guarded.backend.resume()
+        guarded.decode_loop.resume()
     for t in ts:
         t.join(30)
     assert out[1].status_code == 500
@@ -741,7 +743,7 @@ def test_a_failing_request_does_not_fail_the_others(guarded, models, monkeypatch
     assert "injected failure" in out[1].json()["error"]["message"]
     want = real(p, rule=af.Greedy(), max_new_tokens=5, stop=list(guarded.stop_ids)).tokens[0]
     assert out[0].status_code == 200 and out[0].json()["choices"][0]["token_ids"] == want
-    assert guarded.backend.counts["retried"] == before["retried"] + 2  # both, each alone
+    assert guarded.decode_loop.counts["retried"] == before["retried"] + 2  # both, each alone
 
 
 # ------------------------------------------------------------------ issue 23: reliability
@@ -831,19 +833,19 @@ def test_slow_request_parsing_does_not_stall_other_clients(served, models, monke
 @needs_serve
 def test_a_non_streamed_client_that_goes_away_frees_its_request(guarded, models):
     body = {"model": "m", "prompt": models[4][0], "max_tokens": 40, "rule": "greedy"}
-    backend = guarded.backend
-    before = dict(backend.counts)
-    backend.pause()
+    decode_loop = guarded.decode_loop
+    before = dict(decode_loop.counts)
+    decode_loop.pause()
     try:
         with pytest.raises(httpx.ReadTimeout):
             with httpx.Client(trust_env=False, timeout=1.0) as c:
                 c.post(guarded.url + "/v1/completions", json=body, headers=guarded.auth)
         time.sleep(1.0)  # the server notices the closed connection
     finally:
-        backend.resume()
+        decode_loop.resume()
     deadline = time.time() + 20
-    while backend.counts["cancelled"] == before["cancelled"] and time.time() < deadline:
+    while decode_loop.counts["cancelled"] == before["cancelled"] and time.time() < deadline:
         time.sleep(0.05)
-    assert backend.counts["cancelled"] == before["cancelled"] + 1
-    assert backend.counts["done"] == before["done"]  # it was not decoded for nobody
-    assert backend.waiting() == 0
+    assert decode_loop.counts["cancelled"] == before["cancelled"] + 1
+    assert decode_loop.counts["done"] == before["done"]  # it was not decoded for nobody
+    assert decode_loop.waiting() == 0

@@ -6,6 +6,7 @@ the runners equals their one-token steps; the step is capture-safe; bad input is
 naming the argument."""
 import copy
 import random
+import threading
 
 import pytest
 import torch
@@ -279,3 +280,62 @@ def test_the_verify_step_is_capture_safe(models, monkeypatch, backend, kind, rul
     dec.generate(input_ids=PROMPTS, rule=rule, max_new_tokens=4)
     assert len(checks) == 1
     checks[0].assert_safe(f"verify_one of {rule} on the {kind} pair ({backend} backend)")
+
+
+def test_cli_draft_and_speculate_flags_reach_the_decoder(model_dirs, capsys):
+    from aad_fast.cli import main
+    base = ["generate", "--aligned", str(model_dirs / "dpo"), "--reference",
+            str(model_dirs / "sft"), "--prompt", "hi", "--max-new-tokens", "3"]
+    assert main(base + ["--speculate", "2"]) == 2
+    assert "speculate=2 needs a draft" in capsys.readouterr().err
+    assert main(base + ["--draft", "ngram", "--speculate", "9"]) == 2
+    assert "speculate must be an int in [0, 8]" in capsys.readouterr().err
+
+
+def test_the_servers_decode_loop_speculates_exactly(models):
+    """``aad-fast serve --draft/--speculate``: the server's loop runs the Decoder's speculative
+    schedulers; requests of mixed lengths and values arriving together (a scheduler of 2 rows,
+    refilled) get the tokens of the plain decode of each prompt alone."""
+    from aad_fast.serve.loop import DecodeLoop, DecodeRequest
+    from aad_fast.toy.tokenizer import build_tokenizer
+    tok = build_tokenizer()  # the loop sends text: any tokenizer covering the 61 ids
+    plain = _decoder(models, "two", tokenizer=tok)
+    dec = _decoder(models, "two", tokenizer=tok, draft=spec.FixedDraft(_wrong), speculate=3)
+    loop = DecodeLoop(dec, max_batch_size=2, max_queue=16)
+    jobs = [(p, AAD(a), m) for p, a, m in zip(PROMPTS * 2, (0.1, 0.3) * 4, (3, 9, 14, 5, 1, 7))]
+    got = {}
+    done = threading.Event()
+
+    def sink(i):
+        def put(event):
+            got[i] = event
+            if len(got) == len(jobs):
+                done.set()
+        return put
+    loop.pause()  # all arrive together
+    for i, (p, rule, m) in enumerate(jobs):
+        loop.submit(DecodeRequest(rule=rule, max_new_tokens=m, ids=p, stop=(EOS,)), sink(i))
+    loop.resume()
+    try:
+        assert done.wait(120)
+    finally:
+        loop.close()
+    for i, (p, rule, m) in enumerate(jobs):
+        want = plain.generate(input_ids=[p], rule=rule, max_new_tokens=m, stop=[EOS])
+        assert got[i][0] == "done", got[i]
+        assert got[i][1].tokens == want.tokens[0] and got[i][1].finish_reason == \
+            want.finish_reason[0], i
+
+
+def test_serve_draft_and_speculate_flags_reach_the_decoder(model_dirs):
+    from aad_fast.cli import build_parser
+    from aad_fast.cli import serve as serve_cli
+    base = ["serve", "--aligned", str(model_dirs / "dpo"), "--reference", str(model_dirs / "sft"),
+            "--max-seq-len", "64", "--device", "cpu"]
+    with pytest.raises(ValueError, match="speculate=2 needs a draft"):
+        serve_cli.load(build_parser().parse_args(base + ["--speculate", "2"]))
+    draft = spec.FixedDraft(_wrong)
+    a = build_parser().parse_args(base + ["--speculate", "3"])
+    a.draft = draft  # a Draft object as --draft would resolve to one
+    dec, _, _, _ = serve_cli.load(a)
+    assert dec.speculate == 3 and dec.draft is draft

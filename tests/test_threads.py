@@ -87,12 +87,12 @@ def test_a_stream_decodes_with_its_count_and_the_caller_runs_with_its_own(monkey
     process = torch.get_num_threads()
     mine = 1 if process > 1 else 2
     seen = []
-    burst = Scheduler.step_burst
+    burst = Scheduler.burst
 
-    def spy(self):
+    def spy(self, on_admit=None):
         seen.append(torch.get_num_threads())
-        return burst(self)
-    monkeypatch.setattr(Scheduler, "step_burst", spy)
+        return burst(self, on_admit)
+    monkeypatch.setattr(Scheduler, "burst", spy)
     with Decoder(dpo, tokenizer=tok, max_batch_size=1, max_seq_len=96, check_every=2,
                  threads=mine) as dec:
         pieces, between = [], []

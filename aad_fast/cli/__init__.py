@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from ..jobs.prompt_files import check_resume, prompts_identity, read_prompts_file
 from . import serve
-from .flags import (RULE_FLAGS, RULES, SAMPLING_FLAGS, add_rule_arguments, add_stop_arguments,
-                    check_rule_flags, check_stop_ids, rule_from_args)
+from .flags import (RULE_FLAGS, RULES, SAMPLING_FLAGS, add_rule_arguments,  # noqa: F401
+                    add_speculate_arguments, add_stop_arguments, check_rule_flags, check_stop_ids,
+                    rule_from_args)
 
 def _read_prompts(a) -> list:
     if a.prompt is not None:
@@ -107,7 +108,8 @@ def generate_decoder(a, job: GenerateJob, path=lambda x: x) -> dict:
     return {"aligned": path(a.aligned), "reference": path(a.reference),
             "tokenizer": path(getattr(a, "tokenizer", None)), "dtype": a.dtype,
             "device": a.device, "max_seq_len": a.max_seq_len,
-            "max_batch_size": a.batch_size * job.per_prompt}
+            "max_batch_size": a.batch_size * job.per_prompt,
+            "draft": getattr(a, "draft", None), "speculate": getattr(a, "speculate", 0)}
 
 
 def generate_record(a, row: dict, completion, tokens, finish_reason) -> dict:
@@ -198,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "position limit where smaller)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_speculate_arguments(g)
     add_rule_arguments(g)
     from .ray import add_ray_arguments, dispatch
     add_ray_arguments(g)

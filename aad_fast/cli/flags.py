@@ -93,3 +93,14 @@ def rule_from_args(a):
     check_rule_flags(a)
     fields = RULE_TABLE[a.rule].fields
     return make_rule(a.rule, {f: getattr(a, f) for f in fields if getattr(a, f) is not None})
+
+
+def add_speculate_arguments(p) -> None:
+    """``--draft`` and ``--speculate`` (``generate`` and ``serve``): exact speculative decoding,
+    handed to the ``Decoder`` (which refuses a bad pair of them, naming the argument)."""
+    p.add_argument("--draft", default=None,
+                   help="speculative decoding's draft: 'ngram' (prompt lookup), 'default' (the "
+                        "embedded pair's draft) or a draft model's local path (same tokenizer); "
+                        "the tokens are the rule's own (docs/speculative.md). Needs --speculate")
+    p.add_argument("--speculate", type=int, default=0,
+                   help="drafted tokens per verify step, 1..8 (default 0: off); needs --draft")

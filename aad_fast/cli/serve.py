@@ -12,7 +12,7 @@ from ..serve.openai_api import Limits
 from ..toy.assets import default_pair_dir
 from ..toy.default import default_pair
 from ..toy.tokenizer import stop_ids
-from .flags import add_stop_arguments, check_stop_ids
+from .flags import add_speculate_arguments, add_stop_arguments, check_stop_ids
 
 
 def add_arguments(p) -> None:
@@ -50,6 +50,7 @@ def add_arguments(p) -> None:
                    help="the default rule's alpha (aad, contrastive, beam-aad; default 0.1)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_speculate_arguments(p)
 
 
 def load(a):
@@ -60,7 +61,7 @@ def load(a):
     if a.aligned:
         dec = Decoder(a.aligned, a.reference, dtype=dtype, device=a.device,
                       tokenizer=a.tokenizer, max_batch_size=a.max_batch_size,
-                      max_seq_len=a.max_seq_len)
+                      max_seq_len=a.max_seq_len, draft=a.draft, speculate=a.speculate)
         name = os.path.basename(os.path.normpath(a.aligned))
         return dec, list(a.stop or []), a.picker, a.served_model_name or name
     aligned, reference, tok, trained = default_pair()
@@ -68,7 +69,8 @@ def load(a):
         print("note: the trained default pair is not in this install; serving a random-weight "
               "stand-in (text will be gibberish)", file=sys.stderr)
     dec = Decoder(aligned, reference, tokenizer=tok, max_batch_size=a.max_batch_size,
-                  max_seq_len=128 if a.max_seq_len is None else a.max_seq_len)
+                  max_seq_len=128 if a.max_seq_len is None else a.max_seq_len,
+                  draft=a.draft, speculate=a.speculate)
     picker = a.picker or (str(default_pair_dir() / "picker") if trained else None)
     return dec, stop_ids(tok) + list(a.stop or []), picker, a.served_model_name or "aad-default"
 

@@ -1,7 +1,6 @@
 """The decode driver: the one place where decodes are driven through a
-``scheduler.Scheduler`` (schedule: admit waiting requests into free rows; execute: a burst of
-steps; update: the host check, finished rows retired), and what every caller of a scheduler
-shares (``Decoder``'s calls and the server's loop, ``serve/loop.py``): how many rows a batch
+``scheduler.Scheduler`` (``Scheduler.burst``: schedule, execute, update), and what every
+caller of a scheduler shares (``Decoder``'s calls and the server's loop, ``serve/loop.py``): how many rows a batch
 takes (``bucket``) and what a stream is sent after each burst (``text_delta``).
 
 ``Driver`` is the part of ``Decoder`` (``decoder.py``, which subclasses it and adds loading,
@@ -13,8 +12,6 @@ slots) and ``_best_of_n`` (samples through ``_decode``, then the picker).
 """
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -31,7 +28,7 @@ from ..rules import BeamAAD, BestOfN, Rule
 from .prompt_rows import MAX_STOP_IDS, Rows
 from .scheduler import Request, Scheduler, new_state
 from .selectors import make_selector, rule_kind
-from .speculate import Speculator, resolve_draft
+from .speculate import SpecExecutor, Speculator, resolve_draft
 
 
 def bucket(rows: int, cap: int) -> int:
@@ -73,93 +70,14 @@ class Driver:
     """Decode buffers and the drive loops of a ``Decoder`` (the module docstring). The
     subclass sets ``kind, model_a, model_r, base, lora, tokenizer, device, vocab, backend,
     check_every, use_graphs, compile, cpu_linear, forward, max_batch_size, max_seq_len`` and
-    then calls ``_init_hold`` and ``_init_buffers``; ``threads`` (the intra-op threads of its
+    then calls ``_init_buffers``; ``threads`` (the intra-op threads of its
     calls, ``None``: the process's) is read while a call holds it (``_locked``)."""
 
     MAX_ENTRIES = 16  # entries kept (batch bucket, rule kind; a step per read length), LRU
 
-    def _init_hold(self) -> None:
-        """A decode reuses this Decoder's static buffers (caches, state, captured graphs), so
-        calls must not overlap: each holds the Decoder for a whole generate()/stream().
-        Decoders never share buffers or layers (each runs its own view of the models), so
-        they don't. The hold is not owned by a thread: a stream suspended at a yield may be
-        resumed, closed or garbage-collected in any thread, and that releases it (an RLock
-        across the yields could only be released by the thread that took it)."""
-        self._free = threading.Condition(threading.Lock())
-        self._depth = 0         # nested holds (0: free)
-        self._running = None    # the thread running inside the hold; None while a stream waits
-        self._home = None       # a waiting stream's thread, while it has run in that one only
-        self._owner = None  # the thread inside _run (re-entry from it is refused)
-
-    def _acquire(self) -> None:
-        """Hold this Decoder: wait while another call holds it; re-entry from the thread
-        running inside the hold nests. A stream left open at a yield in this very thread (and
-        only ever run in it) would never be resumed while this thread waits: refused."""
-        me = threading.get_ident()
-        with self._free:
-            while self._depth and self._running != me:
-                if self._running is None and self._home == me:
-                    raise RuntimeError("this Decoder is already decoding in this thread (a "
-                                       "stream() that is still open?); exhaust or close() the "
-                                       "stream first")
-                self._free.wait()
-            self._depth += 1
-            self._running = me
-
-    def _release(self) -> None:
-        """Let go of one hold; from any thread (a stream may end in another than began it)."""
-        with self._free:
-            self._depth -= 1
-            if not self._depth:
-                self._running = self._home = None
-                self._free.notify_all()
-
-    @contextlib.contextmanager
-    def _locked(self):
-        """Hold this Decoder (other threads' calls wait for it), with ``self.threads`` intra-op
-        threads while it is held (the process's count put back after)."""
-        self._acquire()
-        try:
-            before = torch.get_num_threads()
-            change = self.threads is not None and self.threads != before
-            if change:
-                torch.set_num_threads(self.threads)
-            self._caller_threads = before if change else None
-            try:
-                yield
-            finally:
-                self._caller_threads = None
-                if change:
-                    torch.set_num_threads(before)
-        finally:
-            self._release()
-
-    @contextlib.contextmanager
-    def _caller_turn(self):
-        """Around a ``stream`` yield: the hold stays the stream's, but no thread runs inside it
-        (the stream may be resumed from any thread, which then runs inside it); the caller's
-        code between two pieces runs with its own intra-op thread count, the Decoder's is set
-        again when the stream resumes."""
-        me = threading.get_ident()
-        with self._free:
-            self._home = me if self._home in (None, me) and self._running == me else -1
-            self._running = None
-        before = getattr(self, "_caller_threads", None)
-        if before is not None:
-            torch.set_num_threads(before)
-        try:
-            yield
-        finally:
-            with self._free:
-                self._running = threading.get_ident()
-                if self._home != self._running:
-                    self._home = -1  # resumed elsewhere: driven by several threads (a pool)
-            if before is not None:
-                torch.set_num_threads(self.threads)
-
     def _init_buffers(self) -> None:
         """The KV pools (allocated on first use), the kept runners and entries."""
-        self._slots: dict = {}
+        self._runner_sets: dict = {}
         # every runner of this Decoder works on views of these (one decode at a time: below)
         self._pools = self._make_pools(self.max_batch_size)
         check_fits(self.kv_cache_bytes, self.device, self.max_batch_size, self.max_seq_len)
@@ -196,8 +114,8 @@ class Driver:
                                       graphs=True, compiled=False)
         sched = Scheduler(pair, sel, st, rule, check_every=self.check_every, prepare=prepare)
         if k:  # a draft of its own (its rows are this scheduler's), unless given as an object
-            sched.spec = Speculator(resolve_draft(self._draft_spec, self), k, pair, sel, st,
-                                    self.vocab)
+            sched.executor = SpecExecutor(sched.executor, Speculator(
+                resolve_draft(self._draft_spec, self), k, pair, sel, st, self.vocab))
         return sched
 
     def _bucket(self, b: int) -> int:
@@ -228,21 +146,21 @@ class Driver:
         """Runners for ``n`` rows, their caches views of the Decoder's KV pools (so keeping
         several costs no KV memory: one decode runs at a time, and each prefill/admission
         rewrites what its rows read). Static runners (CUDA graphs, a compiled step) are kept:
-        the graphs or the compiled code hold their buffers; they have ``max_seq_len`` slots
+        the graphs or the compiled code hold their buffers; they have ``max_seq_len`` cache slots
         (at most ``MAX_STATIC`` kept), and their steps read only a rung of the read ladder
         (``engine.LengthSteps``). Eager runners are sized to this call's need, so attention
         never reads unused slots."""
         static = self.use_graphs if static is None else static
         L = self.max_seq_len if static else needed
         key = (n, streams, L, static)
-        for old in [k for k in self._slots if not k[3] and k != key]:
+        for old in [k for k in self._runner_sets if not k[3] and k != key]:
             self._drop(old)
-        if key not in self._slots:
-            kept = [k for k in self._slots if k[3]]
+        if key not in self._runner_sets:
+            kept = [k for k in self._runner_sets if k[3]]
             if static and len(kept) >= MAX_STATIC:
                 self._drop(kept[0])
-            self._slots[key] = self._new_pair(n, streams, L)
-        return self._slots[key]
+            self._runner_sets[key] = self._new_pair(n, streams, L)
+        return self._runner_sets[key]
 
     def _new_pair(self, n: int, streams: str, L: int, pools: dict | None = None):
         """Runners of ``n`` rows and ``L`` cache slots for ``streams`` on this Decoder's pair,
@@ -263,7 +181,7 @@ class Driver:
                           fwd)
 
     def _drop(self, key) -> None:
-        pair = self._slots.pop(key)
+        pair = self._runner_sets.pop(key)
         for k in [k for k in self._entries if k[0] == id(pair)]:
             del self._entries[k]
 
@@ -340,8 +258,7 @@ class Driver:
         sync = sched.sync
         t0, t1 = _first_admission(sched)
         with torch.inference_mode():
-            while sched.step_burst():
-                pass
+            sched.run_until_idle()
             sync()
         decode_s = time.perf_counter() - t1
         tokens = [h.tokens for h in handles]
@@ -398,9 +315,7 @@ class Driver:
         stream_rows = {"ar": (rows.a, rows.r), "a": (rows.a, rows.a), "r": (rows.r, rows.r)}
         ra, rr = stream_rows[streams]
         sched = Scheduler(pair, sel, st, rule, check_every=self.check_every)
-        draft, k = getattr(self, "draft", None), getattr(self, "speculate", 0)
-        if k:  # verify steps of drafted tokens (eager), in place of the one-token step
-            sched.spec = Speculator(draft, k, pair, sel, st, self.vocab)
+        k = self._speculating(sched)
         handles = [sched.submit(Request(ids_a=ra[i], ids_r=rr[i], max_new_tokens=max_new,
                                         stop_ids=tuple(stop_ids), tag=i,
                                         seed=None if seeds is None else seeds[i]))
@@ -419,7 +334,7 @@ class Driver:
             sync()
             t2 = time.perf_counter()
             built_s = lsteps.build_s if lsteps is not None else 0.0
-            while sched.step_burst():
+            while sched.burst() is not None:
                 if partial and sched.busy:
                     yield self._text([sched.partial(handles[0])])[0]
             sync()
@@ -431,8 +346,9 @@ class Driver:
                          finish_reason=[h.finish_reason for h in handles])
         out.stats = self._decode_stats(sched, out, pair, sel, st, lsteps, streams, n,
                                        (t0, t1, t2, t3, late_s))
-        if sched.spec is not None:
-            out.stats.update(_spec_stats(sched.spec, handles, out.stats, t3 - t2, min(b, n)))
+        if k:
+            out.stats.update(_spec_stats(sched.executor.spec, handles, out.stats, t3 - t2,
+                                         min(b, n)))
         compile_s = None
         if lsteps is not None and lsteps.compiles > compiles:
             compile_s = lsteps.compile_s  # compiled in this call (for compile="auto")
@@ -440,6 +356,16 @@ class Driver:
             tuning.observe_step(ckey, out.stats["compiled"], out.stats["ms_per_token"],
                                 compile_s)  # for compile="auto"
         yield out
+
+    def _speculating(self, sched: Scheduler) -> int:
+        """Give ``sched`` a ``speculate.SpecExecutor`` with this Decoder's draft when it
+        speculates (verify steps of drafted tokens, eager, in place of the one-token step);
+        returns ``k`` (0: no speculation)."""
+        k = getattr(self, "speculate", 0)
+        if k:
+            sched.executor = SpecExecutor(sched.executor, Speculator(
+                self.draft, k, sched.pair, sched.sel, sched.st, self.vocab))
+        return k
 
     def _length_steps(self, ent: dict, pair, max_new: int, compiled: bool):
         """The entry's ``engine.LengthSteps`` for graphs and/or a compiled step (made on first
@@ -468,7 +394,7 @@ class Driver:
         # admissions after the first are part of the decode time (they are what refill costs)
         decode_s = t3 - t2 - late_s
         reads = pair.runners[0].reads
-        ran = [lsteps.kinds[n] for n in reads if n in lsteps.kinds] \
+        ran = [lsteps.modes[n] for n in reads if n in lsteps.modes] \
             if lsteps is not None and not lsteps.failed else []
         return {
             "prefill_ms": (t1 - t0) * 1e3,

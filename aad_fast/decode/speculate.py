@@ -224,8 +224,8 @@ def verify_one(pair, selector, st: DecodeState, buf: dict, width: int):
 class Speculator:
     """The host side of speculative decoding for one scheduler's rows: the draft (``Draft``),
     ``k`` (drafted ids per row and step, at most), the device buffers of the drafted ids and
-    per-request counts (``stats``: a ``scheduler.Result`` -> ``[drafted, accepted, emitted,
-    verify steps]``; ``emitted`` counts the first token, chosen at admission, and a stop id).
+    per-request counts (``stats``: ``id`` of a ``scheduler.Request`` -> ``(request,
+    [drafted, accepted, emitted, verify steps])``; ``emitted`` counts the first token, chosen at admission, and a stop id).
     ``vocab``: drafted ids must lie in ``[0, vocab)``."""
 
     def __init__(self, draft, k: int, pair, selector, st: DecodeState, vocab: int):
@@ -237,17 +237,17 @@ class Speculator:
         self.stats: dict = {}
         self.ended: set = set()  # rows whose request ended (not yet retired)
 
-    def admitted(self, members) -> None:
-        """Rows just admitted (``[(row, Result)]``): the draft starts each with its prompt and
-        takes its first token (one read, beside the admission's own syncs)."""
-        rows = [row for row, _ in members]
+    def admitted(self, rows, requests) -> None:
+        """Rows just admitted (host ints) with their ``scheduler.Request``s: the draft starts
+        each with its prompt and takes its first token (one read, beside the admission's own
+        syncs)."""
         idx = torch.tensor(rows, dtype=torch.int64, device=self.st.out.device)
         first, done = torch.stack([self.st.out[:, 0].index_select(0, idx),
                                    self.st.done.index_select(0, idx).long()]).tolist()
-        for (row, res), y, end in zip(members, first, done):
-            self.draft.start(row, list(res.request.ids_a))
+        for row, req, y, end in zip(rows, requests, first, done):
+            self.draft.start(row, list(req.ids_a))
             self.draft.accept(row, [y])
-            self.stats[res] = [0, 0, 1, 0]
+            self.stats[id(req)] = (req, [0, 0, 1, 0])
             self.ended.discard(row)
             if end:
                 self.ended.add(row)
@@ -293,7 +293,7 @@ class Speculator:
             if e:
                 self.draft.accept(row, got[row][4:4 + e])
                 res.steps += e
-            s = self.stats[res]
+            s = self.stats[id(res.request)][1]
             s[0], s[1], s[2] = s[0] + nd[row], s[1] + min(r, e), s[2] + e
             s[3] += row in rows
             if done or bad:
@@ -306,12 +306,48 @@ class Speculator:
         ``accepted`` (drafted ids the rule chose), ``emitted`` (tokens, the first and a stop id
         included), ``verify_steps``; ``mean_accepted``: accepted drafted ids per verify step
         of a row."""
-        rows = [self.stats.get(res, [0, 0, 0, 0]) for res in results]
+        rows = [self.stats.get(id(res.request), (None, [0, 0, 0, 0]))[1] for res in results]
         steps = sum(r[3] for r in rows)
         return {"speculate": self.k, "drafted": [r[0] for r in rows],
                 "accepted": [r[1] for r in rows], "emitted": [r[2] for r in rows],
                 "verify_steps": [r[3] for r in rows],
                 "mean_accepted": sum(r[1] for r in rows) / steps if steps else 0.0}
+
+
+class SpecExecutor:
+    """A ``scheduler.Scheduler``'s executor for speculative decoding: ``rows`` (an
+    ``executors.RowExecutor``) admits, checks and reads the rows; ``spec`` (``Speculator``)
+    runs verify steps in place of one-token steps (``run`` returns how many ran: it stops
+    after the step in which a row ended, so it is retired and refilled at once) and hears of
+    admissions and of rows retired or cancelled (the draft's ``start``/``free``)."""
+
+    def __init__(self, rows, spec: Speculator):
+        self.rows, self.spec = rows, spec
+        self.width, self.kind, self.kind_of = rows.width, rows.kind, rows.kind_of
+        self.max_new, self.max_stop = rows.max_new, rows.max_stop
+
+    def admit(self, slots, requests, rules, prompts, stop, lim) -> None:
+        self.rows.admit(slots, requests, rules, prompts, stop, lim)
+        self.spec.admitted(list(slots), requests)
+
+    def run(self, n: int, live: dict, step=None) -> int:
+        for i in range(n):
+            if self.spec.step(live):
+                return i + 1
+        return n
+
+    def finished(self, live: dict) -> dict:
+        ended = self.rows.finished(live)
+        for slot in ended:
+            self.spec.free(slot)
+        return ended
+
+    def stop(self, slot: int) -> None:
+        self.rows.stop(slot)
+        self.spec.free(slot)
+
+    def partial(self, res) -> list:
+        return self.rows.partial(res)
 
 
 def _draft_id(v, vocab: int) -> int:

@@ -359,7 +359,7 @@ class LengthSteps:
     counts the step on the host (``ReadBound.step``, ``Runner.count_read``): the bookkeeping a
     replayed graph or compiled step does not run. A row that grows past ``L`` moves the batch
     to the next rung at its next step. ``build_s``: seconds spent building so far (captures,
-    compiles); ``compile_s``: the last compile's, ``compiles``: how many; ``kinds``: per built
+    compiles); ``compile_s``: the last compile's, ``compiles``: how many; ``modes``: per built
     length, whether it is a captured graph and whether it is compiled. A build that fails
     (``try_capture``/``try_compile`` warn once) leaves this object on the plain eager step for
     good (``default_step``, which bounds its own reads)."""
@@ -370,7 +370,7 @@ class LengthSteps:
         self.ladder = tuple(ladder)
         self.graphs, self.compiled = graphs, compiled
         self.steps: dict = {}
-        self.kinds: dict = {}
+        self.modes: dict = {}
         self.build_s, self.compile_s, self.compiles = 0.0, None, 0
         self.failed = False
         # the lengths' graphs share one memory pool: one step's temporaries, not one per rung
@@ -406,7 +406,7 @@ class LengthSteps:
         self.build_s += time.perf_counter() - t0
         step = graph or inner
         self.steps[n] = step
-        self.kinds[n] = (graph is not None, inner is not None)
+        self.modes[n] = (graph is not None, inner is not None)
         self.failed = self.failed or step is None
         return step
 

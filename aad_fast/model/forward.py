@@ -66,7 +66,7 @@ class FastDecoder:
         self.head_dim = getattr(first, "head_dim", None) or cfg.hidden_size // self.heads
         self.scaling = getattr(first, "scaling", self.head_dim ** -0.5)
         n = len(self.model.layers)
-        self.kinds = tuple(getattr(cfg, "layer_types", None) or ("full_attention",) * n)
+        self.layer_types = tuple(getattr(cfg, "layer_types", None) or ("full_attention",) * n)
 
     @classmethod
     def of(cls, view) -> "FastDecoder | None":
@@ -105,7 +105,7 @@ class FastDecoder:
                 q, k = _norm(q, at.q_norm), _norm(k, at.k_norm)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             k, v = cache.update(k, v, i)
-            am = mask[self.kinds[i]] if isinstance(mask, dict) else mask  # Runner._masks
+            am = mask[self.layer_types[i]] if isinstance(mask, dict) else mask  # Runner._masks
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=am[..., : k.shape[2]],
                                                scale=self.scaling, enable_gqa=nkv != nh)
             # [N, heads, 1, D]: one token per row

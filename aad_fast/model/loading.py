@@ -6,12 +6,15 @@ Nothing here downloads: paths must exist locally (``local_files_only=True`` ever
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
 from pathlib import Path
 
 import torch
+
+from .runner import sliding_unsupported
 
 
 def check_dir(path, arg: str) -> Path:
@@ -295,3 +298,77 @@ def _check_same_config(recorded, config, name_a, name_r):
 
 
 # AAD for Hugging Face's own generate() lives in processor.py; it is part of this interop layer.
+def check_positions(models, max_seq_len: int) -> None:
+    """Refuse ``max_seq_len`` past a learned position table of ``models`` (``None`` entries
+    skipped); warn where sliding-window attention is mixed with layer types that are not
+    masked."""
+    models = [m for m in models if m is not None]
+    for model in models:
+        limit = position_limit(model)
+        if limit is not None and max_seq_len > limit:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds {type(model).__name__}'s "
+                             f"{limit} learned positions (its position table has no row "
+                             f"beyond position {limit - 1}); pass "
+                             f"Decoder(max_seq_len<={limit})")
+    for model in models:
+        window = sliding_unsupported(getattr(model, "config", None), max_seq_len)
+        if window is not None:
+            warnings.warn(f"{type(model).__name__} mixes sliding-window attention ({window} "
+                          f"tokens) with layer types aad_fast does not mask "
+                          f"({sorted(set(model.config.layer_types))}); it attends over the "
+                          f"full cache, so sequences longer than {window} tokens will differ "
+                          f"from the model's own generate(). Pass max_seq_len<={window} to "
+                          f"rule this out.", stacklevel=3)
+
+
+def pair_vocab(base, model_r, tokenizer) -> int:
+    """The ids a decode may choose: the smaller output layer of the pair, cut to the
+    tokenizer's id range (ids beyond it are padding rows: never chosen)."""
+    sizes = [base.get_output_embeddings().weight.shape[0]]
+    if model_r is not None:
+        sizes.append(model_r.get_output_embeddings().weight.shape[0])
+    v = min(sizes)
+    n_tok = _tokenizer_ids(tokenizer) if tokenizer is not None else None
+    if n_tok is not None and n_tok < v:
+        v = n_tok
+    return v
+
+
+def _tokenizer_ids(tokenizer) -> int | None:
+    """The size of ``tokenizer``'s id range: 1 + its largest id (vocabulary and added tokens),
+    at least ``len(tokenizer)``; ids may have gaps, so ``len()`` alone can miss real ones."""
+    n = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    ids = []
+    with contextlib.suppress(Exception):  # a tokenizer-like object without these
+        ids += list(tokenizer.get_vocab().values())
+    with contextlib.suppress(Exception):
+        ids += list(tokenizer.added_tokens_decoder)
+    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+    if ids:
+        n = max(n or 0, 1 + max(ids))
+    return n
+
+
+def position_limit(model) -> int | None:
+    """The number of positions of ``model``'s learned absolute position table (GPT-2's
+    ``wpe``, OPT/BioGPT-style ``embed_positions``, ...), or ``None`` for models without one
+    (rotary, ALiBi): an ``nn.Embedding`` besides the input embeddings whose name says
+    "pos"/``wpe``. Its limit is the config's ``n_positions`` / ``max_position_embeddings``
+    when given (a table may hold offset rows), else the table's rows."""
+    model = getattr(model, "get_base_model", lambda: model)()
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    table = None
+    for name, mod in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if isinstance(mod, torch.nn.Embedding) and mod is not inp and \
+                ("pos" in leaf or leaf == "wpe"):
+            table = mod
+            break
+    if table is None:
+        return None
+    cfg = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        val = getattr(cfg, key, None)
+        if isinstance(val, int) and not isinstance(val, bool) and 0 < val <= table.num_embeddings:
+            return val
+    return table.num_embeddings

@@ -223,7 +223,7 @@ class Runner:
         self.pos = torch.zeros((n_rows, 1), dtype=torch.int64, device=dev)
         self.slot = torch.zeros((n_rows,), dtype=torch.int64, device=dev)
         self.mask = torch.full((n_rows, 1, 1, max_len), self.neg, dtype=self.dtype, device=dev)
-        self.window, self.kinds = sliding_layers(getattr(self.model, "config", None), max_len)
+        self.window, self.layer_types = sliding_layers(getattr(self.model, "config", None), max_len)
         self.smask = None if self.window is None else self.mask.clone()
         # host mirror of the live rows' slots: an eager step attends over the written ones only
         self.bound = ReadBound(n_rows, max_len)
@@ -241,7 +241,7 @@ class Runner:
         """What the model's ``attention_mask`` gets (see the module docstring)."""
         if smask is None:
             return mask
-        if self.kinds is None:
+        if self.layer_types is None:
             return smask
         return {"full_attention": mask, "sliding_attention": smask}
 
@@ -378,7 +378,7 @@ class Runner:
                 self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             self.bound.off()
             return None
-        return self.bound.length(extra)
+        return self.bound.length(extra) if extra else self.bound.length()
 
     def idle(self, rows, period: int | None = None) -> None:
         """Rows ``rows`` (host ints) are idle until refilled (``admit``): their outputs are not

@@ -6,7 +6,7 @@ vLLM's ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``, and ``
 The served pair is listed once per rule (``NAME`` the default rule, ``NAME:RULE`` each rule:
 ``openai_api.ServedModels``), so the ``model`` field alone can choose the rule; the rule and its
 parameters may also ride in the body beside the OpenAI fields (``openai_api``); decoding is done
-by a ``serving.Backend``: one decode thread running a continuous-batching scheduler per rule
+by a ``loop.DecodeLoop``: one decode thread running a continuous-batching scheduler per rule
 kind, so concurrent requests (streamed or not, of any values of a kind) share its rows.
 
 Safety: binds 127.0.0.1 unless told; with an API key every endpoint but ``/health`` wants
@@ -28,7 +28,7 @@ import time
 from .. import rules as R
 from .openai_api import (APIError, Limits, ServedModels, chunk, completion_body, detokenize,
                          new_id, parse_request, tokenize, tokenizer_info, usage)
-from .loop import Backend, QueueFull, Unavailable
+from .loop import DecodeLoop, QueueFull, Unavailable
 
 INSTALL_HINT = "aad-fast serve needs fastapi and uvicorn: pip install 'aad_fast[serve]'"
 
@@ -44,7 +44,7 @@ def _fastapi():
 
 def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | None = None,
                max_queue: int = 64, limits: Limits | None = None, default_stop=(),
-               picker=None, model_name: str = "aad-fast", backend: Backend | None = None,
+               picker=None, model_name: str = "aad-fast", decode_loop: DecodeLoop | None = None,
                rule: str = "aad", rule_defaults: dict | None = None):
     """The FastAPI app serving ``decoder`` (an ``aad_fast.Decoder`` with a tokenizer).
 
@@ -61,7 +61,8 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
             is a 404. Responses carry the name the request gave.
         rule, rule_defaults: the rule of the bare ``model_name`` (and of a request that names
             none) and its values (rule-table fields, e.g. ``{"alpha": 0.2}``) under the body's.
-        backend: a ready ``Backend`` (tests); by default one is built and closed with the app.
+        decode_loop: a ready ``loop.DecodeLoop`` (tests); by default one is built and closed
+            with the app.
     """
     fastapi, responses = _fastapi()
     if decoder.tokenizer is None:
@@ -71,14 +72,14 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
                          "a key, or None for no key")
     served = served_models(decoder, model_name, rule, rule_defaults or {}, picker)
     mbs = decoder.max_batch_size if max_batch_size is None else max_batch_size
-    own = backend is None
-    backend = backend or Backend(decoder, max_batch_size=mbs, max_queue=max_queue)
-    limits = (limits or Limits()).resolve(decoder, backend.max_batch_size)
-    server = _Server(decoder, backend, limits, tuple(decoder.stop_ids(list(default_stop))),
+    own = decode_loop is None
+    decode_loop = decode_loop or DecodeLoop(decoder, max_batch_size=mbs, max_queue=max_queue)
+    limits = (limits or Limits()).resolve(decoder, decode_loop.max_batch_size)
+    server = _Server(decoder, decode_loop, limits, tuple(decoder.stop_ids(list(default_stop))),
                      api_key, picker, served, responses)
     app = fastapi.FastAPI(title="aad-fast", lifespan=server.lifespan(own), docs_url=None,
                           redoc_url=None, openapi_url=None)
-    app.state.backend, app.state.limits, app.state.decoder = backend, limits, decoder
+    app.state.decode_loop, app.state.limits, app.state.decoder = decode_loop, limits, decoder
     app.state.default_stop, app.state.picker = server.default_stop, picker
     app.state.served = served
     server.routes(app, fastapi.Request)
@@ -120,12 +121,12 @@ def _failure(ev) -> APIError:
 
 
 class _Server:
-    """What the app's routes share: the Decoder and its ``Backend``, the limits, the server's
+    """What the app's routes share: the Decoder and its ``DecodeLoop``, the limits, the server's
     stop ids, key, picker and model name; one method per route."""
 
-    def __init__(self, decoder, backend, limits, default_stop, api_key, picker, served,
+    def __init__(self, decoder, decode_loop, limits, default_stop, api_key, picker, served,
                  responses):
-        self.decoder, self.backend, self.limits = decoder, backend, limits
+        self.decoder, self.decode_loop, self.limits = decoder, decode_loop, limits
         self.default_stop, self.api_key, self.picker = default_stop, api_key, picker
         self.served, self.model_name, self.responses = served, served.name, responses
 
@@ -163,7 +164,7 @@ class _Server:
 
         async def health():
             """Open (no key): queue length, rows in use per rule kind and counters."""
-            return {"status": "ok", **self.backend.stats()}
+            return {"status": "ok", **self.decode_loop.stats()}
 
         app.exception_handler(APIError)(api_error)
         app.exception_handler(Exception)(server_error)
@@ -183,7 +184,7 @@ class _Server:
         async def lifespan(app):
             yield
             if own:
-                self.backend.close()
+                self.decode_loop.close()
         return lifespan
 
     def error(self, exc: APIError):
@@ -241,7 +242,7 @@ class _Server:
         try:
             for r in reqs:
                 q: asyncio.Queue = asyncio.Queue()
-                tickets.append(self.backend.submit(
+                tickets.append(self.decode_loop.submit(
                     r, lambda ev, q=q: loop.call_soon_threadsafe(q.put_nowait, ev)))
                 queues.append(q)
         except QueueFull as exc:

@@ -1,7 +1,7 @@
-"""The decode backend behind ``aad-fast serve``: a bounded queue and one decode thread that runs
+"""The decode loop behind ``aad-fast serve``: a bounded queue and one decode thread that runs
 continuous-batching schedulers (``scheduler.Scheduler``).
 
-The server talks to a ``Backend`` through ``submit(DecodeRequest, sink) -> Ticket`` and
+The server talks to a ``DecodeLoop`` through ``submit(DecodeRequest, sink) -> Ticket`` and
 ``Ticket.cancel()`` only, and receives ``("delta", text)``, ``("done", Completion)``,
 ``("error", exception)`` or ``("cancelled",)`` events through the ticket's sink (called from the
 decode thread; the server hands them to its event loop, which never waits on decoding).
@@ -39,11 +39,11 @@ from ..rules import BeamAAD, BestOfN
 
 
 class QueueFull(Exception):
-    """The backend holds ``max_queue`` requests that wait for a row."""
+    """The decode loop holds ``max_queue`` requests that wait for a row."""
 
 
 class Unavailable(RuntimeError):
-    """The backend is closed (the server is shutting down)."""
+    """The decode loop is closed (the server is shutting down)."""
 
 
 @dataclass
@@ -120,7 +120,7 @@ class _Batch:
         return len(self.sched.free) - len(self.sched.waiting)
 
 
-class Backend:
+class DecodeLoop:
     """One decode thread that owns every call into ``decoder`` (see the module docstring).
 
     Rows: a rule kind's scheduler starts with the rows its first requests need (a power of
@@ -165,7 +165,7 @@ class Backend:
                        "batches": 0,  # admissions (one prefill round) and generate calls
                        "bursts": 0, "running": 0,  # rows in use after the last burst
                        "rows_peak": 0, "retried": 0}
-        self._thread = threading.Thread(target=self._work, name="aad-fast-backend", daemon=True)
+        self._thread = threading.Thread(target=self._work, name="aad-fast-decode-loop", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ interface
@@ -334,16 +334,7 @@ class Backend:
         sched, members = b.sched, b.members
         try:
             with self._lock():
-                if sched.admit():
-                    with self._cond:
-                        self.counts["batches"] += 1
-                        self.counts["rows_peak"] = max(self.counts["rows_peak"], sum(
-                            len(x.sched.live) * x.sched.width for x in self._batches))
-                new = [t for t in members if t.res.row is not None and not t.started]
-                for t in new:
-                    self._start(t)
-                self._stream(sched, new)  # the prefill's token, before the burst's
-                sched.step_burst()
+                sched.burst(on_admit=lambda admitted: self._admitted(b, admitted))
                 with self._cond:
                     self.counts["bursts"] += 1
                 self._publish()  # before the answers: a client that then asks sees them gone
@@ -359,6 +350,18 @@ class Backend:
             if t.request.stream:
                 self._delta(t, text, final=True)
             self._finish(t, ("done", Completion(t.res.tokens, text, t.res.finish_reason)))
+
+    def _admitted(self, b: _Batch, admitted: list) -> None:
+        """Requests just prefilled into ``b``'s rows: started, and streams sent their first
+        token (before the burst's steps)."""
+        with self._cond:
+            self.counts["batches"] += 1
+            self.counts["rows_peak"] = max(self.counts["rows_peak"], sum(
+                len(x.sched.live) * x.sched.width for x in self._batches))
+        new = [t for t in b.members if t.res in admitted]
+        for t in new:
+            self._start(t)
+        self._stream(b.sched, new)
 
     def _stream(self, sched, members, hook=False) -> None:
         """Send each live stream of ``members`` the text it has gained."""
