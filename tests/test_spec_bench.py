@@ -64,7 +64,7 @@ def test_oracle_sweep_on_the_tiny_shape(tmp_path):
               "dtype": "float32", "date": "2026-12-06T00:00:00", "commit": "abc",
               "notes": ["clock"], "oracle": rows}
     md = spec_markdown(result)
-    assert md.startswith("# Speculative decoding: a CPU, 2 threads, float32")
+    assert md.startswith("# Speculative decoding: a CPU, float32")
     assert "| aad_lora_oracle_p1.0_k2 | 2 | 1.00 |" in md
     json.dumps(result)
     pytest.importorskip("matplotlib")

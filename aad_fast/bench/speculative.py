@@ -275,8 +275,9 @@ def _fmt(v, spec="{:.2f}"):
 def spec_markdown(result: dict) -> str:
     """The toy rows and the oracle sweep as markdown tables, device named."""
     dev = result["device"]
-    lines = [f"# Speculative decoding: {dev['name']}, {dev['threads']} threads, "
-             f"{result['dtype']}, {result['date']}", "",
+    lines = [f"# Speculative decoding: {dev['name']}, {result['dtype']}, {result['date']}", "",
+             f"torch threads: {dev['threads']} (the toy pair's rows: "
+             f"{(result.get('toy') or [{}])[0].get('threads', '-')})", "",
              f"load average at start {dev['load_average_at_start']}, at end "
              f"{dev.get('load_average_at_end')}; commit {result['commit']}", "",
              result["notes"][0], ""]
@@ -287,7 +288,7 @@ def spec_markdown(result: dict) -> str:
         for r in result["toy"]:
             lines.append(f"| {r['label']} | {r['k'] or '-'} | {r['ms_per_token']:.2f} | "
                          f"{_fmt(r['x_greedy'])} | {_fmt(r.get('x_aad'))} | "
-                         f"{_fmt(r['mean_accepted'])} | {r.get('same_tokens', '-')} |")
+                         f"{_fmt(r['mean_accepted'])} | {_fmt(r.get('same_tokens'), '{}')} |")
         lines.append("")
     if result.get("oracle"):
         o = result["oracle"]
