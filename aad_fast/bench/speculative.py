@@ -96,6 +96,7 @@ def time_methods(methods: dict, prompts: list, rounds: int) -> dict:
     out = {}
     for name, run in methods.items():
         res = [run(p) for p in prompts]
+        log(f"speculative: warm-up {name} done")
         acc = [r[3]["mean_accepted"] for r in res if "mean_accepted" in r[3]]
         out[name] = {"tokens": [r[0] for r in res], "emitted": sum(r[1] for r in res),
                      "mean_accepted": statistics.mean(acc) if acc else None,
