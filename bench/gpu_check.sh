@@ -8,12 +8,15 @@
 #   bench/gpu_check.sh [--dry-run] OUT_DIR        (or GPU_CHECK_DRY_RUN=1 bench/gpu_check.sh OUT_DIR)
 #
 # Writes at most 8 files under OUT_DIR, each cut to 4 MiB: summary.md (one row per phase: exit
-# code, seconds; then the environment and the test counts), check.log (every phase's output)
-# and two bench results, <device>-<date>[-HHMMSS].json/.md/.png: the kernels, then the decode
-# (apart, so a decode that runs out of time still leaves the kernel numbers). Every phase has
-# its own time limit (GPU_CHECK_T_BUILD/_TEST/_KERNELS/_DECODE, seconds; the defaults
-# 130 + 15 + 110 + 50 + 170 fit in 8 minutes) and a failed phase does not stop the next; the
-# exit code is 1 if any phase failed. GPU_CHECK_BENCH_ARGS adds options to both bench commands.
+# code, seconds; then the environment and the test counts), check.log (every phase's output,
+# the bench tables included) and three bench results, JSON and PNG each: the kernels and the
+# decode, <device>-<date>[-HHMMSS].*, apart (so a decode that runs out of time still leaves the
+# kernel numbers), and the speculative rows of issue 26, spec-<device>-<date>.* (the toy pair
+# with its n-gram and shipped drafts, and the oracle sweep on the Llama-3.2-1B shape). Every
+# phase has its own time limit (GPU_CHECK_T_BUILD/_TEST/_KERNELS/_DECODE/_SPEC, seconds; the
+# defaults 130 + 15 + 110 + 50 + 170 + 120 fit in 10 minutes) and a failed phase does not stop
+# the next; the exit code is 1 if any phase failed. GPU_CHECK_BENCH_ARGS adds options to the
+# kernels and decode bench commands.
 #
 # build: `pip install --no-build-isolation --no-deps --no-index -e .` with the CUDA extension
 # for sm_90 only (AAD_FAST_CUDA_ARCHS=9.0; the CPU extension is skipped: the GPU check runs no
@@ -73,6 +76,9 @@ if [ "$dry" = 1 ]; then
            --kernel-batches 1 --kernel-vocabs 1000 --new-tokens 4 --prompt-lens 8
            --decode-prompt-len 8 --repeats 1)
     limits=(60 90)
+    spec=(python -m aad_fast.cli bench --speculative --device cpu --spec-shape tiny
+          --spec-prompts 1 --new-tokens 4 --decode-prompt-len 8 --repeats 1 --no-toy)
+    spec_limit=120
 else
     phase build "${GPU_CHECK_T_BUILD:-130}" env AAD_FAST_CUDA_ARCHS=9.0 AAD_FAST_SKIP_CPU_BUILD=1 \
         "${install[@]}"
@@ -84,6 +90,10 @@ else
            --models llama-3.2-1b,llama-3.1-8b --batch 1,8 --kernel-batches 1,256
            --kernel-vocabs 128256,151936 --new-tokens 64 --prompt-lens 128 --repeats 2)
     limits=("${GPU_CHECK_T_KERNELS:-50}" "${GPU_CHECK_T_DECODE:-170}")
+    spec=(python -m aad_fast.cli bench --speculative --device cuda --dtype bfloat16
+          --spec-shape llama-3.2-1b --spec-prompts 4 --new-tokens 64 --decode-prompt-len 128
+          --repeats 2)
+    spec_limit=${GPU_CHECK_T_SPEC:-120}
 fi
 # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of options
 phase kernels "${limits[0]}" "${bench[@]}" --no-decode --methods "$methods" --out "$out" \
@@ -91,6 +101,10 @@ phase kernels "${limits[0]}" "${bench[@]}" --no-decode --methods "$methods" --ou
 # shellcheck disable=SC2086
 phase decode "${limits[1]}" "${bench[@]}" --no-kernels --methods "$methods" --out "$out" \
     ${GPU_CHECK_BENCH_ARGS:-}
+# issue 26: the toy pair with its drafts (k 2/4/6) and the oracle sweep (p x k 2/4/8)
+phase speculative "$spec_limit" "${spec[@]}" --out "$out"
+# at most 8 files come back: the bench tables are in check.log, so the .md copies go
+for f in "$out"/*.md; do [ "$(basename "$f")" = summary.md ] || rm -f "$f"; done
 
 {
     echo

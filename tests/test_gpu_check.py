@@ -35,12 +35,21 @@ def test_dry_run_writes_summary_logs_and_bench_results(tmp_path):
     assert "summary.md" in files and "check.log" in files, files
     summary = (out / "summary.md").read_text()
     assert "dry run" in summary
-    for phase in ("build", "ext", "tests", "kernels", "decode"):
+    for phase in ("build", "ext", "tests", "kernels", "decode", "speculative"):
         assert f"| {phase} | 0 |" in summary, summary
-    assert "2 passed" in (out / "check.log").read_text()
+    log = (out / "check.log").read_text()
+    assert "2 passed" in log
     results = [json.loads(p.read_text()) for p in sorted(out.glob("cpu-*.json"))]
-    assert len(results) == 2 and all(p.with_suffix(".md").exists() and p.with_suffix(".png")
-                                     .exists() for p in out.glob("cpu-*.json"))
+    # JSON and PNG per bench run; the markdown tables are in check.log (8 files at most)
+    assert len(results) == 2 and all(p.with_suffix(".png").exists()
+                                     for p in out.glob("cpu-*.json"))
+    assert log.count("### aad_fast bench:") == 2 and "## Oracle draft on the tiny shape" in log
+    (spec,) = out.glob("spec-cpu-*.json")
+    assert spec.with_suffix(".png").exists()
+    oracle = json.loads(spec.read_text())["oracle"]
+    assert {(r["k"], r["p"]) for r in oracle if r["k"]} == {(k, p) for k in (2, 4, 8)
+                                                           for p in (0.0, 0.3, 0.5, 0.7, 0.85, 1.0)}
+    assert all(r["same_tokens_as_aad_lora"] for r in oracle if r["k"])
     kernels = next(r for r in results if r["kernels"])
     decode = next(r for r in results if r["decode"])
     assert {(r["batch"], r["vocab"]) for r in kernels["kernels"]} == {(1, 1000)}

@@ -126,6 +126,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--out", type=Path, default=Path("bench/results"), help="output directory")
     a("--no-kernels", action="store_true", help="skip the kernel bench")
     a("--no-decode", action="store_true", help="skip the decode bench")
+    a("--speculative", action="store_true",
+      help="instead: the speculative rows (issue 26): the embedded toy pair with the n-gram "
+      "and shipped drafts, k 2/4/6, and the oracle sweep (p x k 2/4/8) on --spec-shape; "
+      "writes OUT/spec-<device>-<date>.json/.md/.png")
+    a("--spec-prompts", type=int, default=16,
+      help="with --speculative: prompts per method (toy held-out prompts; oracle prompts)")
+    a("--spec-shape", default="smollm2-135m",
+      help="with --speculative: the shape of the oracle sweep (a config name)")
+    a("--no-toy", action="store_true", help="with --speculative: skip the toy pair's rows")
+    a("--no-oracle", action="store_true", help="with --speculative: skip the oracle sweep")
 
 
 def resolve(args) -> torch.device:

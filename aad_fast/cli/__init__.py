@@ -172,6 +172,14 @@ def _optional(module: str, name: str):
         raise SystemExit(f"aad-fast {name} is not available in this install ({exc})")
 
 
+def _bench(a) -> int:
+    """``aad-fast bench``; with ``--speculative`` the speculative rows (the toy pair's held-out
+    prompts come from the toy layer, ``toy.spec_bench``)."""
+    if getattr(a, "speculative", False):
+        return _optional("aad_fast.toy.spec_bench", "bench --speculative").run(a)
+    return _optional("aad_fast.bench", "bench").run(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aad-fast", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -233,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="kernel and decode latency benchmarks",
                        description="Kernel and decode benchmarks against single-model greedy.")
-    b.set_defaults(func=lambda a: _optional("aad_fast.bench", "bench").run(a))
+    b.set_defaults(func=_bench)
     try:
         from .. import bench
         bench.add_arguments(b)

@@ -62,6 +62,25 @@ def model_config(tok, hidden: int, layers: int, heads: int, kv_heads: int):
         pad_token_id=tok.pad_token_id)
 
 
+def train_lm(tok, examples, shape: tuple, *, epochs: int, batch_size: int, lr: float,
+             seed: int):
+    """A fresh ``model_config(tok, *shape)`` Llama (seeded) trained by ``train_sft`` on
+    ``examples``, with the generation config of the shipped models (stops: ``stop_ids``).
+    Returns ``(model, record)``: examples, epoch losses, parameters, seconds."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    t0 = time.time()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(model_config(tok, *shape))
+    losses = train_sft(model, examples, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id,
+                                               eos_token_id=stop_ids(tok),
+                                               pad_token_id=tok.pad_token_id)
+    return model, {"examples": len(examples), "epoch_losses": losses,
+                   "params": sum(p.numel() for p in model.parameters()),
+                   "seconds": round(time.time() - t0, 1)}
+
+
 def sft_examples(tok, problems, n_demos: int, rng: random.Random):
     """``(ids, n_prompt)`` per demonstration: the chat-rendered conversation and the length of
     its prompt part (the loss covers the rest, ``<eos>`` included)."""
@@ -246,7 +265,7 @@ def _cleanup(path: Path):
 
 def run_full(args, out: Path, meta: dict):
     """SFT, oracle-ranked pairs, DPO adapter and picker into ``out``; fills ``meta``."""
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     rng = random.Random(args.seed)
     tok = build_tokenizer()
@@ -259,19 +278,10 @@ def run_full(args, out: Path, meta: dict):
         model = LlamaForCausalLM.from_pretrained(sft_dir, dtype=torch.float32).eval()
         meta["sft"] = {"reused": str(sft_dir)}
     else:
-        t0 = time.time()
-        torch.manual_seed(args.seed)
-        model = LlamaForCausalLM(model_config(tok, args.hidden, args.layers, args.heads,
-                                              args.kv_heads))
         examples = sft_examples(tok, train, args.demos, rng)
-        losses = train_sft(model, examples, epochs=args.sft_epochs, batch_size=args.sft_batch,
-                           lr=args.sft_lr, seed=args.seed)
-        meta["sft"] = {"examples": len(examples), "epoch_losses": losses,
-                       "params": sum(p.numel() for p in model.parameters()),
-                       "seconds": round(time.time() - t0, 1)}
-        model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id,
-                                                   eos_token_id=stop_ids(tok),
-                                                   pad_token_id=tok.pad_token_id)
+        model, meta["sft"] = train_lm(tok, examples, (args.hidden, args.layers, args.heads,
+                                                      args.kv_heads), epochs=args.sft_epochs,
+                                      batch_size=args.sft_batch, lr=args.sft_lr, seed=args.seed)
         # Stored in --save-dtype; every later stage uses exactly the stored (rounded) weights.
         model.to(SAVE_DTYPES[args.save_dtype]).save_pretrained(sft_dir, safe_serialization=True)
         model.to(torch.float32)
