@@ -80,9 +80,15 @@ class VerifySteps:
         need = [n for n in need if n is not None]
         return ladder_length(self.ladder, max(need) if need else None)
 
-    def _fix(self, n: int | None) -> None:
+    def _at(self, n: int, fn):
+        """``fn()`` with the runners' ``fixed_len`` set to ``n`` (the step's read length)."""
         for r in self.pair.runners:
             r.fixed_len = n
+        try:
+            return fn()
+        finally:
+            for r in self.pair.runners:
+                r.fixed_len = None
 
     def build(self, width: int, n: int):
         """The step of ``width`` positions and read length ``n``, made now if new (``None``:
@@ -92,25 +98,27 @@ class VerifySteps:
         t0 = time.perf_counter()
         width_buffers(self.buf, self.st, width)
         step = functools.partial(verify_advance, self.pair, self.sel, self.st, self.buf, width)
-        self._fix(n)
-        try:  # one eager run first: the runners' buffers of this width exist before a trace
-            engine.undone(self.pair, self.sel, self.st, step)
-            inner = None
-            if self.compiled:
-                inner, secs = compile_verify(self.pair, self.sel, self.st, step, self.name)
-                if inner is not None:
-                    self.compile_s, self.compiles = secs, self.compiles + 1
-            pool = {} if self.pool is None else {"pool": self.pool}
-            graph = engine.try_capture(self.pair, self.sel, self.st, self.name, inner or step,
-                                       **pool) if self.graphs else None
-        finally:
-            self._fix(None)
+        inner, graph = self._at(n, lambda: self._make(step))
         self.build_s += time.perf_counter() - t0
         built = graph or inner
         self.steps[width, n] = built
         self.modes[width, n] = (graph is not None, inner is not None)
         self.failed = self.failed or built is None
         return built
+
+    def _make(self, step: functools.partial) -> tuple:
+        """``(compiled, captured)`` of ``step`` (each ``None`` where not asked for or failed),
+        after one eager run (undone) that makes the runners' buffers of its width."""
+        engine.undone(self.pair, self.sel, self.st, step)
+        inner = None
+        if self.compiled:
+            inner, secs = compile_verify(self.pair, self.sel, self.st, step, self.name)
+            if inner is not None:
+                self.compile_s, self.compiles = secs, self.compiles + 1
+        pool = {} if self.pool is None else {"pool": self.pool}
+        graph = engine.try_capture(self.pair, self.sel, self.st, self.name, inner or step,
+                                   **pool) if self.graphs else None
+        return inner, graph
 
     def __call__(self, width: int):
         if self.failed:
@@ -120,11 +128,7 @@ class VerifySteps:
         step = self.build(width, n)
         if step is None:
             return None
-        self._fix(n)
-        try:
-            step()
-        finally:
-            self._fix(None)
+        self._at(n, step)
         for r in self.pair.runners:
             r.count_read(n)
         self.last = self.modes[width, n]
