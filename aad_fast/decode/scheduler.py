@@ -207,8 +207,7 @@ class Scheduler:
         if len(set(r.stop_ids)) > self.max_stop:
             raise ValueError(f"at most {self.max_stop} stop ids per request, got "
                              f"{len(set(r.stop_ids))}")
-        if r.min_new_tokens and getattr(getattr(self.executor, "st", None), "min_new",
-                                        None) is None:
+        if r.min_new_tokens and getattr(self.st, "min_new", None) is None:
             raise ValueError(f"{who}min_new_tokens needs a scheduler built for it "
                              "(Decoder.scheduler(rule, min_tokens=True)); beam search has none")
         if r.stops is not None and isinstance(self.executor, BeamExecutor):
