@@ -9,9 +9,9 @@ its ``Result``. The scheduler plans and an executor runs the plan (``executors``
 executor (a prefill of just the admitted prompts copied into their rows, then the steps: the
 captured/compiled step given as ``step``, or ``engine.decode_one``), and ``update`` looks once at
 the device state (the only host sync of a burst besides admission) and retires the finished
-requests, whose slots the next plan refills. ``step_burst`` is the three in a row and
-``run_until_idle`` loops until every request is done. A static batch is the special case "admit
-all, refill none".
+requests, whose slots the next plan refills. ``burst`` is the three in a row (``step_burst``:
+whether it ran) and ``run_until_idle`` loops until every request is done. A static batch is the
+special case "admit all, refill none".
 
 Beam search runs here too, with a ``search.BeamSearch`` in place of the selector (and no
 ``DecodeState``; executor ``executors.BeamExecutor``, per-token rules
