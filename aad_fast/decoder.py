@@ -29,7 +29,9 @@ from .decode.driver import Driver, Generation, text_delta
 from .decode.hold import Hold
 from .model.loading import check_positions, load_pair, pair_vocab, position_limit
 from .model.lora_rows import RowLoRA
-from .decode.prompt_rows import Rows, resolve_stop_ids, rule_rows
+from .decode.prompt_rows import Rows, resolve_stop_ids, resolve_stops, rule_rows
+from .decode.logprobs import sequence_logprobs, stream_model
+from .decode.stop_strings import StopStrings
 from .rules import AAD, OPAD, BeamAAD, BestOfN, CFGMix, Rule, check_int
 from .decode.scheduler import Request, Scheduler
 from .decode.speculate import check_speculate, resolve_draft
@@ -167,6 +169,24 @@ class Decoder(Driver):
         strings)."""
         return resolve_stop_ids(stop, self.base, self.tokenizer, self.vocab)
 
+    def stops(self, stop=None, *, ignore_eos: bool = False) -> tuple:
+        """``(ids, strings)``: the stop ids (the model's EOS unless ``ignore_eos``, the caller's
+        ids and single-token strings) and the stop strings matched on the text (every caller
+        string but the special tokens: ``prompt_rows.resolve_stops``)."""
+        return resolve_stops(stop, self.base, self.tokenizer, self.vocab, eos=not ignore_eos)
+
+    def _stop_matcher(self, strings: tuple, include: bool, min_tokens: int):
+        """A function making one row's ``StopStrings`` (``None`` without stop strings)."""
+        if not strings:
+            return None
+        if self.tokenizer is None:
+            raise ValueError(f"stop strings {list(strings)} need a tokenizer; pass ids instead")
+        tok = self.tokenizer
+
+        def decode(ids):
+            return tok.decode(ids, skip_special_tokens=True)
+        return lambda: StopStrings(strings, decode, include=include, min_tokens=min_tokens)
+
     def _rows(self, rule, prompts, input_ids, attention_mask, chat) -> Rows:
         """Both streams' prompt ids for ``rule`` (``prompts.rule_rows``)."""
         return rule_rows(rule, self.kind, self.tokenizer, self.vocab, prompts, input_ids,
@@ -174,7 +194,8 @@ class Decoder(Driver):
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts=None, *, input_ids=None, attention_mask=None, rule: Rule = AAD(0.1),
-                 max_new_tokens: int = 128, stop=None, chat: bool = False) -> Generation:
+                 max_new_tokens: int = 128, stop=None, chat: bool = False, min_tokens: int = 0,
+                 ignore_eos: bool = False, include_stop: bool = False) -> Generation:
         """Decode every prompt with ``rule`` (docs/rules.md).
 
         Args:
@@ -186,18 +207,26 @@ class Decoder(Driver):
             rule: ``AAD``, ``Contrastive``, ``EFT``/``DeRa``/``CFG``/``Mix``, ``OPAD``,
                 ``BeamAAD``, ``BestOfN`` or ``Greedy``.
             max_new_tokens: at most this many tokens per row.
-            stop: extra stop ids / single-token strings besides the model's EOS.
+            stop: extra stop ids and stop strings besides the model's EOS. A string of any
+                length is matched on the decoded text (docs/stopping-and-input.md): the text is
+                cut where it starts, the tokens end with the one that completes it; one that is
+                a single token also stops on its id.
+            min_tokens: no stop id (EOS included) or stop string ends a row before this many
+                tokens (vLLM's ``min_tokens``: the stop ids are masked until then).
+            ignore_eos: the model's EOS does not end a row (the caller's stops still do).
+            include_stop: keep a matched stop string in the text.
         Returns:
             ``Generation`` with per row ``tokens`` (stop id excluded), ``text``,
             ``finish_reason`` and ``stats``.
         """
         with self._locked():
             for out in self._run(prompts, input_ids, attention_mask, rule, max_new_tokens, stop,
-                                 chat):
+                                 chat, ends=(min_tokens, ignore_eos, include_stop)):
                 pass
         return out
 
-    def scheduler(self, rule: Rule = AAD(0.1), *, rows: int | None = None) -> Scheduler:
+    def scheduler(self, rule: Rule = AAD(0.1), *, rows: int | None = None,
+                  min_tokens: bool = False) -> Scheduler:
         """A continuous-batching ``Scheduler`` for requests of ``rule``'s kind (each
         ``Request`` may carry its own values of that kind; ``rule`` is the default) over
         ``rows`` slots (default ``max_batch_size``), each holding up to ``max_seq_len`` prompt
@@ -209,7 +238,8 @@ class Decoder(Driver):
         requests at a time; ``num_beams`` and ``tau`` are the scheduler's, alpha,
         length_penalty, stop ids and ``max_new_tokens`` each request's own); its ``Result``
         carries the beam's ``score``. Not best-of-n (its samples are ordinary requests of a
-        ``Mix`` scheduler: ``search.samples``)."""
+        ``Mix`` scheduler: ``search.samples``). ``min_tokens``: its requests may carry
+        ``min_new_tokens`` (its step then masks each row's stop ids until then)."""
         if isinstance(rule, BestOfN):
             raise ValueError("BestOfN is not a per-token rule; the scheduler runs AAD, "
                              "Contrastive, Mix/EFT/DeRa/CFG, OPAD, Greedy and BeamAAD")
@@ -220,16 +250,20 @@ class Decoder(Driver):
                              f", got {rows!r}")
         if self.lora is not None:
             self.lora.check_unmerged()
-        return self._new_scheduler(rule, n)
+        if min_tokens and isinstance(rule, BeamAAD):
+            raise ValueError("min_tokens is not supported with BeamAAD")
+        return self._new_scheduler(rule, n, bool(min_tokens))
 
     def request(self, prompt=None, *, input_ids=None, rule: Rule = AAD(0.1),
                 max_new_tokens: int = 128, stop=None, chat: bool = False, seed=None,
-                tag=None, rows: Rows | None = None) -> Request:
+                tag=None, rows: Rows | None = None, min_tokens: int = 0,
+                ignore_eos: bool = False, include_stop: bool = False) -> Request:
         """One ``Request`` for a ``scheduler(...)`` of ``rule``'s kind: ``prompt`` (a string,
         or with ``chat`` a conversation: a list of ``{"role", "content"}`` messages) or
         ``input_ids`` (one id list), both streams' ids as ``generate`` makes them (OPAD's
         principle, CFG's negative prompt), stop ids with the model's EOS. ``rows``: those ids
-        made already (``prompt_rows.rule_rows`` for ``rule``; the server), used as they are."""
+        made already (``prompt_rows.rule_rows`` for ``rule``; the server), used as they are.
+        ``min_tokens``, ``ignore_eos``, ``include_stop`` and stop strings: as ``generate``."""
         max_new_tokens = self._validate(rule, max_new_tokens)
         if input_ids is not None:
             input_ids = [input_ids]
@@ -241,12 +275,32 @@ class Decoder(Driver):
                 "r": (rows.r[0], rows.r[0])}[rule.streams]
         if isinstance(rule, BeamAAD):  # both streams score the one prompt
             r = a
+        ids, strings = self._stops_for(rule, stop, ignore_eos, min_tokens)
+        make = self._stop_matcher(strings, include_stop, min_tokens)
         return Request(ids_a=a, ids_r=r, rule=rule, max_new_tokens=max_new_tokens,
-                       stop_ids=tuple(self.stop_ids(stop)), seed=seed, tag=tag)
+                       stop_ids=tuple(ids), seed=seed, tag=tag, min_new_tokens=min_tokens,
+                       stops=make() if make is not None else None)
+
+    def _stops_for(self, rule, stop, ignore_eos, min_tokens) -> tuple:
+        """``stops(stop, ignore_eos)`` with what ``rule`` cannot take refused: stop strings
+        and ``min_tokens`` with BeamAAD, stop strings with BestOfN."""
+        min_tokens = check_int("min_tokens", min_tokens, 0)
+        ids, strings = self.stops(stop, ignore_eos=bool(ignore_eos))
+        if strings and isinstance(rule, (BeamAAD, BestOfN)):
+            raise ValueError(f"stop strings that are not single tokens ({strings[0]!r}) are not "
+                             f"supported with {type(rule).__name__}; give stop ids")
+        if min_tokens and isinstance(rule, BeamAAD):
+            raise ValueError("min_tokens is not supported with BeamAAD")
+        if min_tokens and self.speculate:  # its verify steps do not mask the stop ids
+            raise ValueError("min_tokens is not supported with speculative decoding "
+                             f"(this Decoder has speculate={self.speculate}) yet")
+        return ids, strings
 
     def stream(self, prompt=None, *, input_ids=None, rule: Rule = AAD(0.1),
-               max_new_tokens: int = 128, stop=None, chat: bool = False):
-        """Yield the text of one prompt as it is decoded (every ``check_every`` tokens).
+               max_new_tokens: int = 128, stop=None, chat: bool = False, min_tokens: int = 0,
+               ignore_eos: bool = False, include_stop: bool = False):
+        """Yield the text of one prompt as it is decoded (every ``check_every`` tokens); the
+        end of the text that could begin a stop string is held back until it is known not to.
 
         The Decoder is held (other threads' calls wait) until the stream is exhausted,
         closed or garbage-collected, whichever thread resumes, closes or drops it; in the
@@ -256,13 +310,28 @@ class Decoder(Driver):
         shown = ""
         with self._locked():
             for out in self._run(prompt, input_ids, None, rule, max_new_tokens, stop, chat,
-                                 partial=True):
+                                 partial=True, ends=(min_tokens, ignore_eos, include_stop)):
                 final = isinstance(out, Generation)
                 piece, now = text_delta(shown, out.text[0] if final else out, final)
                 if piece:  # a trailing U+FFFD held back until its bytes come (text_delta)
                     with self._hold.caller_turn(self.threads):
                         yield piece
                     shown = now
+
+    def logprobs(self, ids, *, stream: str = "a", top: int = 0, start: int = 1):
+        """Log-probabilities of ``ids[start:]`` (one id list: a prompt and its completion) under
+        one stream, ``"a"`` (the aligned model; a LoRA pair's adapter on) or ``"r"`` (the
+        reference; the adapter off), each given the ids before it, with the ``top`` most likely
+        ids of each position: one forward (``decode.logprobs``), not the decode path. One
+        model (OPAD, CFG): the model itself; give the stream's own prompt."""
+        ids = list(ids)
+        bad = [i for i in ids if not (isinstance(i, int) and 0 <= i < self.vocab)]
+        if not ids or bad:
+            raise ValueError(f"ids must be a non-empty list of token ids in [0, {self.vocab}), "
+                             f"got {bad[:3] if bad else ids!r}")
+        top = check_int("top", top, 0)
+        with self._locked(), stream_model(self.kind, self.model_a, self.model_r, stream) as m:
+            return sequence_logprobs(m, ids, self.vocab, top, start)
 
     def _validate(self, rule, max_new_tokens):
         if not isinstance(rule, Rule):
@@ -278,7 +347,7 @@ class Decoder(Driver):
         return max_new_tokens
 
     def _run(self, prompts, input_ids, attention_mask, rule, max_new_tokens, stop, chat,
-             partial=False):
+             partial=False, ends=(0, False, False)):
         """Yield the text of row 0 after each burst when ``partial``, then the Generation.
         Runs with the models' locks held (``generate``/``stream``)."""
         if self._owner is not None:
@@ -287,24 +356,29 @@ class Decoder(Driver):
         self._owner = threading.get_ident()
         try:
             yield from self._run_unguarded(prompts, input_ids, attention_mask, rule,
-                                           max_new_tokens, stop, chat, partial)
+                                           max_new_tokens, stop, chat, partial, ends)
         finally:
             self._owner = None
 
     def _run_unguarded(self, prompts, input_ids, attention_mask, rule, max_new_tokens, stop,
-                       chat, partial):
+                       chat, partial, ends):
         max_new_tokens = self._validate(rule, max_new_tokens)
+        min_new, ignore_eos, include = ends
+        stop_ids, strings = self._stops_for(rule, stop, ignore_eos, min_new)
+        if min_new > max_new_tokens:
+            raise ValueError(f"min_tokens={min_new} exceeds max_new_tokens={max_new_tokens}")
         if self.lora is not None:
             self.lora.check_unmerged()
         rows = self._rows(rule, prompts, input_ids, attention_mask, chat)
-        stop_ids = self.stop_ids(stop)
         if isinstance(rule, BeamAAD):
             yield self._beam(rule, rows, max_new_tokens, stop_ids)
             return
         if isinstance(rule, BestOfN):
-            yield self._best_of_n(rule, rows, max_new_tokens, stop_ids)
+            yield self._best_of_n(rule, rows, max_new_tokens, stop_ids, min_new)
             return
-        yield from self._decode(rule, rows, max_new_tokens, stop_ids, partial=partial)
+        yield from self._decode(rule, rows, max_new_tokens, stop_ids, partial=partial,
+                                min_new=min_new,
+                                stops=self._stop_matcher(strings, include, min_new))
 
 def generate(aligned, reference=None, prompts=None, **kwargs) -> Generation:
     """One-shot ``Decoder(aligned, reference, ...).generate(prompts, ...)``. Decoder options

@@ -52,10 +52,12 @@ def full_logits(model, seq):
         return model(torch.tensor([seq])).logits[0, -1].float()
 
 
-def naive_decode(pick, models, prompts, max_new, stops=(EOS,), prompts_r=None):
+def naive_decode(pick, models, prompts, max_new, stops=(EOS,), prompts_r=None,
+                 min_tokens=None):
     """docs/rules.md's loop, one row at a time: ``pick(a_logits, r_logits, t, history)`` returns
     the id. ``prompts_r`` gives stream r its own prompt (OPAD, CFG); both streams append the
-    same id."""
+    same id. ``min_tokens``: ``pick`` also gets the ids it may not choose (the stop ids while
+    ``t < min_tokens``, else none)."""
     out = []
     for i, p in enumerate(prompts):
         seq_a = list(p)
@@ -64,7 +66,10 @@ def naive_decode(pick, models, prompts, max_new, stops=(EOS,), prompts_r=None):
         for t in range(max_new):
             a = full_logits(models[0], seq_a)
             r = full_logits(models[1], seq_r) if len(models) > 1 else None
-            y = pick(a, r, t, hist)
+            if min_tokens is None:
+                y = pick(a, r, t, hist)
+            else:
+                y = pick(a, r, t, hist, set(stops) if t < min_tokens else set())
             hist.append((a, r))
             if y in stops:
                 break

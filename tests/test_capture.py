@@ -147,3 +147,21 @@ def test_host_data_is_caught_three_ways():
         y = x * 2.0 + torch.full((4,), 1.0, device=x.device)
         torch.where(y > 3, y, 0.0).argmax()
     clean.assert_safe()
+
+
+MIN_CASES = [("two", AAD(0.1)), ("two", EFT(2.0, top_p=0.8, **SAMPLED)), ("lora", Greedy("a")),
+             ("prompt", OPAD(1.0, principle_ids=PRINCIPLE)), ("prompt", CFG(1.5))]
+
+
+@pytest.mark.parametrize("kind,rule", MIN_CASES, ids=lambda x: str(x)[:40].replace(" ", ""))
+def test_min_tokens_step_is_capture_safe(decoders, monkeypatch, kind, rule):
+    """The step with ``min_tokens`` (``steps.early_stops`` and the selectors' mask) is
+    capture-safe too, and the mask runs inside it."""
+    _inline_reference(monkeypatch)
+    checks = []
+    _checked(monkeypatch, "decode_one", checks)
+    dec = Decoder(*decoders[kind], backend="torch", **decoders["kw"])
+    dec.generate(input_ids=PROMPTS, rule=rule, max_new_tokens=4, min_tokens=3)
+    assert len(checks) == 1, "the decode_one step never ran"
+    checks[0].assert_safe(f"decode_one of {rule} with min_tokens on the {kind} pair")
+    assert any("scatter" in op for op in checks[0].ops), checks[0].ops

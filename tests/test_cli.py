@@ -32,6 +32,31 @@ def test_generate_prompts_file_resumes(model_dirs, tmp_path, capsys):
     assert [r["id"] for r in again] == [0, 1, 2] and again[2]["tokens"] == rows[2]["tokens"]
 
 
+def test_generate_stop_strings_min_tokens_ignore_eos(model_dirs, tmp_path, capsys):
+    """``--stop`` of several tokens, ``--min-tokens`` and ``--ignore-eos`` decode what the API
+    decodes with them (not ignored), are recorded in the sidecar only when given, and are
+    refused with ``--ray``."""
+    prompt = "what is 2 plus 3 ?"
+    dec = Decoder(str(model_dirs / "dpo"), str(model_dirs / "sft"), max_batch_size=2)
+    free = dec.generate([prompt], max_new_tokens=10).text[0]
+    phrase = " ".join(free.split()[1:3])
+    base = ["generate", "--aligned", str(model_dirs / "dpo"), "--reference",
+            str(model_dirs / "sft"), "--prompt", prompt, "--max-new-tokens", "10"]
+    for extra, kw in ((["--stop", phrase], dict(stop=[phrase])),
+                      (["--min-tokens", "4", "--ignore-eos"], dict(min_tokens=4, ignore_eos=True))):
+        out = tmp_path / f"o{len(extra)}.jsonl"
+        assert main(base + extra + ["--out", str(out)]) == 0
+        (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+        want = dec.generate([prompt], max_new_tokens=10, **kw)
+        assert (row["tokens"], row["completion"]) == (want.tokens[0], want.text[0])
+        meta = json.loads(out.with_name(out.name + ".meta.json").read_text())
+        assert ("min_tokens" in json.dumps(meta)) == ("min_tokens" in kw)
+    assert main(base + ["--min-tokens", "-1"]) == 2
+    assert "--min-tokens must be >= 0" in capsys.readouterr().err
+    assert main(base + ["--ignore-eos", "--ray"]) == 2
+    assert "not supported with --ray" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("rule,want_rule", [("greedy", Greedy()), ("eft", EFT(4.0)),
                                             ("contrastive", Contrastive(0.1, 1.0)),
                                             ("beam-aad", BeamAAD(2, 0.1)), ("dera", DeRa(1.0))])

@@ -378,8 +378,8 @@ def test_bad_requests_name_the_field(served, models):
         ({"prompt": p, "n": 2}, "n"),
         ({"prompt": p, "beta": 2.0}, "beta"),  # aad takes no beta
         ({"prompt": p, "rule": "beam-aad", "num_beams": 9}, "num_beams"),
-        ({"prompt": p, "stop": "two words"}, "stop"),
-        ({"prompt": p, "logprobs": 2}, "logprobs"),
+        ({"prompt": p, "stop": ""}, "stop"),
+        ({"prompt": p, "logprobs": 21}, "logprobs"),
         ({"prompt": [10 ** 6]}, "prompt"),
     ]
     for body, param in cases:

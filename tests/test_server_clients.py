@@ -302,14 +302,94 @@ def test_lm_eval_remote_tokenizer_and_generate_until(client, pair):
     # the text form (tokenized_requests=False) of the same request
     r = client.post("/v1/completions", json={**body, "prompt": [prompts[2]]})
     assert r.json()["choices"][0]["token_ids"] == alone(pair, prompts[2], af.Greedy(), 10)
-    # not served yet: loglikelihood (echo + logprobs), a stop phrase of several tokens, and
-    # several prompts in one request: each a 400 naming the field
-    ll = {"model": NAME, "prompt": [ids], "temperature": 0, "max_tokens": 1, "logprobs": 1,
-          "seed": 1234, "echo": True}
-    for extra, param in (({}, "echo"), ({"stop": ["Question:"]}, "stop"),
-                         ({"prompt": [ids, ids]}, "prompt")):
-        r = client.post("/v1/completions", json={**(body if extra else ll), **extra})
+    # generate_until with --batch_size 4: the prompts in one request, a multi-token ``until``
+    free = dec.generate(prompts, rule=af.Greedy(), max_new_tokens=12, stop=list(stop))
+    until = [" ".join(free.text[1].split()[1:3]), "\n\n"]  # a phrase of two words
+    assert len(tok.encode(until[0], add_special_tokens=False)) > 1
+    batch = [client.post("/tokenize", json={"prompt": p, "add_special_tokens": False})
+             .json()["tokens"] for p in prompts]
+    r = client.post("/v1/completions", json={**body, "prompt": batch, "max_tokens": 12,
+                                             "stop": until + [info["eos_token"]]})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    for c, ids_p in zip(choices, batch):
+        want = dec.generate(input_ids=[ids_p], rule=af.Greedy(), max_new_tokens=12,
+                            stop=list(stop) + until + [tok.eos_token_id])
+        assert (c["token_ids"], c["text"]) == (want.tokens[0], want.text[0])
+    assert choices[1]["finish_reason"] == "stop" and choices[1]["stop_reason"] == until[0]
+    assert until[0] not in choices[1]["text"] and until[0] in free.text[1]
+    use = r.json()["usage"]
+    assert use["prompt_tokens"] == sum(map(len, batch))
+    assert use["completion_tokens"] == sum(len(c["token_ids"]) for c in choices)
+
+
+def _hf_logprobs(model, ids):
+    """log p(ids[j] | ids[:j]) for j >= 1 by a plain forward of the whole sequence."""
+    import torch
+    with torch.no_grad():
+        lp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return [float(lp[j - 1, ids[j]]) for j in range(1, len(ids))], lp
+
+
+@pytest.mark.parametrize("max_tokens", [1, 0])
+def test_lm_eval_loglikelihood_echo_logprobs(client, pair, max_tokens):
+    """lm-eval's loglikelihood request (multiple choice, perplexity): context + continuation
+    ids in one batch, ``max_tokens`` 1 (0 as vLLM also takes), ``logprobs`` 1, ``echo``;
+    lm-eval sums ``token_logprobs[ctxlen:-1]`` and checks greediness on ``top_logprobs``.
+    Every prompt log-probability equals a plain forward of the aligned model (the LoRA
+    adapter on), and ``logprobs_stream: r`` the reference's."""
+    dec, tok, _, stop, prompts = pair
+    seqs = [tok.encode(p) for p in prompts[:3]]
+    body = {"model": NAME, "prompt": seqs, "max_tokens": max_tokens, "logprobs": 1,
+            "echo": True, "temperature": 0, "seed": 1234}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    for c, ids in zip(r.json()["choices"], seqs):
+        lp = c["logprobs"]
+        comp = c["token_ids"]
+        assert len(comp) == max_tokens and len(lp["token_logprobs"]) == len(ids) + max_tokens
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        want, full = _hf_logprobs(dec.model_a, ids + comp)
+        assert lp["token_logprobs"][1:] == pytest.approx(want, rel=0, abs=1e-5)
+        for j, top in enumerate(lp["top_logprobs"][1:], 1):
+            best = int(full[j - 1].argmax())
+            assert len(top) in (1, 2) and top[tok.decode([best])] == pytest.approx(
+                float(full[j - 1, best]), rel=0, abs=1e-5)
+        assert lp["tokens"] == [tok.decode([i]) for i in ids + comp]
+        assert lp["text_offset"][0] == 0
+        assert c["text"].startswith(prompts[seqs.index(ids)].split()[0])
+        offline = dec.logprobs(ids + comp, start=0).logprobs
+        assert lp["token_logprobs"] == offline
+    with dec._locked():
+        from aad_fast.decode.logprobs import stream_model
+        with stream_model(dec.kind, dec.model_a, dec.model_r, "r") as ref:
+            want_r, _ = _hf_logprobs(ref, seqs[0] + [])
+    r = client.post("/v1/completions", json={**body, "prompt": seqs[0], "max_tokens": 0,
+                                             "logprobs_stream": "r"})
+    assert r.json()["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        want_r, rel=0, abs=1e-5)
+    assert want_r != pytest.approx(_hf_logprobs(dec.model_a, seqs[0])[0], rel=0, abs=1e-5)
+
+
+def test_refused_where_not_honoured(client, pair):
+    p = pair[4][0]
+    for extra, param in (({"echo": True, "stream": True}, "echo"),
+                         ({"logprobs": 1, "stream": True}, "logprobs"),
+                         ({"logprobs": 21}, "logprobs"), ({"logprobs_stream": "r"},
+                                                          "logprobs_stream"),
+                         ({"logprobs": 1, "logprobs_stream": "b"}, "logprobs_stream"),
+                         ({"min_tokens": 9}, "min_tokens"), ({"min_tokens": -1}, "min_tokens"),
+                         ({"max_tokens": 0}, "max_tokens"), ({"prompt": [p, 3]}, "prompt"),
+                         ({"prompt": [p] * 33}, "prompt"), ({"top_logprobs": 2}, "top_logprobs"),
+                         ({"rule": "beam-aad", "num_beams": 2, "min_tokens": 2}, "min_tokens"),
+                         ({"rule": "cfg", "g": 1.5, "echo": True}, "echo")):
+        r = client.post("/v1/completions", json={"model": NAME, "prompt": p, "max_tokens": 4,
+                                                 **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+    r = client.post("/v1/chat/completions", json={
+        "model": NAME, "messages": [{"role": "user", "content": p}], "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
 
 
 def _sse(client, body):
@@ -322,32 +402,57 @@ def _sse(client, body):
 
 
 def test_guidellm_streamed_completion_body(client, pair):
-    """guidellm 0.8.1's text-completions request (read from its source, not run here):
-    ``stream`` with ``stream_options {"include_usage": true, "continuous_usage_stats": true}``,
-    and for a fixed output length ``max_tokens``, ``stop: null``, ``ignore_eos: true``. Today
-    the usage comes last only and ``ignore_eos`` is not served: both are 400s naming them;
-    the same stream without them works and equals the Python API."""
+    """guidellm 0.8.1's text-completions request (read from its source): ``stream`` with
+    ``stream_options {"include_usage": true, "continuous_usage_stats": true}``, and for a fixed
+    output length ``max_tokens``, ``stop: null``, ``ignore_eos: true``. Exactly ``max_tokens``
+    tokens come back, each chunk carries the usage so far, and the tokens equal the Python API
+    with ``ignore_eos``."""
+    dec = pair[0]
     p = pair[4][3]
-    body = {"model": NAME, "prompt": p, "max_tokens": 8, "stream": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": False},
-            "stop": None}
+    body = {"model": NAME, "prompt": p, "max_tokens": 20, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "stop": None, "ignore_eos": True}
     chunks = _sse(client, body)
     assert all(c["model"] == NAME for c in chunks)
     text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
     toks = next(c["choices"][0]["token_ids"] for c in chunks
                 if c["choices"] and c["choices"][0]["finish_reason"])
-    assert toks == alone(pair, p, af.AAD(0.1), 8)
+    want = dec.generate(p, rule=af.AAD(0.1), max_new_tokens=20, ignore_eos=True)
+    assert toks == want.tokens[0] and len(toks) == 20 and text == want.text[0]
+    stopped = alone(pair, p, af.AAD(0.1), 20)
+    assert len(stopped) < 20  # without ignore_eos this prompt ends early
+    counts = [c["usage"]["completion_tokens"] for c in chunks if c["choices"]]
+    assert counts == sorted(counts) and counts[-1] == 20 and len(set(counts)) > 2
+    assert all(c["usage"]["prompt_tokens"] == chunks[-1]["usage"]["prompt_tokens"]
+               for c in chunks)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 20
     whole = client.post("/v1/completions", json={**body, "stream": False,
                                                  "stream_options": None}).json()
-    assert text == whole["choices"][0]["text"] and whole["choices"][0]["token_ids"] == toks
-    assert chunks[-1]["usage"]["completion_tokens"] == len(toks)
-    for extra, param, words in (
-            ({"ignore_eos": True}, "ignore_eos", "ignore_eos"),
-            ({"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
-             "stream_options", "continuous_usage_stats")):
-        r = client.post("/v1/completions", json={**body, **extra})
-        err = r.json()["error"]
-        assert r.status_code == 400 and err["param"] == param and words in err["message"]
+    assert whole["choices"][0]["text"] == text and whole["choices"][0]["token_ids"] == toks
+    low = client.post("/v1/completions", json={**body, "stream": False, "stream_options": None,
+                                               "ignore_eos": False, "min_tokens": 12}).json()
+    assert low["choices"][0]["token_ids"] == dec.generate(
+        p, rule=af.AAD(0.1), max_new_tokens=20, stop=list(pair[3]), min_tokens=12).tokens[0]
+    assert len(low["choices"][0]["token_ids"]) >= 12
+
+
+def test_batched_prompts_stream_with_choice_indices(client, pair):
+    """Several prompts (and n) in one streamed request: each chunk names its choice; the
+    pieces of each choice join to the non-streamed text of the same request."""
+    prompts = pair[4][:3]
+    body = {"model": f"{NAME}:eft", "prompt": prompts, "max_tokens": 10, "stream": True,
+            "temperature": 0.7, "seed": 5, "n": 2}
+    chunks = _sse(client, body)
+    texts = {}
+    for c in chunks:
+        for ch in c["choices"]:
+            texts[ch["index"]] = texts.get(ch["index"], "") + ch["text"]
+    whole = client.post("/v1/completions", json={**body, "stream": False}).json()["choices"]
+    assert sorted(texts) == list(range(6)) == [c["index"] for c in whole]
+    assert [texts[i] for i in range(6)] == [c["text"] for c in whole]
+    for i, c in enumerate(whole):
+        assert c["token_ids"] == alone(pair, prompts[i // 2], af.EFT(
+            4.0, temperature=0.7, seed=5 + i % 2), 10)
 
 
 def test_inspect_ai_chat_body(client, pair):
@@ -366,3 +471,59 @@ def test_inspect_ai_chat_body(client, pair):
                         max_new_tokens=8, stop=list(stop))
     assert r.json()["choices"][0]["token_ids"] == want.tokens[0]
     assert r.json()["model"] == f"{NAME}:eft"
+
+
+def test_inspect_ai_stop_seqs_and_logprobs(client, pair):
+    """inspect-ai with ``--stop-seqs`` (several tokens) and ``--logprobs --top-logprobs 3``:
+    chat ``logprobs: true``, ``top_logprobs`` 3; the text is cut at the phrase, every content
+    entry is a completion token with its log-probability under the aligned model."""
+    dec, tok, _, stop, prompts = pair
+    msgs = [{"role": "user", "content": prompts[2]}]
+    free = dec.generate(prompts[2], rule=af.AAD(0.1), max_new_tokens=12, stop=list(stop),
+                        chat=True)
+    phrase = " ".join(free.text[0].split()[1:3])
+    r = client.post("/v1/chat/completions", json={
+        "model": NAME, "messages": msgs, "max_tokens": 12, "stop": [phrase],
+        "logprobs": True, "top_logprobs": 3})
+    assert r.status_code == 200, r.text
+    ch = r.json()["choices"][0]
+    want = dec.generate(prompts[2], rule=af.AAD(0.1), max_new_tokens=12,
+                        stop=list(stop) + [phrase], chat=True)
+    assert (ch["token_ids"], ch["message"]["content"]) == (want.tokens[0], want.text[0])
+    assert ch["stop_reason"] == phrase and phrase not in ch["message"]["content"]
+    content = ch["logprobs"]["content"]
+    prompt_ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    prompt_ids = list(prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids)
+    hf, full = _hf_logprobs(dec.model_a, prompt_ids + ch["token_ids"])
+    assert [c["logprob"] for c in content] == pytest.approx(hf[len(prompt_ids) - 1:], rel=0,
+                                                             abs=1e-5)
+    assert [c["token"] for c in content] == [tok.decode([i]) for i in ch["token_ids"]]
+    for j, c in enumerate(content):
+        assert len(c["top_logprobs"]) == 3 and c["bytes"] == list(c["token"].encode())
+        row = full[len(prompt_ids) - 1 + j]
+        assert c["top_logprobs"][0]["token"] == tok.decode([int(row[:dec.vocab].argmax())])
+
+
+def test_streamed_stop_phrase_never_shows_what_it_cuts(client, pair):
+    """A stream with a stop phrase of several tokens: every piece is a prefix of the final
+    text (the phrase's start is held back until the match), the pieces join to the
+    non-streamed text, and the phrase is the choice's stop_reason."""
+    dec, tok, _, stop, prompts = pair
+    free = dec.generate(prompts, rule=af.AAD(0.1), max_new_tokens=16, stop=list(stop))
+    text, prompt = max(zip(free.text, prompts), key=lambda x: len(x[0].split()))
+    phrase = " ".join(text.split()[-3:-1])  # late: text is shown before the match
+    assert len(tok.encode(phrase, add_special_tokens=False)) > 1
+    body = {"model": NAME, "prompt": prompt, "max_tokens": 16, "stop": [phrase],
+            "stream": True}
+    chunks = _sse(client, body)
+    pieces = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+    assert len([p for p in pieces if p]) > 1  # text was shown before the match
+    whole = client.post("/v1/completions", json={**body, "stream": False}).json()["choices"][0]
+    assert "".join(pieces) == whole["text"] and phrase not in whole["text"]
+    assert whole["stop_reason"] == phrase and chunks[-1]["choices"][0]["stop_reason"] == phrase
+    shown = ""
+    for p in pieces:
+        shown += p
+        assert whole["text"].startswith(shown)
+    assert whole["token_ids"] == dec.generate(prompt, rule=af.AAD(0.1), max_new_tokens=16,
+                                              stop=list(stop) + [phrase]).tokens[0]

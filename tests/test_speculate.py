@@ -265,7 +265,7 @@ def test_the_verify_step_is_capture_safe(models, monkeypatch, backend, kind, rul
         monkeypatch.setattr(selectors, "select_core",
                             lambda *a: ops._run_backend(a[-1], *a[:-1]))
     checks = []
-    orig = spec.verify_one
+    orig = spec.verify_advance  # the step a VerifySteps captures: verify_one, then advance
 
     def wrapped(*args):
         if checks:
@@ -274,12 +274,12 @@ def test_the_verify_step_is_capture_safe(models, monkeypatch, backend, kind, rul
             out = orig(*args)
         checks.append(chk)
         return out
-    monkeypatch.setattr(spec, "verify_one", wrapped)
+    monkeypatch.setattr(spec, "verify_advance", wrapped)
     dec = _decoder(models, kind, backend=None if backend == "default" else "torch",
                    draft=spec.FixedDraft(_wrong), speculate=3)
     dec.generate(input_ids=PROMPTS, rule=rule, max_new_tokens=4)
     assert len(checks) == 1
-    checks[0].assert_safe(f"verify_one of {rule} on the {kind} pair ({backend} backend)")
+    checks[0].assert_safe(f"verify_advance of {rule} on the {kind} pair ({backend} backend)")
 
 
 def test_cli_draft_and_speculate_flags_reach_the_decoder(model_dirs, capsys):

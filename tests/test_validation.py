@@ -102,11 +102,19 @@ def test_float_ids_and_fractional_masks_are_refused_not_coerced(pair):
                      max_new_tokens=2)
 
 
-def test_stop_string_outside_the_vocabulary_is_refused(lora_pair):
+def test_stop_string_outside_the_vocabulary_is_text_and_empty_is_refused(lora_pair):
+    """A stop string the vocabulary has no token for is matched on the text (it may be made of
+    several tokens); it never occurs here, so the decode is the plain one. An empty one is
+    refused."""
     dpo, tok = lora_pair
     dec = Decoder(dpo, tokenizer=tok, max_batch_size=2, max_seq_len=64)
+    assert dec.stops(["zebrafish"])[1] == ("zebrafish",)
+    got = dec.generate("what is 2 plus 3 ?", stop=["zebrafish"], max_new_tokens=4)
+    assert got.tokens == dec.generate("what is 2 plus 3 ?", max_new_tokens=4).tokens
+    with pytest.raises(ValueError, match="stop strings must be non-empty"):
+        dec.generate("what is 2 plus 3 ?", stop=[""], max_new_tokens=2)
     with pytest.raises(ValueError, match="stop string 'zebrafish' is not in the vocabulary"):
-        dec.generate("what is 2 plus 3 ?", stop=["zebrafish"], max_new_tokens=2)
+        dec.stop_ids(["zebrafish"])  # stop_ids: single-token strings only
 
 
 def test_tokenizer_given_as_a_string(tmp_path, pair):

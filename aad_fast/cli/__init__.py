@@ -31,7 +31,14 @@ def generate_settings(a, rule) -> dict:
         return None if x is None else os.path.abspath(x)
     return {"command": "generate", "aligned": path(a.aligned), "reference": path(a.reference),
             "rule": repr(rule), "max_new_tokens": a.max_new_tokens, "chat": a.chat,
-            "stop": a.stop or None, "dtype": a.dtype}
+            "stop": a.stop or None, "dtype": a.dtype, **_ends(a)}
+
+
+def _ends(a) -> dict:
+    """``--min-tokens`` / ``--ignore-eos`` where given (a run without them records neither, as
+    before they existed, so its sidecar still matches)."""
+    return {k: v for k, v in (("min_tokens", getattr(a, "min_tokens", 0)),
+                              ("ignore_eos", getattr(a, "ignore_eos", False))) if v}
 
 
 CONTINUOUS_CHUNK = 16  # batches' worth of prompts per Decoder.generate call
@@ -46,6 +53,8 @@ def generate_inputs(a):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     check_stop_ids(a)
+    if getattr(a, "min_tokens", 0) < 0:
+        raise ValueError(f"--min-tokens must be >= 0, got {a.min_tokens}")
     out = getattr(a, "out", None)
     if out and a.prompts_file and os.path.exists(out) and os.path.exists(a.prompts_file) \
             and os.path.samefile(out, a.prompts_file):
@@ -134,7 +143,8 @@ def cmd_generate(a) -> int:
                                        disable=job.out is None))
         for chunk in job.chunks():
             gen = dec.generate([job.rows[i]["prompt"] for i in chunk], rule=job.rule,
-                               chat=a.chat, max_new_tokens=a.max_new_tokens, stop=a.stop or None)
+                               chat=a.chat, max_new_tokens=a.max_new_tokens, stop=a.stop or None,
+                               **_ends(a))
             for j, i in enumerate(chunk):
                 text = gen.text[j] if gen.text is not None else None
                 rec = generate_record(a, job.rows[i], text, gen.tokens[j], gen.finish_reason[j])
@@ -194,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     add_stop_arguments(g, "")
+    g.add_argument("--min-tokens", type=int, default=0, metavar="N",
+                   help="no stop id (EOS included) or stop string ends a row before N tokens "
+                        "(vLLM's min_tokens; not with --ray)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="the model's EOS does not end a row; --stop still does (not with --ray)")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
     g.add_argument("--max-seq-len", type=int, default=None,
                    help="prompt + new tokens per row (default 2048, or the model's learned "

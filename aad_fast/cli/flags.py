@@ -72,8 +72,9 @@ def add_stop_arguments(p, scope: str = "") -> None:
     """``--stop STR ...`` and ``--stop-id N`` (repeatable), both into one list ``a.stop`` of
     strings and ints (``Decoder.stop_ids`` takes either)."""
     p.add_argument("--stop", nargs="*", action="extend", default=None, metavar="STR",
-                   help=f"extra single-token stop strings{scope} (repeatable); a stop text that "
-                        "is several tokens: give its token id(s) with --stop-id")
+                   help=f"extra stop strings{scope} (repeatable), of any length: matched on "
+                        "the decoded text, which is cut where the string starts (one that is "
+                        "a single token also stops on its id)")
     p.add_argument("--stop-id", dest="stop", action="append", type=int, metavar="N",
                    help=f"an extra stop token id{scope} (repeatable: --stop-id 13 --stop-id 42); "
                         "joins the --stop list")

@@ -38,6 +38,8 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
 def dispatch(single, distributed):
     """The command's function: ``distributed`` (by name, in this module) with ``--ray``."""
     def run(a):
+        if a.ray and (getattr(a, "min_tokens", 0) or getattr(a, "ignore_eos", False)):
+            raise ValueError("--min-tokens and --ignore-eos are not supported with --ray yet")
         if a.ray:
             return globals()[distributed](a)
         if a.parquet or a.ray_address or a.workers:

@@ -29,6 +29,7 @@ from .prompt_rows import MAX_STOP_IDS, Rows
 from .scheduler import Request, Scheduler, new_state
 from .selectors import make_selector, rule_kind
 from .speculate import SpecExecutor, Speculator, resolve_draft
+from .verify_steps import VerifySteps
 
 
 def bucket(rows: int, cap: int) -> int:
@@ -51,6 +52,19 @@ def text_delta(shown: str, text: str, final: bool = False) -> tuple:
     if stable.startswith(shown) and len(stable) > len(shown):
         return stable[len(shown):], stable
     return "", shown
+
+
+def partial_text(sched: Scheduler, res, tokenizer) -> str:
+    """The text a stream of ``res`` may show now: its final text once done (a stop string's
+    cut included), else the text of its tokens so far without the end that could begin one
+    of its stop strings (``StopStrings.shown``: a later match would cut it)."""
+    if res.done and res.text is not None:
+        return res.text
+    text = tokenizer.decode(sched.partial(res), skip_special_tokens=True)
+    stops = res.request.stops
+    if stops is None or res.done:
+        return text
+    return stops.shown(text.rstrip("\ufffd"))
 
 
 @dataclass
@@ -84,9 +98,10 @@ class Driver:
         self._entries: OrderedDict = OrderedDict()
         self._pickers: dict = {}  # best-of-n picker models loaded from paths
 
-    def _new_scheduler(self, rule: Rule, n: int) -> Scheduler:
+    def _new_scheduler(self, rule: Rule, n: int, min_tokens: bool = False) -> Scheduler:
         """``Decoder.scheduler``'s ``Scheduler`` of ``n`` rows for ``rule``'s kind, over KV pools,
-        runners, selector and state of its own (checked by the caller)."""
+        runners, selector and state of its own (checked by the caller); ``min_tokens``: its
+        state takes per-row ``min_new_tokens`` (``new_state``)."""
         streams = rule.streams
         pools = self._make_pools(n, streams)  # its own: its rows stay live between other calls
         check_fits(sum(p.nbytes for p in pools.values()), self.device, n, self.max_seq_len,
@@ -100,7 +115,7 @@ class Driver:
                                    self.backend, self.device)
             return Scheduler(pair, bs, None, rule, check_every=self.check_every)
         sel = make_selector(rule, n, self.vocab, self.device, self.backend)
-        st = new_state(n, self.max_seq_len, MAX_STOP_IDS, self.device)
+        st = new_state(n, self.max_seq_len, MAX_STOP_IDS, self.device, min_tokens)
         st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
         name = type(self.base).__name__
 
@@ -114,8 +129,11 @@ class Driver:
                                       graphs=True, compiled=False)
         sched = Scheduler(pair, sel, st, rule, check_every=self.check_every, prepare=prepare)
         if k:  # a draft of its own (its rows are this scheduler's), unless given as an object
+            vsteps = VerifySteps(pair, sel, st, k, name, read_ladder(
+                self.max_seq_len, self.device), graphs=True, compiled=False) \
+                if self.use_graphs else None  # (captured per width and length on first use)
             sched.executor = SpecExecutor(sched.executor, Speculator(
-                resolve_draft(self._draft_spec, self), k, pair, sel, st, self.vocab))
+                resolve_draft(self._draft_spec, self), k, pair, sel, st, self.vocab, vsteps))
         return sched
 
     def _bucket(self, b: int) -> int:
@@ -186,36 +204,43 @@ class Driver:
             del self._entries[k]
 
     def _compile_key(self, streams: str, n: int) -> str:
-        """The tuning entry of the compiled-vs-eager choice: model shape, pair, rows, device."""
+        """The tuning entry of the compiled-vs-eager choice: model shape, pair, rows, device,
+        and ``/verify{k}`` for a Decoder that speculates ``k`` (its step is a verify step)."""
         model = self.base if streams != "r" or self.kind != "two" else self.model_r
         cfg = model.config
         sig = (f"{type(model).__name__}-h{getattr(cfg, 'hidden_size', '?')}"
                f"-l{getattr(cfg, 'num_hidden_layers', '?')}-v{self.vocab}-"
                f"{str(next(model.parameters()).dtype).replace('torch.', '')}")
         pair = self.kind if streams == "ar" else f"single-{streams}"
-        return f"compile/{self.device.type}/{sig}/{pair}/rows{n}"
+        k = getattr(self, "speculate", 0)
+        return f"compile/{self.device.type}/{sig}/{pair}/rows{n}" + (f"/verify{k}" if k else "")
 
     def _wants_compile(self, key: str, max_new: int, longest: int = 1) -> bool:
         """``compile``, or for ``"auto"`` whether this machine's record says compiling pays
         for ``max_new`` tokens after a prompt of ``longest``: one compile per rung of the read
-        ladder the call's rows reach (``cache.read_ladder``)."""
+        ladder the call's rows reach (``cache.read_ladder``), twice for a Decoder that
+        speculates (a verify step of ``k + 1`` positions and one of ``1``: ``VerifySteps``)."""
         if self.compile is True or self.compile is False:
             return self.compile and max_new > 1
         ladder = read_ladder(self.max_seq_len, self.device)
         lo = ladder_length(ladder, longest + 1)
         hi = ladder_length(ladder, longest + max_new)
-        return tuning.compile_pays(key, max_new - 1, sum(lo <= r <= hi for r in ladder))
+        widths = 2 if getattr(self, "speculate", 0) else 1
+        return tuning.compile_pays(key, max_new - 1,
+                                   widths * sum(lo <= r <= hi for r in ladder))
 
-    def _entry(self, pair, n: int, rule: Rule):
+    def _entry(self, pair, n: int, rule: Rule, min_tokens: bool = False):
         """Selector, decode state and captured graph for ``n`` rows of ``rule``'s kind
         (``selectors.rule_kind``): one entry, so one graph, serves every value of the kind;
-        ``rule``'s values are written into the selector's tensors here. At most
-        ``MAX_ENTRIES`` are kept, least recently used dropped first."""
-        key = (id(pair), rule.streams, rule_kind(rule))  # the pair fixes the row count
+        ``rule``'s values are written into the selector's tensors here. ``min_tokens``: an
+        entry whose step masks stop ids until each row's ``min_new_tokens`` (a decode without
+        them runs none of that). At most ``MAX_ENTRIES`` are kept, least recently used
+        dropped first."""
+        key = (id(pair), rule.streams, rule_kind(rule), min_tokens)  # the pair fixes the rows
         ent = self._entries.get(key)
         if ent is None or ent["pair"] is not pair:
             sel = make_selector(rule, n, self.vocab, self.device, self.backend)
-            st = new_state(n, pair.runners[0].max_len, MAX_STOP_IDS, self.device)
+            st = new_state(n, pair.runners[0].max_len, MAX_STOP_IDS, self.device, min_tokens)
             ent = {"sel": sel, "st": st, "pair": pair}
             self._entries[key] = ent
             while len(self._entries) > self.MAX_ENTRIES:
@@ -284,23 +309,26 @@ class Driver:
                              "prompt's beams are rows of one batch; pass a larger "
                              "Decoder(max_batch_size=...) or fewer beams")
 
-    def _best_of_n(self, rule: BestOfN, rows: Rows, max_new, stop_ids) -> Generation:
+    def _best_of_n(self, rule: BestOfN, rows: Rows, max_new, stop_ids,
+                   min_new: int = 0) -> Generation:
         """BestOfN: ``rule.n`` samples per prompt (``search.samples``: each an ordinary
         request with its own seed) through the one decode loop (``_decode``, continuous batching
         past ``max_batch_size``), then the picker's choice (``search.pick_best``)."""
         sample, rep, seeds = search.samples(rule, rows.a)
-        for got in self._decode(sample, Rows(rep, rep), max_new, stop_ids, seeds=seeds):
+        for got in self._decode(sample, Rows(rep, rep), max_new, stop_ids, seeds=seeds,
+                                min_new=min_new):
             pass
         model, ptok = search.load_picker(rule.picker, self.device, self._pickers)
         best = search.pick_best(rule.n, rep, got, model, ptok or self.tokenizer, self.tokenizer)
         return Generation(text=self._text(best["tokens"]), stats=dict(got.stats, n=rule.n),
                           **best)
 
-    def _decode(self, rule, rows: Rows, max_new, stop_ids, seeds=None, partial=False):
+    def _decode(self, rule, rows: Rows, max_new, stop_ids, seeds=None, partial=False,
+                min_new: int = 0, stops=None):
         """Every row of ``rows`` through a ``Scheduler``: all admitted at once when they fit
         ``max_batch_size`` (a static batch), else the rows that fit first and each freed row
-        refilled with the next prompt (continuous batching). ``seeds``: one int per row, its
-        request's seed (best-of-n's samples); ``None``: the rule's."""
+        refilled with the next prompt (continuous batching). ``seeds``, ``min_new``, ``stops``:
+        ``_submit_rows``. ``partial``: yield row 0's text after each burst, then the result."""
         b = len(rows.a)
         self._check_lengths(rows, max_new, b, refill=True)
         n = self._bucket(min(b, self.max_batch_size))
@@ -309,62 +337,67 @@ class Driver:
         ckey = self._compile_key(streams, n)
         compiled = self._wants_compile(ckey, max_new, longest)
         pair = self._pair(n, streams, longest + max_new, static=self.use_graphs or compiled)
-        ent = self._entry(pair, n, rule)
+        ent = self._entry(pair, n, rule, min_new > 0)
         sel, st = ent["sel"], ent["st"]
         st.names = ("reference", "reference") if streams == "r" else ("aligned", "reference")
         stream_rows = {"ar": (rows.a, rows.r), "a": (rows.a, rows.a), "r": (rows.r, rows.r)}
         ra, rr = stream_rows[streams]
         sched = Scheduler(pair, sel, st, rule, check_every=self.check_every)
-        k = self._speculating(sched)
-        handles = [sched.submit(Request(ids_a=ra[i], ids_r=rr[i], max_new_tokens=max_new,
-                                        stop_ids=tuple(stop_ids), tag=i,
-                                        seed=None if seeds is None else seeds[i]))
-                   for i in range(b)]
-        sync = sched.sync
+        k = self._speculating(sched, ent, max_new, compiled)
+        handles = _submit_rows(sched, ra, rr, max_new, stop_ids, seeds, min_new, stops)
         t0, t1 = _first_admission(sched)
         with torch.inference_mode():
             lsteps = None if k else self._length_steps(ent, pair, max_new, compiled)
-            compiles = lsteps.compiles if lsteps is not None else 0
+            built = sched.executor.spec.steps if k else lsteps  # (build times, compiles)
+            compiles = built.compiles if built is not None else 0
             if lsteps is not None:
                 lsteps.prepare()  # the first step's length, outside the timed decode
             sched.step = lsteps
             st.ref_head.update(sparse=0, full=0, candidates=0)  # not the compile's warm-up
             for r in pair.runners:
                 r.reads = {}
-            sync()
+            sched.sync()
             t2 = time.perf_counter()
-            built_s = lsteps.build_s if lsteps is not None else 0.0
+            built_s = built.build_s if built is not None else 0.0
             while sched.burst() is not None:
                 if partial and sched.busy:
-                    yield self._text([sched.partial(handles[0])])[0]
-            sync()
+                    yield partial_text(sched, handles[0], self.tokenizer)
+            sched.sync()
             t3 = time.perf_counter()
             # lengths first reached mid-decode were built then: capture time, not decode time
-            late_s = lsteps.build_s - built_s if lsteps is not None else 0.0
+            late_s = built.build_s - built_s if built is not None else 0.0
         tokens = [h.tokens for h in handles]
-        out = Generation(tokens=tokens, text=self._text(tokens),
+        out = Generation(tokens=tokens, text=self._text(tokens, handles),
                          finish_reason=[h.finish_reason for h in handles])
         out.stats = self._decode_stats(sched, out, pair, sel, st, lsteps, streams, n,
                                        (t0, t1, t2, t3, late_s))
         if k:
-            out.stats.update(_spec_stats(sched.executor.spec, handles, out.stats, t3 - t2,
-                                         min(b, n)))
+            out.stats.update(_spec_stats(sched.executor.spec, handles, out.stats,
+                                         t3 - t2 - late_s, min(b, n)))
         compile_s = None
-        if lsteps is not None and lsteps.compiles > compiles:
-            compile_s = lsteps.compile_s  # compiled in this call (for compile="auto")
-        if out.stats["steps"] > 8 and b <= n and not k:  # enough steps to say what the step costs
+        if built is not None and built.compiles > compiles:
+            compile_s = built.compile_s  # compiled in this call (for compile="auto")
+        if out.stats["steps"] > 8 and b <= n:  # enough steps to say what the step costs
             tuning.observe_step(ckey, out.stats["compiled"], out.stats["ms_per_token"],
                                 compile_s)  # for compile="auto"
         yield out
 
-    def _speculating(self, sched: Scheduler) -> int:
+    def _speculating(self, sched: Scheduler, ent: dict, max_new: int, compiled: bool) -> int:
         """Give ``sched`` a ``speculate.SpecExecutor`` with this Decoder's draft when it
-        speculates (verify steps of drafted tokens, eager, in place of the one-token step);
+        speculates (verify steps of drafted tokens in place of the one-token step: the entry's
+        ``VerifySteps`` for graphs and/or a compiled step, made on first use, else eager);
         returns ``k`` (0: no speculation)."""
         k = getattr(self, "speculate", 0)
         if k:
+            graphs = self.use_graphs and max_new > 1
+            skey = ("verify", k, graphs, compiled)
+            if (graphs or compiled) and skey not in ent:
+                ent[skey] = VerifySteps(
+                    sched.pair, ent["sel"], ent["st"], k, type(self.base).__name__,
+                    read_ladder(sched.pair.runners[0].max_len, self.device), graphs=graphs,
+                    compiled=compiled)
             sched.executor = SpecExecutor(sched.executor, Speculator(
-                self.draft, k, sched.pair, sched.sel, sched.st, self.vocab))
+                self.draft, k, sched.pair, sched.sel, sched.st, self.vocab, ent.get(skey)))
         return k
 
     def _length_steps(self, ent: dict, pair, max_new: int, compiled: bool):
@@ -417,10 +450,14 @@ class Driver:
             **_read_stats(pair, reads),
         }
 
-    def _text(self, tokens):
+    def _text(self, tokens, results=None):
+        """The decoded ``tokens``; ``results``: their ``Result``s, whose ``text`` (cut at a
+        stop string) stands where it is set."""
         if self.tokenizer is None:
             return None
-        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        text = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return text if results is None else [t if r.text is None else r.text
+                                              for t, r in zip(text, results)]
 
 
 MAX_STATIC = 4  # kept static runner sets (each holds a KV cache and maybe compiled code)
@@ -471,6 +508,18 @@ def _spec_stats(spec: Speculator, handles, stats: dict, decode_s: float, rows: i
     out["ms_per_token"] = decode_s * 1e3 / max(after_first, 1)
     out["ms_per_verify_step"] = stats["ms_per_token"]
     return out
+
+
+def _submit_rows(sched: Scheduler, ra, rr, max_new, stop_ids, seeds, min_new, stops) -> list:
+    """One ``Request`` per row (prompt ids ``ra[i]``/``rr[i]``, tag ``i``) submitted to
+    ``sched``: ``seeds`` one int per row, its request's seed (best-of-n's samples; ``None``:
+    the rule's), ``min_new`` their ``min_new_tokens``, ``stops`` a maker of a row's
+    ``StopStrings`` (or ``None``). Returns their ``Result``s."""
+    return [sched.submit(Request(ids_a=ra[i], ids_r=rr[i], max_new_tokens=max_new,
+                                 stop_ids=tuple(stop_ids), tag=i,
+                                 seed=None if seeds is None else seeds[i],
+                                 min_new_tokens=min_new, stops=stops and stops()))
+            for i in range(len(ra))]
 
 
 def _first_admission(sched: Scheduler) -> tuple:

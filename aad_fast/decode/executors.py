@@ -16,6 +16,10 @@ makes their first choice; ``run(n, live, step)`` runs ``n`` steps of every row; 
 is the one look at the device after a burst (raising for a slot with no candidate, naming its
 request) and returns ``{slot: (tokens, finish_reason, score)}`` of the slots that ended;
 ``stop(slot)`` idles a cancelled slot; ``partial(result)`` reads a live request's tokens.
+
+Stop strings (``stop_strings``) are matched by ``RowExecutor.finished``, on the tokens of the
+requests that have them (one host copy of those rows per burst): a match ends its row (marked done
+on the device) and puts the cut text in its result (``Result.text``, ``stop_reason``).
 """
 from __future__ import annotations
 
@@ -62,7 +66,8 @@ class RowExecutor:
             one = torch.tensor([slot], dtype=torch.int64, device=dev)
             self.sel.set_rows(one, rule, r.seed)
         dst = torch.tensor(slots, dtype=torch.int64, device=dev)
-        engine.admit(self.pair, self.sel, self.st, dst, *prompts, stop, lim)
+        low = torch.tensor([r.min_new_tokens for r in requests], dtype=torch.int64)
+        engine.admit(self.pair, self.sel, self.st, dst, *prompts, stop, lim, low)
 
     def run(self, n: int, live: dict, step=None) -> None:
         step = step or engine.default_step(self.pair, self.sel, self.st)
@@ -77,14 +82,40 @@ class RowExecutor:
         if any(flags[1]) or any(flags[2]):
             tags = {slot: _tag(res, slot) for slot, res in live.items()}
             engine.check(st, rows=[tags.get(i, i) for i in range(self.n)])
-        ended = [slot for slot in live if flags[0][slot]]
+        matched = self._stop_strings(live, flags[0])
+        ended = [slot for slot in live if flags[0][slot] or slot in matched]
         if not ended:
             return {}
         for slot in ended:
             live[slot].steps = min(live[slot].steps, live[slot].request.max_new_tokens)
         outs = st.out[ended, :max(live[s].steps for s in ended)].tolist()
-        return {slot: (*_cut(out[:live[slot].steps], live[slot].request.stop_ids), None)
-                for slot, out in zip(ended, outs)}
+        out = {slot: (*_cut(out[:live[slot].steps], live[slot].request.stop_ids), None)
+               for slot, out in zip(ended, outs)}
+        for slot, m in matched.items():  # a stop string: its completing token is the last kept
+            res = live[slot]
+            res.text, res.stop_reason = m.text, m.stop
+            out[slot] = (out[slot][0][:m.n_tokens], "stop", None)
+        return out
+
+    def _stop_strings(self, live: dict, done: list) -> dict:
+        """``{slot: StopMatch}`` of the live requests with stop strings whose text now holds
+        one (``StopStrings.check``; ``final`` for a row that ended); a live row that matched
+        is marked done on the device."""
+        slots = [slot for slot, res in live.items() if res.request.stops is not None]
+        if not slots:
+            return {}
+        width = max(min(live[s].steps, live[s].request.max_new_tokens) for s in slots)
+        matched = {}
+        for slot, out in zip(slots, self.st.out[slots, :width].tolist()):
+            res = live[slot]
+            toks = _cut(out[:min(res.steps, res.request.max_new_tokens)],
+                        res.request.stop_ids)[0]
+            m = res.request.stops.check(toks, final=bool(done[slot]))
+            if m is not None:
+                matched[slot] = m
+        if matched:
+            self.st.done[list(matched)] = True
+        return matched
 
     def stop(self, slot: int) -> None:
         self.st.done[slot] = True  # an idle row: never flagged, never read

@@ -46,10 +46,59 @@ def as_id(x):
 EOS_SOURCES = ("the model's generation_config", "the model's config", "the tokenizer")
 
 
-def resolve_stop_ids(stop, model, tokenizer, vocab: int) -> list:
+def resolve_stop_ids(stop, model, tokenizer, vocab: int, eos: bool = True) -> list:
     """``model``'s (and ``tokenizer``'s) end-of-sequence id(s) plus the caller's ``stop`` (ids or
     single-token strings), sorted; at most ``MAX_STOP_IDS``. Every id must be one the Decoder
-    can choose (``[0, vocab)``): a stop id it can never choose would silently never stop."""
+    can choose (``[0, vocab)``): a stop id it can never choose would silently never stop.
+    ``eos=False``: without the end-of-sequence ids (``ignore_eos``). A string of several tokens
+    is refused here (``resolve_stops`` takes it as a stop string)."""
+    ids, texts = resolve_stops(stop, model, tokenizer, vocab, eos)
+    for s in texts:
+        tid, _ = _stop_string_id(s, tokenizer)
+        if tid is None:
+            _stop_string_id(s, tokenizer, strict=True)  # raises, naming the string
+    return ids
+
+
+def resolve_stops(stop, model, tokenizer, vocab: int, eos: bool = True) -> tuple:
+    """``(ids, strings)``: the stop ids (``resolve_stop_ids``: the model's EOS unless ``eos`` is
+    false, the caller's ids and the ids of its single-token strings) and the stop strings
+    matched on the decoded text (``stop_strings``): every caller string that can appear there,
+    i.e. all but the special tokens (which decode to nothing), a single-token one included (its
+    id stops on the device; the text catches the same phrase made of several tokens)."""
+    ids = set(_eos_ids(model, tokenizer, vocab)) if eos else set()
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str) or as_id(stop) is not None:
+        stop = [stop]
+    elif not hasattr(stop, "__iter__"):
+        raise ValueError(f"stop must be a token id, a string or a list of them, got {stop!r}")
+    texts = []
+    for s in stop:
+        tid = as_id(s)
+        as_text = False
+        if tid is None and isinstance(s, str):
+            if not s:
+                raise ValueError("stop strings must be non-empty, got ''")
+            tid, as_text = _stop_string_id(s, tokenizer)
+        elif tid is None:
+            raise ValueError(f"stop entries must be token ids or strings, got {s!r}")
+        if as_text and s not in texts:
+            texts.append(s)
+        if tid is None:
+            continue
+        if not 0 <= tid < vocab:
+            raise ValueError(f"stop {s!r} (id {tid}) is outside the vocabulary [0, {vocab}) the "
+                             "Decoder chooses from, so no row could ever stop on it")
+        ids.add(tid)
+    if len(ids) > MAX_STOP_IDS:
+        raise ValueError(f"at most {MAX_STOP_IDS} stop ids are supported, got {len(ids)}")
+    return sorted(ids), tuple(texts)
+
+
+def _eos_ids(model, tokenizer, vocab: int) -> set:
+    """The end-of-sequence ids of ``model``'s generation config and config and of
+    ``tokenizer``, each checked to be in ``[0, vocab)``."""
     ids = set()
     srcs = (getattr(model, "generation_config", None), model.config, tokenizer)
     for name, src in zip(EOS_SOURCES, srcs):
@@ -67,46 +116,32 @@ def resolve_stop_ids(stop, model, tokenizer, vocab: int) -> list:
                     "tokenizer's id range), so no row could ever stop on it; fix that "
                     "eos_token_id, or give a tokenizer/model that has this id")
             ids.add(tid)
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str) or as_id(stop) is not None:
-        stop = [stop]
-    elif not hasattr(stop, "__iter__"):
-        raise ValueError(f"stop must be a token id, a string or a list of them, got {stop!r}")
-    for s in stop:
-        tid = as_id(s)
-        if tid is None and isinstance(s, str):
-            tid = _stop_string_id(s, tokenizer)
-        elif tid is None:
-            raise ValueError(f"stop entries must be token ids or strings, got {s!r}")
-        if not 0 <= tid < vocab:
-            raise ValueError(f"stop {s!r} (id {tid}) is outside the vocabulary [0, {vocab}) the "
-                             "Decoder chooses from, so no row could ever stop on it")
-        ids.add(tid)
-    if len(ids) > MAX_STOP_IDS:
-        raise ValueError(f"at most {MAX_STOP_IDS} stop ids are supported, got {len(ids)}")
-    return sorted(ids)
+    return ids
 
 
-def _stop_string_id(s: str, tokenizer) -> int:
-    """The one token id of the stop string ``s`` (a token of the vocabulary, or a string that
-    encodes to one known token)."""
+def _stop_string_id(s: str, tokenizer, strict: bool = False) -> tuple:
+    """``(id, as_text)`` of the stop string ``s``: its one token id (a token of the vocabulary,
+    or a string that encodes to one known token) or ``None``, and whether it is matched on the
+    text too (it can appear there: not a special token). ``strict``: a string that is not one
+    token raises (the callers that take ids only)."""
     if tokenizer is None:
         raise ValueError(f"stop string {s!r} needs a tokenizer; pass ids instead")
     enc = tokenizer.encode(s, add_special_tokens=False)
     tid = tokenizer.convert_tokens_to_ids(s)
     unk = getattr(tokenizer, "unk_token_id", None)
-    if isinstance(tid, int) and (tid != unk or s == getattr(tokenizer, "unk_token", None)):
-        return tid
-    if len(enc) == 1 and enc[0] != unk:
-        return enc[0]
+    if not (isinstance(tid, int) and (tid != unk or s == getattr(tokenizer, "unk_token", None))):
+        tid = enc[0] if len(enc) == 1 and enc[0] != unk else None
+    if tid is not None:
+        return tid, tokenizer.decode([tid], skip_special_tokens=True) == s
+    if not strict:
+        return None, True
     if len(enc) == 1:
         raise ValueError(f"stop string {s!r} is not in the vocabulary (it encodes to the "
                          f"unknown token {unk}); pass a string the tokenizer knows, or ids")
     raise ValueError(f"stop string {s!r} is {len(enc)} tokens {enc}; only "
-                     "single-token stop strings are supported; stop at one of its ids instead "
-                     "(stop=[id] in Python, --stop-id N on the command line, stop_token_ids "
-                     "on the server)")
+                     "single-token stop strings are supported here; stop at one of its ids "
+                     "instead (stop=[id] in Python, --stop-id N on the command line, "
+                     "stop_token_ids on the server)")
 
 
 def encode(tokenizer, vocab: int, prompts, input_ids, attention_mask, chat) -> list:

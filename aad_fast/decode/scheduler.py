@@ -47,7 +47,10 @@ class Request:
     sees as ``a`` and ``r`` (``ids_r`` defaults to ``ids_a``); ``rule``: this request's values
     (its kind must be the scheduler's; ``None`` = the scheduler's ``rule``);
     ``stop_ids``: ids that end it (excluded from ``tokens``); ``seed`` overrides the rule's seed
-    (sampled rules); ``tag``: the caller's name for it in error messages."""
+    (sampled rules); ``tag``: the caller's name for it in error messages; ``min_new_tokens``:
+    its stop ids cannot be chosen before this many tokens (a scheduler whose state has
+    ``min_new``: ``new_state(min_tokens=True)``); ``stops``: a ``stop_strings.StopStrings`` of
+    its own, matched on its text at every check (the match ends it, ``Result.text``)."""
 
     ids_a: list
     ids_r: list | None = None
@@ -56,6 +59,8 @@ class Request:
     stop_ids: tuple = ()
     seed: int | None = None
     tag: object = None
+    min_new_tokens: int = 0
+    stops: object = None
 
     def __post_init__(self):
         self.check()
@@ -68,6 +73,10 @@ class Request:
         who = "" if self.tag is None else f"request {self.tag!r}: "
         try:
             self.max_new_tokens = check_int("max_new_tokens", self.max_new_tokens, 1)
+            self.min_new_tokens = check_int("min_new_tokens", self.min_new_tokens, 0)
+            if self.min_new_tokens > self.max_new_tokens:
+                raise ValueError(f"min_new_tokens={self.min_new_tokens} exceeds "
+                                 f"max_new_tokens={self.max_new_tokens}")
             if self.seed is not None:
                 self.seed = check_seed(self.seed)
             self.stop_ids = tuple(_ids("stop_ids", self.stop_ids, None))
@@ -113,6 +122,8 @@ class Result:
     first_token: float | None = None
     finished: float | None = None
     score: float | None = None  # beam search: the returned beam's summed score
+    text: str | None = None  # the output text when a stop string cut it (else decode tokens)
+    stop_reason: str | None = None  # the stop string that ended it
     steps: int = field(default=0, repr=False)  # tokens chosen so far (host count)
     width: int = field(default=0, repr=False)  # beam search: the slots its prompt took
 
@@ -196,6 +207,12 @@ class Scheduler:
         if len(set(r.stop_ids)) > self.max_stop:
             raise ValueError(f"at most {self.max_stop} stop ids per request, got "
                              f"{len(set(r.stop_ids))}")
+        if r.min_new_tokens and getattr(getattr(self.executor, "st", None), "min_new",
+                                        None) is None:
+            raise ValueError(f"{who}min_new_tokens needs a scheduler built for it "
+                             "(Decoder.scheduler(rule, min_tokens=True)); beam search has none")
+        if r.stops is not None and isinstance(self.executor, BeamExecutor):
+            raise ValueError(f"{who}stop strings are not supported with beam search")
         if r.rule is not None and self.kind_of(r.rule) != self.sel.kind:
             raise ValueError(f"{who}rule {r.rule!r} is of kind {self.kind_of(r.rule)}, this "
                              f"scheduler runs {self.sel.kind} (built for {self.rule!r}); give "
@@ -366,11 +383,15 @@ class Scheduler:
         return self.executor.partial(res)
 
 
-def new_state(n_rows: int, max_new: int, max_stop: int, device) -> engine.DecodeState:
+def new_state(n_rows: int, max_new: int, max_stop: int, device,
+              min_tokens: bool = False) -> engine.DecodeState:
     """A ``DecodeState`` for a ``Scheduler``: ``n_rows`` rows, outputs up to ``max_new`` ids,
-    per-row stop ids (up to ``max_stop``)."""
+    per-row stop ids (up to ``max_stop``); ``min_tokens``: with per-row ``min_new`` (its step
+    masks each row's stop ids until then: ``engine.early_stops``)."""
     st = engine.DecodeState.new(n_rows, max_new, device)
     st.stop = torch.full((n_rows, max_stop), -2, dtype=torch.int64, device=device)
+    if min_tokens:
+        st.min_new = torch.zeros(n_rows, dtype=torch.int64, device=device)
     return st
 
 

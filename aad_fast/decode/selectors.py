@@ -25,6 +25,14 @@ values into its rows only, and ``first(..., rows=)`` chooses the first token of 
 rows alone. The step counter is per row (``engine.DecodeState.t``), so a sampled row's noise is
 keyed by its own step, not by the batch's: the kernels take one scalar step, and
 ``row_seeds`` folds each row's step into its seed exactly (see there).
+
+``min_tokens``: a call's ``ban`` (``steps.early_stops``) names ids a row may not choose yet (its
+stop ids). They get -inf in what the rule chooses from, before any filter (vLLM masks them in
+the logits): the aligned logits ``a`` for the kinds whose candidates come from ``a`` (aad,
+contrastive, greedy; in place), the mixed ``z`` for mix (before top-k/top-p), OPAD's combined
+score (its remembered log-ratio stays the unmasked one). Masking both streams' logits instead
+would make ``w_a * la + w_r * lr`` NaN for weights of opposite signs (EFT) and would carry
+OPAD's mask one step past ``min_tokens``.
 """
 from __future__ import annotations
 
@@ -37,6 +45,16 @@ from ..ops import backends
 from ..ops import select_core
 from ..ops.reference import MASK32, mix32
 from ..rules import OPAD, Contrastive, Greedy, Mix, Rule, check_seed
+
+
+def ban_(x: Tensor, ban) -> Tensor:
+    """``x`` (``[n, V]``) with -inf, in place, where ``ban = (idx, on)`` says (int64 / bool
+    ``[n, S]``: ids in ``[0, V)``, banned where ``on``; an id repeated in a row carries one
+    flag: ``steps.early_stops``); ``ban=None``: ``x`` untouched. Graph-safe."""
+    if ban is not None:
+        idx, on = ban
+        x.scatter_(1, idx, torch.where(on, x.new_full((), -math.inf), x.gather(1, idx)))
+    return x
 
 
 def rule_kind(rule: Rule) -> tuple:
@@ -121,13 +139,14 @@ class CoreSelector:
         """Tensors that carry state from one step to the next (none: ``floor`` is rewritten)."""
         return []
 
-    def candidates(self, logits_a: Tensor) -> Tensor:
+    def candidates(self, logits_a: Tensor, ban=None) -> Tensor:
         """The candidate set ``K`` of each row, bool ``[n, vocab]``, for the kinds whose mask
         reads ``a`` alone (``aad``, ``contrastive``: ``m = a``): exactly the core's
-        ``(m > -inf) & (m >= max(floor, M + log_rel))`` in float32 (reference.select_ref)."""
+        ``(m > -inf) & (m >= max(floor, M + log_rel))`` in float32 (reference.select_ref).
+        ``ban``: as ``__call__`` (applied to ``logits_a`` in place)."""
         if self.kind[0] not in ("aad", "contrastive"):
             raise ValueError(f"candidates() is for the aad/contrastive kinds, not {self.kind}")
-        a = logits_a[:, : self.vocab].float()
+        a = ban_(logits_a, ban)[:, : self.vocab].float()
         ninf = a.new_full((), -math.inf)
         big = torch.where(torch.isnan(a), ninf, a).amax(dim=1)
         rel = torch.where(self.log_rel == -math.inf, ninf, big + self.log_rel)
@@ -139,15 +158,18 @@ class CoreSelector:
         self.seed.copy_(seeds)
 
     def first(self, logits_a: Tensor, logits_r: Tensor | None, step: Tensor,
-              rows: Tensor | None = None) -> Tensor:
-        return self(logits_a, logits_r, step, rows)
+              rows: Tensor | None = None, ban=None) -> Tensor:
+        return self(logits_a, logits_r, step, rows, ban)
 
     def __call__(self, logits_a: Tensor, logits_r: Tensor | None, step: Tensor,
-                 rows: Tensor | None = None) -> Tensor:
+                 rows: Tensor | None = None, ban=None) -> Tensor:
         """Chosen ids int64 ``[n]`` of logits ``logits_a``/``logits_r`` ``[n, V]``; ``step``
         int64 ``[n]`` (or ``[1]``) the rows' step counters. ``rows`` (int64 ``[U]``): the logits are those of
-        these rows only (admission), which use their own values; not graph-safe then."""
+        these rows only (admission), which use their own values; not graph-safe then.
+        ``ban``: ids the rows may not choose (``min_tokens``: the module docstring)."""
         v = self.vocab
+        if self.kind[0] != "mix":
+            ban_(logits_a, ban)
 
         def mine(t):
             return t if rows is None else t.index_select(0, rows)
@@ -167,7 +189,7 @@ class CoreSelector:
                 z = logits_a[:, :v].float() * cr
             else:
                 z = logits_a[:, :v].float() * ca + logits_r[:, :v].float() * cr
-            a = r = z
+            a = r = ban_(z, ban)
             if self.filtered:
                 floor.copy_(topk_topp_floor(z, mine(self.top_k), mine(self.top_p)))
         seed = step0 = None
@@ -248,21 +270,23 @@ class OPADSelector:
         self.prev.copy_(a - r)
 
     def first(self, logits_a: Tensor, logits_r: Tensor, step: Tensor,
-              rows: Tensor | None = None) -> Tensor:
+              rows: Tensor | None = None, ban=None) -> Tensor:
         """``rows`` (int64 ``[U]``): ``logits_a``/``logits_r`` are those rows' logits
-        (admission); only their previous logits are reset."""
+        (admission); only their previous logits are reset. ``ban``: as ``__call__``."""
         a, r = logits_a[:, : self.vocab].float(), logits_r[:, : self.vocab].float()
         if rows is None:
             self._remember(a, r)
         else:
             self.prev.index_copy_(0, rows, a - r)
-        return _argmax(a)
+        return _argmax(a if ban is None else ban_(a.clone(), ban))
 
-    def __call__(self, logits_a: Tensor, logits_r: Tensor, step: Tensor) -> Tensor:
+    def __call__(self, logits_a: Tensor, logits_r: Tensor, step: Tensor, ban=None) -> Tensor:
+        """``ban``: ids the rows may not choose, -inf in the combined score only (the
+        remembered ``a - r`` is the unmasked one)."""
         a, r = logits_a[:, : self.vocab].float(), logits_r[:, : self.vocab].float()
         z = self.k1 * a - self.k * r + self.k * self.prev
         self._remember(a, r)
-        return _argmax(z)
+        return _argmax(ban_(z, ban))
 
 
 def _argmax(z: Tensor) -> Tensor:

@@ -204,10 +204,7 @@ def verify_one(pair, selector, st: DecodeState, buf: dict, width: int):
     choose at every position, record what is emitted. Returns ``(count, run, c)``: tokens
     emitted per row, drafted ids accepted per row, the choices ``[N, width]``. The rows'
     positions are not moved on (``pair.advance``, once the counts are read). Graph-safe."""
-    n = st.tok.shape[0]
-    if ("tokens", width) not in buf:  # per width, made once: a captured step keeps them
-        buf["tokens", width] = st.tok.new_zeros((n, width))
-        buf["rows", width] = torch.arange(n * width, device=st.tok.device) // width
+    width_buffers(buf, st, width)
     tokens, rows = buf["tokens", width], buf["rows", width]
     tokens[:, 0].copy_(st.tok)
     tokens[:, 1:].copy_(buf["draft"][:, :width - 1])
@@ -221,19 +218,62 @@ def verify_one(pair, selector, st: DecodeState, buf: dict, width: int):
     return count, run, c
 
 
+def width_buffers(buf: dict, st: DecodeState, width: int) -> None:
+    """The buffers of verify steps of ``width`` positions in ``buf``, made once (a captured
+    or compiled step keeps their addresses): ``tokens`` int64 ``[N, width]`` (the forward's
+    input), ``rows`` int64 ``[N * width]`` (each flattened position's row), ``got`` int64
+    ``[N, 4 + width]`` (what the host reads: ``verify_advance``)."""
+    if ("got", width) not in buf:
+        n = st.tok.shape[0]
+        buf["tokens", width] = st.tok.new_zeros((n, width))
+        buf["rows", width] = torch.arange(n * width, device=st.tok.device) // width
+        buf["got", width] = st.tok.new_zeros((n, 4 + width))
+
+
+def verify_advance(pair, selector, st: DecodeState, buf: dict, width: int) -> Tensor:
+    """``verify_one``, then the device part of ``pair.advance`` (positions, slots, masks moved
+    on by each row's count), then everything the host reads packed into ``buf["got", width]``
+    int64 ``[N, 4 + width]``: per row the tokens emitted, the drafted ids accepted, the done
+    and bad flags, the choices. Returned. The runners' read bounds (host) are not moved
+    (``advance_bounds``, after the read). Graph-safe: the step a ``verify_steps.VerifySteps``
+    captures or compiles, per width; ``buf["draft"]``/``buf["ndraft"]`` are its inputs and
+    must keep their addresses across replays."""
+    count, run, c = verify_one(pair, selector, st, buf, width)
+    pair.advance(count)
+    got = buf["got", width]
+    for j, col in enumerate((count, run, st.done, st.bad)):
+        got[:, j].copy_(col)
+    got[:, 4:].copy_(c)
+    return got
+
+
+def advance_bounds(pair, counts: list) -> None:
+    """The host part of ``pair.advance``: each runner's ``ReadBound`` moves row ``i`` on by
+    ``counts[i]`` (host ints, one per row of the pair). A runner with a multiple of
+    ``len(counts)`` rows stacks that many streams of the pair's rows (a shared pair's ``2B``:
+    stream a, then r), each row of each stream moving by its row's count."""
+    for r in pair.runners:
+        r.bound.advance(list(counts) * (r.n_rows // len(counts)))
+
+
 class Speculator:
     """The host side of speculative decoding for one scheduler's rows: the draft (``Draft``),
     ``k`` (drafted ids per row and step, at most), the device buffers of the drafted ids and
     per-request counts (``stats``: ``id`` of a ``scheduler.Request`` -> ``(request,
     [drafted, accepted, emitted, verify steps])``; ``emitted`` counts the first token, chosen at admission, and a stop id).
-    ``vocab``: drafted ids must lie in ``[0, vocab)``."""
+    ``vocab``: drafted ids must lie in ``[0, vocab)``. ``steps``: the built verify steps
+    (``verify_steps.VerifySteps``: captured and/or compiled per width and read length, whose
+    buffers this uses), or ``None`` for the eager step (``verify_advance``); ``ran``: the
+    ``(captured, compiled)`` modes of the steps run."""
 
-    def __init__(self, draft, k: int, pair, selector, st: DecodeState, vocab: int):
+    def __init__(self, draft, k: int, pair, selector, st: DecodeState, vocab: int, steps=None):
         self.draft, self.k, self.vocab = draft, k, vocab
-        self.pair, self.sel, self.st = pair, selector, st
+        self.pair, self.sel, self.st, self.steps = pair, selector, st, steps
         n = st.tok.shape[0]
-        self.buf = {"draft": st.tok.new_zeros((n, k)), "ndraft": st.tok.new_zeros(n)}
+        self.buf = steps.buf if steps is not None else \
+            {"draft": st.tok.new_zeros((n, k)), "ndraft": st.tok.new_zeros(n)}
         self._host = torch.zeros((n, k), dtype=torch.int64)
+        self.ran: set = set()
         self.stats: dict = {}
         self.ended: set = set()  # rows whose request ended (not yet retired)
 
@@ -282,11 +322,14 @@ class Speculator:
         width = 1 + max(nd, default=0)
         self.buf["draft"].copy_(self._host)
         self.buf["ndraft"].copy_(torch.tensor(nd, dtype=torch.int64))
-        count, run, c = verify_one(self.pair, self.sel, self.st, self.buf, width)
-        st = self.st
-        got = torch.cat([count.view(-1, 1), run.view(-1, 1), st.done.view(-1, 1).long(),
-                         st.bad.view(-1, 1).long(), c], dim=1).tolist()  # the sync
-        self.pair.advance(count, [g[0] for g in got])
+        got = self.steps(width) if self.steps is not None else None
+        if got is None:  # eager (or the built steps failed)
+            got = verify_advance(self.pair, self.sel, self.st, self.buf, width)
+            self.ran.add((False, False))
+        else:
+            self.ran.add(self.steps.last)
+        got = got.tolist()  # the sync
+        advance_bounds(self.pair, [g[0] for g in got])
         stop = False
         for row, res in live.items():
             e, r, done, bad = got[row][:4]
@@ -305,12 +348,14 @@ class Speculator:
         """``Generation.stats`` entries of ``results`` (in order): per request ``drafted``,
         ``accepted`` (drafted ids the rule chose), ``emitted`` (tokens, the first and a stop id
         included), ``verify_steps``; ``mean_accepted``: accepted drafted ids per verify step
-        of a row."""
+        of a row; ``cuda_graphs``/``compiled``: whether a captured/compiled verify step ran."""
         rows = [self.stats.get(id(res.request), (None, [0, 0, 0, 0]))[1] for res in results]
         steps = sum(r[3] for r in rows)
         return {"speculate": self.k, "drafted": [r[0] for r in rows],
                 "accepted": [r[1] for r in rows], "emitted": [r[2] for r in rows],
                 "verify_steps": [r[3] for r in rows],
+                "cuda_graphs": any(g for g, _ in self.ran),
+                "compiled": any(c for _, c in self.ran),
                 "mean_accepted": sum(r[1] for r in rows) / steps if steps else 0.0}
 
 

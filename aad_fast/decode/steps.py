@@ -33,8 +33,11 @@ class DecodeState:
     chosen since the row was filled; also the noise counter of sampled rules, so a row's samples
     do not depend on when it was admitted); ``lim`` int64 ``[N]`` each row's max_new_tokens (a
     row is done once ``t`` reaches it); ``stop`` int64 ``[S]`` stop ids of every row or
-    ``[N, S]`` per row (``-2`` pads). ``names``: what ``check`` calls the streams whose logits
-    reach the selector as ``a`` and ``r`` (a Greedy("r") decode feeds the reference as ``a``)."""
+    ``[N, S]`` per row (``-2`` pads); ``min_new`` int64 ``[N]`` or ``None``: each row's
+    ``min_tokens`` (its stop ids cannot be chosen while ``t`` is below it: ``early_stops``; a
+    state without it never masks, and its step runs none of that). ``names``: what ``check``
+    calls the streams whose logits reach the selector as ``a`` and ``r`` (a Greedy("r") decode
+    feeds the reference as ``a``)."""
 
     tok: Tensor
     out: Tensor
@@ -45,6 +48,7 @@ class DecodeState:
     bad_r: Tensor = None
     lim: Tensor = None
     names: tuple = ("aligned", "reference")
+    min_new: Tensor = None
     ref_head: dict = None  # host counts of decode_one_split: steps "sparse"/"full", "candidates"
 
     def __post_init__(self):
@@ -69,6 +73,27 @@ class DecodeState:
 
     def tensors(self):
         return (self.tok, self.out, self.done, self.bad, self.bad_r, self.t)
+
+
+def early_stops(st: DecodeState, rows: Tensor | None = None):
+    """``min_tokens`` (vLLM's): the stop ids (EOS included) each row may not choose yet, as
+    ``selectors.ban_`` takes them, ``(idx, on)`` int64/bool ``[N, S]``: row ``i``'s stop ids,
+    banned while ``t[i] < min_new[i]``; ``None`` for a state without ``min_new``. A pad (``-2``)
+    points at its row's first stop id with that id's flag, so every scattered entry of one id
+    writes one value. ``rows`` (int64 ``[U]``): those rows only, at step 0 (an admission).
+    Graph-safe."""
+    if st.min_new is None:
+        return None
+    stop, t, lo = st.stop, st.t, st.min_new
+    if stop.dim() == 1:
+        stop = stop.expand(t.shape[0], -1)
+    if rows is not None:
+        stop, lo = stop.index_select(0, rows), lo.index_select(0, rows)
+        t = torch.zeros_like(lo)
+    first = stop[:, :1]
+    idx = torch.where(stop >= 0, stop, first.clamp(min=0))
+    on = ((t < lo)[:, None] & (first >= 0)).expand_as(idx)
+    return idx, on
 
 
 def flag_reference(st: DecodeState, logits_r: Tensor | None) -> None:
@@ -101,14 +126,15 @@ def prefill(pair, selector, st: DecodeState, ids_a, real_a, ids_r, real_r) -> No
     """Encode the prompts of both streams and choose the first token."""
     logits_a, logits_r = pair.prefill(ids_a, real_a, ids_r, real_r)
     flag_reference(st, logits_r)
-    record(st, selector.first(logits_a, logits_r, st.t))
+    record(st, selector.first(logits_a, logits_r, st.t, ban=early_stops(st)))
 
 
 def admit(pair, selector, st: DecodeState, dst: Tensor, ids_a, real_a, ids_r, real_r,
-          stop: Tensor, lim: Tensor) -> None:
+          stop: Tensor, lim: Tensor, min_new: Tensor | None = None) -> None:
     """Refill rows ``dst`` (int64 ``[U]``) of a running decode with ``U`` new prompts: prefill
     them into those rows only (``pair.admit``), reset the rows' state (counter, flags, output,
-    stop ids ``stop`` int64 ``[U, S]``, limits ``lim`` int64 ``[U]``) and choose their first
+    stop ids ``stop`` int64 ``[U, S]``, limits ``lim`` int64 ``[U]``, ``min_tokens``
+    ``min_new`` int64 ``[U]`` where the state has them) and choose their first
     token with the selector's values of those rows (``selector.first(..., rows=dst)``, which
     also resets a rule's own per-row state, OPAD's previous logits). The selector's values of
     the rows must already be set (``set_rows``). Host indices, not graph-safe: it runs between
@@ -116,15 +142,17 @@ def admit(pair, selector, st: DecodeState, dst: Tensor, ids_a, real_a, ids_r, re
     logits_a, logits_r = pair.admit(dst, ids_a, real_a, ids_r, real_r)
     u = dst.shape[0]
     t0 = st.t.new_zeros(u)
-    y = selector.first(logits_a, logits_r, t0, rows=dst)
+    if st.stop.dim() == 2:
+        st.stop.index_copy_(0, dst, stop.to(st.stop.device))
+    if st.min_new is not None:
+        st.min_new.index_copy_(0, dst, (t0 if min_new is None else min_new.to(t0.device)))
+    y = selector.first(logits_a, logits_r, t0, rows=dst, ban=early_stops(st, dst))
     dead = y.lt(0)
     st.bad.index_copy_(0, dst, dead)
     bad_r = ~(logits_r > -math.inf).any(dim=1) if logits_r is not None else torch.zeros_like(dead)
     st.bad_r.index_copy_(0, dst, bad_r)
     st.out.index_fill_(0, dst, -1)
     st.out[:, 0].index_copy_(0, dst, y)
-    if st.stop.dim() == 2:
-        st.stop.index_copy_(0, dst, stop.to(st.stop.device))
     st.lim.index_copy_(0, dst, lim.to(st.lim.device))
     st.t.index_fill_(0, dst, 1)
     done = _stopped(st, y, st.stop.index_select(0, dst) if st.stop.dim() == 2 else st.stop)
@@ -136,7 +164,7 @@ def decode_one(pair, selector, st: DecodeState) -> None:
     """One token for every row: forward both streams, select, record. Graph-safe."""
     logits_a, logits_r = pair.step(st.tok)
     flag_reference(st, logits_r)
-    record(st, selector(logits_a, logits_r, st.t))
+    record(st, selector(logits_a, logits_r, st.t, ban=early_stops(st)))
 
 
 # A step computes the reference's logits on the candidates only while they number at most
@@ -171,7 +199,7 @@ def decode_one_split(pair, selector, st: DecodeState, forward=None) -> None:
     reads them (``reference_logits``). ``forward``: a compiled ``pair.step_split``."""
     logits_a, hidden_r = (forward or pair.step_split)(st.tok)
     logits_r = reference_logits(pair.ref_split, selector, st, logits_a, hidden_r)
-    record(st, selector(logits_a, logits_r, st.t))
+    record(st, selector(logits_a, logits_r, st.t, ban=early_stops(st)))
 
 
 def reference_logits(split, selector, st: DecodeState, logits_a: Tensor, hidden_r: Tensor):
@@ -181,7 +209,7 @@ def reference_logits(split, selector, st: DecodeState, logits_a: Tensor, hidden_
     ``vocab / SPARSE_SHARE`` candidates, the whole projection. Flags the rows whose candidates'
     reference logits are all -inf/NaN (``flag_reference`` on what the rule reads). Host sync
     (the count): CPU only."""
-    cand = selector.candidates(logits_a)
+    cand = selector.candidates(logits_a, early_stops(st))
     rows, ids = cand.nonzero(as_tuple=True)
     count = rows.numel()
     if count * SPARSE_SHARE > selector.vocab:

@@ -27,7 +27,7 @@ import time
 
 from .. import rules as R
 from .openai_api import (APIError, Limits, ServedModels, chunk, completion_body, detokenize,
-                         new_id, parse_request, tokenize, tokenizer_info, usage)
+                         logprobs_body, new_id, parse_request, tokenize, tokenizer_info, usage)
 from .loop import DecodeLoop, QueueFull, Unavailable
 
 INSTALL_HINT = "aad-fast serve needs fastapi and uvicorn: pip install 'aad_fast[serve]'"
@@ -54,7 +54,8 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
             ``max_batch_size``).
         max_queue: requests waiting for a row beyond which a request gets 429.
         limits: per-request caps (``openai_api.Limits``).
-        default_stop: stop ids/strings added to every request (e.g. a chat turn marker).
+        default_stop: stop ids/strings added to every request (e.g. a chat turn marker; a
+            request with ``ignore_eos`` drops them with the model's EOS).
         picker: the reward model of ``rule=best-of-n`` (a path or model), or ``None``.
         model_name: the served name: ``/v1/models`` lists it (the default rule) and
             ``model_name:RULE`` for each rule this pair runs; a request naming another model
@@ -75,7 +76,8 @@ def create_app(decoder, *, api_key: str | None = None, max_batch_size: int | Non
     own = decode_loop is None
     decode_loop = decode_loop or DecodeLoop(decoder, max_batch_size=mbs, max_queue=max_queue)
     limits = (limits or Limits()).resolve(decoder, decode_loop.max_batch_size)
-    server = _Server(decoder, decode_loop, limits, tuple(decoder.stop_ids(list(default_stop))),
+    ids, strings = decoder.stops(list(default_stop))  # checked now, before a request comes
+    server = _Server(decoder, decode_loop, limits, tuple(ids) + strings,
                      api_key, picker, served, responses)
     app = fastapi.FastAPI(title="aad-fast", lifespan=server.lifespan(own), docs_url=None,
                           redoc_url=None, openapi_url=None)
@@ -237,14 +239,15 @@ class _Server:
         return body
 
     def submit(self, reqs, loop):
-        """Submit every request, each with its own asyncio queue of events."""
-        tickets, queues = [], []
+        """Submit every request (``None``: nothing to decode) with one asyncio queue of
+        ``(choice index, event)``."""
+        q: asyncio.Queue = asyncio.Queue()
+        tickets = []
         try:
-            for r in reqs:
-                q: asyncio.Queue = asyncio.Queue()
-                tickets.append(self.decode_loop.submit(
-                    r, lambda ev, q=q: loop.call_soon_threadsafe(q.put_nowait, ev)))
-                queues.append(q)
+            for i, r in enumerate(reqs):
+                if r is not None:
+                    tickets.append(self.decode_loop.submit(
+                        r, lambda ev, i=i: loop.call_soon_threadsafe(q.put_nowait, (i, ev))))
         except QueueFull as exc:
             for t in tickets:
                 t.cancel()
@@ -254,7 +257,7 @@ class _Server:
             for t in tickets:
                 t.cancel()
             raise APIError(503, f"{exc}; retry later", code="unavailable") from None
-        return tickets, queues
+        return tickets, q
 
     async def handle(self, request, chat: bool):
         self.check_key(request)
@@ -262,30 +265,55 @@ class _Server:
         self.served.rule_of(body.get("model"))  # 404 for a model not served, before parsing
         # tokenising (a prompt may be the whole body) and the chat template run off the event
         # loop, so one large request does not stall the other clients' streams
-        reqs, n_prompt = await asyncio.to_thread(parse_request, body, chat, self.decoder,
-                                                 self.limits, self.default_stop, self.picker,
-                                                 self.served)
+        parsed = await asyncio.to_thread(parse_request, body, chat, self.decoder, self.limits,
+                                         self.default_stop, self.picker, self.served)
         model = body["model"] if isinstance(body.get("model"), str) else self.model_name
-        tickets, queues = self.submit(reqs, asyncio.get_running_loop())
-        if reqs[0].stream:
-            include = isinstance(body.get("stream_options"), dict) and \
-                body["stream_options"].get("include_usage") is True
+        tickets, q = self.submit(parsed.requests, asyncio.get_running_loop())
+        if body.get("stream") is True:
             return self.responses.StreamingResponse(
-                self.sse(request, chat, tickets[0], queues[0], n_prompt, include, model),
+                self.sse(request, chat, tickets, q, parsed, model),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            done = []
-            for q in queues:
-                ev = await self.next_event(request, q)
-                if ev is None:  # the client went away: its row(s) are freed below
+            done = [None] * len(parsed.requests)
+            for _ in tickets:
+                got = await self.next_event(request, q)
+                if got is None:  # the client went away: its row(s) are freed below
                     return self.responses.Response(status_code=499)
+                i, ev = got
                 if ev[0] != "done":
                     raise _failure(ev) if ev[0] == "error" else APIError(500, "cancelled")
-                done.append(ev[1])
+                done[i] = ev[1]
         finally:
             for t in tickets:
                 t.cancel()  # a no-op for finished ones; frees the rest if this one failed
-        return completion_body(chat, model, done, n_prompt)
+        texts, logprobs = await asyncio.to_thread(self.echo_and_logprobs, chat, parsed, done)
+        return completion_body(chat, model, parsed, done, texts, logprobs)
+
+    def echo_and_logprobs(self, chat: bool, parsed, done: list) -> tuple:
+        """``(texts, logprobs)`` per choice: with ``echo`` the prompt's text before the
+        completion's; with ``logprobs`` OpenAI's object, from one forward of prompt +
+        completion through the asked stream (``Decoder.logprobs``; with ``echo`` the prompt's
+        tokens too, the first one's ``None``). ``(None, None)`` when neither is asked."""
+        f = parsed.flags
+        if not f["echo"] and f["logprobs"] is None:
+            return None, None
+        tok, texts, out = self.decoder.tokenizer, [], []
+        for i, c in enumerate(done):
+            p = i // parsed.n
+            rows, inp = parsed.rows[p], parsed.inputs[p]
+            prompt = rows.a[0] if f["logprobs_stream"] == "a" else rows.r[0]
+            comp = c.tokens if c is not None else []
+            text = c.text if c is not None else ""
+            if f["echo"]:
+                text = (inp["text"] if "text" in inp else tok.decode(inp["ids"])) + text
+            texts.append(text)
+            if f["logprobs"] is None:
+                out.append(None)
+                continue
+            lp = self.decoder.logprobs(prompt + comp, stream=f["logprobs_stream"],
+                                       top=f["logprobs"], start=0 if f["echo"] else len(prompt))
+            out.append(logprobs_body(chat, tok, lp, f["logprobs"]))
+        return texts, out
 
     @staticmethod
     async def next_event(request, q):
@@ -298,36 +326,50 @@ class _Server:
                 return None
         return get.result()
 
-    async def sse(self, request, chat, ticket, q, n_prompt, include_usage, model):
+    async def sse(self, request, chat, tickets, q, parsed, model):
+        """The events of a stream: each choice's pieces as they come (``index`` says whose),
+        its last chunk with ``finish_reason`` and ``token_ids``; ``include_usage``: a usage
+        chunk last; ``continuous_usage_stats``: each chunk with its choice's usage so far."""
         rid, created = new_id(chat), int(time.time())
+        f, n = parsed.flags, parsed.n
+        counts = [0] * len(parsed.requests)
+
+        def use(i):
+            return usage(parsed.prompt_tokens[i // n], counts[i]) if f["continuous_usage"] \
+                else None
         try:
             if chat:
-                yield _event(chunk(chat, rid, model, created, role=True))
-            while True:
-                try:
-                    ev = await asyncio.wait_for(q.get(), timeout=0.2)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
+                for i in range(len(parsed.requests)):
+                    yield _event(chunk(chat, rid, model, created, role=True, index=i, use=use(i)))
+            for _ in tickets:
+                while True:
+                    got = await self.next_event(request, q)
+                    if got is None:
                         return
-                    continue
-                if ev[0] == "delta":
-                    yield _event(chunk(chat, rid, model, created, text=ev[1]))
-                    continue
-                if ev[0] == "done":
-                    c = ev[1]
-                    yield _event(chunk(chat, rid, model, created, finish=c.finish_reason,
-                                       tokens=c.tokens))
-                    if include_usage:
-                        yield _event({"id": rid, "object": chunk(chat, rid, model,
-                                                                 created)["object"],
-                                      "created": created, "model": model, "choices": [],
-                                      "usage": usage(n_prompt, len(c.tokens))})
-                elif ev[0] == "error":
-                    yield _event(_failure(ev).body())
-                yield "data: [DONE]\n\n"
-                return
+                    i, ev = got
+                    if ev[0] != "delta":
+                        break
+                    counts[i] = ev[2]
+                    yield _event(chunk(chat, rid, model, created, text=ev[1], index=i,
+                                       use=use(i)))
+                if ev[0] != "done":
+                    if ev[0] == "error":
+                        yield _event(_failure(ev).body())
+                    yield "data: [DONE]\n\n"
+                    return
+                c = ev[1]
+                counts[i] = len(c.tokens)
+                yield _event(chunk(chat, rid, model, created, finish=c.finish_reason,
+                                   tokens=c.tokens, index=i, use=use(i),
+                                   stop_reason=c.stop_reason))
+            if f["include_usage"]:
+                yield _event({"id": rid, "object": chunk(chat, rid, model, created)["object"],
+                              "created": created, "model": model, "choices": [],
+                              "usage": usage(sum(parsed.prompt_tokens), sum(counts))})
+            yield "data: [DONE]\n\n"
         finally:
-            ticket.cancel()  # a client gone mid-stream frees its row before the next burst
+            for t in tickets:
+                t.cancel()  # a client gone mid-stream frees its row before the next burst
 
 
 # ---------------------------------------------------------------------------------- CLI

@@ -2,7 +2,7 @@
 continuous-batching schedulers (``scheduler.Scheduler``).
 
 The server talks to a ``DecodeLoop`` through ``submit(DecodeRequest, sink) -> Ticket`` and
-``Ticket.cancel()`` only, and receives ``("delta", text)``, ``("done", Completion)``,
+``Ticket.cancel()`` only, and receives ``("delta", text, tokens so far)``, ``("done", Completion)``,
 ``("error", exception)`` or ``("cancelled",)`` events through the ticket's sink (called from the
 decode thread; the server hands them to its event loop, which never waits on decoding).
 
@@ -34,7 +34,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..decode.driver import bucket, text_delta
+from ..decode.driver import bucket, partial_text, text_delta
 from ..rules import BeamAAD, BestOfN
 
 
@@ -49,7 +49,10 @@ class Unavailable(RuntimeError):
 @dataclass
 class DecodeRequest:
     """One prompt to decode. Exactly one of ``text`` (tokenised by the Decoder, with the chat
-    template when ``chat``) or ``ids`` (a list of ints, used as is) is set. ``stop``: stop ids."""
+    template when ``chat``) or ``ids`` (a list of ints, used as is) is set. ``stop``: stop ids
+    (the model's EOS among them unless ``ignore_eos``); ``stop_strings``: matched on the text
+    (``stop_strings``); ``min_tokens``, ``ignore_eos``, ``include_stop``: as
+    ``Decoder.generate``."""
 
     rule: object
     max_new_tokens: int
@@ -61,6 +64,15 @@ class DecodeRequest:
     #: both streams' prompt ids for ``rule`` (``prompt_rows.rule_rows``), when the server has
     #: tokenised the prompt already (``openai_api.parse_request``): used instead of text/ids
     prompt_rows: object = None
+    stop_strings: tuple = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    include_stop: bool = False
+
+    def ends(self) -> dict:
+        """``Decoder.generate``/``request`` keywords of its stops and ends."""
+        return dict(stop=list(self.stop) + list(self.stop_strings), min_tokens=self.min_tokens,
+                    ignore_eos=self.ignore_eos, include_stop=self.include_stop)
 
     @property
     def search(self) -> bool:
@@ -69,7 +81,8 @@ class DecodeRequest:
 
     def key(self):
         """Search requests with equal keys may share one ``Decoder.generate`` call."""
-        return (self.rule, self.stop, self.chat, self.text is None, self.max_new_tokens)
+        return (self.rule, self.stop, self.chat, self.text is None, self.max_new_tokens,
+                self.stop_strings, self.min_tokens, self.ignore_eos, self.include_stop)
 
     def rows(self) -> int:
         """Decoder rows a search request takes (beams or samples per prompt)."""
@@ -82,11 +95,13 @@ class DecodeRequest:
 
 @dataclass
 class Completion:
-    """A finished request: completion ids (stop id excluded), text, ``"stop"``/``"length"``."""
+    """A finished request: completion ids (stop id excluded), text, ``"stop"``/``"length"``;
+    ``stop_reason``: the stop string that ended it."""
 
     tokens: list
     text: str
     finish_reason: str
+    stop_reason: str | None = None
 
 
 @dataclass(eq=False)  # a handle: identity, not value
@@ -254,8 +269,8 @@ class DecodeLoop:
             rule = t.request.rule
             if isinstance(rule, BeamAAD):
                 keys[t] = (rule.streams, BeamSearch.kind_of(rule))
-            elif not t.request.search:
-                keys[t] = (rule.streams, rule_kind(rule))
+            elif not t.request.search:  # min_tokens: a scheduler whose step masks stop ids
+                keys[t] = (rule.streams, rule_kind(rule), t.request.min_tokens > 0)
         for t in tickets:
             req = t.request
             if t.cancelled.is_set():
@@ -265,10 +280,9 @@ class DecodeLoop:
             else:
                 try:
                     r = self.decoder.request(req.text, input_ids=req.ids, rule=req.rule,
-                                             max_new_tokens=req.max_new_tokens,
-                                             stop=list(req.stop), chat=req.chat,
+                                             max_new_tokens=req.max_new_tokens, chat=req.chat,
                                              tag=f"request {next(self._tags)}",
-                                             rows=req.prompt_rows)
+                                             rows=req.prompt_rows, **req.ends())
                     b = self._place(keys[t], req.rule, req.rows() * sum(
                         k == keys[t] for k in keys.values()))
                     t.res = b.sched.submit(r)
@@ -297,7 +311,8 @@ class DecodeLoop:
         for b in idle[:max(0, len(idle) - self.keep_idle)]:
             self._drop(b)  # frees its KV cache
         with self._lock():
-            b = _Batch(key, self.decoder.scheduler(rule, rows=want))
+            b = _Batch(key, self.decoder.scheduler(rule, rows=want,
+                                                   min_tokens=len(key) > 2 and key[2]))
         self._batches.append(b)
         self._current[key] = b
         return b
@@ -341,6 +356,7 @@ class DecodeLoop:
                 ended = [t for t in members if t.res.done]
                 texts = self.decoder.tokenizer.batch_decode(
                     [t.res.tokens for t in ended], skip_special_tokens=True) if ended else []
+                texts = [x if t.res.text is None else t.res.text for t, x in zip(ended, texts)]
                 self._stream(sched, [t for t in members if not t.res.done], hook=True)
         except Exception as exc:
             self._failed(b, exc)
@@ -348,8 +364,9 @@ class DecodeLoop:
         for t, text in zip(ended, texts):
             members.remove(t)
             if t.request.stream:
-                self._delta(t, text, final=True)
-            self._finish(t, ("done", Completion(t.res.tokens, text, t.res.finish_reason)))
+                self._delta(t, text, final=True, count=len(t.res.tokens))
+            self._finish(t, ("done", Completion(t.res.tokens, text, t.res.finish_reason,
+                                                t.res.stop_reason)))
 
     def _admitted(self, b: _Batch, admitted: list) -> None:
         """Requests just prefilled into ``b``'s rows: started, and streams sent their first
@@ -367,19 +384,21 @@ class DecodeLoop:
         """Send each live stream of ``members`` the text it has gained."""
         for t in members:
             if t.request.stream and t.res.row is not None:
-                toks = sched.partial(t.res)
-                self._delta(t, self.decoder.tokenizer.decode(toks, skip_special_tokens=True))
+                # the text without an end that may begin a stop string (a match would cut it)
+                self._delta(t, partial_text(sched, t.res, self.decoder.tokenizer),
+                            count=min(t.res.steps, t.request.max_new_tokens))
                 if hook and self.on_piece is not None:
                     self.on_piece(t)
 
-    def _delta(self, t: Ticket, text: str, final: bool = False) -> None:
-        """Send ``t`` the part of ``text`` (its whole text so far) not yet shown. While it is
-        decoding, a trailing U+FFFD may be a character whose remaining bytes are still to come,
-        so it is held back; the ``final`` text is sent whole (a U+FFFD it ends with stays), so
-        the joined deltas equal the non-streamed text (``driver.text_delta``)."""
+    def _delta(self, t: Ticket, text: str, final: bool = False, count: int = 0) -> None:
+        """Send ``t`` the part of ``text`` (its whole text so far) not yet shown, with
+        ``count``, its tokens so far (``continuous_usage_stats``). While it is decoding, a
+        trailing U+FFFD may be a character whose remaining bytes are still to come, so it is
+        held back; the ``final`` text is sent whole (a U+FFFD it ends with stays), so the
+        joined deltas equal the non-streamed text (``driver.text_delta``)."""
         piece, shown = text_delta(t.shown, text, final)
         if piece:
-            _send(t, ("delta", piece))
+            _send(t, ("delta", piece, count))
             t.shown = shown
 
     def _failed(self, b: _Batch, exc) -> None:
@@ -440,8 +459,8 @@ class DecodeLoop:
         with self._cond:
             self.counts["batches"] += 1
         req = group[0].request
-        kw = dict(rule=req.rule, max_new_tokens=req.max_new_tokens, stop=list(req.stop) or None,
-                  chat=req.chat)
+        kw = dict(rule=req.rule, max_new_tokens=req.max_new_tokens, chat=req.chat,
+                  **req.ends())
         try:
             if all(t.request.prompt_rows is not None for t in group):
                 # tokenised already (best-of-n reads stream a's ids): decoded as they are
@@ -460,7 +479,7 @@ class DecodeLoop:
             return
         for i, t in enumerate(group):
             if t.request.stream:
-                self._delta(t, gen.text[i], final=True)
+                self._delta(t, gen.text[i], final=True, count=len(gen.tokens[i]))
             self._finish(t, ("done", Completion(gen.tokens[i], gen.text[i],
                                                 gen.finish_reason[i])))
 

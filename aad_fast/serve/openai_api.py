@@ -8,8 +8,13 @@ OpenAI's fields map as follows:
 
 - ``max_tokens`` (chat also ``max_completion_tokens``) -> ``max_new_tokens``; default 16 for
   completions (as OpenAI), for chat the most the context and the server's limit allow.
-- ``stop`` (single-token strings) and ``stop_token_ids`` (ints) are added to the server's stop
-  ids.
+- ``stop`` (strings of any length, matched on the text: ``stop_strings``; the text is cut where
+  the match starts, or ends with ``include_stop_str_in_output``; the match is the choice's
+  ``stop_reason``) and ``stop_token_ids`` (ints) are added to the server's stop ids.
+  ``ignore_eos``: neither the model's EOS nor the server's ``--stop`` ends a row (the body's
+  stops still do); ``min_tokens``: no stop id or string ends a row before that many tokens.
+- ``prompt`` (completions): a string, a token-id list, or a list of several of either (at
+  most ``Limits.max_prompts``): one choice per prompt and ``n``, prompt-major, decoded together.
 - ``temperature``, ``top_p``, ``seed``: the sampling of eft/dera/cfg (default greedy; with
   ``top_k``, ``min_p``) and best-of-n (default 1.0 / 0.9). A greedy request (aad, contrastive,
   opad, beam-aad, greedy; eft/dera/cfg without ``temperature > 0``) refuses every sampling field
@@ -18,12 +23,17 @@ OpenAI's fields map as follows:
   effect there, since evaluation clients (lm-evaluation-harness) send one with every request.
 - ``n``: choices per prompt. Only a sampling rule (temperature > 0) has distinct choices;
   choice ``i`` is sampled with ``seed + i``. ``n > 1`` is refused for the greedy rules (the
-  choices would be copies) and with ``stream``.
+  choices would be copies). A stream's chunks carry their choice's ``index``;
+  ``stream_options.continuous_usage_stats`` puts the choice's usage so far in every chunk.
 - ``best_of``: with ``rule=best-of-n``, the number of samples the picker chooses from (OpenAI's
   legacy meaning); one choice comes back.
-- ``echo``, ``suffix``, ``logprobs``, ``top_logprobs``, ``logit_bias``, presence/frequency
-  penalties, tools and response formats are refused when set (``response_format`` ``{"type":
-  "text"}``, the neutral value, is accepted).
+- ``logprobs`` (completions: an int, the alternatives per token, 0 = the chosen token's only)
+  and ``logprobs: true`` + ``top_logprobs`` (chat), ``echo`` (completions: the prompt and its
+  log-probabilities first; with ``max_tokens`` 0 the prompt alone): OpenAI's shapes, computed
+  after decoding by one forward of prompt + completion through the stream ``logprobs_stream``
+  (``"a"``, the aligned model, default; ``"r"``, the reference); not with ``stream``.
+- ``suffix``, ``logit_bias``, presence/frequency penalties, tools and response formats are
+  refused when set (``response_format`` ``{"type": "text"}``, the neutral value, is accepted).
 - ``model``: the served name ``NAME`` (or none) is the server's default rule (``aad`` unless
   ``aad-fast serve --rule``) and a body ``rule`` still chooses another; ``NAME:RULE`` chooses
   ``RULE`` with the rule table's defaults (``ServedModels``), and a body ``rule`` that
@@ -52,16 +62,18 @@ _PARAMS = {name: {_BODY_NAME.get(f, f) for f in entry.fields} - {None}
            for name, entry in R.RULE_TABLE.items()}
 _RULE_FIELDS = set().union(*_PARAMS.values())  # every body field of a rule but seed
 _ALL_PARAMS = set().union(*_PARAMS.values()) - {"temperature", "top_p", "best_of"}
-_UNSUPPORTED = ("echo", "suffix", "logprobs", "top_logprobs", "logit_bias", "presence_penalty",
-                "frequency_penalty", "tools", "tool_choice", "functions", "function_call",
-                "response_format")
+_UNSUPPORTED = ("suffix", "logit_bias", "presence_penalty", "frequency_penalty", "tools",
+                "tool_choice", "functions", "function_call", "response_format")
 _FIELDS = _ALL_PARAMS | {"temperature", "top_p", "best_of", "seed", "n", "max_tokens",
                          "max_completion_tokens", "stop", "stop_token_ids", "rule", "prompt",
-                         "messages", "num_beams"}
+                         "messages", "num_beams", "echo", "logprobs", "top_logprobs",
+                         "logprobs_stream", "ignore_eos", "min_tokens",
+                         "include_stop_str_in_output"}
 #: every body field a request may carry; any other is refused (never silently ignored).
 #: ``model`` names the served model (one is served: any value), ``user`` is a caller's tag.
 _KNOWN = _FIELDS | set(_UNSUPPORTED) | {"model", "user", "stream", "stream_options"}
-_NOT_FOR = {False: {"messages", "max_completion_tokens"}, True: {"prompt"}}
+_NOT_FOR = {False: {"messages", "max_completion_tokens", "top_logprobs"},
+            True: {"prompt", "echo"}}
 
 
 class APIError(Exception):
@@ -92,6 +104,8 @@ class Limits:
     max_tokens: int | None = None
     max_n: int = 4
     max_num_beams: int | None = None
+    max_prompts: int = 32
+    max_logprobs: int = 20
 
     def resolve(self, decoder, max_batch_size: int) -> "Limits":
         ctx = decoder.max_seq_len
@@ -100,6 +114,8 @@ class Limits:
             v = getattr(self, name)
             return top if v is None else min(R.check_int(f"Limits.{name}", v, 1), top)
         R.check_int("Limits.max_n", self.max_n, 1)
+        R.check_int("Limits.max_prompts", self.max_prompts, 1)
+        R.check_int("Limits.max_logprobs", self.max_logprobs, 0)
         R.check_int("Limits.max_body_bytes", self.max_body_bytes, 1)
         return dataclasses.replace(
             self, max_prompt_tokens=cap("max_prompt_tokens", ctx - 1),
@@ -281,23 +297,38 @@ def _text_of(content, where: str) -> str:
     raise bad(where, f"{where} must be a string or a list of text parts, got {content!r}")
 
 
-def prompt_input(body: dict, chat: bool, tokenizer) -> dict:
-    """``{"text": str, "chat": bool}`` or ``{"ids": [int], "chat": False}`` for the body."""
+def _one_prompt(p, where: str) -> dict:
+    """``{"text": str}`` or ``{"ids": [int]}`` of one completions prompt."""
+    if isinstance(p, str):
+        if not p.strip():
+            raise bad("prompt", f"{where}={p!r} is empty; give some text")
+        return {"text": p, "chat": False}
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool)
+                                         for t in p):
+        return {"ids": list(p), "chat": False}
+    raise bad("prompt", f"{where} must be a non-empty string or token-id list, got {p!r}"[:300])
+
+
+def prompt_inputs(body: dict, chat: bool, tokenizer, max_prompts: int = 1 << 30) -> list:
+    """The body's prompts, each ``{"text": str, "chat": bool}`` or ``{"ids": [int], "chat":
+    False}``. Completions: ``prompt`` is a string, a token-id list, or a list of several of
+    either (at most ``max_prompts``); chat: one conversation."""
     if not chat:
         p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]
-        if isinstance(p, str):
-            if not p.strip():
-                raise bad("prompt", f"prompt={p!r} is empty; give some text")
-            return {"text": p, "chat": False}
-        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool)
-                                             for t in p):
-            return {"ids": list(p), "chat": False}
-        if isinstance(p, list) and p:
-            raise bad("prompt", "one prompt per request: prompt must be a string or a list of "
-                                "token ids (send the others as separate requests)")
-        raise bad("prompt", f"prompt must be a non-empty string or token-id list, got {p!r}")
+        if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+            if len(p) > max_prompts:
+                raise bad("prompt", f"{len(p)} prompts in one request; this server takes at "
+                                    f"most {max_prompts}")
+            return [_one_prompt(x, f"prompt[{i}]") for i, x in enumerate(p)]
+        return [_one_prompt(p, "prompt")]
+    return [prompt_input(body, chat, tokenizer)]
+
+
+def prompt_input(body: dict, chat: bool, tokenizer) -> dict:
+    """``{"text": str, "chat": bool}`` or ``{"ids": [int], "chat": False}`` for the body's one
+    prompt (chat: the conversation)."""
+    if not chat:
+        return _one_prompt(body.get("prompt"), "prompt")
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise bad("messages", f"messages must be a non-empty list, got {msgs!r}")
@@ -352,12 +383,9 @@ def _check_body(body: dict, chat: bool) -> None:
             raise bad("stream_options", "stream_options applies only with stream=true")
         if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"} \
                 or not all(isinstance(opts.get(k, False), bool) for k in opts):
-            raise bad("stream_options", "stream_options must be {\"include_usage\": true|false} "
-                                        f"(continuous_usage_stats: false), got {opts!r}")
-        if opts.get("continuous_usage_stats") is True:  # vLLM's: usage in every chunk
-            raise bad("stream_options", "stream_options.continuous_usage_stats (usage in every "
-                                        "chunk) is not supported yet; the usage comes last "
-                                        "with include_usage")
+            raise bad("stream_options", "stream_options must be {\"include_usage\": true|false, "
+                                        "\"continuous_usage_stats\": true|false}, got "
+                                        f"{opts!r}")
 
 
 def _choices(body: dict, rule, limits: Limits) -> int:
@@ -369,8 +397,6 @@ def _choices(body: dict, rule, limits: Limits) -> int:
     if n > 1 and not rule.sampled:
         raise bad("n", f"n={n} with a greedy rule would give {n} copies; n > 1 needs a sampling "
                        "rule (eft/dera/cfg with temperature > 0)")
-    if n > 1 and body.get("stream") is True:
-        raise bad("n", "n > 1 is not supported with stream=true")
     if n > 1:  # choice i is sampled with seed + i
         try:
             R.check_seed(rule.seed, room=n)
@@ -420,8 +446,10 @@ def _max_new_tokens(body: dict, chat: bool, decoder, limits: Limits, longest: in
     max_new = _get(body, key, (int,), None)
     if max_new is None:
         max_new = min(16 if not chat else limits.max_tokens, room, limits.max_tokens)
+    if max_new == 0 and not chat and body.get("echo") is True:
+        return 0  # the prompt alone, with its log-probabilities (vLLM)
     if max_new < 1:
-        raise bad(key, f"{key} must be >= 1, got {max_new}")
+        raise bad(key, f"{key} must be >= 1 (0 with echo=true), got {max_new}")
     if max_new > limits.max_tokens:
         raise bad(key, f"{key}={max_new} exceeds this server's limit {limits.max_tokens}")
     if max_new > room:
@@ -431,62 +459,179 @@ def _max_new_tokens(body: dict, chat: bool, decoder, limits: Limits, longest: in
     return max_new
 
 
-def _stop_ids(body: dict, decoder, default_stop) -> list:
-    """The server's stop ids plus the body's ``stop`` strings and ``stop_token_ids``."""
+def _stops(body: dict, decoder, default_stop, ignore_eos: bool) -> tuple:
+    """``(ids, strings)``: the server's stop ids (its EOS and ``--stop``, neither with
+    ``ignore_eos``) plus the body's ``stop`` (strings of any length: a single-token one is also
+    a stop id) and ``stop_token_ids``."""
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else (stop or [])
     extra_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise bad("stop", f"stop must be a string or a list of strings, got {body['stop']!r}")
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise bad("stop", f"stop must be a non-empty string or a list of them, got "
+                          f"{body['stop']!r}"[:300])
     if not isinstance(extra_ids, list) or not all(_real(i) and isinstance(i, int)
                                                   for i in extra_ids):
         raise bad("stop_token_ids", f"stop_token_ids must be a list of token ids (ints), got "
                                     f"{extra_ids!r}; stop strings go in stop")
     try:
-        return decoder.stop_ids(list(default_stop) + stop + extra_ids)
+        return decoder.stops((list(default_stop) if not ignore_eos else []) + stop + extra_ids,
+                             ignore_eos=ignore_eos)
     except ValueError as exc:
         raise bad("stop_token_ids" if extra_ids and "id" in str(exc).split(" ")[1] else "stop",
                   str(exc)) from None
 
 
+def _flags(body: dict, chat: bool, rule, limits: Limits) -> dict:
+    """The body's ``echo``, ``logprobs``/``top_logprobs``, ``logprobs_stream``, ``ignore_eos``,
+    ``min_tokens``, ``include_stop_str_in_output``, ``stream_options`` checked."""
+    out = {k: _get(body, k, (bool,), False) for k in ("echo", "ignore_eos",
+                                                        "include_stop_str_in_output")}
+    out["min_tokens"] = _get(body, "min_tokens", (int,), 0)
+    if out["min_tokens"] < 0:
+        raise bad("min_tokens", f"min_tokens must be >= 0, got {out['min_tokens']}")
+    cap = limits.max_logprobs
+    if chat:
+        top = _get(body, "top_logprobs", (int,), None)
+        on = _get(body, "logprobs", (bool,), False)
+        if top is not None and not on:
+            raise bad("top_logprobs", "top_logprobs needs logprobs=true")
+        top = (top or 0) if on else None
+    else:
+        top = _get(body, "logprobs", (int,), None)
+    if top is not None and not 0 <= top <= cap:
+        name = "top_logprobs" if chat else "logprobs"
+        raise bad(name, f"{name} must be in [0, {cap}] on this server, got {top}")
+    out["logprobs"] = top
+    out["logprobs_stream"] = _get(body, "logprobs_stream", (str,), "a")
+    if out["logprobs_stream"] not in ("a", "r"):
+        raise bad("logprobs_stream", f"logprobs_stream must be 'a' (the aligned model) or 'r' "
+                                     f"(the reference), got {out['logprobs_stream']!r}")
+    if body.get("logprobs_stream") is not None and top is None:
+        raise bad("logprobs_stream", "logprobs_stream applies with logprobs")
+    if out["echo"] and isinstance(rule, (R.OPAD, R.CFGMix)):
+        raise bad("echo", f"echo with rule {type(rule).__name__}: its two streams see "
+                          "different prompts; echo needs a rule whose streams share the prompt")
+    for k in ("echo", "logprobs"):
+        if body.get("stream") is True and (out[k] if k == "echo" else top is not None):
+            raise bad(k, f"{k} is not supported with stream=true (the log-probabilities are "
+                         "computed once the completion is done)")
+    if out["min_tokens"] and isinstance(rule, R.BeamAAD):
+        raise bad("min_tokens", "min_tokens is not supported with rule=beam-aad")
+    opts = body.get("stream_options") or {}
+    out["include_usage"] = opts.get("include_usage") is True
+    out["continuous_usage"] = opts.get("continuous_usage_stats") is True
+    return out
+
+
+@dataclasses.dataclass
+class Parsed:
+    """A request body, checked: ``requests`` one ``DecodeRequest`` per choice, prompt-major
+    (choice ``i`` is prompt ``i // n``'s sample ``i % n``; ``None``: echo with ``max_tokens``
+    0, nothing to decode), per prompt its ``inputs`` (``prompt_inputs``), ``rows`` (both
+    streams' ids) and ``prompt_tokens``; ``flags`` (``_flags``)."""
+
+    requests: list
+    inputs: list
+    rows: list
+    prompt_tokens: list
+    n: int
+    flags: dict
+
+
 def parse_request(body: dict, chat: bool, decoder, limits: Limits, default_stop=(),
-                  picker=None, models: ServedModels | None = None) -> tuple[list, int]:
-    """``(requests, prompt_tokens)``: one ``DecodeRequest`` per choice, all validated against
-    ``decoder`` (rule and pair, prompt length, context) and ``limits``. The prompt is tokenised
-    here, once: each request carries its ``prompt_rows``."""
+                  picker=None, models: ServedModels | None = None) -> Parsed:
+    """The checked request (``Parsed``): every choice validated against ``decoder`` (rule and
+    pair, prompt length, context) and ``limits``. The prompts are tokenised here, once: each
+    request carries its ``prompt_rows``."""
     _check_body(body, chat)
     rule = build_rule(body, picker, models)
-    inp = prompt_input(body, chat, decoder.tokenizer)
+    inputs = prompt_inputs(body, chat, decoder.tokenizer, limits.max_prompts)
     n = _choices(body, rule, limits)
     models = models or ServedModels("")
     _check_rule_fits(body, rule, decoder, limits, _rule_name(
         body, models.rule_of(body.get("model")) if models.name else None, models.rule))
-    rows, longest = _prompt_rows(rule, inp, decoder, limits, "messages" if chat else "prompt")
-    max_new = _max_new_tokens(body, chat, decoder, limits, longest)
-    ids = _stop_ids(body, decoder, default_stop)
+    flags = _flags(body, chat, rule, limits)
+    if flags["min_tokens"] and getattr(decoder, "speculate", 0):
+        raise bad("min_tokens", "min_tokens is not supported by a server that speculates "
+                                "(--speculate) yet")
+    where = "messages" if chat else "prompt"
+    made = [_prompt_rows(rule, inp, decoder, limits, where) for inp in inputs]
+    rows = [m[0] for m in made]
+    max_new = min(_max_new_tokens(body, chat, decoder, limits, longest) for _, longest in made)
+    if flags["min_tokens"] > max(max_new, 0):
+        raise bad("min_tokens", f"min_tokens={flags['min_tokens']} exceeds max_tokens="
+                                f"{max_new}")
+    ids, strings = _stops(body, decoder, default_stop, flags["ignore_eos"])
+    if strings and isinstance(rule, (R.BeamAAD, R.BestOfN)):
+        raise bad("stop", f"stop strings that are not single tokens ({strings[0]!r}) are not "
+                          "supported with beam-aad or best-of-n; give token ids "
+                          "(stop_token_ids)")
     rules = [rule] if n == 1 else [dataclasses.replace(rule, seed=rule.seed + i)
                                    for i in range(n)]
-    reqs = [DecodeRequest(rule=r, max_new_tokens=max_new, text=inp.get("text"),
+    reqs = [None if max_new == 0 else
+            DecodeRequest(rule=r, max_new_tokens=max_new, text=inp.get("text"),
                           ids=inp.get("ids"), chat=inp["chat"], stop=tuple(ids),
-                          stream=body.get("stream") is True, prompt_rows=rows)
-            for r in rules]
-    return reqs, len(rows.a[0])
+                          stream=body.get("stream") is True, prompt_rows=rw,
+                          stop_strings=strings, min_tokens=flags["min_tokens"],
+                          ignore_eos=flags["ignore_eos"],
+                          include_stop=flags["include_stop_str_in_output"])
+            for inp, rw in zip(inputs, rows) for r in rules]
+    return Parsed(reqs, inputs, rows, [len(rw.a[0]) for rw in rows], n, flags)
 
 
-def completion_body(chat: bool, model: str, done: list, prompt_tokens: int) -> dict:
-    """The non-streamed response for the ``serving.Completion``s of one request."""
+def completion_body(chat: bool, model: str, parsed: Parsed, done: list, texts=None,
+                    logprobs=None) -> dict:
+    """The non-streamed response: ``done`` per choice its ``Completion`` (``None``: echo with
+    ``max_tokens`` 0), ``texts`` per choice the text to return (default the completion's; echo
+    puts the prompt first), ``logprobs`` per choice its ``logprobs`` object or ``None``."""
     choices = []
     for i, c in enumerate(done):
-        ch = {"index": i, "finish_reason": c.finish_reason, "token_ids": c.tokens}
+        ch = {"index": i, "finish_reason": c.finish_reason if c else "length",
+              "token_ids": c.tokens if c else []}
+        if getattr(c, "stop_reason", None) is not None:
+            ch["stop_reason"] = c.stop_reason
+        text = texts[i] if texts is not None else c.text
         if chat:
-            ch["message"] = {"role": "assistant", "content": c.text}
+            ch["message"] = {"role": "assistant", "content": text}
         else:
-            ch["text"], ch["logprobs"] = c.text, None
+            ch["text"] = text
+        ch["logprobs"] = logprobs[i] if logprobs is not None else None
         choices.append(ch)
-    n_out = sum(len(c.tokens) for c in done)
+    n_out = sum(len(c.tokens) for c in done if c)
     return {"id": new_id(chat), "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": choices,
-            "usage": usage(prompt_tokens, n_out)}
+            "usage": usage(sum(parsed.prompt_tokens), n_out)}
+
+
+def logprobs_body(chat: bool, tokenizer, lp, top: int) -> dict:
+    """OpenAI's ``logprobs`` object of ``lp`` (``decode.logprobs.TokenLogprobs``): completions
+    ``{tokens, token_logprobs, top_logprobs, text_offset}`` (``top_logprobs`` a dict of the
+    ``top`` best and the chosen token, as vLLM; offsets into the choice's text), chat
+    ``{content: [{token, logprob, bytes, top_logprobs}]}``. A token's text is its id decoded
+    alone (vLLM's)."""
+    def word(i):
+        return tokenizer.decode([i])
+    strs = [word(i) for i in lp.ids]
+    if chat:
+        return {"content": [
+            {"token": t, "logprob": v, "bytes": list(t.encode("utf-8")),
+             "top_logprobs": [{"token": word(i), "logprob": x,
+                               "bytes": list(word(i).encode("utf-8"))} for i, x in alts[:top]]}
+            for t, v, alts in zip(strs, lp.logprobs, lp.top) if v is not None]}
+    tops, offsets, at = [], [], 0
+    for i, t, v, alts in zip(lp.ids, strs, lp.logprobs, lp.top):
+        offsets.append(at)
+        at += len(t)
+        if v is None:
+            tops.append(None)
+            continue
+        d = {}
+        for j, x in alts[:top]:
+            d.setdefault(word(j), x)
+        d.setdefault(t, v)
+        tops.append(d)
+    return {"tokens": strs, "token_logprobs": lp.logprobs, "top_logprobs": tops,
+            "text_offset": offsets}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -499,18 +644,24 @@ def new_id(chat: bool) -> str:
 
 
 def chunk(chat: bool, rid: str, model: str, created: int, text=None, finish=None,
-          role=False, tokens=None) -> dict:
-    """One server-sent event of a stream (OpenAI's chunk format)."""
+          role=False, tokens=None, index: int = 0, use=None, stop_reason=None) -> dict:
+    """One server-sent event of a stream (OpenAI's chunk format) for choice ``index``;
+    ``use``: a ``usage`` to carry (``continuous_usage_stats``)."""
     if chat:
         delta = {"role": "assistant", "content": ""} if role else \
             ({"content": text} if text is not None else {})
-        ch = {"index": 0, "delta": delta, "finish_reason": finish}
+        ch = {"index": index, "delta": delta, "finish_reason": finish}
     else:
-        ch = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        ch = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
     if tokens is not None:
         ch["token_ids"] = tokens
-    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": created, "model": model, "choices": [ch]}
+    if stop_reason is not None:
+        ch["stop_reason"] = stop_reason
+    out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+           "created": created, "model": model, "choices": [ch]}
+    if use is not None:
+        out["usage"] = use
+    return out
 
 
 # ------------------------------------------------------------------ vLLM's tokenizer endpoints
