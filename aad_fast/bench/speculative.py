@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import os
 import json
 import statistics
 import time
@@ -210,7 +211,8 @@ def _meta(args, device) -> dict:
                        "threads": torch.get_num_threads(), "machine": tuning.machine(),
                        "load_average_at_start": load_average()},
             "versions": versions(), "commit": commit, "git_dirty": dirty,
-            "argv": portable_argv(sys.argv)}
+            "argv": portable_argv(sys.argv),
+            "env": {k: v for k, v in os.environ.items() if k.startswith("AAD_FAST_")}}
 
 
 def run_speculative(args, toy_rows) -> int:

@@ -392,7 +392,9 @@ def make_draft(spec, decoder):
                              "directory (aad_fast loads from local paths only)")
         dtype = next(decoder.base.parameters()).dtype
         model = load_causal_lm(path, "draft", dtype, decoder.device).eval()
-        tok = load_tokenizer(path)
+        # the shipped draft shares the pair's one tokenizer copy (sft/), as the picker does
+        tok = load_tokenizer(path) or (load_tokenizer(path.parent / "sft")
+                                       if path.resolve() == DEFAULT_DRAFT_DIR else None)
     elif isinstance(spec, nn.Module):
         model = spec
     else:

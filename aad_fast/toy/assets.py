@@ -15,6 +15,9 @@ Layout of the directory::
     dpo_iter1_oracle/ diagnostics of iteration 1: its pairs relabelled by the oracle, and
     dpo_iter1_weak/   half the DPO steps (``aad-fast evaluate --iterations`` scores them all)
     picker/           LlamaForSequenceClassification (num_labels=1), sft/'s tokenizer
+    draft/            the draft model of speculative decoding (``python -m aad_fast.toy.draft``):
+                      a one-layer Llama distilled from the pair's AAD(0.1) outputs, sft/'s
+                      tokenizer (``Decoder(..., draft="default", speculate=k)``)
     dpo_pairs.jsonl   the 10% of oracle-ranked pairs DPO and the picker were trained on (its
                       prompts are read by ``quick_eval --pairs-out`` and ``toy.iterate``)
     train_meta.json   training arguments, sizes, losses, versions, wall time

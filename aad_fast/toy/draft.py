@@ -18,9 +18,10 @@ training code, and measure how often the rule accepts what it proposes.
    longest prefix equal to the rule's tokens is accepted plus the rule's own next token):
    mean accepted length and emitted tokens per verify step.
 
-``DIR`` then holds the model (``config.json``, ``model.safetensors``, ``generation_config.json``),
-a copy of the pair's tokenizer (so ``make_draft`` checks it against the decoder's) and
-``draft_meta.json`` (arguments, sizes, losses, acceptance, versions, wall time).
+``DIR`` then holds the model (``config.json``, ``model.safetensors``, ``generation_config.json``)
+and ``draft_meta.json`` (arguments, sizes, losses, acceptance, versions, wall time); no
+tokenizer: shipped as ``default_pair/draft`` it shares ``sft/``'s one copy, which
+``make_draft("default")`` checks against the decoder's.
 """
 from __future__ import annotations
 
@@ -151,7 +152,6 @@ def run(a) -> dict:
                                                                            c_held)
     a.out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(a.out, safe_serialization=True)
-    tok.save_pretrained(a.out)
     import transformers
     meta["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
     meta["wall_seconds"] = round(time.time() - t0, 1)
