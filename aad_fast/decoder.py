@@ -34,7 +34,8 @@ from .decode.logprobs import sequence_logprobs, stream_model
 from .decode.stop_strings import StopStrings
 from .rules import AAD, OPAD, BeamAAD, BestOfN, CFGMix, Rule, check_int
 from .decode.scheduler import Request, Scheduler
-from .decode.speculate import check_speculate, resolve_draft
+from .decode.drafts import resolve_draft
+from .decode.speculate import check_speculate
 from .model import cpu_linear as linear_layouts
 from .model import forward as fast_forward
 from .model import threads as thread_choice

@@ -362,3 +362,16 @@ def test_min_tokens_masks_stop_ids_at_every_verify_position(models, kind, rule):
     free = _decoder(models, kind).generate(input_ids=PROMPTS, rule=rule, max_new_tokens=MAX_NEW,
                                            stop=stop)
     assert free.tokens != plain.tokens  # the mask changed something: a real test
+
+
+def test_a_draft_model_object_and_path_are_taken_by_the_decoder(models, tmp_path):
+    """``draft=`` a causal LM object or its local path (``drafts.make_draft``): the tokens of
+    the plain decode."""
+    small = tiny_model("llama", 7)
+    small.save_pretrained(tmp_path / "draft")
+    plain = _decoder(models, "two").generate(input_ids=PROMPTS, rule=AAD(0.1),
+                                             max_new_tokens=MAX_NEW)
+    for draft in (small, tmp_path / "draft", str(tmp_path / "draft")):
+        got = _decoder(models, "two", draft=draft, speculate=2).generate(
+            input_ids=PROMPTS, rule=AAD(0.1), max_new_tokens=MAX_NEW)
+        assert got.tokens == plain.tokens and sum(got.stats["drafted"]) > 0

@@ -36,7 +36,7 @@ from torch import nn
 from ..model.loading import check_same_tokenizer, load_causal_lm, load_tokenizer
 from ..model.runner import Runner
 from ..rules import check_int
-from .speculate import MAX_SPECULATE, Draft  # noqa: F401 (the protocol the drafts keep)
+from .speculate import MAX_SPECULATE, Draft
 
 #: the tiny draft shipped for the embedded toy pair (``draft="default"``)
 DEFAULT_DRAFT_DIR = Path(__file__).resolve().parents[1] / "default_pair" / "draft"
@@ -407,3 +407,11 @@ def make_draft(spec, decoder):
                       target_vocab=decoder.vocab, max_batch_size=decoder.max_batch_size,
                       max_seq_len=decoder.max_seq_len, cpu_linear=decoder.cpu_linear,
                       forward=decoder.forward)
+
+
+def resolve_draft(draft, decoder):
+    """``draft`` as a ``Draft``: ``None`` and objects with the protocol's methods as they
+    are; a name or a draft model through ``make_draft(draft, decoder)``."""
+    if draft is None or isinstance(draft, Draft):
+        return draft
+    return make_draft(draft, decoder)

@@ -28,7 +28,8 @@ from ..rules import BeamAAD, BestOfN, Rule
 from .prompt_rows import MAX_STOP_IDS, Rows
 from .scheduler import Request, Scheduler, new_state
 from .selectors import make_selector, rule_kind
-from .speculate import SpecExecutor, Speculator, resolve_draft
+from .drafts import resolve_draft
+from .speculate import SpecExecutor, Speculator
 from .verify_steps import VerifySteps
 
 

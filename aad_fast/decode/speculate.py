@@ -25,6 +25,7 @@ whole completions, not one token per row.
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
@@ -89,29 +90,15 @@ def check_speculate(speculate, draft, rule=None) -> int:
     if draft is not None and not speculate:
         raise ValueError(f"draft={draft!r} given with speculate=0: pass speculate=k "
                          f"(1..{MAX_SPECULATE}) drafted tokens per verify step")
-    if draft is not None and not isinstance(draft, (str, Draft)):
-        raise ValueError(f"draft must be a name ('ngram', a model path) or an object with "
-                         f"start/propose/accept/free methods, got {draft!r}")
+    if draft is not None and not isinstance(draft, (str, os.PathLike, torch.nn.Module, Draft)):
+        raise ValueError(f"draft must be a name ('ngram', 'default'), a local model path, a "
+                         f"causal LM or an object with start/propose/accept/free methods, got "
+                         f"{draft!r}")
     if speculate and isinstance(rule, (BeamAAD, BestOfN)):
         raise ValueError(f"speculate={speculate}: {type(rule).__name__} cannot be speculated "
                          "(it ranks beams or samples whole completions, not one token per row); "
                          "pass speculate=0 for it")
     return speculate
-
-
-def resolve_draft(draft, decoder):
-    """``draft`` as a ``Draft``: ``None`` and objects with the protocol's methods as they
-    are; a name (``"ngram"``) or a draft model (an object or a local path) through
-    ``drafts.make_draft(draft, decoder)``, which knows the decoder's tokenizer and device."""
-    if draft is None or isinstance(draft, Draft):
-        return draft
-    try:
-        from . import drafts  # the drafts (n-gram, draft models) live beside this module
-    except ImportError:
-        raise ValueError(f"draft={draft!r}: named drafts and draft models need "
-                         "aad_fast.decode.drafts (make_draft), which this build lacks; pass an "
-                         "object with start/propose/accept/free") from None
-    return drafts.make_draft(draft, decoder)
 
 
 def choose(selector, logits_a: Tensor, logits_r: Tensor | None, t: Tensor,
