@@ -291,9 +291,6 @@ class Decoder(Driver):
                              f"supported with {type(rule).__name__}; give stop ids")
         if min_tokens and isinstance(rule, BeamAAD):
             raise ValueError("min_tokens is not supported with BeamAAD")
-        if min_tokens and self.speculate:  # its verify steps do not mask the stop ids
-            raise ValueError("min_tokens is not supported with speculative decoding "
-                             f"(this Decoder has speculate={self.speculate}) yet")
         return ids, strings
 
     def stream(self, prompt=None, *, input_ids=None, rule: Rule = AAD(0.1),

@@ -339,3 +339,26 @@ def test_serve_draft_and_speculate_flags_reach_the_decoder(model_dirs):
     a.draft = draft  # a Draft object as --draft would resolve to one
     dec, _, _, _ = serve_cli.load(a)
     assert dec.speculate == 3 and dec.draft is draft
+
+
+@pytest.mark.parametrize("kind,rule", [("two", AAD(0.1)), ("lora", EFT(2.0, top_p=0.8, **SAMPLED)),
+                                       ("prompt", OPAD(1.0, principle_ids=PRINCIPLE))],
+                         ids=["aad-two", "eft-sampled-lora", "opad-prompt"])
+def test_min_tokens_masks_stop_ids_at_every_verify_position(models, kind, rule):
+    """``min_tokens``: a stop id is not choosable at verify position ``j`` while the row's
+    token ``t + j`` is below its minimum; tokens equal the plain decode's with the same
+    ``min_tokens`` (stop ids that end every row early without it: its own 2nd and 3rd
+    tokens)."""
+    probe = _decoder(models, kind).generate(input_ids=PROMPTS, rule=rule, max_new_tokens=3,
+                                            stop=[])
+    stop = sorted({t for toks in probe.tokens for t in toks[1:3]})
+    plain = _decoder(models, kind).generate(input_ids=PROMPTS, rule=rule, max_new_tokens=MAX_NEW,
+                                            stop=stop, min_tokens=5)
+    assert all(len(t) >= 5 for t in plain.tokens)
+    for draft in (Oracle(PROMPTS, plain, p=0.7, seed=4), spec.FixedDraft(_wrong)):
+        got = _decoder(models, kind, draft=draft, speculate=3).generate(
+            input_ids=PROMPTS, rule=rule, max_new_tokens=MAX_NEW, stop=stop, min_tokens=5)
+        assert got.tokens == plain.tokens and got.finish_reason == plain.finish_reason
+    free = _decoder(models, kind).generate(input_ids=PROMPTS, rule=rule, max_new_tokens=MAX_NEW,
+                                           stop=stop)
+    assert free.tokens != plain.tokens  # the mask changed something: a real test

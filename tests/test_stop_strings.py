@@ -221,5 +221,7 @@ def test_stop_strings_with_speculative_decoding():
                                                          want.finish_reason)
     assert want.finish_reason.count("stop") >= 2
     assert sum(got.stats["accepted"]) > 0  # several tokens per verify step did run
-    with pytest.raises(ValueError, match="min_tokens is not supported with speculative"):
-        fast.generate(prompts, rule=AAD(0.1), max_new_tokens=8, min_tokens=2)
+    got = fast.generate(prompts, rule=AAD(0.1), max_new_tokens=24, stop=stops, min_tokens=6)
+    want = plain.generate(prompts, rule=AAD(0.1), max_new_tokens=24, stop=stops, min_tokens=6)
+    assert (got.tokens, got.text, got.finish_reason) == (want.tokens, want.text,
+                                                         want.finish_reason)

@@ -9,9 +9,9 @@ its ``Result``. The scheduler plans and an executor runs the plan (``executors``
 executor (a prefill of just the admitted prompts copied into their rows, then the steps: the
 captured/compiled step given as ``step``, or ``engine.decode_one``), and ``update`` looks once at
 the device state (the only host sync of a burst besides admission) and retires the finished
-requests, whose slots the next plan refills. ``step_burst`` is the three in a row and
-``run_until_idle`` loops until every request is done. A static batch is the special case "admit
-all, refill none".
+requests, whose slots the next plan refills. ``burst`` is the three in a row (``step_burst``:
+whether it ran) and ``run_until_idle`` loops until every request is done. A static batch is the
+special case "admit all, refill none".
 
 Beam search runs here too, with a ``search.BeamSearch`` in place of the selector (and no
 ``DecodeState``; executor ``executors.BeamExecutor``, per-token rules
@@ -207,8 +207,7 @@ class Scheduler:
         if len(set(r.stop_ids)) > self.max_stop:
             raise ValueError(f"at most {self.max_stop} stop ids per request, got "
                              f"{len(set(r.stop_ids))}")
-        if r.min_new_tokens and getattr(getattr(self.executor, "st", None), "min_new",
-                                        None) is None:
+        if r.min_new_tokens and getattr(self.st, "min_new", None) is None:
             raise ValueError(f"{who}min_new_tokens needs a scheduler built for it "
                              "(Decoder.scheduler(rule, min_tokens=True)); beam search has none")
         if r.stops is not None and isinstance(self.executor, BeamExecutor):

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from ..rules import BeamAAD, BestOfN
-from .selectors import OPADSelector, _argmax
-from .steps import DecodeState, _stopped
+from .selectors import OPADSelector, _argmax, ban_
+from .steps import DecodeState, _stopped, early_stops
 
 MAX_SPECULATE = 8
 
@@ -115,29 +115,48 @@ def resolve_draft(draft, decoder):
 
 
 def choose(selector, logits_a: Tensor, logits_r: Tensor | None, t: Tensor,
-           rows: Tensor) -> Tensor:
+           rows: Tensor, ban=None) -> Tensor:
     """The rule's choice at every position, int64 ``[N, T]``, of logits ``[N, T, V]``; row
     ``i``'s position ``j`` is its step ``t[i] + j``. ``rows``: int64 ``[N * T]``, ``i``
     repeated ``T`` times (the per-row values of each flattened position). OPAD: position
     ``j``'s previous-step term is position ``j - 1``'s (position 0: the selector's ``prev``).
+    ``ban``: per flattened position, the ids it may not choose (``position_bans``).
     Graph-safe."""
     n, width, vocab = logits_a.shape
     ahead = torch.arange(width, dtype=torch.int64, device=t.device)
     step = (t.view(-1, 1) + ahead).view(-1)
     if isinstance(selector, OPADSelector):
-        return _opad_choose(selector, logits_a, logits_r)
+        return _opad_choose(selector, logits_a, logits_r, ban)
     flat_r = None if logits_r is None else logits_r.reshape(n * width, -1)
-    return selector(logits_a.reshape(n * width, vocab), flat_r, step, rows).view(n, width)
+    return selector(logits_a.reshape(n * width, vocab), flat_r, step, rows,
+                    ban=ban).view(n, width)
 
 
-def _opad_choose(sel: OPADSelector, logits_a: Tensor, logits_r: Tensor) -> Tensor:
+def position_bans(st: DecodeState, width: int):
+    """``min_tokens`` at every verify position (``steps.early_stops`` of ``width`` steps):
+    ``(idx, on)`` ``[N * width, S]``, row ``i``'s stop ids banned at position ``j`` while
+    ``t[i] + j < min_new[i]`` (the token it chooses there is the row's ``t + j``-th);
+    ``None`` for a state without ``min_new``. Graph-safe."""
+    now = early_stops(st)
+    if now is None:
+        return None
+    idx = now[0]
+    ahead = torch.arange(width, dtype=torch.int64, device=st.t.device)
+    early = (st.t.view(-1, 1) + ahead) < st.min_new.view(-1, 1)  # [N, width]
+    stop = st.stop if st.stop.dim() == 2 else st.stop.expand(st.t.shape[0], -1)
+    on = early & (stop[:, :1] >= 0)  # a row with no stop ids bans nothing
+    return (idx.repeat_interleave(width, dim=0),
+            on.reshape(-1, 1).expand(-1, idx.shape[1]))
+
+
+def _opad_choose(sel: OPADSelector, logits_a: Tensor, logits_r: Tensor, ban=None) -> Tensor:
     v = sel.vocab
     a, r = logits_a[..., :v].float(), logits_r[..., :v].float()
     prev = torch.cat([sel.prev[:, None], (a - r)[:, :-1]], dim=1)
     k, k1 = sel.k[:, None], sel.k1[:, None]
     z = k1 * a - k * r + k * prev
     n, width = z.shape[:2]
-    return _argmax(z.reshape(n * width, v)).view(n, width)
+    return _argmax(ban_(z.reshape(n * width, v), ban)).view(n, width)
 
 
 def _opad_keep(sel: OPADSelector, logits_a: Tensor, logits_r: Tensor, count: Tensor) -> None:
@@ -209,7 +228,7 @@ def verify_one(pair, selector, st: DecodeState, buf: dict, width: int):
     tokens[:, 0].copy_(st.tok)
     tokens[:, 1:].copy_(buf["draft"][:, :width - 1])
     logits_a, logits_r = pair.verify(tokens)
-    c = choose(selector, logits_a, logits_r, st.t, rows)
+    c = choose(selector, logits_a, logits_r, st.t, rows, position_bans(st, width))
     count, run = settle(st, c, buf["draft"], buf["ndraft"])
     ahead = torch.arange(width, dtype=torch.int64, device=c.device)
     flag_reference(st, logits_r, ahead < count.view(-1, 1))  # (a done row emits nothing)

@@ -551,9 +551,6 @@ def parse_request(body: dict, chat: bool, decoder, limits: Limits, default_stop=
     _check_rule_fits(body, rule, decoder, limits, _rule_name(
         body, models.rule_of(body.get("model")) if models.name else None, models.rule))
     flags = _flags(body, chat, rule, limits)
-    if flags["min_tokens"] and getattr(decoder, "speculate", 0):
-        raise bad("min_tokens", "min_tokens is not supported by a server that speculates "
-                                "(--speculate) yet")
     where = "messages" if chat else "prompt"
     made = [_prompt_rows(rule, inp, decoder, limits, where) for inp in inputs]
     rows = [m[0] for m in made]
