@@ -221,6 +221,10 @@ def run_speculative(args, toy_rows) -> int:
     from .machine import load_average
     from .report import out_stem
     device = torch.device(args.device or "cpu")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     args.new_tokens = args.new_tokens or 32
     args.decode_prompt_len = args.decode_prompt_len or 128
